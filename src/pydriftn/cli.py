@@ -67,9 +67,10 @@ def _cmd_demo(args) -> int:
 
 def _cmd_run(args) -> int:
     from .config import load_config
-    from .pipeline import run_pipeline
 
     cfg = load_config(args.config)
+    from .pipeline import run_pipeline
+
     if args.workers is not None:
         cfg = cfg.model_copy(update={"workers": args.workers})
     result = run_pipeline(cfg, progress=not args.quiet)
