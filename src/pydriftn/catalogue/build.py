@@ -1,0 +1,505 @@
+"""Build the master reference catalogue from the pointed g and r images (+ Gaia).
+
+Per CCD: read g and r (+ dq masks), check that they overlap on the sky,
+measure sources in each band (:mod:`.photometry`), anchor each band's
+astrometry on Gaia when given (:func:`.matching.anchor_to_gaia`), cross-match
+g and r into one record per star (stars seen in one band keep NaN for the
+other), select reference stars (:mod:`.reference`), match to Gaia, save a PNG
+grid of the reference stamps. A CCD that cannot be processed (missing in one
+band, empty, no overlap, ...) is skipped with its reason logged and recorded in
+``attrs["skipped_ccds"]``; the others complete. Output: one table for the
+whole field, written atomically as ``master_catalogue.parquet`` (typed, with
+the meta) and ``master_catalogue.csv``, plus ``catalogue_meta.json``.
+
+Star ids: ``star_id = CCDNUM * 1_000_000 + k`` where ``k`` (1, 2, ...) runs
+over the CCD's stars sorted by (dec, ra) — unique across CCDs, stable for
+identical input and independent of which other CCDs are processed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..errors import CatalogueError, ConfigError, InputFileError
+from .flags import SourceFlag
+from .gaia import mjd_to_julian_year, propagate_to_epoch, query_gaia_tap, read_gaia_file
+from .images import PointedCCD, list_ccds, read_pointed_ccd
+from .matching import anchor_to_gaia, mutual_match, tangent_plane, from_tangent_plane
+from .photometry import MeasureOptions, measure_sources
+from .reference import save_stamp_grid, select_reference_stars
+
+__all__ = ["DEFAULT_KNOBS", "build_catalogue", "catalogue_ccd", "CATALOGUE_COLUMNS"]
+
+log = logging.getLogger(__name__)
+
+STAR_ID_STRIDE = 1_000_000
+
+DEFAULT_KNOBS = {
+    # pydriftn 0.1.4 names (see pydriftn.config.CatalogueConfig)
+    "num_target": 20,
+    "edge_crit": 0.05,
+    "iso_perc": 0.99,
+    "flux_perc": 0.8,
+    "morph_perc": 0.8,
+    "detect_sigma": 5.0,
+    # matching
+    "match_radius_arcsec": 1.0,
+    "gaia_match_radius_arcsec": 1.0,
+    "gaia_search_radius_arcsec": 10.0,
+    "gaia_gmag_max": 21.0,
+    "gaia_tap_url": None,
+    "gaia_cache_dir": None,
+    "gaia_timeout_s": 60.0,
+    # photometry
+    "aperture_fwhm": 1.0,
+    "detect_thresh": 1.5,
+    # output
+    "stamps": True,
+    "write_csv": True,
+}
+
+#: anchoring uses sources with none of these flags and S/N above this
+_ANCHOR_BAD = SourceFlag.SATURATED | SourceFlag.BLENDED | SourceFlag.MASKED | SourceFlag.NEAR_SATURATED | SourceFlag.CENTROID_FALLBACK
+_ANCHOR_MIN_SNR = 20.0
+
+_BAND_COLS = ["x", "y", "flux", "flux_err", "mag", "mag_err", "snr", "fwhm_px", "ellipticity", "flags"]
+
+CATALOGUE_COLUMNS = (
+    ["star_id", "ccd", "ra", "dec", "ra_err_arcsec", "dec_err_arcsec"]
+    + [f"{c}_{b}" for b in ("g", "r") for c in _BAND_COLS]
+    + ["g_r", "fwhm_arcsec", "ellipticity", "nn_dist_arcsec", "flags", "n_bands", "is_reference",
+       "gaia_source_id", "gaia_sep_arcsec", "gaia_gmag"]
+)
+
+
+def _resolve_knobs(config, knobs):
+    out = dict(DEFAULT_KNOBS)
+    if config is not None:
+        if hasattr(config, "model_dump"):
+            config = config.model_dump()
+        for k, v in dict(config).items():
+            if k in out:
+                out[k] = v
+    for k, v in knobs.items():
+        if k not in out:
+            import difflib
+
+            hint = difflib.get_close_matches(k, list(out), n=1)
+            raise ConfigError(
+                f"catalogue: unknown option {k!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                + f"; known: {sorted(out)}"
+            )
+        if v is not None or k.startswith("gaia_"):
+            out[k] = v
+    return out
+
+
+def _check_overlap(g: PointedCCD, r: PointedCCD):
+    """Raise CatalogueError when the g and r CCDs do not overlap on the sky."""
+    ny, nx = r.data.shape
+    xs = np.array([0, nx - 1, nx - 1, 0, (nx - 1) / 2])
+    ys = np.array([0, 0, ny - 1, ny - 1, (ny - 1) / 2])
+    ra, dec = r.wcs.pixel_to_world_values(xs, ys)
+    gx, gy = g.wcs.world_to_pixel_values(ra, dec)
+    gny, gnx = g.data.shape
+    gx, gy = np.asarray(gx), np.asarray(gy)
+    if not (np.all(np.isfinite(gx)) and np.all(np.isfinite(gy))):
+        overlap = False
+    else:
+        overlap = (gx[:4].max() >= 0) and (gx[:4].min() <= gnx - 1) and (gy[:4].max() >= 0) and (gy[:4].min() <= gny - 1)
+    if not overlap:
+        gra, gdec = g.wcs.pixel_to_world_values((gnx - 1) / 2, (gny - 1) / 2)
+        from astropy.coordinates import SkyCoord
+
+        sep_deg = SkyCoord(float(gra), float(gdec), unit="deg").separation(
+            SkyCoord(float(ra[4]), float(dec[4]), unit="deg")).deg
+        raise CatalogueError(
+            f"CCD {g.ccd}: g image {g.path} and r image {r.path} do not overlap on the sky "
+            f"(centres {sep_deg:.3f} deg apart: g at RA {float(gra):.5f} Dec {float(gdec):.5f}, "
+            f"r at RA {float(ra[4]):.5f} Dec {float(dec[4]):.5f}); expected two images of the same field"
+        )
+
+
+def _gaia_for(gaia, im: PointedCCD, knobs):
+    """Gaia table for one CCD (from a loaded table, or a cached TAP cone)."""
+    if gaia is None:
+        return None
+    if isinstance(gaia, str) and gaia == "tap":
+        ny, nx = im.data.shape
+        ra_c, dec_c = im.wcs.pixel_to_world_values((nx - 1) / 2, (ny - 1) / 2)
+        radius = 0.5 * np.hypot(nx, ny) * im.pixscale_arcsec / 3600.0 + 2.0 / 60.0
+        return query_gaia_tap(
+            float(ra_c), float(dec_c), radius, gmag_max=knobs["gaia_gmag_max"], url=knobs["gaia_tap_url"],
+            cache_dir=knobs["gaia_cache_dir"], timeout=knobs["gaia_timeout_s"],
+        )
+    return gaia
+
+
+def _measure_band(im: PointedCCD, band, gaia, knobs, opts):
+    src, meta = measure_sources(
+        im.data, gain=im.gain, saturation=im.saturation, read_noise=im.read_noise, bad_mask=im.bad_mask,
+        saturated_mask=im.saturated_mask, exptime=im.exptime, options=opts,
+    )
+    ra, dec = im.wcs.pixel_to_world_values(src["x"].to_numpy(), src["y"].to_numpy())
+    ra, dec = np.asarray(ra, float), np.asarray(dec, float)
+    pos_err = src["pos_err_px"].to_numpy() * im.pixscale_arcsec
+    astro = {"anchored": False}
+    if gaia is not None and len(gaia):
+        epoch = mjd_to_julian_year(im.mjd) if np.isfinite(im.mjd) else 2016.0
+        gp = propagate_to_epoch(gaia, epoch)
+        good = ((src["flags"].to_numpy() & int(_ANCHOR_BAD)) == 0) & (src["snr"].to_numpy() >= _ANCHOR_MIN_SNR)
+        ra2, dec2, am = anchor_to_gaia(
+            src["x"], src["y"], good, im.wcs, gp["ra"].to_numpy(), gp["dec"].to_numpy(),
+            pixscale_arcsec=im.pixscale_arcsec, shape=im.data.shape,
+            match_radius_arcsec=knobs["gaia_match_radius_arcsec"],
+            search_radius_arcsec=knobs["gaia_search_radius_arcsec"],
+        )
+        am.pop("gaia_index", None)
+        am.pop("source_index", None)
+        am["epoch"] = float(epoch)
+        if am["kind"] != "none":
+            ra, dec = ra2, dec2
+            astro = {"anchored": True, **am}
+            pos_err = np.hypot(pos_err, am["fit_err_arcsec"])
+        else:
+            astro = {"anchored": False, **am}
+            log.warning("CCD %s %s: no Gaia star matched; positions from the image WCS", im.ccd, band)
+    src["ra"] = ra
+    src["dec"] = dec
+    src["pos_err_arcsec"] = pos_err
+    meta = {**meta, "astrometry": astro, "exptime_s": im.exptime, "mjd": im.mjd, "band_header": im.band,
+            "pixscale_arcsec": im.pixscale_arcsec, "n_sources": int(len(src)), "image": im.path,
+            "mask": im.mask_path}
+    return src, meta
+
+
+def _merge_bands(sg, sr, ra0, dec0, radius_arcsec):
+    """One row per star from the g and r source tables (mutual nearest match)."""
+    xg, yg = tangent_plane(sg["ra"], sg["dec"], ra0, dec0)
+    xr, yr = tangent_plane(sr["ra"], sr["dec"], ra0, dec0)
+    ig, ir, _ = mutual_match(xg, yg, xr, yr, radius_arcsec)
+    ng, nr = len(sg), len(sr)
+    only_g = np.setdiff1d(np.arange(ng), ig)
+    only_r = np.setdiff1d(np.arange(nr), ir)
+    rows_g = np.concatenate([ig, only_g, np.full(len(only_r), -1)])
+    rows_r = np.concatenate([ir, np.full(len(only_g), -1), only_r])
+    out = {}
+    for band, s, rows in (("g", sg, rows_g), ("r", sr, rows_r)):
+        has = rows >= 0
+        for c in _BAND_COLS:
+            v = s[c].to_numpy()
+            if c == "flags":
+                col = np.zeros(len(rows), np.int64)
+                col[has] = v[rows[has]]
+            else:
+                col = np.full(len(rows), np.nan)
+                col[has] = v[rows[has]]
+            out[f"{c}_{band}"] = col
+    # combined position: inverse-variance mean in the tangent plane
+    def pick(arr, rows):
+        v = np.full(len(rows), np.nan)
+        v[rows >= 0] = np.asarray(arr, float)[rows[rows >= 0]]
+        return v
+
+    pxg, pyg, eg = pick(xg, rows_g), pick(yg, rows_g), pick(sg["pos_err_arcsec"], rows_g)
+    pxr, pyr, er = pick(xr, rows_r), pick(yr, rows_r), pick(sr["pos_err_arcsec"], rows_r)
+    wg = np.where(np.isfinite(pxg), 1.0 / np.maximum(eg, 1e-4) ** 2, 0.0)
+    wr = np.where(np.isfinite(pxr), 1.0 / np.maximum(er, 1e-4) ** 2, 0.0)
+    wsum = wg + wr
+    xi = (np.nan_to_num(pxg) * wg + np.nan_to_num(pxr) * wr) / wsum
+    eta = (np.nan_to_num(pyg) * wg + np.nan_to_num(pyr) * wr) / wsum
+    ra, dec = from_tangent_plane(xi, eta, ra0, dec0)
+    err = 1.0 / np.sqrt(wsum)
+    tab = pd.DataFrame(out)
+    tab.insert(0, "ra", ra)
+    tab.insert(1, "dec", dec)
+    tab.insert(2, "ra_err_arcsec", err)
+    tab.insert(3, "dec_err_arcsec", err)
+    tab["_xi"] = xi
+    tab["_eta"] = eta
+    return tab, int(len(ig))
+
+
+def catalogue_ccd(g: PointedCCD, r: PointedCCD, *, gaia=None, knobs=None, ccd_index=0):
+    """Catalogue of one CCD from its g and r images (already read).
+
+    Parameters
+    ----------
+    g, r : PointedCCD
+    gaia : pandas.DataFrame or "tap" or None
+        Internal Gaia columns (see :func:`pydriftn.catalogue.read_gaia_file`).
+    knobs : dict, optional
+        Options (see :data:`DEFAULT_KNOBS`).
+    ccd_index : int
+        Fallback for the star-id prefix when the header has no CCDNUM.
+
+    Returns
+    -------
+    table : pandas.DataFrame
+        Rows of this CCD (columns :data:`CATALOGUE_COLUMNS`), sorted by star_id.
+    meta : dict
+        Per-band measurement and astrometry meta, match counts, timing.
+    """
+    knobs = _resolve_knobs(None, knobs or {})
+    t0 = time.perf_counter()
+    _check_overlap(g, r)
+    opts = MeasureOptions(detect_sigma=knobs["detect_sigma"], aperture_fwhm=knobs["aperture_fwhm"],
+                          detect_thresh=knobs["detect_thresh"])
+    gaia_g = _gaia_for(gaia, g, knobs)
+    gaia_r = _gaia_for(gaia, r, knobs) if not (isinstance(gaia, str) and gaia == "tap") else gaia_g
+    sg, mg = _measure_band(g, "g", gaia_g, knobs, opts)
+    sr, mr = _measure_band(r, "r", gaia_r, knobs, opts)
+    ny, nx = r.data.shape
+    ra0, dec0 = (float(v) for v in r.wcs.pixel_to_world_values((nx - 1) / 2, (ny - 1) / 2))
+    tab, n_pairs = _merge_bands(sg, sr, ra0, dec0, knobs["match_radius_arcsec"])
+    if n_pairs == 0:
+        log.warning("CCD %s: no star matched between g and r within %.2f\"", g.ccd, knobs["match_radius_arcsec"])
+    # combined quantities
+    pix = {"g": g.pixscale_arcsec, "r": r.pixscale_arcsec}
+    fw = np.column_stack([tab["fwhm_px_g"] * pix["g"], tab["fwhm_px_r"] * pix["r"]])
+    tab["fwhm_arcsec"] = np.nanmean(np.where(np.isfinite(fw), fw, np.nan), axis=1) if len(tab) else np.empty(0)
+    tab["ellipticity"] = tab["ellipticity_r"].where(np.isfinite(tab["ellipticity_r"]), tab["ellipticity_g"])
+    tab["g_r"] = tab["mag_g"] - tab["mag_r"]
+    tab["flags"] = (tab["flags_g"].to_numpy(np.int64) | tab["flags_r"].to_numpy(np.int64))
+    tab["n_bands"] = np.isfinite(tab["x_g"]).astype(np.int64) + np.isfinite(tab["x_r"]).astype(np.int64)
+    if len(tab) > 1:
+        from scipy.spatial import cKDTree
+
+        pts = tab[["_xi", "_eta"]].to_numpy()
+        d, _ = cKDTree(pts).query(pts, k=2)
+        tab["nn_dist_arcsec"] = d[:, 1]
+    else:
+        tab["nn_dist_arcsec"] = np.inf
+    # ids: CCDNUM * 1e6 + rank by (dec, ra)
+    tab = tab.sort_values(["dec", "ra"], kind="mergesort").reset_index(drop=True)
+    prefix = g.ccdnum or r.ccdnum or (ccd_index + 1)
+    if len(tab) >= STAR_ID_STRIDE:
+        raise CatalogueError(f"CCD {g.ccd}: {len(tab)} stars exceed the id range ({STAR_ID_STRIDE - 1} per CCD)")
+    tab.insert(0, "star_id", np.int64(prefix) * STAR_ID_STRIDE + np.arange(1, len(tab) + 1, dtype=np.int64))
+    tab.insert(1, "ccd", g.ccd)
+    # reference stars (r leads, as in 0.1.4; detected in both bands)
+    both = tab["n_bands"].to_numpy() == 2
+    sel = np.zeros(len(tab), bool)
+    sel_both = select_reference_stars(
+        tab[both], shape=r.data.shape, num_target=int(knobs["num_target"]), edge_crit=knobs["edge_crit"],
+        iso_perc=knobs["iso_perc"], flux_perc=knobs["flux_perc"], morph_perc=knobs["morph_perc"], band="r",
+    )
+    sel[np.flatnonzero(both)[sel_both]] = True
+    tab["is_reference"] = sel
+    # Gaia match of the combined positions (Gaia moved to the mean epoch of g and r)
+    tab["gaia_source_id"] = pd.array([pd.NA] * len(tab), dtype="Int64")
+    tab["gaia_sep_arcsec"] = np.nan
+    tab["gaia_gmag"] = np.nan
+    gmeta = {}
+    if gaia_r is not None and len(gaia_r) and len(tab):
+        epochs = [mjd_to_julian_year(im.mjd) for im in (g, r) if np.isfinite(im.mjd)]
+        gp = propagate_to_epoch(gaia_r, float(np.mean(epochs)) if epochs else 2016.0)
+        gxi, geta = tangent_plane(gp["ra"], gp["dec"], ra0, dec0)
+        ia, ib, dist = mutual_match(tab["_xi"], tab["_eta"], gxi, geta, knobs["gaia_match_radius_arcsec"])
+        sid = tab["gaia_source_id"].copy()
+        sid.iloc[ia] = gp["source_id"].to_numpy()[ib]
+        tab["gaia_source_id"] = sid.astype("Int64")
+        tab.loc[ia, "gaia_sep_arcsec"] = dist
+        tab.loc[ia, "gaia_gmag"] = gp["gmag"].to_numpy(float)[ib]
+        gmeta = {"n_gaia_matched": int(len(ia)), "gaia_sep_median_arcsec": float(np.median(dist)) if len(ia) else None}
+    tab = tab.drop(columns=["_xi", "_eta"])[CATALOGUE_COLUMNS]
+    meta = {
+        "g": mg, "r": mr, "n_stars": int(len(tab)), "n_matched_gr": n_pairs,
+        "n_only_g": int(((tab["n_bands"] == 1) & tab["x_r"].isna()).sum()),
+        "n_only_r": int(((tab["n_bands"] == 1) & tab["x_g"].isna()).sum()),
+        "n_reference": int(sel.sum()), "shape": list(r.data.shape), **gmeta,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    log.info(
+        "CCD %s: %d stars (%d in both bands), %d reference stars, FWHM g %.2f\" r %.2f\"",
+        g.ccd, len(tab), n_pairs, int(sel.sum()), mg["fwhm_px"] * g.pixscale_arcsec, mr["fwhm_px"] * r.pixscale_arcsec,
+    )
+    return tab, meta
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating, float)):
+        v = float(obj)
+        return v if np.isfinite(v) else None
+    if isinstance(obj, (np.bool_,)):
+        return bool(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _write_atomic(path, writer):
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        writer(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_catalogue(cat, out_dir, *, write_csv=True):
+    """Write ``master_catalogue.parquet`` (+ ``.csv``) and ``catalogue_meta.json`` atomically."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = _jsonable(dict(cat.attrs))
+    tab = cat.copy()
+    tab.attrs = {}
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(tab, preserve_index=False)
+    md = dict(table.schema.metadata or {})
+    md[b"pydriftn_catalogue"] = json.dumps(meta).encode()
+    table = table.replace_schema_metadata(md)
+    _write_atomic(out_dir / "master_catalogue.parquet", lambda p: pq.write_table(table, p))
+    if write_csv:
+        _write_atomic(out_dir / "master_catalogue.csv", lambda p: tab.to_csv(p, index=False, float_format="%.8g"))
+    _write_atomic(out_dir / "catalogue_meta.json", lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
+    return out_dir / "master_catalogue.parquet"
+
+
+def read_catalogue(path):
+    """Read a master catalogue (Parquet or CSV); the Parquet meta goes to ``attrs``."""
+    path = Path(path)
+    if path.suffix.lower() == ".csv":
+        df = pd.read_csv(path)
+        if "gaia_source_id" in df:
+            df["gaia_source_id"] = df["gaia_source_id"].astype("Int64")
+        return df
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    df = table.to_pandas()
+    md = table.schema.metadata or {}
+    if b"pydriftn_catalogue" in md:
+        df.attrs.update(json.loads(md[b"pydriftn_catalogue"]))
+    return df
+
+
+def build_catalogue(g_path, r_path, ccds=None, out_dir=None, gaia=None, *, config=None, **knobs):
+    """Build the master catalogue of a field from its pointed g and r images.
+
+    Parameters
+    ----------
+    g_path, r_path : str or Path
+        Pointed g and r images (MEF; dq masks found beside them).
+    ccds : list of str, optional
+        CCD (extension) names; default: every image extension of the g file
+        and of the r file (a CCD present in only one is skipped with a reason).
+    out_dir : str or Path, optional
+        Output folder (``master_catalogue.parquet``, ``master_catalogue.csv``,
+        ``catalogue_meta.json``, ``reference_stamps_<CCD>.png``); None: no files.
+    gaia : None, str/Path, pandas.DataFrame or "tap"
+        Gaia reference: a local file (CSV/FITS/Parquet), an already-read
+        table, ``"tap"`` for the (cached) Gaia archive TAP service, or None.
+    config : pydriftn.config.CatalogueConfig or dict, optional
+        Knobs (``num_target, edge_crit, iso_perc, flux_perc, morph_perc,
+        detect_sigma``); keyword ``knobs`` override it.
+    **knobs
+        Any key of :data:`DEFAULT_KNOBS`.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The catalogue (columns :data:`CATALOGUE_COLUMNS`); ``attrs`` holds
+        ``photometry`` (method), ``flags`` (bit names), ``knobs``, per-CCD
+        ``ccds`` meta (FWHM, aperture correction, Gaia offset and scatter
+        before/after), ``skipped_ccds`` ({ccd: reason}) and ``gaia``.
+
+    Raises
+    ------
+    CatalogueError
+        No CCD could be catalogued (the message lists each CCD's reason), or
+        the Gaia file has unknown columns / the TAP service cannot be reached.
+    InputFileError
+        g or r file missing or not FITS.
+    ConfigError
+        Unknown knob.
+    """
+    t0 = time.perf_counter()
+    kn = _resolve_knobs(config, knobs)
+    gaia_meta = {"source": None}
+    if gaia is None:
+        gtab = None
+    elif isinstance(gaia, pd.DataFrame):
+        gtab = gaia
+        gaia_meta = {"source": "table", "n": int(len(gaia))}
+    elif isinstance(gaia, str) and gaia == "tap":
+        gtab = "tap"
+        gaia_meta = {"source": "tap", "url": kn["gaia_tap_url"] or os.environ.get("PYDRIFTN_GAIA_TAP_URL") or "default"}
+    else:
+        gtab = read_gaia_file(gaia)
+        gaia_meta = {"source": str(gaia), "n": int(len(gtab))}
+    g_ccds = list_ccds(g_path)
+    r_ccds = list_ccds(r_path)
+    if ccds is None:
+        ccds = list(dict.fromkeys(g_ccds + r_ccds))
+    elif isinstance(ccds, str):
+        ccds = [c.strip() for c in ccds.split(",") if c.strip()]
+    if not ccds:
+        raise CatalogueError(f"no CCD to catalogue: {g_path} and {r_path} have no image extensions")
+    parts, metas, skipped = [], {}, {}
+    out_dir = None if out_dir is None else Path(out_dir)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    for k, ccd in enumerate(ccds):
+        try:
+            g = read_pointed_ccd(g_path, ccd)
+            r = read_pointed_ccd(r_path, ccd)
+            tab, meta = catalogue_ccd(g, r, gaia=gtab, knobs=kn, ccd_index=k)
+        except (InputFileError, CatalogueError) as exc:
+            if isinstance(exc, CatalogueError) and gtab == "tap" and "Gaia TAP" in str(exc):
+                raise
+            skipped[ccd] = f"{type(exc).__name__}: {exc}"
+            log.warning("skipping CCD %s: %s", ccd, skipped[ccd])
+            continue
+        parts.append(tab)
+        metas[ccd] = meta
+        if out_dir is not None and kn["stamps"]:
+            refs = tab[tab["is_reference"]]
+            if len(refs):
+                sub = r.data - np.nanmedian(r.data)
+                save_stamp_grid(
+                    sub, refs["x_r"].to_numpy(), refs["y_r"].to_numpy(), [str(s) for s in refs["star_id"]],
+                    out_dir / f"reference_stamps_{ccd}.png", half_size=int(max(8, round(3 * meta["r"]["fwhm_px"]))),
+                    title=f"{Path(str(r_path)).name} [{ccd}] reference stars (r)",
+                )
+    if not parts:
+        raise CatalogueError(
+            "no CCD could be catalogued: " + "; ".join(f"{c}: {why}" for c, why in skipped.items())
+        )
+    cat = pd.concat(parts, ignore_index=True).sort_values("star_id", kind="mergesort").reset_index(drop=True)
+    cat["gaia_source_id"] = cat["gaia_source_id"].astype("Int64")
+    photometry = next(iter(metas.values()))["r"]["photometry"]
+    cat.attrs = _jsonable({
+        "photometry": photometry,
+        "flux_unit": "e- (total, aperture-corrected)",
+        "mag_definition": "-2.5 log10(flux / exptime), instrumental (e-/s)",
+        "flags": {f.name: int(f) for f in SourceFlag},
+        "knobs": {k: v for k, v in kn.items()},
+        "ccds": metas,
+        "skipped_ccds": skipped,
+        "gaia": gaia_meta,
+        "g_image": str(g_path),
+        "r_image": str(r_path),
+        "seconds": round(time.perf_counter() - t0, 3),
+    })
+    if out_dir is not None:
+        write_catalogue(cat, out_dir, write_csv=kn["write_csv"])
+        log.info("catalogue of %d stars (%d CCDs, %d skipped) written to %s", len(cat), len(metas), len(skipped), out_dir)
+    return cat
