@@ -34,3 +34,14 @@ def cutouts_dir():
     if not d.is_dir():
         pytest.skip(f"real DECam cutouts not found at {d} (shared/ absent)")
     return d
+
+
+@pytest.fixture(scope="session")
+def sim_small(tmp_path_factory):
+    """The simulator's ``small`` preset (seed 0), made once per test session.
+
+    Tests must treat it as read-only (input files are never modified).
+    """
+    from pydriftn.simulate import simulate_dataset
+
+    return simulate_dataset(tmp_path_factory.mktemp("sim_small"), preset="small", seed=0)
