@@ -117,7 +117,8 @@ class SimulationConfig:
     flash_counts_range_e : total counts of a flash (e-), log-uniform.
     flash_duration_s : duration (s).
     satellite_prob : probability of a satellite streak per CCD and exposure;
-        ``satellite_first`` forces one in the first exposure on the first CCD.
+        ``satellite_first`` forces one in the first exposure on the CCD whose
+        name sorts first.
     satellite_surface_brightness_e : e- per pixel of streak length.
     cr_rate_per_mpix_s : cosmic-ray rate (per megapixel per second of exposure).
     cr_counts_range_e : total e- per cosmic ray (log-uniform).

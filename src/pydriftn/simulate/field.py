@@ -258,13 +258,13 @@ def choose_events(cfg, stars, seed, exposures, nominal_wcs):
     """
     from ..geometry import trail_endpoints
 
-    rng = stream_rng(seed, STREAM_FIELD, "events")
     rows = []
     used = set()
     first_night = [e for e in exposures if e["night"] == 1]
     t_first = first_night[0]["mjd_obs"]
     t_last = first_night[-1]["mjd_obs"] + cfg.exptime_s / 86400.0
-    for ccd in cfg.ccds:
+    for ccd in sorted(cfg.ccds):
+        rng = stream_rng(seed, STREAM_FIELD, "events", ccd)
         w = nominal_wcs[ccd]
         xs, ys, xe, ye = trail_endpoints(w, stars["ra"].to_numpy(), stars["dec"].to_numpy(), cfg.exptime_s, cfg.drift_rate)
         m = 30.0

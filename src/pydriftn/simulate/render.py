@@ -318,7 +318,7 @@ def render_drift_ccd(cfg, seed, stars, events, exposure, ccd):
     # --- satellite
     sat_rows = []
     streak = None
-    want_sat = (cfg.satellite_first and exposure.get("index", 0) == 0 and ccd == cfg.ccds[0]) or (
+    want_sat = (cfg.satellite_first and exposure.get("index", 0) == 0 and ccd == min(cfg.ccds)) or (
         rng.random() < cfg.satellite_prob
     )
     if want_sat:

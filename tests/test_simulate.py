@@ -1,0 +1,477 @@
+"""Physics and format checks of pydriftn.simulate against its own truth and
+independent references (pydriftn.geometry, pydriftn.models, Young 1967)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from astropy.io import fits
+from astropy.time import Time
+from astropy.wcs import WCS
+
+from pydriftn import geometry
+from pydriftn.errors import ConfigError
+from pydriftn.models import microlensing_magnification_curve
+from pydriftn.simulate import make_config, moffat_mog, render_moving_sources, simulate_dataset
+from pydriftn.simulate.field import scintillation_sigma_per_step
+from pydriftn.simulate.psf import moffat_profile
+
+QUIET = dict(
+    cr_rate_per_mpix_s=0.0,
+    flashes_per_ccd_exposure=0,
+    satellite_first=False,
+    n_bad_columns=0,
+    events_per_ccd=0,
+)
+
+
+def _wcs_from_text(text):
+    return WCS(fits.Header.fromstring(text, sep="\n"))
+
+
+def _ext(path, ccd):
+    with fits.open(path) as h:
+        return h[0].header.copy(), h[ccd].header.copy(), h[ccd].data.astype(float)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    return simulate_dataset(tmp_path_factory.mktemp("small"), "small", seed=3)
+
+
+@pytest.fixture(scope="module")
+def sparse(tmp_path_factory):
+    """Single CCD, two exposures, sparse bright stars, nothing else."""
+    return simulate_dataset(
+        tmp_path_factory.mktemp("sparse"), "small", seed=11, ccds="S4", n_exposures=3,
+        n_stars_per_ccd=40, r_min=14.0, r_max=17.5, **QUIET,
+    )
+
+
+# --------------------------------------------------------------------- PSF
+def test_moffat_mixture_accuracy():
+    psf = moffat_mog(3.0, 3)
+    assert abs(psf.weights.sum() - 1) < 1e-12
+    assert psf.max_rel_error < 5e-3 and psf.ee_error < 1e-2
+    assert abs(psf.fwhm_ratio - 1) < 0.01
+    r = np.linspace(0, 3, 301)
+    assert np.max(np.abs(psf.profile(r, 1.0) - moffat_profile(r, 1.0, 3.0))) / moffat_profile(0, 1.0, 3.0) < 5e-3
+
+
+def test_renderer_conserves_flux_and_matches_static_psf():
+    psf = moffat_mog(3.0, 3)
+    img = np.zeros((80, 90))
+    t = np.linspace(0, 1, 200)
+    xs = 20.3 + 40 * t
+    ys = 40.7 + 0 * t
+    w = np.full(200, 5.0)
+    sig = psf.sigmas[:, None] * np.full(200, 4.0)[None, :]
+    dep, _ = render_moving_sources(img, xs[None], ys[None], w[None], sig, psf)
+    assert dep[0] == pytest.approx(1000.0, rel=1e-6)
+    assert img.sum() == pytest.approx(1000.0, rel=1e-6)
+    # centroid = mean path
+    yy, xx = np.mgrid[:80, :90]
+    assert (img * xx).sum() / img.sum() == pytest.approx(xs.mean(), abs=1e-6)
+    assert (img * yy).sum() / img.sum() == pytest.approx(40.7, abs=1e-6)
+    # static source: pixel values = MoG integrated over pixels (check centre pixel by quadrature)
+    img2 = np.zeros((41, 41))
+    render_moving_sources(img2, [[20.0]], [[20.0]], [[1.0]], psf.sigmas[:, None] * 4.0, psf)
+    u = np.linspace(-0.5, 0.5, 201)
+    uu, vv = np.meshgrid(u, u)
+    centre = np.trapezoid(np.trapezoid(psf.profile(np.hypot(uu, vv), 4.0), u), u)
+    assert img2[20, 20] == pytest.approx(centre, rel=1e-4)
+    # truncated by the CCD edge: deposited is what landed
+    img3 = np.zeros((30, 30))
+    dep3, _ = render_moving_sources(img3, [[0.0]], [[15.0]], [[1.0]], psf.sigmas[:, None] * 4.0, psf)
+    from scipy.stats import norm
+
+    sk = psf.sigmas * 4.0
+    fx = norm.cdf(0.5 / sk)  # pixel 0 starts at x = -0.5
+    fy = norm.cdf(14.5 / sk) - norm.cdf(-15.5 / sk)
+    assert dep3[0] == pytest.approx(img3.sum(), rel=1e-12)
+    # the stamp stops 5 widest sigmas from the source: < 1e-6 of the flux is not rendered
+    assert dep3[0] == pytest.approx(np.sum(psf.weights * fx * fy), rel=1e-6)
+
+
+# --------------------------------------------------------------- files/keys
+def test_headers_layout_and_timing(small):
+    cfg = small.config
+    mjds = []
+    for expnum in small.expnums:
+        path = small.drift_images[expnum]
+        assert path.name == f"c4d_2021B0023-exp_{expnum}-image.fits" and path.parent.name == "night_1"
+        assert small.drift_masks[expnum].name == f"c4d_2021B0023-exp_{expnum}-dqmask.fits"
+        with fits.open(path) as h, fits.open(small.drift_masks[expnum]) as m:
+            p = h[0].header
+            assert h[0].data is None
+            for k in ("EXPTIME", "DATE-OBS", "MJD-OBS", "EXPNUM", "FILTER", "OBJECT", "INSTRUME",
+                      "PIXSCAL1", "PIXSCAL2", "TELRA", "TELDEC"):
+                assert k in p, k
+            assert p["EXPTIME"] == 20.0 and p["EXPNUM"] == expnum and p["INSTRUME"] == "DECam"
+            assert p["FILTER"] == "VR DECam c0007 6300.0 2600.0"
+            assert Time(p["DATE-OBS"], format="isot", scale="utc").mjd == pytest.approx(p["MJD-OBS"], abs=1e-9)
+            mjds.append(p["MJD-OBS"])
+            assert [x.name for x in h[1:]] == ["S4", "N4"] == [x.name for x in m[1:]]
+            for ccd in ("S4", "N4"):
+                e = h[ccd].header
+                assert e["NAXIS1"] == 512 and e["NAXIS2"] == 1024 and h[ccd].data.dtype.kind == "f" and h[ccd].data.dtype.itemsize == 4
+                for k in ("GAINA", "GAINB", "RDNOISEA", "RDNOISEB", "SATURATA", "SATURATB", "FWHM", "AVSKY",
+                          "CCDNUM", "DETPOS"):
+                    assert k in e, k
+                assert 3.9 <= e["GAINA"] <= 4.1 and 6 <= e["RDNOISEB"] <= 7 and 40000 <= e["SATURATA"] <= 45000
+                assert e["CTYPE1"] == "RA---TAN" and e["CTYPE2"] == "DEC--TAN"
+                assert abs(e["CD1_1"]) < 1e-6 and e["CD1_2"] == pytest.approx(7.5e-5, rel=1e-3)
+                assert e["CD2_1"] == pytest.approx(-7.5e-5, rel=1e-3) and abs(e["CD2_2"]) < 1e-6
+                assert m[ccd].data.dtype.kind == "i" and m[ccd].data.shape == (1024, 512)
+                # sky level: AVSKY (ADU) vs the image median
+                assert np.median(h[ccd].data) == pytest.approx(e["AVSKY"], rel=0.03)
+    steps = np.diff(mjds) * 86400.0
+    assert np.allclose(steps, cfg.exptime_s + cfg.overhead_s, atol=1e-3)
+    for band, fil in (("g", "g DECam SDSS c0001 4720.0 1520.0"), ("r", "r DECam SDSS c0002 6415.0 1480.0")):
+        with fits.open(small.pointed_images[band]) as h:
+            assert h[0].header["FILTER"] == fil and h[0].header["EXPTIME"] == 60.0
+    # seeing differs per band in the pointed images
+    fw = {b: fits.getheader(small.pointed_images[b], "S4")["FWHM"] for b in "gr"}
+    assert fw["g"] > fw["r"]
+
+
+def test_header_wcs_is_perturbed_from_true(small):
+    w = small.read_truth("wcs")
+    d = w[w.kind == "drift"]
+    seps = []
+    for rec in d.itertuples():
+        tw, hw = _wcs_from_text(rec.true_wcs), _wcs_from_text(rec.header_wcs)
+        ra, dec = tw.pixel_to_world_values(255.5, 511.5)
+        x, y = hw.world_to_pixel_values(ra, dec)
+        seps.append(math.hypot(x - 255.5, y - 511.5) * 0.27)
+    seps = np.array(seps)
+    assert np.all(seps > 0.01) and np.all(seps < 30)
+
+
+def test_truth_tables_columns(small):
+    cols = {
+        "stars": ["star_id", "ra", "dec", "g", "r", "vr", "flux_vr_e_s", "flux_g_e_s", "flux_r_e_s"],
+        "trails": ["expnum", "ccd", "star_id", "x_start", "y_start", "x_end", "y_end", "counts_e", "peak_adu",
+                   "saturated", "on_ccd_fraction"],
+        "pointed": ["band", "ccd", "star_id", "x", "y", "counts_e", "peak_adu", "saturated"],
+        "lightcurves": ["expnum", "star_id", "t_s", "mjd", "rel_flux"],
+        "common": ["expnum", "ccd", "t_s", "mjd", "jitter_along_px", "jitter_cross_px", "jitter_x_px",
+                   "jitter_y_px", "transparency", "seeing_fwhm_arcsec"],
+        "events": ["star_id", "t0_mjd", "te_s", "u0", "rho", "kind"],
+        "flashes": ["expnum", "ccd", "x", "y", "ra", "dec", "t_mjd", "duration_s", "counts_e"],
+        "satellites": ["expnum", "ccd", "x0", "y0", "x1", "y1", "width_px", "surface_brightness_e"],
+        "cosmic_rays": ["expnum", "ccd", "x", "y", "npix", "counts_e"],
+    }
+    for name, c in cols.items():
+        df = small.read_truth(name)
+        assert set(c) <= set(df.columns), name
+        assert len(df) > 0, name
+    ev = small.read_truth("events")
+    assert {"short", "long"} <= set(ev.kind)
+    assert (ev.te_s[ev.kind == "short"] < 20).all()
+    gaia = pd.read_csv(small.gaia_reference)
+    assert list(gaia.columns) == ["source_id", "ra", "dec", "phot_g_mean_mag", "pmra", "pmdec", "ref_epoch"]
+    assert gaia.phot_g_mean_mag.max() <= 20.5 and len(gaia) > 100
+    stars = small.read_truth("stars")
+    assert 14 <= stars.r.min() and stars.r.max() <= 22.5
+    # rising luminosity function
+    assert (stars.r > 21).sum() > 3 * (stars.r < 18).sum()
+    # r = 20 -> ~700 e-/s
+    assert 10 ** (0.4 * (small.config.zp_r - 20)) == pytest.approx(700, rel=0.1)
+
+
+# ----------------------------------------------------------------- physics
+def _isolated(trails, pad):
+    bx0 = np.minimum(trails.x_start, trails.x_end) - pad
+    bx1 = np.maximum(trails.x_start, trails.x_end) + pad
+    by0 = np.minimum(trails.y_start, trails.y_end) - pad
+    by1 = np.maximum(trails.y_start, trails.y_end) + pad
+    out = []
+    for i in range(len(trails)):
+        ov = (bx0 < bx1[i]) & (bx1 > bx0[i]) & (by0 < by1[i]) & (by1 > by0[i])
+        out.append(ov.sum() == 1)
+    return np.array(out), bx0.to_numpy(), bx1.to_numpy(), by0.to_numpy(), by1.to_numpy()
+
+
+def test_flux_conservation_pulls(sparse):
+    cfg = sparse.config
+    trails = sparse.read_truth("trails")
+    sky_e = cfg.sky_e_s_px("VR") * cfg.exptime_s
+    pulls = []
+    for expnum, tr in trails.groupby("expnum"):
+        tr = tr.reset_index(drop=True)
+        _, e, img = _ext(sparse.drift_images[expnum], "S4")
+        gain = np.where(np.arange(cfg.naxis1) < cfg.naxis1 // 2, e["GAINA"], e["GAINB"])
+        rn = np.where(np.arange(cfg.naxis1) < cfg.naxis1 // 2, e["RDNOISEA"], e["RDNOISEB"])
+        el = img * gain[None, :]
+        pad = 6.0 * e["FWHM"]
+        iso, bx0, bx1, by0, by1 = _isolated(tr, pad)
+        for i in np.flatnonzero(iso & (tr.on_ccd_fraction > 0.999) & (tr.counts_e > 2e4) & ~tr.saturated):
+            x0, x1 = int(np.floor(bx0[i])), int(np.ceil(bx1[i])) + 1
+            y0, y1 = int(np.floor(by0[i])), int(np.ceil(by1[i])) + 1
+            if x0 < 0 or y0 < 0 or x1 > cfg.naxis1 or y1 > cfg.naxis2:
+                continue
+            npix = (x1 - x0) * (y1 - y0)
+            meas = el[y0:y1, x0:x1].sum() - npix * sky_e
+            var = tr.counts_e[i] + npix * sky_e + (rn[x0:x1] ** 2).sum() * (y1 - y0)
+            pulls.append((meas - tr.counts_e[i]) / math.sqrt(var))
+    pulls = np.array(pulls)
+    assert len(pulls) >= 15
+    assert abs(pulls.mean()) < 3.5 / math.sqrt(len(pulls))
+    assert 0.6 < pulls.std() < 1.5
+
+
+@pytest.fixture(scope="module")
+def bright(tmp_path_factory):
+    return simulate_dataset(
+        tmp_path_factory.mktemp("bright"), "small", seed=5, ccds="S4", n_exposures=1,
+        n_stars_per_ccd=12, r_min=13.5, r_max=15.0, **QUIET,
+    )
+
+
+def _predicted_moments(ds, rec, expnum):
+    """Weighted mean and covariance of the true image path + PSF moments, from truth."""
+    w = ds.read_truth("wcs")
+    tw = _wcs_from_text(w[(w.expnum == expnum) & (w.ccd == rec.ccd)].true_wcs.iloc[0])
+    com = ds.read_truth("common")
+    com = com[(com.expnum == expnum) & (com.ccd == rec.ccd)].sort_values("t_s")
+    lc = ds.read_truth("lightcurves")
+    lc = lc[(lc.expnum == expnum) & (lc.star_id == rec.star_id)].sort_values("t_s")
+    star = ds.read_truth("stars").set_index("star_id").loc[rec.star_id]
+    t = com.t_s.to_numpy()
+    x, y = geometry.star_pixel_positions(tw, star.ra, star.dec, t, ds.config.drift_rate)
+    x = x + com.jitter_x_px.to_numpy()
+    y = y + com.jitter_y_px.to_numpy()
+    wt = com.transparency.to_numpy() * lc.rel_flux.to_numpy()
+    mx, my = np.average(x, weights=wt), np.average(y, weights=wt)
+    cov = np.cov(np.vstack([x, y]), aweights=wt, bias=True)
+    psf = moffat_mog(ds.config.moffat_beta, ds.config.n_gauss)
+    fwhm_px = com.seeing_fwhm_arcsec.to_numpy() / ds.config.pixel_scale_arcsec
+    psf_var = np.average(np.sum(psf.weights[None, :] * (psf.sigmas[None, :] * fwhm_px[:, None]) ** 2, axis=1), weights=wt)
+    return mx, my, cov + (psf_var + 1.0 / 12.0) * np.eye(2), tw
+
+
+def test_trail_geometry_matches_wcs_and_drift(bright):
+    cfg = bright.config
+    expnum = bright.expnums[0]
+    trails = bright.read_truth("trails")
+    _, e, img = _ext(bright.drift_images[expnum], "S4")
+    gain = np.where(np.arange(cfg.naxis1) < cfg.naxis1 // 2, e["GAINA"], e["GAINB"])
+    el = img * gain[None, :] - cfg.sky_e_s_px("VR") * cfg.exptime_s
+    pad = 6.0 * e["FWHM"]
+    iso, bx0, bx1, by0, by1 = _isolated(trails, pad)
+    n = 0
+    for i in np.flatnonzero(iso & (trails.on_ccd_fraction > 0.999).to_numpy()):
+        rec = trails.iloc[i]
+        x0, x1 = int(np.floor(bx0[i])), int(np.ceil(bx1[i])) + 1
+        y0, y1 = int(np.floor(by0[i])), int(np.ceil(by1[i])) + 1
+        if x0 < 0 or y0 < 0 or x1 > cfg.naxis1 or y1 > cfg.naxis2:
+            continue
+        sub = el[y0:y1, x0:x1]
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        f = sub.sum()
+        # per-pixel variance (e-^2) for error propagation of the moments
+        var = np.clip(sub, 0, None) + cfg.sky_e_s_px("VR") * cfg.exptime_s + 7.0**2
+        cx, cy = (sub * xx).sum() / f, (sub * yy).sum() / f
+        mx, my, cov_pred, tw = _predicted_moments(bright, rec, expnum)
+        s_cx = math.sqrt((var * ((xx - cx) / f) ** 2).sum())
+        s_cy = math.sqrt((var * ((yy - cy) / f) ** 2).sum())
+        assert abs(cx - mx) < min(0.1, 4 * s_cx + 0.01) and abs(cy - my) < min(0.1, 4 * s_cy + 0.01)
+        cxx = (sub * (xx - cx) ** 2).sum() / f
+        cyy = (sub * (yy - cy) ** 2).sum() / f
+        cxy = (sub * (xx - cx) * (yy - cy)).sum() / f
+        lam, vec = np.linalg.eigh(np.array([[cxx, cxy], [cxy, cyy]]))
+        uu = (xx - cx) * vec[0, 1] + (yy - cy) * vec[1, 1]  # along the major axis
+        vv = (xx - cx) * vec[0, 0] + (yy - cy) * vec[1, 0]
+        s_l1 = math.sqrt((var * ((uu**2 - lam[1]) / f) ** 2).sum())
+        s_l0 = math.sqrt((var * ((vv**2 - lam[0]) / f) ** 2).sum())
+        s_ang = math.degrees(math.sqrt((var * (uu * vv / f) ** 2).sum()) / (lam[1] - lam[0]))
+        tg = geometry.trail_geometry(tw, cfg.exptime_s, cfg.drift_rate, x=mx, y=my)
+        major = vec[:, 1]
+        lam_pred, vec_pred = np.linalg.eigh(cov_pred)
+        # direction: measured major axis = predicted one (the jitter path tilts it
+        # by up to ~0.5 deg from the mean drift direction, which it must follow)
+        ang = math.degrees(math.acos(min(1.0, abs(major @ vec_pred[:, 1]))))
+        assert ang < 4 * s_ang + 0.01
+        ang_drift = math.degrees(math.acos(min(1.0, abs(major @ np.array(tg.direction)))))
+        assert ang_drift < 1.5
+        length = math.sqrt(12.0 * (lam[1] - lam[0]))
+        assert length == pytest.approx(tg.length_px, rel=0.02)
+        assert abs(lam[1] - lam_pred[1]) < 4 * s_l1 + 0.01
+        assert abs(lam[0] - lam_pred[0]) < 4 * s_l0 + 0.01
+        # endpoints in truth are the geometry prediction
+        star = bright.read_truth("stars").set_index("star_id").loc[rec.star_id]
+        xs, ys, xe, ye = geometry.trail_endpoints(tw, star.ra, star.dec, cfg.exptime_s, cfg.drift_rate)
+        assert np.allclose([xs, ys, xe, ye], [rec.x_start, rec.y_start, rec.x_end, rec.y_end], atol=1e-6)
+        n += 1
+    assert n >= 3
+
+
+@pytest.mark.parametrize("rate,axis,sign", [((0.0, 0.5), "x", -1), ((0.5, 0.0), "y", +1)])
+def test_drift_direction_and_sense_from_image(tmp_path, rate, axis, sign):
+    """+Dec drift moves images to -x, +RA drift to +y (DECam orientation); the
+    sense is read from the image with a short, strong microlensing event."""
+    ds = simulate_dataset(
+        tmp_path, "small", seed=21, ccds="S4", n_exposures=1, naxis1=256, naxis2=512, n_stars_per_ccd=6,
+        r_min=15.0, r_max=16.0, drift_rate_arcsec_s=rate,
+        cr_rate_per_mpix_s=0.0, flashes_per_ccd_exposure=0, satellite_first=False, n_bad_columns=0,
+        events_per_ccd=1, event_r_range=(15.0, 16.0), short_te_range_s=(1.0, 1.5), u0_range=(0.02, 0.03),
+    )
+    tr = ds.read_truth("trails")
+    d_along = (tr.x_end - tr.x_start) if axis == "x" else (tr.y_end - tr.y_start)
+    d_cross = (tr.y_end - tr.y_start) if axis == "x" else (tr.x_end - tr.x_start)
+    assert np.allclose(d_along, sign * 20 * 0.5 / 0.27, rtol=0.01)
+    assert np.all(np.abs(d_cross) < 0.1)
+    ev = ds.read_truth("events").iloc[0]
+    rec = tr[(tr.star_id == ev.star_id)].iloc[0]
+    _, e, img = _ext(ds.drift_images[ds.expnums[0]], "S4")
+    el = img - e["AVSKY"]
+    cx, cy = 0.5 * (rec.x_start + rec.x_end), 0.5 * (rec.y_start + rec.y_end)
+    h = 3 * e["FWHM"]
+    if axis == "x":
+        prof = el[int(cy - h):int(cy + h) + 1, :].sum(axis=0)
+        lo, hi = sorted([rec.x_start, rec.x_end])
+    else:
+        prof = el[:, int(cx - h):int(cx + h) + 1].sum(axis=1)
+        lo, hi = sorted([rec.y_start, rec.y_end])
+    seg = np.arange(int(lo) - 5, int(hi) + 6)
+    peak_pos = seg[np.argmax(prof[seg])]
+    t0_s = (ev.t0_mjd - fits.getheader(ds.drift_images[ds.expnums[0]])["MJD-OBS"]) * 86400.0
+    start = rec.x_start if axis == "x" else rec.y_start
+    expected = start + sign * t0_s * 0.5 / 0.27
+    assert abs(peak_pos - expected) <= 2.0
+
+
+def test_microlensing_truth_follows_models(small):
+    ev = small.read_truth("events")
+    lc = small.read_truth("lightcurves")
+    sig = None
+    for rec in ev.itertuples():
+        l = lc[lc.star_id == rec.star_id]
+        assert len(l)
+        a = microlensing_magnification_curve((l.mjd.to_numpy() - rec.t0_mjd) * 86400.0, 0.0, rec.te_s, rec.u0, rec.rho)
+        ratio = l.rel_flux.to_numpy() / a - 1.0
+        dt = np.diff(np.sort(l.t_s.unique()))[0]
+        sig = scintillation_sigma_per_step(small.config, dt)
+        assert abs(ratio.mean()) < 5 * sig / math.sqrt(len(ratio))
+        assert ratio.std() == pytest.approx(sig, rel=0.1)
+    # at least one event is strongly magnified inside an exposure
+    assert lc[lc.star_id.isin(ev.star_id)].rel_flux.max() > 1.5
+
+
+def test_scintillation_matches_young(small):
+    cfg = small.config
+    lc = small.read_truth("lightcurves")
+    ev = small.read_truth("events")
+    lc = lc[~lc.star_id.isin(ev.star_id)]
+    one = lc[lc.expnum == small.expnums[0]]
+    dt = np.diff(np.sort(one.t_s.unique()))[0]
+    # Young 1967 for D = 400 cm, X = 1.2, h = 2215 m, 0.5 s: ~0.17 %
+    young_05 = 0.09 * 400 ** (-2 / 3) * 1.2**1.75 * math.exp(-2215 / 8000) / math.sqrt(2 * 0.5)
+    assert 0.0015 < young_05 < 0.002
+    nb = int(round(0.5 / dt))
+    vals = []
+    for _, g in one.groupby("star_id"):
+        r = g.sort_values("t_s").rel_flux.to_numpy()
+        m = len(r) // nb
+        vals.append(r[: m * nb].reshape(m, nb).mean(axis=1))
+    binned = np.concatenate(vals)
+    sig_bin = scintillation_sigma_per_step(cfg, dt) / math.sqrt(nb)
+    assert binned.std() == pytest.approx(sig_bin, rel=0.05)
+    assert sig_bin == pytest.approx(young_05 * math.sqrt(0.5 / (nb * dt)), rel=1e-6)
+
+
+def test_common_pattern_statistics(small):
+    com = small.read_truth("common")
+    cfg = small.config
+    c = com[com.ccd == "S4"]
+    jit = np.concatenate([c.jitter_along_px, c.jitter_cross_px]) * cfg.pixel_scale_arcsec
+    assert 0.02 < jit.std() < 0.15
+    assert 0.002 < c.transparency.std() < 0.05 and abs(c.transparency.mean() - 1) < 0.05
+    assert c.seeing_fwhm_arcsec.mean() == pytest.approx(cfg.seeing_vr_arcsec, rel=0.15)
+    # common to all CCDs of an exposure
+    s4 = com[com.ccd == "S4"].reset_index(drop=True)
+    n4 = com[com.ccd == "N4"].reset_index(drop=True)
+    assert np.allclose(s4.transparency, n4.transparency) and np.allclose(s4.jitter_along_px, n4.jitter_along_px)
+    # projection along/cross -> x/y is a rotation
+    assert np.allclose(np.hypot(s4.jitter_x_px, s4.jitter_y_px), np.hypot(s4.jitter_along_px, s4.jitter_cross_px))
+
+
+def test_masks_cosmic_rays_saturation_streak(small):
+    crs = small.read_truth("cosmic_rays")
+    sats = small.read_truth("satellites")
+    assert len(sats) >= 1
+    for expnum in small.expnums[:1]:
+        for ccd in ("S4", "N4"):
+            with fits.open(small.drift_images[expnum]) as h, fits.open(small.drift_masks[expnum]) as m:
+                img, msk, e = h[ccd].data, m[ccd].data, h[ccd].header
+            assert set(np.unique(msk)) <= {0, 1, 3, 5, 8}
+            c = crs[(crs.expnum == expnum) & (crs.ccd == ccd)]
+            for rec in c.itertuples():
+                yy, xx = int(round(rec.y)), int(round(rec.x))
+                win = msk[max(yy - 3, 0):yy + 4, max(xx - 3, 0):xx + 4]
+                assert np.any((win == 5) | (win == 3) | (win == 1))
+            assert (msk == 5).sum() >= c.npix.sum() * 0.5
+            sat = msk == 3
+            if sat.any():
+                lim = np.where(np.arange(img.shape[1]) < img.shape[1] // 2, e["SATURATA"], e["SATURATB"])
+                assert np.allclose(img[sat], np.broadcast_to(lim, img.shape)[sat], rtol=1e-6)
+            assert (msk == 1).sum() > 0
+    s = sats.iloc[0]
+    with fits.open(small.drift_masks[s.expnum]) as m:
+        assert (m[s.ccd].data == 8).sum() > 100
+    # pointed images saturate the brightest stars and flag them
+    p = small.read_truth("pointed")
+    assert p.saturated.any()
+    assert (p[p.saturated].peak_adu > 30000).all()
+
+
+def test_flashes_in_image(small):
+    fl = small.read_truth("flashes")
+    assert (fl.host_star_id >= 0).any() and (fl.host_star_id < 0).any()
+    assert (fl.duration_s <= 0.01).all()
+    cfg = small.config
+    for rec in fl[fl.host_star_id >= 0].itertuples():
+        tr = small.read_truth("trails")
+        host = tr[(tr.expnum == rec.expnum) & (tr.ccd == rec.ccd) & (tr.star_id == rec.host_star_id)].iloc[0]
+        # the flash lies on the host's trail segment (within jitter)
+        p0 = np.array([host.x_start, host.y_start])
+        p1 = np.array([host.x_end, host.y_end])
+        frac = rec.t_s / cfg.exptime_s
+        assert np.hypot(*(p0 + frac * (p1 - p0) - [rec.x, rec.y])) < 1.5
+
+
+def test_determinism_and_ccd_order(tmp_path):
+    kw = dict(n_exposures=1, naxis1=128, naxis2=256, n_stars_per_ccd=30)
+    a = simulate_dataset(tmp_path / "a", "small", seed=7, ccds="S4,N4", **kw)
+    b = simulate_dataset(tmp_path / "b", "small", seed=7, ccds="N4,S4", **kw)
+    c = simulate_dataset(tmp_path / "c", "small", seed=8, ccds="S4,N4", **kw)
+    e = a.expnums[0]
+    for ccd in ("S4", "N4"):
+        da = fits.getdata(a.drift_images[e], ccd)
+        db = fits.getdata(b.drift_images[e], ccd)
+        dc = fits.getdata(c.drift_images[e], ccd)
+        assert np.array_equal(da, db)
+        assert not np.array_equal(da, dc)
+    ta, tb = a.read_truth("trails"), b.read_truth("trails")
+    key = ["ccd", "star_id"]
+    pd.testing.assert_frame_equal(ta.sort_values(key).reset_index(drop=True), tb.sort_values(key).reset_index(drop=True))
+
+
+def test_fz_output_and_bad_config(tmp_path):
+    ds = simulate_dataset(tmp_path, "small", seed=1, ccds="S4", n_exposures=2, naxis1=128, naxis2=256,
+                          n_stars_per_ccd=20, fz_exposures=1)
+    last = ds.drift_images[ds.expnums[-1]]
+    assert last.name.endswith("-image.fits.fz")
+    with fits.open(last) as h:
+        assert h["S4"].data.shape == (256, 128) and h[0].header["EXPTIME"] == 20.0
+        assert abs(np.median(h["S4"].data) - h["S4"].header["AVSKY"]) < 0.05 * h["S4"].header["AVSKY"]
+    with pytest.raises(ConfigError, match="unknown key"):
+        make_config("small", n_stars=3)
+    with pytest.raises(ConfigError, match="preset"):
+        make_config("huge")
+    with pytest.raises(ConfigError, match="header_pointing_error_arcsec"):
+        make_config("small", header_pointing_error_arcsec=120)
