@@ -1,0 +1,138 @@
+"""Atomic writers: a product file is either complete or absent.
+
+Each writer writes to a temporary file in the destination directory (named
+``.<name>.<random>.tmp``, so an interrupted run's leftovers match the
+``.*.tmp*`` pattern cleaned by :mod:`pydriftn.pipeline`), flushes and
+``fsync``s it, then ``os.replace``s it onto the destination (atomic on POSIX
+within one filesystem) and ``fsync``s the directory. On any error the
+temporary file is removed and the destination is untouched. Input files are
+never opened for writing by pydriftn; these writers are for outputs only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["atomic_path", "write_bytes_atomic", "write_table_atomic", "write_fits_atomic"]
+
+log = logging.getLogger(__name__)
+
+_TABLE_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+
+
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path, *, overwrite=True):
+    """Context manager yielding a temporary path that replaces ``path`` on success.
+
+    Write the complete file to the yielded path inside the ``with`` block; on
+    normal exit it is fsynced and moved onto ``path``; on an exception it is
+    deleted and ``path`` is left as it was.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Destination; its directory is created if needed.
+    overwrite : bool
+        If False and ``path`` exists, raise FileExistsError.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not overwrite and path.exists():
+        raise FileExistsError(f"{path}: exists and overwrite=False")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.chmod(tmp, _umask_mode())
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+        raise
+    log.debug("wrote %s", path)
+
+
+def write_bytes_atomic(data: bytes, path, *, overwrite=True) -> Path:
+    """Write ``data`` (bytes) to ``path`` atomically; returns the path."""
+    if isinstance(data, str):
+        raise TypeError(f"{path}: write_bytes_atomic needs bytes, got str (encode it first)")
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+    return Path(path)
+
+
+def write_table_atomic(df, path, *, overwrite=True, index=False, **kwargs) -> Path:
+    """Write a DataFrame to ``.csv`` or ``.parquet`` (``.pq``) atomically.
+
+    Parameters
+    ----------
+    df : pandas.DataFrame
+    path : str or os.PathLike
+        The suffix chooses the format.
+    overwrite : bool
+    index : bool
+        Write the index (default False).
+    **kwargs
+        Passed to ``DataFrame.to_csv`` / ``to_parquet``.
+
+    Returns
+    -------
+    pathlib.Path
+    """
+    path = Path(path)
+    fmt = _TABLE_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(
+            f"{path}: unknown table format {path.suffix!r}; expected one of {sorted(_TABLE_FORMATS)}"
+        )
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        if fmt == "csv":
+            df.to_csv(tmp, index=index, **kwargs)
+        else:
+            df.to_parquet(tmp, index=index, **kwargs)
+    return path
+
+
+def write_fits_atomic(hdul, path, *, overwrite=True, checksum=False, output_verify="exception") -> Path:
+    """Write an ``HDUList`` (or a single HDU) to ``path`` atomically.
+
+    ``.fz`` destinations are written as given: pass ``CompImageHDU`` extensions
+    to compress them.
+    """
+    from astropy.io import fits
+
+    if isinstance(hdul, fits.hdu.base._BaseHDU):
+        hdul = fits.HDUList([hdul] if isinstance(hdul, fits.PrimaryHDU) else [fits.PrimaryHDU(), hdul])
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        hdul.writeto(tmp, overwrite=True, checksum=checksum, output_verify=output_verify)
+    return Path(path)
