@@ -117,8 +117,8 @@ class SimulationConfig:
     flash_counts_range_e : total counts of a flash (e-), log-uniform.
     flash_duration_s : duration (s).
     satellite_prob : probability of a satellite streak per CCD and exposure;
-        ``satellite_first`` forces one in the first exposure on the CCD whose
-        name sorts first.
+        ``satellite_first`` forces one in the first exposure on CCD
+        ``satellite_ccd`` (default S4; if absent, the CCD whose name sorts first).
     satellite_surface_brightness_e : e- per pixel of streak length.
     cr_rate_per_mpix_s : cosmic-ray rate (per megapixel per second of exposure).
     cr_counts_range_e : total e- per cosmic ray (log-uniform).
@@ -207,6 +207,7 @@ class SimulationConfig:
     flash_duration_s: float = 0.001
     satellite_prob: float = 0.0
     satellite_first: bool = True
+    satellite_ccd: str = "S4"
     satellite_surface_brightness_e: float = 3000.0
     cr_rate_per_mpix_s: float = 0.5
     cr_counts_range_e: tuple = (500.0, 20000.0)

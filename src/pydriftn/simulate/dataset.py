@@ -292,7 +292,7 @@ def simulate_dataset(out_dir, preset="small", seed=0, **overrides):
                                      true_wcs=_wcs_text(r["true_wcs"]), header_wcs=_wcs_text(r["header_wcs"])))
 
     tdir = out / "truth"
-    _write_parquet(stars, tdir / "stars.parquet")
+    _write_parquet(stars[[c for c in stars.columns if not c.startswith("_")]], tdir / "stars.parquet")
     ds.truth["stars"] = tdir / "stars.parquet"
     _write_parquet(events, tdir / "events.parquet")
     ds.truth["events"] = tdir / "events.parquet"

@@ -58,6 +58,9 @@ STREAM_STAR = 4
 STREAM_DETECTOR = 5
 STREAM_POINTED = 6
 
+#: Side (px) of the focal-plane tiles in which stars are generated.
+TILE_PX = 256
+
 
 def _name_key(name):
     return zlib.crc32(str(name).encode())
@@ -169,29 +172,45 @@ def make_star_field(cfg, seed):
     -------
     pandas.DataFrame
         ``star_id, ra, dec, g, r, vr, flux_vr_e_s, flux_g_e_s, flux_r_e_s,
-        pmra_mas_yr, pmdec_mas_yr``.
+        pmra_mas_yr, pmdec_mas_yr`` (+ private ``_gaia_err_*`` unit normals used
+        by :func:`gaia_reference`), sorted by ``star_id``.
     """
-    rng = stream_rng(seed, STREAM_FIELD)
     margin = field_margin_px(cfg)
     x0, x1, y0, y1 = _pixel_box_union(cfg, margin)
     density = cfg.n_stars_per_ccd / float(cfg.naxis1 * cfg.naxis2)
-    n = int(rng.poisson(density * (x1 - x0) * (y1 - y0)))
-    px = rng.uniform(x0, x1, n)
-    py = rng.uniform(y0, y1, n)
+    # Stars are generated per focal-plane tile of TILE_PX x TILE_PX pixels, each
+    # tile with its own generator: a CCD's stars do not depend on which other
+    # CCDs are simulated, and star_id encodes (tile, index) stably.
+    cols = {k: [] for k in ("id", "px", "py", "r", "gr", "pmra", "pmdec", "gx", "gy")}
+    for tx in range(int(math.floor(x0 / TILE_PX)), int(math.floor(x1 / TILE_PX)) + 1):
+        for ty in range(int(math.floor(y0 / TILE_PX)), int(math.floor(y1 / TILE_PX)) + 1):
+            rng = stream_rng(seed, STREAM_FIELD, tx + 2**15, ty + 2**15)
+            n = int(rng.poisson(density * TILE_PX * TILE_PX))
+            if n >= 2**16:
+                raise ValueError(f"star density too high: {n} stars in one {TILE_PX}-px tile (max 65535)")
+            cols["id"].append(((tx + 2**15) * 2**16 + (ty + 2**15)) * 2**16 + np.arange(n, dtype=np.int64))
+            cols["px"].append((tx + rng.random(n)) * TILE_PX)
+            cols["py"].append((ty + rng.random(n)) * TILE_PX)
+            cols["r"].append(_lf_sample(rng, n, cfg.r_min, cfg.r_max, cfg.lf_slope))
+            cols["gr"].append(rng.uniform(cfg.gr_min, cfg.gr_max, n))
+            cols["pmra"].append(rng.normal(0.0, cfg.pm_rms_mas_yr, n))
+            cols["pmdec"].append(rng.normal(0.0, cfg.pm_rms_mas_yr, n))
+            cols["gx"].append(rng.standard_normal(n))
+            cols["gy"].append(rng.standard_normal(n))
+    c = {k: np.concatenate(v) for k, v in cols.items()}
+    n = len(c["id"])
+    px, py, r, gr = c["px"], c["py"], c["r"], c["gr"]
+    pmra, pmdec = c["pmra"], c["pmdec"]
     # focal-plane pixel offsets -> tangent-plane (east, north) arcsec with the
     # nominal orientation (+x = -Dec, +y = +RA)
     east = py * cfg.pixel_scale_arcsec
     north = -px * cfg.pixel_scale_arcsec
     ra, dec = offset_sky(cfg.ra_deg, cfg.dec_deg, east, north)
-    r = _lf_sample(rng, n, cfg.r_min, cfg.r_max, cfg.lf_slope)
-    gr = rng.uniform(cfg.gr_min, cfg.gr_max, n)
     g = r + gr
     vr = r + cfg.vr_colour_term * (gr - 0.6)
-    pmra = rng.normal(0.0, cfg.pm_rms_mas_yr, n)
-    pmdec = rng.normal(0.0, cfg.pm_rms_mas_yr, n)
     df = pd.DataFrame(
         {
-            "star_id": np.arange(n, dtype=np.int64),
+            "star_id": c["id"],
             "ra": ra,
             "dec": dec,
             "g": g,
@@ -202,8 +221,11 @@ def make_star_field(cfg, seed):
             "flux_r_e_s": 10 ** (0.4 * (cfg.zp_r - r)),
             "pmra_mas_yr": pmra,
             "pmdec_mas_yr": pmdec,
+            "_gaia_err_east": c["gx"],
+            "_gaia_err_north": c["gy"],
         }
     )
+    df = df.sort_values("star_id", ignore_index=True)
     log.info("star field: %d stars (%.0f per CCD area, margin %.0f px)", n, cfg.n_stars_per_ccd, margin)
     return df
 
@@ -220,15 +242,14 @@ def gaia_reference(cfg, stars, seed, obs_mjd):
     the epoch of the observations and given random errors of
     ``gaia_pos_err_mas * 10**(0.2 (G - 17))`` per axis.
     """
-    rng = stream_rng(seed, STREAM_FIELD, "gaia")
     G = stars["r"].to_numpy() - 0.1 - 0.25 * (stars["g"].to_numpy() - stars["r"].to_numpy())
     dt_yr = cfg.gaia_ref_epoch - _julian_year(obs_mjd)
     err = np.maximum(cfg.gaia_pos_err_mas * 10 ** (0.2 * (G - 17.0)), 0.02)
-    e_east = stars["pmra_mas_yr"].to_numpy() * dt_yr + rng.normal(0, 1, len(G)) * err
-    e_north = stars["pmdec_mas_yr"].to_numpy() * dt_yr + rng.normal(0, 1, len(G)) * err
+    e_east = stars["pmra_mas_yr"].to_numpy() * dt_yr + stars["_gaia_err_east"].to_numpy() * err
+    e_north = stars["pmdec_mas_yr"].to_numpy() * dt_yr + stars["_gaia_err_north"].to_numpy() * err
     ra, dec = offset_sky(stars["ra"].to_numpy(), stars["dec"].to_numpy(), e_east / 1000.0, e_north / 1000.0)
     keep = G <= cfg.gaia_g_max
-    ids = 4000000000000000000 + stars["star_id"].to_numpy() * 7919 + 17
+    ids = 4000000000000000000 + stars["star_id"].to_numpy()
     return pd.DataFrame(
         {
             "source_id": ids[keep],

@@ -174,6 +174,10 @@ def _satellite(rng, cfg, fwhm_px):
     return img, truth
 
 
+def _satellite_ccd(cfg):
+    return cfg.satellite_ccd if cfg.satellite_ccd in cfg.ccds else min(cfg.ccds)
+
+
 def _finish(cfg, rng, model_e, det, cr_deposits, streak_e=None, sky_sigma_e=None):
     """Noise, cosmic rays, gain, bad columns, saturation; returns ADU image, mask."""
     gain, rn, sat = _amp_maps(cfg, det)
@@ -318,7 +322,7 @@ def render_drift_ccd(cfg, seed, stars, events, exposure, ccd):
     # --- satellite
     sat_rows = []
     streak = None
-    want_sat = (cfg.satellite_first and exposure.get("index", 0) == 0 and ccd == min(cfg.ccds)) or (
+    want_sat = (cfg.satellite_first and exposure.get("index", 0) == 0 and ccd == _satellite_ccd(cfg)) or (
         rng.random() < cfg.satellite_prob
     )
     if want_sat:
