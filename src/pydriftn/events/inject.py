@@ -1,0 +1,426 @@
+"""Injection of microlensing events into light-curve tables, and detection efficiency.
+
+:func:`inject_microlensing` adds the finite-source point-lens signal of
+chosen stars to their ``norm_flux``: for a model flux ratio
+``F(t) = fs A(t) + 1 - fs`` (averaged over each sample's exposure) and the
+star-night's baseline ``b`` (median ``norm_flux``),
+
+    y' = y + b (F - 1) + N(0, sigma^2 q (F - 1)),   sigma' = sigma sqrt(1 + q (F - 1)),
+
+i.e. the existing noise realisation is kept and the extra photon noise of the
+extra source flux is added, ``q`` (``source_noise_fraction``) being the part
+of the baseline variance that is the source's own photon noise (1 = source
+dominated, bright stars; 0 = background dominated). This is the "multiply the
+star by the model" injection with the noise scaled as sqrt of the source flux.
+
+:func:`efficiency` injects events on a grid of ``tE, u0, rho, mag`` into the
+real (or synthetic) series of stars of the right magnitude, at random times,
+in batches small enough (``max_fraction`` of a CCD's stars at once, random
+times) not to trigger the common-mode veto, runs the full search with the
+null distribution calibrated once on the un-injected data, and counts an
+injection as detected if its star-night has an unvetoed candidate above the
+threshold whose fitted ``t0`` is within ``max(1 s, tE)`` of the truth.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..models import microlensing_magnification_curve
+from .scan import DEFAULT_WIDTHS
+from .search import _star_table, calibrate_null, search
+from .series import SECONDS_PER_DAY, EventSearchError, build_blocks, check_columns
+
+__all__ = ["inject_microlensing", "efficiency", "EfficiencyResult", "plot_efficiency", "run_efficiency"]
+
+log = logging.getLogger(__name__)
+
+
+def _sample_seconds(lc) -> float:
+    """Typical spacing of consecutive samples within an exposure (s)."""
+    sub = lc[["star_id", "expnum", "sample", "mjd"]].head(200_000).sort_values(["star_id", "expnum", "sample"])
+    d = sub.groupby(["star_id", "expnum"])["mjd"].diff().to_numpy() * SECONDS_PER_DAY
+    d = d[np.isfinite(d) & (d > 0)]
+    return float(np.median(d)) if d.size else 0.54
+
+
+def inject_microlensing(lc_table: pd.DataFrame, params, seed=0, *, source_noise_fraction: float = 1.0,
+                        supersample: int = 3, sample_s: float | None = None) -> pd.DataFrame:
+    """Copy of ``lc_table`` with point-lens events added to chosen stars.
+
+    Parameters
+    ----------
+    lc_table : pandas.DataFrame
+        Light-curve table (``star_id, mjd, norm_flux, norm_flux_err`` at least).
+    params : pandas.DataFrame or dict or list of dict
+        One row per event: ``star_id, t0_mjd, te_s, u0, rho`` and optionally
+        ``fs`` (source flux fraction, default 1) and ``night`` (restrict to
+        that night, else every night of the star).
+    seed : int
+        Seed of the extra photon noise.
+    source_noise_fraction : float
+        ``q`` in the module docstring (0..1).
+    supersample : int
+        Sub-steps per sample for the model average over the sample exposure.
+    sample_s : float, optional
+        Sample exposure (s); inferred from the table if not given.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Same rows and columns, ``norm_flux`` and ``norm_flux_err`` modified.
+
+    Raises
+    ------
+    EventSearchError
+        If a required column is missing.
+    """
+    check_columns(lc_table, ("star_id", "mjd", "norm_flux", "norm_flux_err"), "light-curve table")
+    p = pd.DataFrame([params] if isinstance(params, dict) else params).copy()
+    check_columns(p, ("star_id", "t0_mjd", "te_s", "u0", "rho"), "injection parameter table")
+    if "fs" not in p.columns:
+        p["fs"] = 1.0
+    keys = ["star_id"] + (["night"] if "night" in p.columns and "night" in lc_table.columns else [])
+    out = lc_table.copy()
+    if len(p) == 0:
+        return out
+    rows = out[keys + ["mjd", "norm_flux", "norm_flux_err"]].reset_index(drop=True)
+    rows["_row"] = np.arange(len(rows))  # positions (the index may be anything)
+    m = rows.merge(p[keys + ["t0_mjd", "te_s", "u0", "rho", "fs"]], on=keys, how="inner")
+    if m.empty:
+        log.warning("inject_microlensing: none of the %d stars is in the table", len(p))
+        return out
+    if sample_s is None:
+        sample_s = _sample_seconds(lc_table)
+    t = (m["mjd"].to_numpy() - m["t0_mjd"].to_numpy()) * SECONDS_PER_DAY
+    n = max(int(supersample), 1)
+    off = ((np.arange(n) + 0.5) / n - 0.5) * sample_s
+    te, u0, rho = (m[c].to_numpy(float)[:, None] for c in ("te_s", "u0", "rho"))
+    a = microlensing_magnification_curve(t[:, None] + off[None, :], 0.0, te, u0, rho).mean(axis=1)
+    fs = m["fs"].to_numpy(float)
+    f = fs * a + 1.0 - fs
+    gkeys = keys + (["night"] if "night" in lc_table.columns and "night" not in keys else [])
+    if "night" in gkeys and "night" not in m.columns:
+        m["night"] = lc_table["night"].to_numpy()[m["_row"].to_numpy()]
+    base = m.groupby(gkeys + ["t0_mjd"])["norm_flux"].transform("median").to_numpy()
+    sig = m["norm_flux_err"].to_numpy(float)
+    q = float(np.clip(source_noise_fraction, 0.0, 1.0))
+    extra_var = np.clip(sig * sig * q * (f - 1.0), 0.0, None)
+    rng = np.random.default_rng(seed)
+    y = m["norm_flux"].to_numpy(float) + base * (f - 1.0) + rng.standard_normal(len(m)) * np.sqrt(extra_var)
+    # several events on one star-night add up (signal and extra variance)
+    idx = m["_row"].to_numpy()
+    dy = y - m["norm_flux"].to_numpy(float)
+    dvar = extra_var
+    uniq, inv = np.unique(idx, return_inverse=True)
+    dy_sum = np.bincount(inv, weights=dy)
+    dv_sum = np.bincount(inv, weights=dvar)
+    cy = out.columns.get_loc("norm_flux")
+    ce = out.columns.get_loc("norm_flux_err")
+    out.iloc[uniq, cy] = out.iloc[uniq, cy].to_numpy(float) + dy_sum
+    old = out.iloc[uniq, ce].to_numpy(float)
+    out.iloc[uniq, ce] = np.sqrt(old * old + dv_sum)
+    return out
+
+
+@dataclass
+class EfficiencyResult:
+    """Output of :func:`efficiency`.
+
+    Attributes
+    ----------
+    table : pandas.DataFrame
+        Per grid cell: ``te_s, u0, rho, mag, n_injected, n_detected,
+        efficiency, efficiency_err, frac_t0_within_0p5s,
+        frac_te_within_30pct, median_abs_dt0_s, median_te_ratio``.
+    injections : pandas.DataFrame
+        Per injection: truth, detection, fitted ``t0``/``tE``.
+    thresholds : dict
+        Detection thresholds used.
+    """
+
+    table: pd.DataFrame
+    injections: pd.DataFrame
+    thresholds: dict = field(default_factory=dict)
+    files: list = field(default_factory=list)
+
+    def summary_lines(self) -> list[str]:
+        t = self.table
+        lines = [f"efficiency: {int(t['n_injected'].sum())} injections in {len(t)} cells, "
+                 f"overall {t['n_detected'].sum() / max(t['n_injected'].sum(), 1):.3f}"]
+        for key, thr in self.thresholds.items():
+            lines.append(f"  threshold ({key}): delta-chi2 = {thr:.1f}")
+        by = t.groupby("te_s")[["n_detected", "n_injected"]].sum()
+        for te, r in by.iterrows():
+            lines.append(f"  tE = {te:g} s: {r['n_detected'] / max(r['n_injected'], 1):.3f}")
+        for f in self.files:
+            lines.append(f"  wrote {f}")
+        return lines
+
+
+def _star_nights(lc, star_tab, mag_column):
+    keys = ["star_id"] + (["night"] if "night" in lc.columns else [])
+    blk = keys + (["ccd"] if "ccd" in lc.columns else [])
+    sn = lc.groupby(blk, sort=False)["mjd"].agg(["min", "max"]).reset_index()
+    if star_tab is not None and mag_column in star_tab.columns:
+        sn["mag"] = star_tab[mag_column].reindex(sn["star_id"]).to_numpy(float)
+    else:
+        sn["mag"] = np.nan
+    return sn
+
+
+def efficiency(lc: pd.DataFrame, stars: pd.DataFrame | None = None, *, te_s=(1.0, 3.0, 10.0, 30.0),
+               u0=(0.1, 0.5), rho=(0.01, 1.0), mags=None, n_per_cell: int = 20, seed: int = 0, null=None,
+               mag_column: str = "r", mag_tolerance: float = 0.5, max_fraction: float = 0.05,
+               t0_mode: str = "exposures", source_noise_fraction: float = 1.0, return_result: bool = False,
+               **search_kwargs):
+    """Injection-recovery detection efficiency on a grid of ``tE, u0, rho, mag``.
+
+    Parameters
+    ----------
+    lc : pandas.DataFrame
+        Light-curve table to inject into (real store or synthetic).
+    stars : pandas.DataFrame, optional
+        ``star_id`` and ``mag_column`` (and ``ra, dec`` for the vetoes).
+    te_s, u0, rho : sequences
+        Grid of event parameters.
+    mags : sequence, optional
+        Magnitude grid: injections go into stars within ``mag_tolerance`` of
+        each value. ``None``: any star (``mag`` is NaN in the table).
+    n_per_cell : int
+        Injections per grid cell.
+    seed : int
+    null : dict or NullDistribution, optional
+        Pre-computed null distribution; otherwise calibrated once on ``lc``.
+    max_fraction : float
+        At most this fraction of a CCD-night's stars is injected per search run.
+    t0_mode : {"exposures", "night"}
+        ``"exposures"``: ``t0`` uniform over the observed samples (inside
+        exposures), the efficiency of events that happen while observing;
+        ``"night"``: uniform from the first to the last sample (includes the
+        gaps: the duty cycle enters the efficiency).
+    source_noise_fraction : float
+        See :func:`inject_microlensing`.
+    return_result : bool
+        Return an :class:`EfficiencyResult` instead of the table.
+    **search_kwargs
+        Passed to :func:`search` (e.g. ``false_alarm_rate``, ``widths``).
+
+    Returns
+    -------
+    pandas.DataFrame or EfficiencyResult
+    """
+    if t0_mode not in ("exposures", "night"):
+        raise EventSearchError(f"efficiency: t0_mode must be 'exposures' or 'night', got {t0_mode!r}")
+    rng = np.random.default_rng(seed)
+    star_tab = _star_table(stars, lc)
+    calib_keys = ("n_scrambles", "widths", "sign", "null_pool", "n_workers", "bad_flag_mask", "rescale_errors")
+    ck = {k: search_kwargs[k] for k in calib_keys if k in search_kwargs}
+    if null is None:
+        blocks = build_blocks(lc, bad_flag_mask=ck.get("bad_flag_mask"),
+                              rescale_errors=ck.get("rescale_errors", True))
+        null = calibrate_null(blocks, n_scrambles=ck.get("n_scrambles", 20), seed=seed,
+                              widths=ck.get("widths", DEFAULT_WIDTHS), sign=ck.get("sign", "positive"),
+                              null_pool=ck.get("null_pool", "night"), n_workers=ck.get("n_workers", 1))
+        del blocks
+    sn = _star_nights(lc, star_tab, mag_column)
+    mag_grid = [np.nan] if mags is None else list(mags)
+    obs_times = None
+    if t0_mode == "exposures":
+        kk = ["star_id"] + (["night"] if "night" in lc.columns else [])
+        obs_times = lc.groupby(kk)["mjd"].apply(np.asarray)
+    sample_s = _sample_seconds(lc)
+
+    inj = []
+    for te, u, r, mg in itertools.product(te_s, u0, rho, mag_grid):
+        elig = sn if np.isnan(mg) else sn[np.abs(sn["mag"] - mg) <= mag_tolerance]
+        if elig.empty:
+            log.warning("efficiency: no star within %.2f mag of %.2f; cell skipped", mag_tolerance, mg)
+            continue
+        pick = elig.iloc[rng.integers(0, len(elig), n_per_cell)]
+        for _, s in pick.iterrows():
+            if t0_mode == "exposures":
+                key = (s["star_id"], s["night"]) if "night" in s.index else s["star_id"]
+                tt = obs_times.loc[key]
+                t0 = float(tt[rng.integers(0, len(tt))]) + rng.uniform(-0.5, 0.5) * sample_s / SECONDS_PER_DAY
+            else:
+                t0 = float(rng.uniform(s["min"], s["max"]))
+            d = {"star_id": s["star_id"], "t0_mjd": t0, "te_s": te, "u0": u, "rho": r, "mag": mg,
+                 "star_mag": s["mag"]}
+            for k in ("night", "ccd"):
+                if k in s.index:
+                    d[k] = s[k]
+            inj.append(d)
+    inj = pd.DataFrame(inj)
+    if inj.empty:
+        raise EventSearchError("efficiency: no injection possible (no star matches the magnitude grid)")
+    inj = inj.sample(frac=1.0, random_state=int(rng.integers(2**31))).reset_index(drop=True)
+
+    # batches: each star-night at most once, at most max_fraction of a block's stars
+    blk = [k for k in ("night", "ccd") if k in inj.columns]
+    n_block = sn.groupby(blk).size() if blk else pd.Series({(): len(sn)})
+    inj["batch"] = -1
+    counters: dict = {}
+    used: dict = {}
+    for i, row in inj.iterrows():
+        bkey = tuple(row[k] for k in blk)
+        cap = max(1, int(max_fraction * (n_block.loc[bkey if len(bkey) > 1 else bkey[0]] if blk else len(sn))))
+        b = 0
+        snk = (row["star_id"],) + bkey
+        while counters.get((b, bkey), 0) >= cap or snk in used.get(b, set()):
+            b += 1
+        counters[(b, bkey)] = counters.get((b, bkey), 0) + 1
+        used.setdefault(b, set()).add(snk)
+        inj.at[i, "batch"] = b
+
+    skw = dict(search_kwargs)
+    skw.pop("n_scrambles", None)
+    results = []
+    thresholds = {}
+    for b, grp in inj.groupby("batch"):
+        lc_b = inject_microlensing(lc, grp, seed=int(rng.integers(2**31)), source_noise_fraction=source_noise_fraction)
+        res = search(lc_b, stars=stars, null=null, only_star_ids=grp["star_id"].unique(), **skw)
+        thresholds.update(res.thresholds)
+        results.append(_match(grp, res.candidates))
+        log.info("efficiency batch %d: %d injections", b, len(grp))
+    injections = pd.concat(results, ignore_index=True)
+    table = _aggregate(injections)
+    if return_result:
+        return EfficiencyResult(table=table, injections=injections, thresholds=thresholds)
+    return table
+
+
+def _match(grp, cands):
+    g = grp.copy()
+    g["detected"] = False
+    g["above_threshold"] = False
+    g["vetoes"] = 0
+    g["statistic"] = np.nan
+    g["t0_fit_mjd"] = np.nan
+    g["te_fit_s"] = np.nan
+    if cands.empty:
+        return g
+    keys = ["star_id"] + (["night"] if "night" in g.columns and "night" in cands.columns else [])
+    c = cands.drop_duplicates(keys).set_index(keys)
+    for i, row in g.iterrows():
+        k = tuple(row[x] for x in keys) if len(keys) > 1 else row["star_id"]
+        if k not in c.index:
+            continue
+        cr = c.loc[k]
+        t0f = cr.get("t0_mjd", np.nan)
+        if not np.isfinite(t0f):
+            t0f = 0.5 * (cr["window_start_mjd"] + cr["window_end_mjd"])
+        g.at[i, "statistic"] = cr["statistic"]
+        g.at[i, "above_threshold"] = bool(cr["above_threshold"])
+        g.at[i, "vetoes"] = int(cr["vetoes"])
+        g.at[i, "t0_fit_mjd"] = t0f
+        g.at[i, "te_fit_s"] = cr.get("te_s", np.nan)
+        close = abs(t0f - row["t0_mjd"]) * SECONDS_PER_DAY <= max(1.0, row["te_s"])
+        g.at[i, "detected"] = bool(cr["above_threshold"]) and int(cr["vetoes"]) == 0 and close
+    g["dt0_s"] = (g["t0_fit_mjd"] - g["t0_mjd"]) * SECONDS_PER_DAY
+    g["te_ratio"] = g["te_fit_s"] / g["te_s"]
+    return g
+
+
+def _aggregate(inj):
+    rows = []
+    for (te, u, r, mg), g in inj.groupby(["te_s", "u0", "rho", "mag"], dropna=False):
+        n = len(g)
+        k = int(g["detected"].sum())
+        p = k / n
+        d = g[g["detected"]]
+        rows.append({
+            "te_s": te, "u0": u, "rho": r, "mag": mg, "n_injected": n, "n_detected": k, "efficiency": p,
+            "efficiency_err": float(np.sqrt(max(p * (1 - p), 1.0 / n) / n)),
+            "frac_t0_within_0p5s": float((d["dt0_s"].abs() <= 0.5).sum() / n),
+            "frac_te_within_30pct": float(((d["te_ratio"] - 1).abs() <= 0.3).sum() / n),
+            "median_abs_dt0_s": float(d["dt0_s"].abs().median()) if k else np.nan,
+            "median_te_ratio": float(d["te_ratio"].median()) if k else np.nan,
+        })
+    return pd.DataFrame(rows)
+
+
+def plot_efficiency(table: pd.DataFrame, ax=None, *, u0=None, rho=None):
+    """Efficiency versus tE, one curve per magnitude (averaged over u0/rho unless selected).
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+    """
+    import matplotlib.pyplot as plt
+
+    t = table
+    if u0 is not None:
+        t = t[np.isclose(t["u0"], u0)]
+    if rho is not None:
+        t = t[np.isclose(t["rho"], rho)]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 4))
+    for mg, g in t.groupby("mag", dropna=False):
+        s = g.groupby("te_s")[["n_detected", "n_injected"]].sum()
+        eff = s["n_detected"] / s["n_injected"]
+        err = np.sqrt(np.maximum(eff * (1 - eff), 1.0 / s["n_injected"]) / s["n_injected"])
+        label = "all stars" if pd.isna(mg) else f"mag {mg:g}"
+        ax.errorbar(s.index, eff, yerr=err, marker="o", capsize=2, label=label)
+    ax.set_xscale("log")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("tE (s)")
+    ax.set_ylabel("detection efficiency")
+    sel = []
+    if u0 is not None:
+        sel.append(f"u0={u0:g}")
+    if rho is not None:
+        sel.append(f"rho={rho:g}")
+    ax.set_title("injection-recovery" + (" (" + ", ".join(sel) + ")" if sel else ""))
+    ax.legend()
+    return ax
+
+
+def run_efficiency(out_dir, store=None, seed: int = 0, *, n_per_cell: int = 10, **kwargs) -> EfficiencyResult:
+    """The ``pydriftn efficiency`` command: efficiency table and plot in ``out_dir``.
+
+    Injects into a store's light curves if ``store`` is given, else into a
+    synthetic CCD-night (300 stars, 20 exposures, r = 15-20, noise from
+    :func:`~.synthetic.noise_per_sample`).
+    """
+    from .search import _optional_table, _read_store
+    from .synthetic import simulate_lightcurves
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if store is not None:
+        lc = _read_store(store)
+        stars = _optional_table([Path(store) / "catalogue.parquet", Path(store) / "master_catalogue.parquet"])
+    else:
+        lc, stars = simulate_lightcurves(300, 20, mags=np.random.default_rng(seed).uniform(15, 20.5, 300),
+                                         seed=seed)
+    kw = dict(te_s=(0.3, 1.0, 3.0, 10.0, 30.0, 100.0), u0=(0.1, 0.5), rho=(0.01, 1.0), mags=(16.0, 18.0, 20.0),
+              n_per_cell=n_per_cell, seed=seed, false_alarm_rate=1e-4)
+    kw.update(kwargs)
+    res = efficiency(lc, stars, return_result=True, **kw)
+    files = []
+    p = out / "efficiency.csv"
+    res.table.to_csv(p, index=False)
+    files.append(p)
+    p = out / "injections.parquet"
+    res.injections.to_parquet(p, index=False)
+    files.append(p)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    plot_efficiency(res.table, ax=ax)
+    p = out / "efficiency.png"
+    fig.savefig(p, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    files.append(p)
+    res.files = files
+    return res

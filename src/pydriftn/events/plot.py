@@ -1,0 +1,85 @@
+"""Plot of a candidate's light curve with its best-fit models (matplotlib imported lazily)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .fit import flare_model, microlensing_model
+from .series import SECONDS_PER_DAY, default_bad_flag_mask
+
+__all__ = ["plot_candidate"]
+
+
+def plot_candidate(lc: pd.DataFrame, candidate, ax=None, *, bad_flag_mask: int | None = None,
+                   window_s: float | None = None):
+    """Plot the star-night light curve around a candidate, with the fitted models.
+
+    Parameters
+    ----------
+    lc : pandas.DataFrame
+        Light-curve table containing the candidate's star.
+    candidate : pandas.Series or dict
+        A row of :attr:`SearchResult.candidates`.
+    ax : matplotlib.axes.Axes, optional
+    bad_flag_mask : int, optional
+        Samples with these flags are drawn as crosses (excluded from the search).
+    window_s : float, optional
+        Half-width of the plotted time range around the window (default
+        ``max(3 x window duration, 60 s)``).
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+    """
+    import matplotlib.pyplot as plt
+
+    c = dict(candidate)
+    if bad_flag_mask is None:
+        bad_flag_mask = default_bad_flag_mask()
+    sel = lc["star_id"] == c["star_id"]
+    for k in ("night", "ccd"):
+        if k in lc.columns and k in c and pd.notna(c[k]):
+            sel &= lc[k] == c[k]
+    d = lc.loc[sel].sort_values("mjd")
+    t_lo, t_hi = float(c["window_start_mjd"]), float(c["window_end_mjd"])
+    t_ref = 0.5 * (t_lo + t_hi)
+    dur = (t_hi - t_lo) * SECONDS_PER_DAY
+    half = window_s if window_s is not None else max(3.0 * dur, 60.0)
+    t = (d["mjd"].to_numpy() - t_ref) * SECONDS_PER_DAY
+    m = np.abs(t) <= half + dur / 2
+    t, d = t[m], d.loc[m]
+    flags = d["flags"].to_numpy() if "flags" in d.columns else np.zeros(len(d), int)
+    bad = (flags & int(bad_flag_mask)) != 0
+    if ax is None:
+        _, ax = plt.subplots(figsize=(9, 3.5))
+    ax.errorbar(t[~bad], d["norm_flux"].to_numpy()[~bad], yerr=d["norm_flux_err"].to_numpy()[~bad], fmt=".",
+                ms=3, color="k", alpha=0.7, lw=0.5, label="samples")
+    if bad.any():
+        ax.plot(t[bad], d["norm_flux"].to_numpy()[bad], "x", color="tab:red", label="flagged (excluded)")
+    ax.axvspan((t_lo - t_ref) * SECONDS_PER_DAY, (t_hi - t_ref) * SECONDS_PER_DAY, color="tab:orange", alpha=0.15,
+               label="matched-filter window")
+    # models on a fine grid, only within exposures (NaN across the gaps)
+    tf = np.linspace(t.min(), t.max(), 4000) if len(t) else np.array([])
+    if len(t) > 1:
+        step = np.median(np.diff(t))
+        gap = np.interp(tf, t, np.r_[np.diff(t) > 5 * step, False].astype(float)) > 0.5
+    else:
+        gap = np.zeros_like(tf, bool)
+    if pd.notna(c.get("te_s", np.nan)):
+        t0 = (c["t0_mjd"] - t_ref) * SECONDS_PER_DAY
+        y = microlensing_model(tf, t0, c["te_s"], c["u0"], c["rho"], c.get("fs", 1.0), c.get("base", 1.0))
+        y[gap] = np.nan
+        ax.plot(tf, y, color="tab:blue", label=f"microlensing dchi2={c.get('delta_chi2_microlensing', np.nan):.0f}")
+    if pd.notna(c.get("rise_s", np.nan)):
+        t0 = (c["flare_t0_mjd"] - t_ref) * SECONDS_PER_DAY
+        y = flare_model(tf, t0, c["flare_amplitude"], c["rise_s"], c["decay_s"], c.get("base", 1.0))
+        y[gap] = np.nan
+        ax.plot(tf, y, color="tab:green", ls="--", label=f"flare dchi2={c.get('delta_chi2_flare', np.nan):.0f}")
+    ax.set_xlabel(f"t - {t_ref:.6f} (s, MJD)")
+    ax.set_ylabel("norm_flux")
+    veto = c.get("veto_reasons", "") or "none"
+    ax.set_title(f"star {c['star_id']} night {c.get('night', '')} ccd {c.get('ccd', '')}: {c.get('model', '')}, "
+                 f"stat={c['statistic']:.1f}, FAP={c['false_alarm_prob']:.2g}, vetoes: {veto}", fontsize=9)
+    ax.legend(fontsize=7, loc="upper right")
+    return ax

@@ -1,0 +1,586 @@
+"""The event search: scan, calibrate, fit, veto; one candidate table out.
+
+Steps (all stars of a CCD-night at once, see :mod:`.series` and :mod:`.scan`):
+
+1. Build dense series blocks per (night, ccd); samples with vetoing flags are
+   excluded (``bad_flag_mask``).
+2. Boxcar matched-filter scan over a grid of widths (1 sample to 8 exposures):
+   the detection statistic of a star-night is its best Delta-chi2 against the
+   flat model.
+3. The null distribution of that statistic from time-scrambled copies of every
+   star-night (seeded), pooled per night (or per block / over everything):
+   false-alarm probability per star-night of every candidate, and the
+   threshold for the target false-alarm rate.
+4. Star-nights above a looser pre-threshold are fitted with the finite-source
+   point-lens and FRED flare models (true sample times, supersampled over each
+   sample's exposure); parameters, Jacobian errors, Delta-chi2 vs flat.
+5. Vetoes (bitmask, see ``VETO_BITS``): flagged samples in the candidate
+   window; common mode (the same grid window, i.e. the same exposure and
+   samples, brightens/dims in more than ``common_mode_fraction`` of the CCD's
+   stars); a brighter neighbour within ``neighbour_radius_arcsec`` varying in
+   the same window; a flash (from the classification stage) at the same place
+   and time.
+
+The result is a :class:`SearchResult` with the candidate table, the per
+star-night statistics, the null distributions and thresholds.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .fit import fit_flare, fit_microlensing
+from .scan import DEFAULT_WIDTHS, NullDistribution, scan_block, scramble_block, window_statistic
+from .series import SECONDS_PER_DAY, EventSearchError, build_blocks, check_columns
+
+__all__ = [
+    "VETO_FLAGGED",
+    "VETO_COMMON_MODE",
+    "VETO_NEIGHBOUR",
+    "VETO_FLASH",
+    "VETO_BITS",
+    "veto_names",
+    "SearchResult",
+    "search",
+    "calibrate_null",
+    "search_store",
+]
+
+log = logging.getLogger(__name__)
+
+VETO_FLAGGED = 1
+VETO_COMMON_MODE = 2
+VETO_NEIGHBOUR = 4
+VETO_FLASH = 8
+VETO_BITS = {VETO_FLAGGED: "flagged_samples", VETO_COMMON_MODE: "common_mode",
+             VETO_NEIGHBOUR: "bright_neighbour", VETO_FLASH: "flash"}
+
+MAG_COLUMNS = ("r", "g", "vr", "mag", "i", "z")
+
+
+def veto_names(bits: int) -> str:
+    """``"common_mode|flash"`` etc. for a veto bitmask ('' if none)."""
+    return "|".join(name for bit, name in VETO_BITS.items() if int(bits) & bit)
+
+
+@dataclass
+class SearchResult:
+    """Output of :func:`search`.
+
+    Attributes
+    ----------
+    candidates : pandas.DataFrame
+        One row per star-night above the pre-threshold (see :func:`search`).
+    star_nights : pandas.DataFrame
+        ``star_id, night, ccd, n_samples, statistic, width, start, sign,
+        false_alarm_prob`` for every star-night searched.
+    null : dict
+        Pool key -> :class:`~.scan.NullDistribution`.
+    thresholds : dict
+        Pool key -> detection threshold at ``false_alarm_rate``.
+    false_alarm_rate : float
+        Target false-alarm probability per star-night.
+    """
+
+    candidates: pd.DataFrame
+    star_nights: pd.DataFrame
+    null: dict = field(default_factory=dict)
+    thresholds: dict = field(default_factory=dict)
+    false_alarm_rate: float = 1e-4
+    files: list = field(default_factory=list)
+
+    @property
+    def detections(self) -> pd.DataFrame:
+        """Candidates above threshold and not vetoed."""
+        c = self.candidates
+        if c.empty:
+            return c
+        return c[c["above_threshold"] & (c["vetoes"] == 0)]
+
+    def summary_lines(self) -> list[str]:
+        """Human-readable summary (the CLI prints it)."""
+        lines = [f"event search: {len(self.star_nights)} star-nights, target false-alarm rate "
+                 f"{self.false_alarm_rate:g} per star-night"]
+        for key, thr in self.thresholds.items():
+            nd = self.null[key]
+            extra = " (extrapolated tail)" if nd.extrapolated(self.false_alarm_rate) else ""
+            lines.append(f"  pool {key}: {nd.n} scrambled star-nights, threshold delta-chi2 = {thr:.1f}{extra}")
+        c = self.candidates
+        n_above = int(c["above_threshold"].sum()) if len(c) else 0
+        lines.append(f"  candidates above pre-threshold: {len(c)}; above threshold: {n_above}; "
+                     f"not vetoed: {len(self.detections)}")
+        if len(c):
+            for bit, name in VETO_BITS.items():
+                n = int(((c["vetoes"] & bit) != 0).sum())
+                if n:
+                    lines.append(f"    vetoed {name}: {n}")
+        for f in self.files:
+            lines.append(f"  wrote {f}")
+        return lines
+
+
+def _pool_key(block, null_pool):
+    if null_pool == "night":
+        return f"night={block.night}"
+    if null_pool == "block":
+        return f"night={block.night} ccd={block.ccd}"
+    if null_pool == "all":
+        return "all"
+    raise EventSearchError(f"search: null_pool must be 'night', 'block' or 'all', got {null_pool!r}")
+
+
+def _scrambled(block, i, rows, *, n_scrambles, seed, widths, sign, n_workers):
+    """Scrambled statistics of ``rows`` of block number ``i`` (seeded by ``(seed, i)``)."""
+    return scramble_block(block, n_scrambles, seed=[int(seed), int(i)], widths=widths, sign=sign,
+                          n_workers=n_workers, rows=rows)
+
+
+def _null_members(scr, exclude_sigma):
+    """Rows whose scrambled statistics represent the noise population of the block.
+
+    A star-night with a real event, strong variability or many unflagged
+    outliers has scrambled maxima far above the other stars' (the big samples
+    stay big whatever their order); pooled, they would dominate the tail and
+    raise the threshold for every star. Such star-nights (median scrambled
+    statistic more than ``exclude_sigma`` robust standard deviations above the
+    median over the block's stars) are left out of the pool; they are still
+    searched (``in_null`` False in the star-night table).
+    """
+    med = np.median(scr, axis=1)
+    centre = np.median(med)
+    mad = 1.4826 * np.median(np.abs(med - centre))
+    if not np.isfinite(mad) or mad <= 0:
+        mad = max(float(np.std(med)), 1e-12)
+    return med <= centre + exclude_sigma * mad
+def calibrate_null(blocks, *, n_scrambles=20, seed=0, widths=DEFAULT_WIDTHS, sign="positive",
+                   null_pool="night", n_workers=1, null_exclude_sigma=10.0) -> dict:
+    """Null distributions of the detection statistic from time-scrambled series.
+
+    Returns
+    -------
+    dict
+        Pool key -> :class:`~.scan.NullDistribution` (star-nights excluded by
+        :func:`_null_members` left out).
+    """
+    pooled: dict = {}
+    for i, b in enumerate(blocks):
+        rows = np.flatnonzero(b.valid.any(axis=1))
+        scr = _scrambled(b, i, rows, n_scrambles=n_scrambles, seed=seed, widths=widths, sign=sign,
+                         n_workers=n_workers)
+        keep = _null_members(scr, null_exclude_sigma)
+        pooled.setdefault(_pool_key(b, null_pool), []).append(scr[keep].ravel())
+    return {k: NullDistribution(np.concatenate(v)) for k, v in pooled.items()}
+
+
+def _star_table(stars, lc):
+    """Per-star ra/dec/mags from ``stars`` or from per-star columns of ``lc``."""
+    if stars is not None:
+        check_columns(stars, ("star_id",), "star table")
+        return stars.drop_duplicates("star_id").set_index("star_id")
+    cols = [c for c in ("ra", "dec", *MAG_COLUMNS) if c in lc.columns]
+    if not cols:
+        return None
+    return lc.groupby("star_id")[cols].first()
+
+
+def _mag_column(star_tab, mag_column):
+    if star_tab is None:
+        return None
+    if mag_column is not None:
+        if mag_column not in star_tab.columns:
+            raise EventSearchError(f"star table: no magnitude column {mag_column!r} (got {list(star_tab.columns)})")
+        return mag_column
+    for c in MAG_COLUMNS:
+        if c in star_tab.columns:
+            return c
+    return None
+
+
+def _sep_arcsec(ra1, dec1, ra2, dec2):
+    """Angular separation (haversine), degrees in, arcsec out."""
+    r1, d1, r2, d2 = map(np.radians, (ra1, dec1, ra2, dec2))
+    a = np.sin((d2 - d1) / 2) ** 2 + np.cos(d1) * np.cos(d2) * np.sin((r2 - r1) / 2) ** 2
+    return np.degrees(2 * np.arcsin(np.sqrt(np.clip(a, 0, 1)))) * 3600.0
+
+
+def search(lc: pd.DataFrame, stars: pd.DataFrame | None = None, flashes: pd.DataFrame | None = None, *,
+           widths=DEFAULT_WIDTHS, sign: str = "positive", bad_flag_mask: int | None = None,
+           rescale_errors: bool = True, n_scrambles: int = 20, false_alarm_rate: float = 1e-4,
+           pre_false_alarm_rate: float = 1e-2, null=None, null_pool: str = "night", seed: int = 0,
+           fit: bool = True, fit_blend: bool = False, supersample: int = 3, max_fits: int = 2000,
+           only_star_ids=None, common_mode_fraction: float = 0.1, common_mode_dchi2: float = 9.0,
+           common_mode_min_stars: int = 3, neighbour_radius_arcsec: float = 10.0, neighbour_dchi2: float = 9.0,
+           flash_radius_arcsec: float = 2.0, flash_window_s: float = 1.0, mag_column: str | None = None,
+           null_exclude_sigma: float = 10.0, n_workers: int = 1) -> SearchResult:
+    """Search light curves for microlensing events and flares.
+
+    Parameters
+    ----------
+    lc : pandas.DataFrame
+        Long light-curve table: ``star_id, expnum, sample, mjd, norm_flux,
+        norm_flux_err`` and optionally ``night, ccd, flags`` (and per-star
+        ``ra, dec, r, ...`` if ``stars`` is not given).
+    stars : pandas.DataFrame, optional
+        ``star_id, ra, dec`` and magnitudes (``r``, ``g``, ...): copied to the
+        candidates and used by the neighbour veto.
+    flashes : pandas.DataFrame, optional
+        ``ra, dec, mjd`` (or ``t_mjd``) of flashes found on the images.
+    widths : sequence of int
+        Boxcar widths (samples) of the scan.
+    sign : {"positive", "negative", "both"}
+        Excursions searched (``"both"`` also finds dips, e.g. to see
+        common-mode dimming).
+    bad_flag_mask : int, optional
+        Flag bits that exclude a sample (default
+        :func:`~.series.default_bad_flag_mask`).
+    rescale_errors : bool
+        Robust per-star-night error rescaling (see :func:`~.series.build_blocks`).
+    n_scrambles : int
+        Scrambled copies per star-night for the null distribution.
+    false_alarm_rate : float
+        Target false-alarm probability per star-night (threshold).
+    pre_false_alarm_rate : float
+        Star-nights with a false-alarm probability below this are fitted and
+        reported (with ``above_threshold`` False if above the threshold).
+    null : NullDistribution or dict, optional
+        Pre-computed null distribution(s) (skip the scrambling; used by the
+        injection-recovery runs).
+    null_pool : {"night", "block", "all"}
+        How scrambled statistics are pooled.
+    seed : int
+        Seed of the scrambling.
+    fit : bool
+        Fit the candidates (else only scan statistics).
+    fit_blend : bool
+        Fit the source flux fraction of the microlensing model.
+    supersample : int
+        Sub-steps per sample in the model integration over the sample exposure.
+    max_fits : int
+        At most this many candidates are fitted (most significant first).
+    only_star_ids : array_like, optional
+        Report candidates of these stars only (all stars are still scanned,
+        which the common-mode and neighbour vetoes need).
+    common_mode_fraction, common_mode_dchi2, common_mode_min_stars
+        Common-mode veto: more than this fraction (and at least this number) of
+        the other stars of the CCD with data in the candidate's window show an
+        excursion of the same sign with Delta-chi2 above ``common_mode_dchi2``.
+    neighbour_radius_arcsec, neighbour_dchi2
+        Bright-neighbour veto: a brighter star within this radius with an
+        excursion of the same sign above ``neighbour_dchi2`` in the same window.
+    flash_radius_arcsec, flash_window_s
+        Flash veto: a flash within this radius and within the window ± this time.
+    mag_column : str, optional
+        Magnitude used for "brighter" (default: the first of r, g, vr, mag, i, z).
+    null_exclude_sigma : float
+        Star-nights whose scrambles are outliers among the block's stars (real
+        events, strong variables, outlier-ridden series; see
+        ``_null_members``) are left out of the pooled null; they are still
+        searched (column ``in_null`` of ``star_nights``).
+    n_workers : int
+        Threads for the scrambling.
+
+    Returns
+    -------
+    SearchResult
+        ``candidates`` columns: ``star_id, night, ccd, ra, dec, <mags>,
+        statistic`` (best boxcar Delta-chi2; the false-alarm probability and
+        the threshold refer to it), ``scramble_p`` (fraction of the
+        star-night's own scrambles reaching its statistic: small for a
+        temporally coherent signal, ~1 for a single-sample spike, which
+        timing alone cannot tell from an outlier), ``false_alarm_prob, above_threshold, threshold, sign,
+        width_samples, window_start_mjd, window_end_mjd, n_fit, model,
+        delta_chi2, delta_chi2_microlensing, delta_chi2_flare, t0_mjd,
+        t0_err_s, te_s, te_err_s, u0, u0_err, rho, rho_err, fs, fs_err,
+        peak_magnification, flare_t0_mjd, flare_t0_err_s, flare_amplitude,
+        flare_amplitude_err, rise_s, rise_err_s, decay_s, decay_err_s, vetoes,
+        veto_reasons``.
+    """
+    blocks = build_blocks(lc, bad_flag_mask=bad_flag_mask, rescale_errors=rescale_errors)
+    if not blocks:
+        raise EventSearchError("light-curve table: no rows to search")
+    star_tab = _star_table(stars, lc)
+    mcol = _mag_column(star_tab, mag_column)
+    if flashes is not None and len(flashes):
+        tcol = "mjd" if "mjd" in flashes.columns else "t_mjd"
+        check_columns(flashes, ("ra", "dec", tcol), "flash table")
+        fl = flashes[["ra", "dec", tcol]].to_numpy(float)
+    else:
+        fl = np.zeros((0, 3))
+    only = None if only_star_ids is None else np.asarray(list(only_star_ids))
+
+    # pass 1: scan, scrambles, standardisation (and the pooled null if not given)
+    scans, pooled = [], {}
+    for i, block in enumerate(blocks):
+        sc = scan_block(block, widths=widths, sign=sign)
+        has = block.valid.any(axis=1)
+        rows_mask = has if (null is None or only is None) else has & np.isin(block.star_id, only)
+        rows = np.flatnonzero(rows_mask)
+        scr_p = np.full(block.n_stars, np.nan)
+        in_null = np.zeros(block.n_stars, bool)
+        if len(rows):
+            scr = _scrambled(block, i, rows, n_scrambles=n_scrambles, seed=seed, widths=widths, sign=sign,
+                             n_workers=n_workers)
+            # own-scramble p-value: is the time ordering itself significant? (~1 for 1-sample spikes)
+            scr_p[rows] = ((scr >= sc.statistic[rows, None]).sum(axis=1) + 1.0) / (n_scrambles + 1.0)
+            keep = _null_members(scr, null_exclude_sigma)
+            in_null[rows[keep]] = True
+            if null is None:
+                pooled.setdefault(_pool_key(block, null_pool), []).append(scr[keep].ravel())
+        scans.append((block, sc, scr_p, in_null))
+    if null is None:
+        null = {k: NullDistribution(np.concatenate(v)) for k, v in pooled.items()}
+
+    # pass 2: false-alarm probabilities, candidates, vetoes, fits
+    thresholds = {}
+    sn_rows, cand_rows = [], []
+    for block, sc, scr_p, in_null in scans:
+        key = _pool_key(block, null_pool) if isinstance(null, dict) else "all"
+        nd = null[key] if isinstance(null, dict) else null
+        thr = nd.threshold(false_alarm_rate)
+        pre = min(nd.threshold(pre_false_alarm_rate), thr)
+        thresholds[key] = thr
+        z = sc.statistic
+        fap = nd.false_alarm_probability(z)
+        n_valid = block.valid.sum(axis=1)
+        sn_rows.append(pd.DataFrame({
+            "star_id": block.star_id, "night": block.night, "ccd": block.ccd, "n_samples": n_valid,
+            "statistic": sc.statistic, "scramble_p": scr_p, "width": sc.width,
+            "start": sc.start, "sign": sc.sign, "false_alarm_prob": fap, "in_null": in_null,
+        }))
+        sel = (z >= pre) & (n_valid > 0)
+        if only is not None:
+            sel &= np.isin(block.star_id, only)
+        idx = np.flatnonzero(sel)
+        idx = idx[np.argsort(-z[idx])]
+        cand_rows.extend(_block_candidates(
+            block, sc, scr_p, idx, fap, thr, star_tab, mcol, fl, fit=fit, fit_blend=fit_blend,
+            supersample=supersample, max_fits=max_fits - len(cand_rows),
+            common_mode=(common_mode_fraction, common_mode_dchi2, common_mode_min_stars),
+            neighbour=(neighbour_radius_arcsec, neighbour_dchi2), flash=(flash_radius_arcsec, flash_window_s)))
+    star_nights = pd.concat(sn_rows, ignore_index=True)
+    cands = pd.DataFrame(cand_rows)
+    if cands.empty:
+        cands = pd.DataFrame(columns=["star_id", "night", "ccd", "statistic", "false_alarm_prob",
+                                      "above_threshold", "vetoes", "veto_reasons", "model"])
+    else:
+        cands = cands.sort_values("statistic", ascending=False, ignore_index=True)
+    nulls = null if isinstance(null, dict) else {"all": null}
+    log.info("event search: %d star-nights, %d candidates, %d above threshold", len(star_nights), len(cands),
+             int(cands["above_threshold"].sum()) if len(cands) else 0)
+    return SearchResult(candidates=cands, star_nights=star_nights, null=nulls, thresholds=thresholds,
+                        false_alarm_rate=false_alarm_rate)
+
+
+def _block_candidates(block, sc, scr_p, idx, fap, thr, star_tab, mcol, fl, *, fit, fit_blend, supersample, max_fits,
+                      common_mode, neighbour, flash):
+    rows = []
+    if len(idx) == 0:
+        return rows
+    if len(idx) > max(max_fits, 0):
+        log.warning("night=%s ccd=%s: %d candidates above the pre-threshold, fitting the %d most significant",
+                    block.night, block.ccd, len(idx), max(max_fits, 0))
+        idx = idx[: max(max_fits, 0)]
+    sample_s = block.sample_duration_s()
+    grid_mjd = block.grid_mjd
+    cm_frac, cm_dchi2, cm_min = common_mode
+    nb_radius, nb_dchi2 = neighbour
+    fl_radius, fl_window = flash
+    window_cache = {}
+    have_pos = star_tab is not None and {"ra", "dec"} <= set(star_tab.columns)
+    if have_pos:
+        pos = star_tab.reindex(block.star_id)
+        ra_all, dec_all = pos["ra"].to_numpy(float), pos["dec"].to_numpy(float)
+        mag_all = pos[mcol].to_numpy(float) if mcol else np.full(block.n_stars, np.nan)
+    for i in idx:
+        j0, width, sg = int(sc.start[i]), int(sc.width[i]), int(sc.sign[i])
+        sid = block.star_id[i]
+        row = {"star_id": sid, "night": block.night, "ccd": block.ccd}
+        if star_tab is not None and sid in star_tab.index:
+            for c in star_tab.columns:
+                row[c] = star_tab.at[sid, c]
+        win_idx = np.arange(j0, j0 + width)
+        wm = block.mjd[i, win_idx]
+        wm = wm[np.isfinite(wm)]
+        if wm.size == 0:
+            wm = grid_mjd[win_idx][np.isfinite(grid_mjd[win_idx])]
+        t_lo, t_hi = float(wm.min()), float(wm.max())
+        row.update({
+            "statistic": float(sc.statistic[i]), "false_alarm_prob": float(fap[i]),
+            "above_threshold": bool(sc.statistic[i] >= thr), "threshold": thr, "scramble_p": float(scr_p[i]),
+            "sign": sg,
+            "width_samples": width, "window_start_mjd": t_lo, "window_end_mjd": t_hi,
+            "window_amplitude": float(sc.amplitude[i]),
+        })
+        # ---- vetoes
+        vet = 0
+        lo_k, hi_k = max(j0 - 1, 0), min(j0 + width + 1, block.n_grid)
+        if np.any(block.flags[i, lo_k:hi_k][block.present[i, lo_k:hi_k]] != 0):
+            vet |= VETO_FLAGGED
+        wkey = (j0, width)
+        if wkey not in window_cache:
+            window_cache[wkey] = window_statistic(block, j0, width)
+        d_all, s_all, has = window_cache[wkey]
+        exc = has & (d_all >= cm_dchi2) & (np.sign(s_all) == sg)
+        exc_other = exc.copy()
+        exc_other[i] = False
+        n_other = int(has.sum()) - int(has[i])
+        n_exc = int(exc_other.sum())
+        row["common_mode_fraction"] = n_exc / n_other if n_other > 0 else 0.0
+        if n_other > 0 and n_exc >= cm_min and n_exc > cm_frac * n_other:
+            vet |= VETO_COMMON_MODE
+        if have_pos and np.isfinite(ra_all[i]):
+            sep = _sep_arcsec(ra_all[i], dec_all[i], ra_all, dec_all)
+            near = (sep <= nb_radius) & (np.arange(block.n_stars) != i)
+            brighter = mag_all < mag_all[i] if np.isfinite(mag_all[i]) else np.zeros(block.n_stars, bool)
+            if np.any(near & brighter & exc):
+                vet |= VETO_NEIGHBOUR
+            if len(fl):
+                dt_ok = (fl[:, 2] >= t_lo - fl_window / SECONDS_PER_DAY) & (fl[:, 2] <= t_hi + fl_window / SECONDS_PER_DAY)
+                if np.any(dt_ok):
+                    fsep = _sep_arcsec(ra_all[i], dec_all[i], fl[dt_ok, 0], fl[dt_ok, 1])
+                    if np.any(fsep <= fl_radius):
+                        vet |= VETO_FLASH
+        row["vetoes"] = vet
+        row["veto_reasons"] = veto_names(vet)
+        # ---- fits
+        if fit and not (vet & VETO_COMMON_MODE):
+            row.update(_fit_one(block, i, t_lo, t_hi, sc.amplitude[i] * sg, sample_s, supersample, fit_blend))
+        else:
+            row["model"] = "none"
+        rows.append(row)
+    return rows
+
+
+def _fit_one(block, i, t_lo, t_hi, amp, sample_s, supersample, fit_blend):
+    mjd, y, err, _flags, _valid, _idx = block.star_series(i)
+    dur_s = (t_hi - t_lo) * SECONDS_PER_DAY + sample_s
+    pad = max(2.0 * dur_s, 30.0) / SECONDS_PER_DAY
+    m = (mjd >= t_lo - pad) & (mjd <= t_hi + pad)
+    if m.sum() < 8:
+        m = np.ones_like(mjd, bool)
+    t_ref = 0.5 * (t_lo + t_hi)
+    t_s = (mjd[m] - t_ref) * SECONDS_PER_DAY
+    yy, ee = y[m], err[m]
+    out = {"n_fit": int(m.sum())}
+    kw = dict(t_guess=0.0, duration_guess=dur_s, excess_guess=max(float(amp), 1e-4), sample_s=sample_s,
+              supersample=supersample)
+    ml = fit_microlensing(t_s, yy, ee, fit_blend=fit_blend, **kw)
+    fr = fit_flare(t_s, yy, ee, **kw)
+    out["delta_chi2_microlensing"] = ml.delta_chi2 if ml.params else np.nan
+    out["delta_chi2_flare"] = fr.delta_chi2 if fr.params else np.nan
+    if ml.params:
+        p, e = ml.params, ml.errors
+        out.update({"t0_mjd": t_ref + p["t0_s"] / SECONDS_PER_DAY, "t0_err_s": e["t0_s"], "te_s": p["te_s"],
+                    "te_err_s": e["te_s"], "u0": p["u0"], "u0_err": e["u0"], "rho": p["rho"], "rho_err": e["rho"],
+                    "fs": p["fs"], "fs_err": e["fs"], "base": p["base"], "peak_magnification": p["peak_magnification"]})
+    if fr.params:
+        p, e = fr.params, fr.errors
+        out.update({"flare_t0_mjd": t_ref + p["t0_s"] / SECONDS_PER_DAY, "flare_t0_err_s": e["t0_s"],
+                    "flare_amplitude": p["amplitude"], "flare_amplitude_err": e["amplitude"], "rise_s": p["rise_s"],
+                    "rise_err_s": e["rise_s"], "decay_s": p["decay_s"], "decay_err_s": e["decay_s"]})
+    dml = out["delta_chi2_microlensing"]
+    dfl = out["delta_chi2_flare"]
+    if np.isnan(dml) and np.isnan(dfl):
+        out["model"] = "none"
+        out["delta_chi2"] = np.nan
+    elif np.isnan(dfl) or (not np.isnan(dml) and dml >= dfl):
+        out["model"] = "microlensing"
+        out["delta_chi2"] = dml
+    else:
+        out["model"] = "flare"
+        out["delta_chi2"] = dfl
+    return out
+
+
+# ------------------------------------------------------------------------ store
+def _read_store(store, nights=None) -> pd.DataFrame:
+    """The ``lightcurves`` table of a run's Parquet store (hive-partitioned by night/expnum)."""
+    import pyarrow.dataset as ds
+
+    root = Path(store)
+    for cand in (root / "store" / "lightcurves", root / "lightcurves", root):
+        if cand.is_dir() and any(cand.rglob("*.parquet")):
+            root = cand
+            break
+    else:
+        raise EventSearchError(f"{store}: no light-curve Parquet files found (expected STORE/store/lightcurves/)")
+    dset = ds.dataset(str(root), format="parquet", partitioning="hive")
+    filt = None
+    if nights:
+        filt = ds.field("night").isin([str(n) for n in nights])
+    df = dset.to_table(filter=filt).to_pandas()
+    for c in ("night", "ccd"):
+        if c in df.columns and isinstance(df[c].dtype, pd.CategoricalDtype):
+            df[c] = df[c].astype(str)
+    return df
+
+
+def _optional_table(paths):
+    for p in paths:
+        p = Path(p)
+        if p.is_file():
+            return pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_csv(p)
+    return None
+
+
+def search_store(store, nights=None, out_dir=None, *, stars=None, flashes=None, plots: int = 20,
+                 **kwargs) -> SearchResult:
+    """Run :func:`search` on a run's light-curve store and write the report.
+
+    Parameters
+    ----------
+    store : path
+        Output folder of ``pydriftn run`` (or its ``store/`` folder).
+    nights : list of str, optional
+        Restrict to these nights.
+    out_dir : path, optional
+        Report folder (default ``STORE/search``): ``candidates.parquet``,
+        ``candidates.csv``, ``star_nights.parquet`` and PNG plots of the
+        ``plots`` most significant unvetoed candidates.
+    stars, flashes : pandas.DataFrame, optional
+        Default: ``STORE/catalogue.parquet`` / ``STORE/flashes.parquet`` if present.
+    **kwargs
+        Passed to :func:`search`.
+    """
+    store = Path(store)
+    lc = _read_store(store, nights)
+    if stars is None:
+        stars = _optional_table([store / "catalogue.parquet", store / "master_catalogue.parquet",
+                                 store / "catalogue.csv"])
+    if flashes is None:
+        flashes = _optional_table([store / "flashes.parquet", store / "classify" / "flashes.parquet"])
+    res = search(lc, stars=stars, flashes=flashes, **kwargs)
+    out = Path(out_dir) if out_dir is not None else store / "search"
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    p = out / "candidates.parquet"
+    res.candidates.to_parquet(p, index=False)
+    files.append(p)
+    p = out / "candidates.csv"
+    res.candidates.to_csv(p, index=False)
+    files.append(p)
+    p = out / "star_nights.parquet"
+    res.star_nights.to_parquet(p, index=False)
+    files.append(p)
+    if plots:
+        from .plot import plot_candidate
+
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        for _, cand in res.detections.head(plots).iterrows():
+            fig, ax = plt.subplots(figsize=(9, 3.5))
+            plot_candidate(lc, cand, ax=ax)
+            p = out / f"candidate_{cand['night']}_{cand['ccd']}_{cand['star_id']}.png"
+            fig.savefig(p, dpi=100, bbox_inches="tight")
+            plt.close(fig)
+            files.append(p)
+    res.files = files
+    return res
