@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import CatalogueError, ConfigError, InputFileError
-from .flags import SourceFlag
+from .flags import CATALOGUE_FLAGS, SourceFlag
 from .gaia import mjd_to_julian_year, propagate_to_epoch, query_gaia_tap, read_gaia_file
 from .images import PointedCCD, list_ccds, read_pointed_ccd
 from .matching import anchor_to_gaia, mutual_match, tangent_plane, from_tangent_plane
@@ -66,7 +66,7 @@ DEFAULT_KNOBS = {
 }
 
 #: anchoring uses sources with none of these flags and S/N above this
-_ANCHOR_BAD = SourceFlag.SATURATED | SourceFlag.BLENDED | SourceFlag.MASKED | SourceFlag.NEAR_SATURATED | SourceFlag.CENTROID_FALLBACK
+_ANCHOR_BAD = SourceFlag.SATURATED | SourceFlag.BLENDED | SourceFlag.MASKED_PIXELS
 _ANCHOR_MIN_SNR = 20.0
 
 _BAND_COLS = ["x", "y", "flux", "flux_err", "mag", "mag_err", "snr", "fwhm_px", "ellipticity", "flags"]
@@ -74,7 +74,7 @@ _BAND_COLS = ["x", "y", "flux", "flux_err", "mag", "mag_err", "snr", "fwhm_px", 
 CATALOGUE_COLUMNS = (
     ["star_id", "ccd", "ra", "dec", "ra_err_arcsec", "dec_err_arcsec"]
     + [f"{c}_{b}" for b in ("g", "r") for c in _BAND_COLS]
-    + ["g_r", "fwhm_arcsec", "ellipticity", "nn_dist_arcsec", "flags", "n_bands", "is_reference",
+    + ["g_r", "fwhm_arcsec", "ellipticity", "nn_dist_arcsec", "flags", "centroid_fallback", "n_bands", "is_reference",
        "gaia_source_id", "gaia_sep_arcsec", "gaia_gmag"]
 )
 
@@ -154,7 +154,8 @@ def _measure_band(im: PointedCCD, band, gaia, knobs, opts):
     if gaia is not None and len(gaia):
         epoch = mjd_to_julian_year(im.mjd) if np.isfinite(im.mjd) else 2016.0
         gp = propagate_to_epoch(gaia, epoch)
-        good = ((src["flags"].to_numpy() & int(_ANCHOR_BAD)) == 0) & (src["snr"].to_numpy() >= _ANCHOR_MIN_SNR)
+        good = (((src["flags"].to_numpy() & int(_ANCHOR_BAD)) == 0) & ~src["centroid_fallback"].to_numpy()
+                & (src["snr"].to_numpy() >= _ANCHOR_MIN_SNR))
         ra2, dec2, am = anchor_to_gaia(
             src["x"], src["y"], good, im.wcs, gp["ra"].to_numpy(), gp["dec"].to_numpy(),
             pixscale_arcsec=im.pixscale_arcsec, shape=im.data.shape,
@@ -218,6 +219,11 @@ def _merge_bands(sg, sr, ra0, dec0, radius_arcsec):
     ra, dec = from_tangent_plane(xi, eta, ra0, dec0)
     err = 1.0 / np.sqrt(wsum)
     tab = pd.DataFrame(out)
+    cf = np.zeros(len(rows_g), bool)
+    for s, rows in ((sg, rows_g), (sr, rows_r)):
+        has = rows >= 0
+        cf[has] |= s["centroid_fallback"].to_numpy(bool)[rows[has]]
+    tab["centroid_fallback"] = cf
     tab.insert(0, "ra", ra)
     tab.insert(1, "dec", dec)
     tab.insert(2, "ra_err_arcsec", err)
@@ -342,14 +348,10 @@ def _jsonable(obj):
 
 
 def _write_atomic(path, writer):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    from ..io import atomic_path
+
+    with atomic_path(Path(path)) as tmp:
         writer(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def write_catalogue(cat, out_dir, *, write_csv=True):
@@ -490,7 +492,8 @@ def build_catalogue(g_path, r_path, ccds=None, out_dir=None, gaia=None, *, confi
         "photometry": photometry,
         "flux_unit": "e- (total, aperture-corrected)",
         "mag_definition": "-2.5 log10(flux / exptime), instrumental (e-/s)",
-        "flags": {f.name: int(f) for f in SourceFlag},
+        "flags": {f.name: int(f) for f in SourceFlag if f & CATALOGUE_FLAGS},
+        "flags_registry": "pydriftn.flags.SampleFlag",
         "knobs": {k: v for k, v in kn.items()},
         "ccds": metas,
         "skipped_ccds": skipped,

@@ -1,38 +1,37 @@
-"""Per-source quality flags of the reference catalogue.
+"""Quality flags of the reference catalogue — bits of the project registry.
 
-``pydriftn.flags`` (the project-wide pixel bitmask) is being written by
-another engineer; these *source* flags describe a detection, not a pixel, so
-they live here. They are OR-ed over the g and r measurements of a star in the
-combined catalogue (``flags`` column, plus ``flags_g`` and ``flags_r``).
+The ``flags`` columns (``flags_g``, ``flags_r`` and their OR ``flags``) use
+:class:`pydriftn.flags.SampleFlag`, the single registry of table flags:
+
+``SATURATED``
+    a pixel of the source is at/above its amplifier's saturation level or
+    flagged SATURATED/BLEED in the dq mask;
+``NEAR_EDGE``
+    the photometric aperture reaches the CCD edge;
+``BLENDED``
+    another detection lies within ``blend_radius_fwhm`` PSF sizes, the source
+    was deblended from a larger one, or it lies in the halo/bleed of a
+    saturated star;
+``MASKED_PIXELS``
+    a dq-masked (bad, cosmic ray, ...) or non-finite pixel is in the aperture.
+
+The catalogue has no bit of its own: a failed windowed centroid (the
+isophotal barycentre is used) is the boolean column ``centroid_fallback``.
 """
 
 from __future__ import annotations
 
-import enum
+from ..flags import SampleFlag, decode_flags
 
-__all__ = ["SourceFlag", "flag_names"]
+__all__ = ["SourceFlag", "CATALOGUE_FLAGS", "flag_names"]
 
+#: the registry the catalogue's ``flags`` columns use
+SourceFlag = SampleFlag
 
-class SourceFlag(enum.IntFlag):
-    """Bits of the ``flags`` columns of the catalogue."""
-
-    #: a pixel of the source is above the amplifier's saturation level, or
-    #: flagged SATURATED / BLEED in the dq mask
-    SATURATED = 1
-    #: the photometric aperture (or the centroid window) reaches the CCD edge
-    NEAR_EDGE = 2
-    #: another detection lies within ``blend_radius_fwhm`` FWHM, or the source
-    #: was deblended from a larger one
-    BLENDED = 4
-    #: a dq-masked (bad, cosmic ray, ...) or non-finite pixel lies in the aperture
-    MASKED = 8
-    #: the windowed centroid failed and the isophotal barycentre is used
-    CENTROID_FALLBACK = 16
-    #: detection lies in the wings or bleed trail of a saturated star
-    NEAR_SATURATED = 32
+#: the bits the catalogue sets
+CATALOGUE_FLAGS = SampleFlag.SATURATED | SampleFlag.NEAR_EDGE | SampleFlag.BLENDED | SampleFlag.MASKED_PIXELS
 
 
 def flag_names(value: int) -> str:
     """Human-readable ``|``-joined names of the bits set in ``value``."""
-    value = int(value)
-    return "|".join(f.name for f in SourceFlag if value & f) or ""
+    return "|".join(decode_flags(int(value), SampleFlag))

@@ -333,7 +333,10 @@ def measure_sources(
         One row per kept detection: ``x, y`` (0-based, windowed), ``pos_err_px``,
         ``flux, flux_err`` (e-, total), ``mag, mag_err`` (instrumental,
         ``-2.5 log10(flux / exptime)``), ``snr``, ``fwhm_px``, ``ellipticity``,
-        ``theta_rad``, ``peak_adu``, ``nn_dist_px``, ``flags``.
+        ``theta_rad``, ``peak_adu``, ``nn_dist_px``, ``flags``
+        (:class:`pydriftn.flags.SampleFlag` bits, see :mod:`.flags`),
+        ``centroid_fallback`` (the windowed centroid failed; isophotal
+        barycentre used).
     meta : dict
         ``fwhm_px`` (image), ``aperture_radius_px``, ``apcorr``,
         ``apcorr_err``, ``apcorr_nstars``, ``moffat_alpha_px``,
@@ -492,15 +495,14 @@ def measure_sources(
     flags[obj_sat] |= SourceFlag.SATURATED
     flags[(edge_dist < r_ap + 1.0) | ((np.asarray(aflag) & sep.APER_TRUNC) != 0)] |= SourceFlag.NEAR_EDGE
     flags[(nn < opt.blend_radius_fwhm * fwhm_img) | ((objs["flag"] & sep.OBJ_MERGED) != 0)] |= SourceFlag.BLENDED
-    flags[np.asarray(nbad) > 0] |= SourceFlag.MASKED
-    flags[fallback] |= SourceFlag.CENTROID_FALLBACK
+    flags[np.asarray(nbad) > 0] |= SourceFlag.MASKED_PIXELS
 
     # --- aperture correction from the curve of growth of bright isolated stars
     snr_ap = np.where(e_ap > 0, f_ap / e_ap, 0.0)
     r_in = opt.growth_inner_fwhm * fwhm_img
     r_out = opt.growth_outer_fwhm * fwhm_img
     iso = nn > r_in + 1.0 * fwhm_img
-    cog_sel = (flags == 0) & iso & (snr_ap > opt.apcorr_min_snr) & (edge_dist > r_out + 2)
+    cog_sel = (flags == 0) & ~fallback & iso & (snr_ap > opt.apcorr_min_snr) & (edge_dist > r_out + 2)
     if cog_sel.sum() > opt.max_apcorr_stars:  # the brightest ones
         keep_idx = np.flatnonzero(cog_sel)[np.argsort(-f_ap[cog_sel], kind="stable")[: opt.max_apcorr_stars]]
         cog_sel = np.zeros(n_det, bool)
@@ -568,7 +570,7 @@ def measure_sources(
         for i, rr in zip(sat_stars, reach):
             near = np.hypot(x - x[i], y - y[i]) < rr
             near[i] = False
-            flags[near] |= SourceFlag.NEAR_SATURATED
+            flags[near] |= SourceFlag.BLENDED  # in the halo / bleed of a saturated star
 
     meta = {
         "fwhm_px": fwhm_img,
@@ -598,7 +600,7 @@ def measure_sources(
             "x": x, "y": y, "pos_err_px": pos_err,
             "flux": flux, "flux_err": flux_err, "mag": mag, "mag_err": mag_err, "snr": snr,
             "fwhm_px": fwhm_src, "ellipticity": ellip, "theta_rad": objs["theta"].astype(float),
-            "peak_adu": peak, "nn_dist_px": nn, "flags": flags,
+            "peak_adu": peak, "nn_dist_px": nn, "flags": flags, "centroid_fallback": fallback,
         }
     )[keep].reset_index(drop=True)
     # recompute neighbour distance among kept sources (dropped junk is not a neighbour)

@@ -75,8 +75,9 @@ def select_reference_stars(
     ell = table["ellipticity"].to_numpy(float)
     iso = table["nn_dist_arcsec"].to_numpy(float)
     mx, my = edge_crit * nx, edge_crit * ny
+    fallback = table["centroid_fallback"].to_numpy(bool) if "centroid_fallback" in table else np.zeros(n, bool)
     cand = (
-        np.isfinite(x) & np.isfinite(flux) & (flags == 0) & (snr >= min_snr)
+        np.isfinite(x) & np.isfinite(flux) & (flags == 0) & ~fallback & (snr >= min_snr)
         & (x >= mx) & (x <= nx - 1 - mx) & (y >= my) & (y <= ny - 1 - my)
     )
     idx = np.flatnonzero(cand)
@@ -120,7 +121,6 @@ def save_stamp_grid(image, xs, ys, labels, path, *, half_size=12, title=None):
     half_size : int
         Stamp half-width in pixels.
     """
-    import os
     from pathlib import Path
 
     import matplotlib
@@ -153,8 +153,9 @@ def save_stamp_grid(image, xs, ys, labels, path, *, half_size=12, title=None):
         ax.set_yticks([])
     if title:
         fig.suptitle(title, fontsize=9)
+    from ..io import atomic_path
+
     path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=80)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
     return path
