@@ -5,7 +5,7 @@ See ``docs/DESIGN.md`` ("Simulated data layout") for files and columns.
 """
 
 from .config import PRESETS, SimulationConfig, make_config
-from .dataset import SimulatedDataset, exposure_schedule, simulate_dataset
+from .dataset import SimulatedDataset, exposure_schedule, load_dataset, simulate_dataset
 from .psf import moffat_mog, render_moving_sources
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "SimulationConfig",
     "SimulatedDataset",
     "exposure_schedule",
+    "load_dataset",
     "make_config",
     "moffat_mog",
     "render_moving_sources",

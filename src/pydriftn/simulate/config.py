@@ -285,6 +285,17 @@ class SimulationConfig:
 
 
 PRESETS = {
+    "tiny": dict(
+        preset="tiny",
+        ccds=("S4",),
+        naxis1=256,
+        naxis2=512,
+        n_exposures=2,
+        n_stars_per_ccd=100,
+        events_per_ccd=2,
+        flashes_per_ccd_exposure=1,
+        store_all_lightcurves=True,
+    ),
     "small": dict(
         preset="small",
         ccds=("S4", "N4"),
@@ -310,6 +321,9 @@ PRESETS = {
     ),
 }
 
+#: Accepted alternative names of config fields (e.g. CLI spellings).
+ALIASES = {"stars_per_ccd": "n_stars_per_ccd", "drift_rate": "drift_rate_arcsec_s", "nights": "n_nights"}
+
 _TUPLE_FIELDS = {f.name for f in dataclasses.fields(SimulationConfig) if isinstance(f.default, tuple)}
 
 
@@ -318,11 +332,12 @@ def make_config(preset="small", **overrides):
 
     Parameters
     ----------
-    preset : {'small', 'full'}
+    preset : {'tiny', 'small', 'full'} or SimulationConfig
     **overrides
         Any field of :class:`SimulationConfig`. ``ccds`` may be a string
         ``"S4,N4"``; ``drift_rate_arcsec_s`` a string ``"E,N"`` or a pair.
-        ``None`` values are ignored (convenient for CLI options).
+        ``None`` values are ignored (convenient for CLI options). Aliases:
+        ``stars_per_ccd``, ``drift_rate``, ``nights``.
 
     Raises
     ------
@@ -331,6 +346,8 @@ def make_config(preset="small", **overrides):
     """
     if isinstance(preset, SimulationConfig):
         base = dataclasses.asdict(preset)
+    elif isinstance(preset, dict):
+        base = dict(preset)
     else:
         if preset not in PRESETS:
             raise ConfigError(f"simulation preset {preset!r}: expected one of {sorted(PRESETS)}")
@@ -339,6 +356,7 @@ def make_config(preset="small", **overrides):
     for key, value in overrides.items():
         if value is None:
             continue
+        key = ALIASES.get(key, key)
         if key not in names:
             import difflib
 

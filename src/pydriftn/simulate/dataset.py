@@ -25,7 +25,7 @@ from .config import FILTER_NAMES, SimulationConfig, make_config
 from .field import CCDNUM, choose_events, gaia_reference, make_star_field, make_wcs
 from .render import render_drift_ccd, render_pointed_ccd
 
-__all__ = ["SimulatedDataset", "exposure_schedule", "simulate_dataset", "PROPID", "drift_image_name"]
+__all__ = ["SimulatedDataset", "exposure_schedule", "simulate_dataset", "load_dataset", "PROPID", "drift_image_name"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,28 @@ class SimulatedDataset:
     def read_truth(self, name):
         """Read one truth table as a DataFrame."""
         return pd.read_parquet(self.truth[name])
+
+    def summary_lines(self):
+        """Human-readable summary (for the CLI)."""
+        cfg = self.config
+        lines = [
+            f"preset {cfg.preset}, seed {self.seed}: {len(self.expnums)} drift exposures x {len(cfg.ccds)} CCDs "
+            f"({','.join(cfg.ccds)}, {cfg.naxis1}x{cfg.naxis2} px), EXPTIME {cfg.exptime_s:g} s, "
+            f"drift (E,N) = ({cfg.drift_rate[0]:g}, {cfg.drift_rate[1]:g}) arcsec/s",
+            f"drift images: {sorted({str(p.parent) for p in self.drift_images.values()})}",
+            f"pointed g, r: {self.out_dir / 'pointed'}",
+        ]
+        try:
+            n_ev = len(self.read_truth("events"))
+            n_fl = len(self.read_truth("flashes"))
+            n_sat = len(self.read_truth("satellites"))
+            n_tr = len(self.read_truth("trails"))
+            lines.append(f"truth: {n_tr} trails, {n_ev} microlensing events, {n_fl} flashes, {n_sat} satellites "
+                         f"in {self.out_dir / 'truth'}")
+        except (OSError, KeyError):  # pragma: no cover - partial dataset
+            pass
+        lines.append(f"Gaia-like reference: {self.gaia_reference}")
+        return lines
 
 
 def exposure_schedule(cfg):
@@ -320,4 +342,43 @@ def simulate_dataset(out_dir, preset="small", seed=0, **overrides):
     tmp.write_text(json.dumps(meta, indent=2, default=str))
     os.replace(tmp, ds.simulation_json)
     log.info("simulated %d drift exposures x %d CCDs into %s", len(sched), len(cfg.ccds), out)
+    return ds
+
+
+_TRUTH_NAMES = ("stars", "events", "trails", "pointed", "lightcurves", "common", "flashes", "satellites",
+                "cosmic_rays", "wcs")
+
+
+def load_dataset(out_dir):
+    """Re-open a dataset written by :func:`simulate_dataset` (from ``simulation.json``).
+
+    Raises
+    ------
+    FileMissingError
+        If ``simulation.json`` is not in ``out_dir``.
+    """
+    from ..errors import FileMissingError, InputFileError
+
+    out = Path(out_dir)
+    meta_path = out / "simulation.json"
+    if not meta_path.is_file():
+        raise FileMissingError("not a simulated dataset (simulation.json missing)", path=meta_path)
+    try:
+        meta = json.loads(meta_path.read_text())
+        cfg = make_config(meta["config"])
+    except (ValueError, KeyError) as exc:
+        raise InputFileError(f"cannot read the simulation parameters: {exc}", path=meta_path) from None
+    ds = SimulatedDataset(out_dir=out, config=cfg, seed=int(meta["seed"]))
+    for e in meta["exposures"]:
+        ds.expnums.append(int(e["expnum"]))
+        fz = bool(e.get("fz", False))
+        ds.drift_images[int(e["expnum"])] = out / e["dir"] / drift_image_name(e["expnum"], "image", fz)
+        ds.drift_masks[int(e["expnum"])] = out / e["dir"] / drift_image_name(e["expnum"], "dqmask", fz)
+    for band in ("g", "r"):
+        ds.pointed_images[band] = out / "pointed" / pointed_image_name(band, "image")
+        ds.pointed_masks[band] = out / "pointed" / pointed_image_name(band, "dqmask")
+    for name in _TRUTH_NAMES:
+        ds.truth[name] = out / "truth" / f"{name}.parquet"
+    ds.gaia_reference = out / "gaia_reference.csv"
+    ds.simulation_json = meta_path
     return ds
