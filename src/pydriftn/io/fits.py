@@ -215,6 +215,16 @@ def _find_hdu(hdul, ccd, path):
     for i, name, hdu in images:
         if name.upper() == want:
             return i, name, hdu
+    for i, hdu in enumerate(hdul):  # named, but not a 2-D image (empty HDU, table, cube)
+        if _hdu_name(hdu, i).upper() == want:
+            name = _hdu_name(hdu, i)
+            naxis = hdu.header.get("NAXIS", 0)
+            if getattr(hdu, "is_image", False):
+                dims = [hdu.header.get(f"NAXIS{k}") for k in range(1, naxis + 1)]
+                what = f"NAXIS = {naxis}" + (f", axes {dims}" if dims else ", no pixels")
+            else:
+                what = f"it is a {type(hdu).__name__}"
+            raise EmptyDataError(f"extension is not a 2-D image ({what})", path=path, extension=name)
     present = [n for _, n, _ in images]
     raise MissingExtensionError(
         f"extension {str(ccd).strip()!r} not found (image extensions present: "
