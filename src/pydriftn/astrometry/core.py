@@ -1,0 +1,858 @@
+"""Drift astrometry of one CCD of one exposure: trails → catalogue IDs → WCS.
+
+:func:`solve_exposure_ccd` runs the whole stage:
+
+1. trail geometry (direction, length, sense) from the header WCS, EXPTIME and
+   the drift-rate vector (:mod:`pydriftn.geometry`);
+2. bad pixels and cosmic rays from the dq mask, or from astroscrappy when no
+   mask is given;
+3. background (sep), matched-filter S/N map, satellite streaks and trail
+   candidates (:mod:`.detect`); sub-pixel trail fits (:mod:`.trailfit`),
+   including the PSF width measured on bright trails;
+4. matching to the catalogue with no good prior (offset voting over trial
+   rotations, then refinement with a magnitude-consistency term; :mod:`.match`);
+5. a first TAN(-SIP) fit of the shutter-open WCS (:mod:`.wcsfit`) from the
+   trail middles against the sky positions moved by half the drift;
+6. a joint fit of every catalogue star predicted on the CCD, seeded at the
+   predicted positions, where overlapping trails are separated by subtracting
+   a rendered model of their neighbours; the final WCS is fitted to these;
+7. candidates left unexplained by the catalogue model become UNMATCHED trails
+   (star_id -1): new, variable or transient sources for classification.
+
+:func:`predict_trails` gives start/end positions of all catalogue stars with
+a (fitted) WCS, for forced extraction of faint stars, with a TRUNCATED flag
+for trails crossing the CCD edge.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .. import geometry
+from ..errors import AstrometryError, MaskError
+from . import detect, trailfit
+from .flags import TrailFlag
+from .match import apply_affine, refine_matches, vote_transform
+from .wcsfit import fit_tan_sip
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "AstrometryResult",
+    "solve_exposure_ccd",
+    "predict_trails",
+    "resolve_mask",
+    "detect_cosmic_rays",
+    "write_astrometry_products",
+    "TRAIL_COLUMNS",
+]
+
+#: Columns of the trail table, in order.
+TRAIL_COLUMNS = [
+    "expnum", "ccd", "star_id", "ra", "dec", "x_start", "y_start", "x_end", "y_end", "x", "y",
+    "x_err", "y_err", "flux_adu", "flux_err_adu", "snr", "mag_cat", "matched", "match_sep_arcsec",
+    "flags", "n_cr_pixels", "n_cr_samples", "n_masked_pixels", "truncated", "blended", "in_wcs_fit",
+    "length_px", "length_err_px", "x_pred_start", "y_pred_start",
+]
+
+
+@dataclass
+class AstrometryResult:
+    """Result of :func:`solve_exposure_ccd`.
+
+    Attributes
+    ----------
+    trails : pandas.DataFrame
+        One row per detected trail (columns :data:`TRAIL_COLUMNS`).
+    wcs : astropy.wcs.WCS
+        Fitted WCS of the CCD at shutter open.
+    rms_arcsec : float
+        2-D rms residual of the stars used in the final WCS fit.
+    n_used : int
+        Stars used in the final WCS fit.
+    cr_mask : ndarray of bool
+        Cosmic-ray pixels (from the dq mask or astroscrappy).
+    bad_mask : ndarray of bool
+        All pixels ignored (bad, saturated, cosmic rays, streaks).
+    geometry : pydriftn.geometry.TrailGeometry
+        Trail geometry with the fitted WCS.
+    diagnostics : dict
+        Timings, counts, vote, zero point, PSF width, SIP order, streaks, ...
+    """
+
+    trails: pd.DataFrame
+    wcs: object
+    rms_arcsec: float
+    n_used: int
+    cr_mask: np.ndarray
+    bad_mask: np.ndarray
+    geometry: geometry.TrailGeometry
+    diagnostics: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def _info(image, name, default=None):
+    info = getattr(image, "info", None)
+    if info is not None:
+        val = getattr(info, name, None)
+        if val is not None:
+            return val
+    return default
+
+
+def _scalar(v, default):
+    """Reduce a per-amplifier value (dict / sequence / scalar) to one float."""
+    if v is None:
+        return default
+    if isinstance(v, dict):
+        vals = [float(x) for x in v.values() if x is not None]
+        return float(np.mean(vals)) if vals else default
+    if np.ndim(v) > 0:
+        return float(np.mean(np.asarray(v, float)))
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return default
+
+
+def _min_scalar(v, default):
+    if v is None:
+        return default
+    if isinstance(v, dict):
+        vals = [float(x) for x in v.values() if x is not None]
+        return float(np.min(vals)) if vals else default
+    if np.ndim(v) > 0:
+        return float(np.min(np.asarray(v, float)))
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return default
+
+
+def resolve_mask(mask, shape, *, bad_bits=None, cr_bits=None, where="dq mask"):
+    """Turn a dq mask into (bad, cosmic-ray) boolean images.
+
+    Parameters
+    ----------
+    mask : ndarray or None
+        Boolean (True = bad) or integer bitmask (decoded internal bits).
+    shape : (int, int)
+        Image shape the mask must have.
+    bad_bits, cr_bits : int, optional
+        Bits of an integer mask that mean "ignore this pixel" and "cosmic ray".
+        Default: any non-zero value is bad; no cosmic-ray bit.
+
+    Raises
+    ------
+    MaskError
+        Wrong shape, non-integer values, or NaN.
+    """
+    if mask is None:
+        return None, None
+    m = np.asarray(mask)
+    if m.shape != tuple(shape):
+        raise MaskError(f"{where}: shape {m.shape} does not match the image shape {tuple(shape)}")
+    if m.dtype == bool:
+        return m, np.zeros(shape, bool)
+    if not np.issubdtype(m.dtype, np.integer):
+        if not np.all(np.isfinite(m)):
+            raise MaskError(f"{where}: contains NaN/inf values; an integer bitmask was expected")
+        if np.any(m != np.round(m)):
+            raise MaskError(f"{where}: non-integer values; an integer bitmask was expected")
+        m = m.astype(np.int64)
+    if np.any(m < 0):
+        raise MaskError(f"{where}: negative values; an integer bitmask was expected")
+    bad = (m & int(bad_bits)) != 0 if bad_bits is not None else m != 0
+    cr = (m & int(cr_bits)) != 0 if cr_bits is not None else np.zeros(shape, bool)
+    return bad | cr, cr
+
+
+def detect_cosmic_rays(data, *, gain=1.0, readnoise=6.5, saturation=None, sigclip=5.0, objlim=5.0, niter=2):
+    """Cosmic-ray mask with :func:`astroscrappy.detect_cosmics` (used when no dq mask exists).
+
+    Settings favour speed: two iterations, the median fine-structure mode and
+    separable median; ``objlim`` protects the smooth cores of trails.
+    """
+    import astroscrappy
+
+    sat = float(saturation) if saturation is not None else 1e30
+    crmask, _ = astroscrappy.detect_cosmics(
+        np.asarray(data, np.float32), gain=float(gain), readnoise=float(readnoise), sigclip=sigclip,
+        sigfrac=0.3, objlim=objlim, niter=niter, satlevel=sat, sepmed=True, cleantype="meanmask",
+        fsmode="median", verbose=False)
+    return np.asarray(crmask, bool)
+
+
+def _select_catalogue(catalogue, wcs, shape, exptime, rate, margin_px):
+    needed = {"star_id", "ra", "dec"}
+    missing = needed - set(catalogue.columns)
+    if missing:
+        raise AstrometryError(f"catalogue: missing column(s) {sorted(missing)}; expected star_id, ra, dec, mag_r")
+    ra = catalogue["ra"].to_numpy(float)
+    dec = catalogue["dec"].to_numpy(float)
+    ok = np.isfinite(ra) & np.isfinite(dec)
+    x0, y0, x1, y1 = geometry.trail_endpoints(wcs, ra, dec, exptime, rate)
+    ny, nx = shape
+    xmin, xmax = np.minimum(x0, x1), np.maximum(x0, x1)
+    ymin, ymax = np.minimum(y0, y1), np.maximum(y0, y1)
+    inside = ok & (xmax > -margin_px) & (xmin < nx - 1 + margin_px) & (ymax > -margin_px) & (ymin < ny - 1 + margin_px)
+    return np.nonzero(inside)[0]
+
+
+def _cat_mag(cat):
+    for col in ("mag_vr", "mag_r", "r", "mag_g", "g"):
+        if col in cat.columns:
+            return cat[col].to_numpy(float)
+    if "flux_r" in cat.columns:
+        f = cat["flux_r"].to_numpy(float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return -2.5 * np.log10(f)
+    return np.full(len(cat), np.nan)
+
+
+def predict_trails(catalogue, wcs, exptime_s, drift_rate_arcsec_s, shape, *, anchor="middle", margin_px=0.0,
+                   fwhm_px=4.0):
+    """Start/end positions of ALL catalogue stars whose trail touches the CCD.
+
+    Parameters
+    ----------
+    catalogue : pandas.DataFrame
+        With ``star_id, ra, dec`` (extra columns are carried over).
+    wcs : astropy.wcs.WCS
+        Shutter-open WCS (the fitted one).
+    exptime_s : float
+    drift_rate_arcsec_s : float or (float, float)
+    shape : (ny, nx)
+        CCD shape.
+    anchor : {'start', 'middle', 'end'}
+        Which point is reported as ``x, y``.
+    margin_px : float
+        Keep trails within this distance outside the CCD too.
+    fwhm_px : float
+        PSF FWHM; a trail is TRUNCATED when a start or end lies closer than
+        one FWHM to the CCD edge or beyond.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``star_id, ra, dec, x_start, y_start, x_end, y_end, x, y, truncated,
+        on_ccd_fraction, flags`` plus the catalogue's other columns.
+    """
+    geometry._anchor_fraction(anchor)
+    ny, nx = shape
+    idx = _select_catalogue(catalogue, wcs, shape, exptime_s, drift_rate_arcsec_s, margin_px)
+    cat = catalogue.iloc[idx].reset_index(drop=True)
+    ra = cat["ra"].to_numpy(float)
+    dec = cat["dec"].to_numpy(float)
+    x0, y0, x1, y1 = geometry.trail_endpoints(wcs, ra, dec, exptime_s, drift_rate_arcsec_s)
+    f = geometry._anchor_fraction(anchor)
+    edge = float(fwhm_px)
+
+    def inside(x, y, e):
+        return (x >= e) & (x <= nx - 1 - e) & (y >= e) & (y <= ny - 1 - e)
+
+    truncated = ~(inside(x0, y0, edge) & inside(x1, y1, edge))
+    frac = _on_ccd_fraction(x0, y0, x1, y1, nx, ny)
+    out = pd.DataFrame({
+        "star_id": cat["star_id"].to_numpy(),
+        "ra": ra, "dec": dec,
+        "x_start": x0, "y_start": y0, "x_end": x1, "y_end": y1,
+        "x": x0 + f * (x1 - x0), "y": y0 + f * (y1 - y0),
+        "truncated": truncated,
+        "on_ccd_fraction": frac,
+        "flags": np.where(truncated, int(TrailFlag.TRUNCATED), 0).astype(np.int64),
+    })
+    extra = [c for c in cat.columns if c not in out.columns]
+    for c in extra:
+        out[c] = cat[c].to_numpy()
+    return out
+
+
+def _on_ccd_fraction(x0, y0, x1, y1, nx, ny, n=64):
+    t = (np.arange(n) + 0.5) / n
+    X = x0[:, None] + t[None, :] * (x1 - x0)[:, None]
+    Y = y0[:, None] + t[None, :] * (y1 - y0)[:, None]
+    return ((X >= -0.5) & (X <= nx - 0.5) & (Y >= -0.5) & (Y <= ny - 0.5)).mean(axis=1)
+
+
+# ----------------------------------------------------------------------------- main
+
+def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DRIFT_RATE_ARCSEC_S, *, mask=None,
+                       anchor="middle", detect_sigma=5.0, keep_sigma=None, max_pointing_error_arcsec=60.0,
+                       max_rotation_deg=0.2, sip_order=None, max_sip_order=3, bad_bits=None, cr_bits=None,
+                       detect_cosmics_without_mask=True, n_bright=200, expnum=None, ccd=None,
+                       wcs=None, exptime_s=None, fwhm_px=None, gain=None, saturation=None,
+                       max_forced_err_px=0.3):
+    """Find every trail on a drift CCD, identify its star and re-fit the WCS.
+
+    Parameters
+    ----------
+    image : CCDImage-like
+        With ``data`` (float ADU, sky kept), ``header``, ``wcs`` (header WCS)
+        and optionally ``info`` (gain, read noise, saturation, pixel scale,
+        EXPTIME, EXPNUM, FWHM) and ``mask``.
+    catalogue : pandas.DataFrame
+        Reference catalogue with ``star_id, ra, dec`` and a magnitude
+        (``mag_r``, else ``mag_g``/``flux_r``).
+    drift_rate_arcsec_s : float or (float, float)
+        Drift-rate vector (east, north) arcsec/s.
+    mask : ndarray, optional
+        dq mask: boolean (True = bad) or decoded integer bitmask (see
+        ``bad_bits``, ``cr_bits``). Default: ``image.mask`` if present; with
+        no mask and ``detect_cosmics_without_mask``, cosmic rays are found
+        with astroscrappy.
+    anchor : {'start', 'middle', 'end'}
+        Trail point reported as ``x, y``.
+    detect_sigma : float
+        Matched-filter threshold (S/N) for candidates, and S/N a catalogue
+        star's fitted trail must reach to be reported.
+    max_pointing_error_arcsec, max_rotation_deg : float
+        Search range of the matching.
+    sip_order : int, optional
+        SIP order of the fitted WCS; ``None`` chooses up to ``max_sip_order`` by BIC.
+    n_bright : int
+        Detections used in the vote.
+    max_forced_err_px : float
+        A catalogue star's measured position is reported when its error is
+        below this; otherwise the position predicted by the fitted WCS is
+        reported (flag FORCED), which is better for faint trails.
+    expnum, ccd, wcs, exptime_s, fwhm_px, gain, saturation : optional
+        Override values read from ``image``.
+
+    Returns
+    -------
+    AstrometryResult
+
+    Raises
+    ------
+    AstrometryError
+        No catalogue star on the CCD, no consistent match (catalogue of
+        another field), or too few stars for the WCS fit.
+    MaskError
+        The mask does not fit the image or is not an integer bitmask.
+    """
+    t_start = time.perf_counter()
+    timings = {}
+    diag = {}
+    rate = geometry.parse_drift_rate(drift_rate_arcsec_s)
+    geometry._anchor_fraction(anchor)
+    keep_sigma = detect_sigma if keep_sigma is None else keep_sigma
+    data = np.asarray(image.data)
+    if data.ndim != 2:
+        raise AstrometryError(f"image data must be 2-D, got shape {data.shape}")
+    shape = data.shape
+    ny, nx = shape
+    header = getattr(image, "header", None) or {}
+    hwcs = wcs if wcs is not None else getattr(image, "wcs", None)
+    if hwcs is None:
+        raise AstrometryError("image has no WCS")
+    hwcs = hwcs.celestial if hasattr(hwcs, "celestial") else hwcs
+    if hwcs.pixel_shape is None:
+        hwcs = hwcs.deepcopy()
+        hwcs.pixel_shape = (nx, ny)
+    exptime = exptime_s if exptime_s is not None else _info(image, "exptime", header.get("EXPTIME"))
+    if exptime is None or not float(exptime) > 0:
+        raise AstrometryError("EXPTIME missing or not positive: the trail length cannot be computed")
+    exptime = float(exptime)
+    expnum = expnum if expnum is not None else _info(image, "expnum", header.get("EXPNUM", -1))
+    ccd = ccd if ccd is not None else (getattr(image, "ccd", None) or _info(image, "ccd", None)
+                                       or header.get("EXTNAME") or header.get("DETPOS") or "")
+    gain = _scalar(gain if gain is not None else _info(image, "gain", header.get("GAINA")), 1.0)
+    rdnoise_e = _scalar(_info(image, "read_noise", _info(image, "rdnoise", header.get("RDNOISEA"))), 6.5)
+    saturation = _min_scalar(saturation if saturation is not None else
+                             _info(image, "saturation", header.get("SATURATE")), None)
+    pixscale = float(np.sqrt(abs(np.linalg.det(hwcs.pixel_scale_matrix)))) * 3600.0
+    if fwhm_px is None:
+        fwhm_px = _info(image, "fwhm", header.get("FWHM"))
+        fwhm_px = _scalar(fwhm_px, 1.0 / pixscale)
+    fwhm_px = float(fwhm_px) if fwhm_px and fwhm_px > 0 else 1.0 / pixscale
+    sigma0 = fwhm_px / trailfit.FWHM_PER_SIGMA
+
+    # -- masks
+    if mask is None:
+        mask = getattr(image, "mask", None)
+    bad, cr = resolve_mask(mask, shape, bad_bits=bad_bits, cr_bits=cr_bits)
+    t = time.perf_counter()
+    if bad is None:
+        if detect_cosmics_without_mask:
+            cr = detect_cosmic_rays(data, gain=gain, readnoise=rdnoise_e, saturation=saturation)
+            diag["cosmic_rays_from"] = "astroscrappy"
+        else:
+            cr = np.zeros(shape, bool)
+            diag["cosmic_rays_from"] = "none"
+        bad = cr.copy()
+    else:
+        diag["cosmic_rays_from"] = "dq mask"
+    timings["cosmic_rays"] = time.perf_counter() - t
+    nonfinite = ~np.isfinite(data)
+    if nonfinite.any():
+        bad = bad | nonfinite
+        data = np.where(nonfinite, 0.0, data)
+    sat_pix = None
+    if saturation is not None:
+        sat_pix = data >= saturation
+        bad = bad | sat_pix
+    if bad.all():
+        raise AstrometryError("every pixel is masked")
+    t_det = time.perf_counter()
+
+    # -- geometry and detection
+    geo = geometry.trail_geometry(hwcs, exptime, rate)
+    diag["header_geometry"] = dict(direction=geo.direction, length_px=geo.length_px, angle_deg=geo.angle_deg)
+    sub, rms_map, grms = detect.estimate_background(data, bad)
+    timings["background"] = time.perf_counter() - t_det
+    t = time.perf_counter()
+    snr = detect.matched_filter_snr(sub, rms_map, geo.direction, geo.length_px, sigma0)
+    streak_mask_b, streaks = detect.find_streaks(snr, geo.direction, geo.length_px,
+                                                 threshold=max(3.0, 0.6 * detect_sigma))
+    streak_mask = None
+    if streak_mask_b is not None:
+        streak_mask = np.zeros(shape, bool)
+        up = np.repeat(np.repeat(streak_mask_b, 2, axis=0), 2, axis=1)
+        streak_mask[: up.shape[0], : up.shape[1]] = up
+        log.warning("%s: %d satellite/aircraft streak(s) masked", ccd, len(streaks))
+    diag["streaks"] = streaks
+    cx, cy, cpk = detect.find_candidates(snr, geo.direction, geo.length_px, sigma0, threshold=detect_sigma,
+                                         exclude=streak_mask_b)
+    timings["matched_filter"] = time.perf_counter() - t
+    diag["n_candidates"] = int(cx.size)
+    fit_bad = bad if streak_mask is None else (bad | streak_mask)
+    t = time.perf_counter()
+
+    # -- fit candidates; measure the PSF width on bright ones
+    grid = trailfit.make_grid(geo.direction, geo.length_px, sigma0)
+    rms_at = lambda x, y: rms_map[np.clip(np.rint(y).astype(int), 0, ny - 1), np.clip(np.rint(x).astype(int), 0, nx - 1)]
+    cand = trailfit.fit_trails(sub, cx, cy, grid, rms=rms_at(cx, cy), gain=gain, bad=fit_bad)
+    c_snr = cand["flux"] / np.maximum(cand["flux_err"], 1e-12)
+    bright = np.nonzero(cand["ok"] & (c_snr > 30) & cand["start_visible"] & cand["end_visible"])[0]
+    if bright.size >= 5:
+        bright = bright[np.argsort(-c_snr[bright])[:150]]
+        bfit = trailfit.fit_trails(sub, cand["x_mid"][bright], cand["y_mid"][bright], grid,
+                                   rms=rms_at(cand["x_mid"][bright], cand["y_mid"][bright]), gain=gain,
+                                   bad=fit_bad, fit_sigma=True)
+        s_med = float(np.median(bfit["sigma_px"][bfit["ok"]])) if bfit["ok"].any() else sigma0
+        if np.isfinite(s_med) and abs(s_med / sigma0 - 1) > 0.03:
+            sigma0 = s_med
+            grid = trailfit.make_grid(geo.direction, geo.length_px, sigma0)
+            cand = trailfit.fit_trails(sub, cx, cy, grid, rms=rms_at(cx, cy), gain=gain, bad=fit_bad)
+            c_snr = cand["flux"] / np.maximum(cand["flux_err"], 1e-12)
+    diag["psf_sigma_px"] = sigma0
+    diag["fwhm_px"] = sigma0 * trailfit.FWHM_PER_SIGMA
+    good_c = cand["ok"] & (c_snr >= detect_sigma)
+    timings["candidate_fit"] = time.perf_counter() - t
+
+    # -- catalogue and matching
+    t = time.perf_counter()
+    if catalogue is None or len(catalogue) == 0:
+        raise AstrometryError(f"{ccd}: the catalogue is empty")
+    margin = max_pointing_error_arcsec / pixscale + 2.0 * math.radians(max_rotation_deg) * math.hypot(nx, ny) + 10
+    cidx = _select_catalogue(catalogue, hwcs, shape, exptime, rate, margin)
+    if cidx.size == 0:
+        raise AstrometryError(
+            f"{ccd}: no catalogue star falls on this CCD (within {margin:.0f} px) with the header WCS; "
+            "is the catalogue from this field?")
+    cat = catalogue.iloc[cidx].reset_index(drop=True)
+    cat_mag = _cat_mag(cat)
+    cra = cat["ra"].to_numpy(float)
+    cdec = cat["dec"].to_numpy(float)
+    hx0, hy0, hx1, hy1 = geometry.trail_endpoints(hwcs, cra, cdec, exptime, rate)
+    cat_mid = np.c_[0.5 * (hx0 + hx1), 0.5 * (hy0 + hy1)]
+    full = good_c & cand["start_visible"] & cand["end_visible"]
+    det_xy = np.c_[cand["x_mid"], cand["y_mid"]]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        det_mag = -2.5 * np.log10(np.where(cand["flux"] > 0, cand["flux"], np.nan))
+    bidx = np.nonzero(full)[0]
+    bidx = bidx[np.argsort(-cand["flux"][bidx])[:n_bright]]
+    if bidx.size < 3:
+        raise AstrometryError(f"{ccd}: only {bidx.size} trails detected at S/N >= {detect_sigma}; cannot match")
+    mag_for_rank = np.where(np.isfinite(cat_mag), cat_mag, 99.0)
+    n_cat = int(min(len(cat), max(3, round(bidx.size * 1.5 * (1 + 2 * margin / min(nx, ny))))))
+    cb = np.argsort(mag_for_rank, kind="stable")[:n_cat]
+    centre = np.array([(nx - 1) / 2.0, (ny - 1) / 2.0])
+    vote = vote_transform(det_xy[bidx], cat_mid[cb], centre, max_shift_px=margin,
+                          max_rotation_deg=max_rotation_deg)
+    diag["vote"] = dict(rotation_deg=vote.rotation_deg, shift_px=vote.shift_px, peak=vote.peak,
+                        background=vote.background, significance=vote.significance)
+    gi = np.nonzero(good_c)[0]
+    md, mc, affine, minfo = refine_matches(det_xy[gi], det_mag[gi], cat_mid, cat_mag, vote, centre,
+                                           det_err=np.hypot(cand["x_err"], cand["y_err"])[gi])
+    md = gi[md]
+    diag["match"] = dict(minfo, n_matched_candidates=int(md.size))
+    timings["match"] = time.perf_counter() - t
+
+    # -- first WCS fit: middles vs sky moved by half the drift
+    t = time.perf_counter()
+    half = 0.5 * exptime
+    use = full[md] & (np.abs(cand["length_px"][md] - geo.length_px) < 3 * cand["length_err"][md] + 1.0)
+    mra, mdec = geometry.offset_sky(cra[mc], cdec[mc], rate[0] * half, rate[1] * half)
+    ref_sky = hwcs.pixel_to_world_values(*apply_affine(np.linalg.inv(np.r_[affine, [[0, 0, 1]]])[:2], centre[None])[0])
+    fit1 = fit_tan_sip(cand["x_mid"][md][use], cand["y_mid"][md][use], mra[use], mdec[use],
+                       sigma_px=np.hypot(cand["x_err"], cand["y_err"])[md][use], ref_pixel=centre,
+                       ref_sky=ref_sky, order=1 if sip_order is None else sip_order, shape=shape)
+    timings["wcs_fit_1"] = time.perf_counter() - t
+
+    # -- joint fit of all catalogue stars on the CCD, at positions predicted by the WCS
+    wcs_cur = fit1.wcs
+    fit2 = fit1
+    for it in range(2):
+        t = time.perf_counter()
+        geo_c = geometry.trail_geometry(wcs_cur, exptime, rate)
+        grid = trailfit.make_grid(geo_c.direction, geo_c.length_px, sigma0)
+        pidx = _select_catalogue(cat, wcs_cur, shape, exptime, rate, 0.0)
+        x0p, y0p, x1p, y1p = geometry.trail_endpoints(wcs_cur, cra[pidx], cdec[pidx], exptime, rate)
+        px, py = 0.5 * (x0p + x1p), 0.5 * (y0p + y1p)
+        zp = minfo["zero_point"]
+        with np.errstate(over="ignore", invalid="ignore"):
+            h_zp = np.nan_to_num(10 ** (-0.4 * (cat_mag[pidx] - zp)) / grid.length_p, nan=0.0)
+        noise_trail = grms * math.sqrt(2 * math.sqrt(math.pi) * sigma0 * grid.length_p)
+        pred_snr = h_zp * grid.length_p / max(noise_trail, 1e-9)
+        # stars far below the noise are left to forced extraction (predict_trails)
+        fit_sel = np.nonzero(pred_snr >= 0.3)[0]
+        fx, fy = px[fit_sel], py[fit_sel]
+        rms_f = rms_at(fx, fy)
+        hj, hj_err, blend = trailfit.solve_fluxes(sub, grid, fx, fy, rms=rms_f, gain=gain, bad=fit_bad)
+        j_snr = hj / np.maximum(hj_err, 1e-12)
+        timings[f"flux_solve_{it + 1}"] = time.perf_counter() - t
+        # positions of the significant ones, with their neighbours' models subtracted
+        t = time.perf_counter()
+        pos_sel = np.nonzero(j_snr >= min(10.0, keep_sigma * 2))[0]
+        model = trailfit.render_trails(shape, grid, fx, fy, np.maximum(hj, 0.0))
+        pf = trailfit.fit_trails(sub, fx[pos_sel], fy[pos_sel], grid, rms=rms_f[pos_sel], gain=gain, bad=fit_bad,
+                                 model_image=model, own_flux={"x_mid": fx[pos_sel], "y_mid": fy[pos_sel],
+                                                              "h": np.maximum(hj[pos_sel], 0.0)},
+                                 use_moment=True)
+        moved = np.hypot(pf["x_mid"] - fx[pos_sel], pf["y_mid"] - fy[pos_sel])
+        perr = np.hypot(pf["x_err"], pf["y_err"])
+        pos_ok = pf["ok"] & (moved < np.maximum(1.0, 5 * perr))
+        full_p = pf["start_visible"] & pf["end_visible"]
+        len_ok = np.abs(pf["length_px"] - geo_c.length_px) < 3 * pf["length_err"] + 0.5
+        wuse = pos_ok & full_p & len_ok & (blend[pos_sel] < 0.1)
+        timings[f"position_fit_{it + 1}"] = time.perf_counter() - t
+        t = time.perf_counter()
+        sel_cat = pidx[fit_sel][pos_sel]
+        wra, wdec = geometry.offset_sky(cra[sel_cat], cdec[sel_cat], rate[0] * half, rate[1] * half)
+        fit2 = fit_tan_sip(pf["x_mid"][wuse], pf["y_mid"][wuse], wra[wuse], wdec[wuse], sigma_px=perr[wuse],
+                           ref_pixel=centre, ref_sky=wcs_cur.pixel_to_world_values(*centre), order=sip_order,
+                           max_order=max_sip_order, shape=shape)
+        timings[f"wcs_fit_{it + 2}"] = time.perf_counter() - t
+        wcs_cur = fit2.wcs
+        if fit2.sip_order <= 1 and it == 0 and fit1.rms_arcsec < 3 * fit2.rms_arcsec + 0.05:
+            # the order-1 prediction was already good: one pass is enough
+            break
+    wcs_fit = fit2.wcs
+    geo2 = geometry.trail_geometry(wcs_fit, exptime, rate)
+    in_fit = np.zeros(fit_sel.size, bool)
+    in_fit[pos_sel[np.nonzero(wuse)[0][fit2.used]]] = True
+    diag["joint_fit_table"] = pd.DataFrame({
+        "star_id": cat["star_id"].to_numpy()[pidx[fit_sel]], "x_pred": fx, "y_pred": fy, "h": hj, "snr": j_snr,
+        "blend": blend, "in_wcs_fit": in_fit, "pred_snr": pred_snr[fit_sel],
+    })
+
+    # -- unmatched candidates: what the catalogue model does not explain
+    t = time.perf_counter()
+    resid = sub - model
+    near = _near_catalogue(cand["x_mid"], cand["y_mid"], fx[j_snr >= 1], fy[j_snr >= 1], grid)
+    ucand = np.nonzero(good_c & ~near)[0]
+    ufit = trailfit.fit_trails(resid, cand["x_mid"][ucand], cand["y_mid"][ucand], grid,
+                               rms=rms_at(cand["x_mid"][ucand], cand["y_mid"][ucand]), gain=gain, bad=fit_bad)
+    u_snr = ufit["flux"] / np.maximum(ufit["flux_err"], 1e-12)
+    ukeep = ufit["ok"] & (u_snr >= detect_sigma)
+    ukeep &= ~_dedup(ufit["x_mid"], ufit["y_mid"], u_snr, grid)
+    timings["unmatched"] = time.perf_counter() - t
+
+    # -- assemble the table: catalogue stars with a significant flux
+    t = time.perf_counter()
+    keep = j_snr >= keep_sigma
+    sel_all = pidx[fit_sel]
+    # positions: measured where the position fit is good, else predicted by the fitted WCS (FORCED)
+    xs_p, ys_p, xe_p, ye_p = geometry.trail_endpoints(wcs_fit, cra[sel_all], cdec[sel_all], exptime, rate)
+    xm = 0.5 * (xs_p + xe_p)
+    ym = 0.5 * (ys_p + ye_p)
+    x_err = np.full(fit_sel.size, fit2.rms_arcsec / pixscale)
+    y_err = x_err.copy()
+    measured = np.zeros(fit_sel.size, bool)
+    start_vis = np.ones(fit_sel.size, bool)
+    end_vis = np.ones(fit_sel.size, bool)
+    length = np.full(fit_sel.size, np.nan)
+    length_err = np.full(fit_sel.size, np.nan)
+    # a measured position is reported when it beats the WCS prediction; faint
+    # trails are better placed by the fitted WCS (flag FORCED)
+    good_pos = pos_ok & (np.hypot(pf["x_err"], pf["y_err"]) < max_forced_err_px)
+    ps = pos_sel[good_pos]
+    xm[ps] = pf["x_mid"][good_pos]
+    ym[ps] = pf["y_mid"][good_pos]
+    x_err[ps] = pf["x_err"][good_pos]
+    y_err[ps] = pf["y_err"][good_pos]
+    measured[ps] = True
+    start_vis[pos_sel] = pf["start_visible"]
+    end_vis[pos_sel] = pf["end_visible"]
+    length[pos_sel] = pf["length_px"]
+    length_err[pos_sel] = pf["length_err"]
+    ny_, nx_ = shape
+    edge = fwhm_px
+    inside0 = (xs_p >= edge) & (xs_p <= nx_ - 1 - edge) & (ys_p >= edge) & (ys_p <= ny_ - 1 - edge)
+    inside1 = (xe_p >= edge) & (xe_p <= nx_ - 1 - edge) & (ye_p >= edge) & (ye_p <= ny_ - 1 - edge)
+    trunc = ~(inside0 & inside1) | ~(start_vis & end_vis)
+    dxg, dyg = geo2.displacement_px
+    f_anchor = geometry._anchor_fraction(anchor)
+    xs = xm - 0.5 * dxg
+    ys = ym - 0.5 * dyg
+    flags = np.where(trunc, int(TrailFlag.TRUNCATED), 0).astype(np.int64)
+    flags |= np.where(measured, 0, int(TrailFlag.FORCED))
+    flags |= np.where(blend >= 0.1, int(TrailFlag.BLENDED), 0)
+    flags |= np.where(in_fit, 0, int(TrailFlag.NOT_IN_WCS_FIT))
+    bad_len = measured & ~trunc & (np.abs(length - geo2.length_px) > 3 * length_err + 0.5)
+    flags |= np.where(bad_len, int(TrailFlag.BAD_LENGTH), 0)
+    flux = hj * grid.length_p
+    rows = {
+        "star_id": cat["star_id"].to_numpy()[sel_all], "ra": cra[sel_all], "dec": cdec[sel_all],
+        "x_start": xs, "y_start": ys, "x_end": xs + dxg, "y_end": ys + dyg,
+        "x": xs + f_anchor * dxg, "y": ys + f_anchor * dyg, "x_err": x_err, "y_err": y_err,
+        "flux_adu": flux, "flux_err_adu": hj_err * grid.length_p, "snr": j_snr, "mag_cat": cat_mag[sel_all],
+        "matched": np.ones(fit_sel.size, bool),
+        "match_sep_arcsec": np.hypot(xs - xs_p, ys - ys_p) * pixscale,
+        "flags": flags, "truncated": trunc, "blended": blend >= 0.1, "in_wcs_fit": in_fit,
+        "length_px": length, "length_err_px": length_err, "x_pred_start": xs_p, "y_pred_start": ys_p,
+    }
+    rows = {k: np.asarray(v)[keep] for k, v in rows.items()}
+    urows = _rows_from_fit(ufit, ukeep, geo2, anchor)
+    n_u = int(ukeep.sum())
+    urows["star_id"] = np.full(n_u, -1, dtype=np.int64)
+    ura, udec = wcs_fit.pixel_to_world_values(urows["x_start"], urows["y_start"])
+    urows["ra"] = np.asarray(ura, float)
+    urows["dec"] = np.asarray(udec, float)
+    urows["mag_cat"] = np.full(n_u, np.nan)
+    urows["matched"] = np.zeros(n_u, bool)
+    urows["x_pred_start"] = np.full(n_u, np.nan)
+    urows["y_pred_start"] = np.full(n_u, np.nan)
+    urows["match_sep_arcsec"] = np.full(n_u, np.nan)
+    urows["flags"] |= int(TrailFlag.UNMATCHED) | int(TrailFlag.NOT_IN_WCS_FIT)
+    urows["blended"] = np.zeros(n_u, bool)
+    urows["in_wcs_fit"] = np.zeros(n_u, bool)
+    table = pd.concat([pd.DataFrame(rows), pd.DataFrame(urows)], ignore_index=True)
+    table.insert(0, "expnum", int(expnum) if expnum is not None else -1)
+    table.insert(1, "ccd", str(ccd))
+    # per-trail cosmic-ray and mask counts, saturation, streaks
+    _pixel_counts(table, cr, bad & ~cr, sat_pix, streak_mask, geo2, sigma0)
+    table = table[TRAIL_COLUMNS]
+    table = table.sort_values(["star_id", "x_start"], kind="mergesort").reset_index(drop=True)
+    timings["table"] = time.perf_counter() - t
+    timings["detection_to_wcs"] = time.perf_counter() - t_det
+    timings["total"] = time.perf_counter() - t_start
+    diag.update(
+        timings=timings, n_catalogue_on_ccd=int(pidx.size), n_fitted=int(fit_sel.size),
+        n_trails=int(len(table)), n_unmatched=n_u, sip_order=fit2.sip_order, bic=fit2.bic,
+        rms_arcsec_first=fit1.rms_arcsec, geometry=dict(direction=geo2.direction, length_px=geo2.length_px,
+                                                        angle_deg=geo2.angle_deg, sense=_sense(geo2)),
+        pixel_scale_arcsec=pixscale, background_rms_adu=grms, gain=gain,
+    )
+    log.info("%s exp %s: %d trails (%d unmatched), WCS rms %.3f\" from %d stars, SIP order %d, %.2f s",
+             ccd, expnum, len(table), n_u, fit2.rms_arcsec, fit2.n_used, fit2.sip_order, timings["total"])
+    return AstrometryResult(trails=table, wcs=wcs_fit, rms_arcsec=fit2.rms_arcsec, n_used=fit2.n_used,
+                            cr_mask=cr, bad_mask=fit_bad, geometry=geo2, diagnostics=diag)
+
+
+def _sense(geo):
+    ux, uy = geo.direction
+    if abs(ux) >= abs(uy):
+        return "+x" if ux > 0 else "-x"
+    return "+y" if uy > 0 else "-y"
+
+
+def _neighbours(x, y, h, grid):
+    """True where another trail (>= 1 % of the flux) overlaps a trail's fit window."""
+    from scipy.spatial import cKDTree
+
+    n = x.size
+    out = np.zeros(n, bool)
+    if n < 2:
+        return out
+    ux, uy = grid.u
+    vx, vy = -uy, ux
+    a = x * ux + y * uy
+    c = x * vx + y * vy
+    reach_a = grid.length_px + 3 * grid.sigma_px
+    reach_c = 2.0 * grid.q_off[-1]
+    tree = cKDTree(np.c_[a / reach_a, c / reach_c])
+    pairs = tree.query_pairs(r=1.0, p=np.inf, output_type="ndarray")
+    if len(pairs):
+        i, j = pairs[:, 0], pairs[:, 1]
+        hi, hj = h[i], h[j]
+        out[i[hj > 0.01 * hi]] = True
+        out[j[hi > 0.01 * hj]] = True
+    return out
+
+
+def _near_catalogue(x, y, cx, cy, grid):
+    """True where a position lies on a catalogue trail (within the trail's half-length along, 1.5 FWHM across)."""
+    from scipy.spatial import cKDTree
+
+    out = np.zeros(np.size(x), bool)
+    if np.size(x) == 0 or np.size(cx) == 0:
+        return out
+    ux, uy = grid.u
+    vx, vy = -uy, ux
+    ra_ = 0.5 * grid.length_px + 2 * grid.sigma_px
+    rc = 1.5 * trailfit.FWHM_PER_SIGMA * grid.sigma_px
+    tree = cKDTree(np.c_[(cx * ux + cy * uy) / ra_, (cx * vx + cy * vy) / rc])
+    d, _ = tree.query(np.c_[(x * ux + y * uy) / ra_, (x * vx + y * vy) / rc], p=np.inf, distance_upper_bound=1.0)
+    return np.isfinite(d)
+
+
+def _dedup(x, y, snr, grid):
+    """True for fits that duplicate a higher-S/N fit of the same trail."""
+    from scipy.spatial import cKDTree
+
+    n = np.size(x)
+    dup = np.zeros(n, bool)
+    if n < 2:
+        return dup
+    ux, uy = grid.u
+    a = (x * ux + y * uy) / (0.5 * grid.length_px)
+    c = (-x * uy + y * ux) / (2.0 * grid.sigma_px)
+    pairs = cKDTree(np.c_[a, c]).query_pairs(r=1.0, p=np.inf, output_type="ndarray")
+    for i, j in pairs[np.argsort(-np.maximum(snr[pairs[:, 0]], snr[pairs[:, 1]]))] if len(pairs) else []:
+        if dup[i] or dup[j]:
+            continue
+        dup[j if snr[i] >= snr[j] else i] = True
+    return dup
+
+
+def _rows_from_fit(fit, keep, geo, anchor):
+    f = geometry._anchor_fraction(anchor)
+    dx, dy = geo.displacement_px
+    xm = fit["x_mid"][keep]
+    ym = fit["y_mid"][keep]
+    xs = xm - 0.5 * dx
+    ys = ym - 0.5 * dy
+    trunc = ~(fit["start_visible"][keep] & fit["end_visible"][keep])
+    flux = fit["flux"][keep]
+    ferr = fit["flux_err"][keep]
+    flags = np.where(trunc, int(TrailFlag.TRUNCATED), 0).astype(np.int64)
+    flags |= np.where(fit["ok"][keep], 0, int(TrailFlag.FIT_FAILED))
+    bad_len = (~trunc) & (np.abs(fit["length_px"][keep] - geo.length_px) > 3 * fit["length_err"][keep] + 0.5)
+    flags |= np.where(bad_len, int(TrailFlag.BAD_LENGTH), 0)
+    return {
+        "x_start": xs, "y_start": ys, "x_end": xs + dx, "y_end": ys + dy,
+        "x": xs + f * dx, "y": ys + f * dy,
+        "x_err": fit["x_err"][keep], "y_err": fit["y_err"][keep],
+        "flux_adu": flux, "flux_err_adu": ferr, "snr": flux / np.maximum(ferr, 1e-12),
+        "flags": flags, "truncated": trunc,
+        "length_px": fit["length_px"][keep], "length_err_px": fit["length_err"][keep],
+    }
+
+
+def _pixel_counts(table, cr, masked, sat, streak, geo, sigma):
+    """Count cosmic-ray / masked pixels and affected samples in each trail footprint."""
+    n = len(table)
+    zeros = np.zeros(n, dtype=np.int64)
+    table["n_cr_pixels"] = zeros
+    table["n_cr_samples"] = zeros.copy()
+    table["n_masked_pixels"] = zeros.copy()
+    if n == 0:
+        return
+    ny, nx = cr.shape
+    L = geo.length_px
+    ux, uy = geo.direction
+    vx, vy = -uy, ux
+    hw = int(math.ceil(2.5 * sigma))
+    s_off = np.arange(-1, int(math.ceil(L)) + 2, dtype=float)  # along, from the start
+    c_off = np.arange(-hw, hw + 1, dtype=float)
+    xs = table["x_start"].to_numpy()[:, None, None]
+    ys = table["y_start"].to_numpy()[:, None, None]
+    X = np.rint(xs + s_off[None, :, None] * ux + c_off[None, None, :] * vx).astype(np.intp)
+    Y = np.rint(ys + s_off[None, :, None] * uy + c_off[None, None, :] * vy).astype(np.intp)
+    inside = (X >= 0) & (X < nx) & (Y >= 0) & (Y < ny)
+    Xc = np.clip(X, 0, nx - 1)
+    Yc = np.clip(Y, 0, ny - 1)
+    crs = cr[Yc, Xc] & inside
+    ncr = crs.sum(axis=(1, 2))
+    table["n_cr_pixels"] = ncr.astype(np.int64)
+    # a pixel at along offset s (centre) receives light during samples floor(s - 0.5) and floor(s + 0.5)
+    nsamp = geo.n_samples
+    hit = crs.any(axis=2)  # (n, ns)
+    samp = np.zeros((n, nsamp + 2), bool)
+    for shift in (-0.5, 0.5):
+        k = np.floor(s_off + shift).astype(int)
+        valid = (k >= 0) & (k < nsamp)
+        kk = np.clip(k, 0, nsamp + 1)
+        for j in np.nonzero(valid)[0]:
+            samp[:, kk[j]] |= hit[:, j]
+    table["n_cr_samples"] = samp[:, :nsamp].sum(axis=1).astype(np.int64)
+    msk = masked[Yc, Xc] & inside
+    table["n_masked_pixels"] = msk.sum(axis=(1, 2)).astype(np.int64)
+    flags = table["flags"].to_numpy().copy()
+    flags |= np.where(ncr > 0, int(TrailFlag.COSMIC_RAY), 0)
+    flags |= np.where(msk.sum(axis=(1, 2)) > 0, int(TrailFlag.MASKED), 0)
+    if sat is not None:
+        flags |= np.where((sat[Yc, Xc] & inside).any(axis=(1, 2)), int(TrailFlag.SATURATED), 0)
+    if streak is not None:
+        flags |= np.where((streak[Yc, Xc] & inside).any(axis=(1, 2)), int(TrailFlag.STREAK), 0)
+    table["flags"] = flags
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def write_astrometry_products(result: AstrometryResult, out_dir, *, expnum=None, ccd=None, header=None):
+    """Write the trail table (CSV + Parquet) and the fitted WCS header of one CCD.
+
+    Files: ``driftastrom-exp_{EXPNUM}-{ccd}.csv`` / ``.parquet`` (the
+    per-exposure ``driftastrom-exp_{EXPNUM}.csv`` is assembled over CCDs by the
+    pipeline), and ``wcs-exp_{EXPNUM}-{ccd}.fits``: a header-only FITS whose
+    header holds the fitted TAN-SIP WCS, the fit rms and star count. Input
+    files are never modified. Writes are atomic (``pydriftn.io`` writers when
+    available).
+
+    Returns
+    -------
+    list of pathlib.Path
+    """
+    from astropy.io import fits
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    expnum = result.trails["expnum"].iloc[0] if expnum is None and len(result.trails) else expnum
+    ccd = result.trails["ccd"].iloc[0] if ccd is None and len(result.trails) else ccd
+    stem = f"exp_{expnum}-{ccd}"
+    hdr = result.wcs.to_header(relax=True)
+    hdr["WCSRMS"] = (float(result.rms_arcsec), "[arcsec] rms residual of the WCS fit")
+    hdr["WCSNSTAR"] = (int(result.n_used), "stars used in the WCS fit")
+    hdr["WCSSIPO"] = (int(result.diagnostics.get("sip_order", 0)), "SIP order of the fit")
+    hdr["WCSEPOCH"] = ("SHUTTER_OPEN", "WCS describes the sky at shutter open")
+    hdr["EXPNUM"] = int(expnum) if expnum is not None else -1
+    hdr["EXTNAME"] = str(ccd)
+    if header is not None:
+        for key in ("DATE-OBS", "MJD-OBS", "EXPTIME", "FILTER"):
+            if key in header:
+                hdr[key] = header[key]
+    hdu = fits.PrimaryHDU(header=hdr)
+    paths = [out / f"driftastrom-{stem}.csv", out / f"driftastrom-{stem}.parquet", out / f"wcs-{stem}.fits"]
+    try:
+        from ..io import write_fits_atomic, write_table_atomic
+    except ImportError:  # pragma: no cover - io not available
+        write_fits_atomic = write_table_atomic = None
+    if write_table_atomic is not None:
+        write_table_atomic(result.trails, paths[0])
+        write_table_atomic(result.trails, paths[1])
+        write_fits_atomic(fits.HDUList([hdu]), paths[2])
+    else:
+        _atomic(paths[0], lambda p: result.trails.to_csv(p, index=False))
+        _atomic(paths[1], lambda p: result.trails.to_parquet(p, index=False))
+        _atomic(paths[2], lambda p: fits.HDUList([hdu]).writeto(p))
+    return paths
+
+
+def _atomic(path, writer):
+    import os
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    writer(tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,597 @@
+"""Sub-pixel fit of drift trails, vectorised over all trails of a CCD.
+
+A trail is modelled as a line segment of the known drift direction convolved
+with a Gaussian PSF. Every trail is resampled onto its own grid of ``p``
+(along the drift) by ``q`` (across) samples and collapsed into two 1-D
+profiles, which are fitted by batched Gauss-Newton (one small normal-equation
+system per trail, solved for all trails at once with ``numpy.linalg.solve``):
+
+* the **along-track profile** (sum across the trail) with
+  ``h * [Phi((p - pa)/s) - Phi((p - pb)/s)] + b``: ``pa`` and ``pb`` are the
+  points where the profile crosses half of its plateau, i.e. the trail start
+  and end; a weak prior ties ``pb - pa`` to the expected length so that an
+  edge outside the CCD (or masked) is set by the visible edge plus the known
+  trail vector, never by the centroid of the visible part;
+* the **cross-track profile** (mean along the plateau) with a Gaussian
+  ``A * exp(-(q - qm)^2 / 2 s^2) + b``.
+
+When the drift is within a few degrees of a pixel axis (DECam, and any drift
+along RA or Dec on an unrotated CCD) the grid is that pixel axis, so samples
+are whole pixels (no interpolation) and the small tilt is carried exactly in
+the coordinate transform; otherwise the grid follows the drift direction and
+pixels are bilinearly interpolated.
+
+We wrote this instead of calling a generic optimiser per trail (e.g.
+``scipy.optimize.least_squares``) because a full CCD holds ~2000 trails and the
+budget is a fraction of a second: per-trail Python calls cost ~1 ms each.
+Neighbouring trails are handled by subtracting a rendered model of all other
+trails before a star's own profiles are built (a Jacobi iteration of the joint
+fit), see :func:`render_trails`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+from scipy.special import ndtr
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrailGrid", "make_grid", "fit_trails", "render_trails", "FWHM_PER_SIGMA"]
+
+FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+#: largest angle (deg) between drift and a pixel axis for whole-pixel sampling
+AXIS_SNAP_DEG = 5.0
+
+
+@dataclass(frozen=True)
+class TrailGrid:
+    """Sampling grid shared by all trails of a CCD.
+
+    Attributes
+    ----------
+    ep, eq : (float, float)
+        Unit vectors (pixels) of the grid axes ``p`` (along) and ``q`` (across).
+    u : (float, float)
+        Drift direction (unit vector).
+    tan_phi, cos_phi : float
+        Tilt of the drift relative to ``ep`` (0 when the grid follows the drift).
+    length_px : float
+        Expected trail length (pixels along the drift).
+    sigma_px : float
+        PSF Gaussian sigma (pixels).
+    p_off, q_off : ndarray
+        Integer sample offsets along and across.
+    snapped : bool
+        Whether the grid axes are pixel axes (whole-pixel samples).
+    """
+
+    ep: tuple
+    eq: tuple
+    u: tuple
+    tan_phi: float
+    cos_phi: float
+    length_px: float
+    sigma_px: float
+    p_off: np.ndarray
+    q_off: np.ndarray
+    snapped: bool
+
+    @property
+    def length_p(self) -> float:
+        """Trail length projected on the ``p`` axis."""
+        return self.length_px * self.cos_phi
+
+
+def make_grid(direction, length_px, sigma_px, *, pad_sigma=3.0, half_width=None) -> TrailGrid:
+    """Build the sampling grid for trails of the given direction and length.
+
+    Parameters
+    ----------
+    direction : (float, float)
+        Unit drift vector in pixels (from :func:`pydriftn.geometry.trail_geometry`).
+    length_px : float
+        Trail length in pixels.
+    sigma_px : float
+        PSF sigma in pixels.
+    pad_sigma : float
+        Margin beyond each end, in PSF sigmas (plus 3 px).
+    half_width : int, optional
+        Half-width of the cross window (default ``ceil(3 sigma) + 1``).
+    """
+    ux, uy = float(direction[0]), float(direction[1])
+    norm = math.hypot(ux, uy)
+    ux, uy = ux / norm, uy / norm
+    ang = math.degrees(math.atan2(uy, ux))
+    snapped = False
+    ep = (ux, uy)
+    for axis in ((1.0, 0.0), (0.0, 1.0), (-1.0, 0.0), (0.0, -1.0)):
+        dot = ux * axis[0] + uy * axis[1]
+        if dot >= math.cos(math.radians(AXIS_SNAP_DEG)):
+            ep = axis
+            snapped = True
+            break
+    eq = (-ep[1], ep[0])
+    cos_phi = ux * ep[0] + uy * ep[1]
+    sin_phi = ux * eq[0] + uy * eq[1]
+    tan_phi = sin_phi / cos_phi
+    half_len = 0.5 * length_px * cos_phi + pad_sigma * sigma_px + 3.0
+    na = int(math.ceil(half_len))
+    nc = int(half_width) if half_width is not None else int(math.ceil(3.0 * sigma_px)) + 1
+    log.debug("trail grid: angle %.3f deg, snapped=%s, %d x %d samples", ang, snapped, 2 * na + 1, 2 * nc + 1)
+    return TrailGrid(
+        ep=ep, eq=eq, u=(ux, uy), tan_phi=tan_phi, cos_phi=cos_phi, length_px=float(length_px),
+        sigma_px=float(sigma_px), p_off=np.arange(-na, na + 1, dtype=float),
+        q_off=np.arange(-nc, nc + 1, dtype=float), snapped=snapped,
+    )
+
+
+def _sample(image, grid: TrailGrid, xa, ya, bad=None):
+    """Sample ``image`` on each trail's grid. Returns (values, valid) of shape (n, np, nq)."""
+    P = grid.p_off[None, :, None]
+    Q = grid.q_off[None, None, :]
+    X = xa[:, None, None] + P * grid.ep[0] + Q * grid.eq[0]
+    Y = ya[:, None, None] + P * grid.ep[1] + Q * grid.eq[1]
+    ny, nx = image.shape
+    if grid.snapped:
+        xi = np.rint(X).astype(np.intp)
+        yi = np.rint(Y).astype(np.intp)
+        inside = (xi >= 0) & (xi < nx) & (yi >= 0) & (yi < ny)
+        xi = np.clip(xi, 0, nx - 1)
+        yi = np.clip(yi, 0, ny - 1)
+        vals = image[yi, xi].astype(float)
+        valid = inside
+        if bad is not None:
+            valid = valid & ~bad[yi, xi]
+    else:
+        vals = ndimage.map_coordinates(image, [Y.ravel(), X.ravel()], order=1, mode="constant",
+                                       cval=np.nan, prefilter=False).reshape(X.shape).astype(float)
+        inside = (X >= 0) & (X <= nx - 1) & (Y >= 0) & (Y <= ny - 1)
+        valid = inside & np.isfinite(vals)
+        if bad is not None:
+            xi = np.clip(np.rint(X).astype(np.intp), 0, nx - 1)
+            yi = np.clip(np.rint(Y).astype(np.intp), 0, ny - 1)
+            valid &= ~bad[yi, xi]
+    vals = np.where(valid, vals, 0.0)
+    return vals, valid, inside
+
+
+def _solve(JtWJ, JtWr):
+    k = JtWJ.shape[-1]
+    diag = np.einsum("nii->ni", JtWJ)
+    damp = 1e-9 * np.maximum(diag, 1e-30)
+    A = JtWJ + damp[:, :, None] * np.eye(k)[None]
+    try:
+        return np.linalg.solve(A, JtWr[..., None])[..., 0]
+    except np.linalg.LinAlgError:
+        out = np.zeros_like(JtWr)
+        for i in range(A.shape[0]):
+            try:
+                out[i] = np.linalg.solve(A[i], JtWr[i])
+            except np.linalg.LinAlgError:
+                pass
+        return out
+
+
+def _cov(JtWJ):
+    k = JtWJ.shape[-1]
+    eye = 1e-12 * np.eye(k)[None]
+    try:
+        return np.linalg.inv(JtWJ + eye * np.maximum(np.einsum("nii->n", JtWJ), 1e-30)[:, None, None])
+    except np.linalg.LinAlgError:
+        out = np.full_like(JtWJ, np.nan)
+        for i in range(JtWJ.shape[0]):
+            try:
+                out[i] = np.linalg.inv(JtWJ[i])
+            except np.linalg.LinAlgError:
+                pass
+        return out
+
+
+def _fit_cross(vals, valid, var, grid, pm, pa, pb, qm, s, *, fit_sigma, n_iter):
+    """Fit the cross-track profile. Returns qm, s, amp, cov(qm) and chi2."""
+    sig = grid.sigma_px
+    P = grid.p_off[None, :]
+    lo = pa + 2.0 * sig
+    hi = pb - 2.0 * sig
+    short = hi - lo < 4.0
+    lo = np.where(short, pm - 2.0, lo)
+    hi = np.where(short, pm + 2.0, hi)
+    inrange = (P >= lo[:, None]) & (P <= hi[:, None])
+    w = valid & inrange[:, :, None]
+    n = w.sum(axis=1)  # (n, nq)
+    nn = np.maximum(n, 1)
+    prof = (vals * w).sum(axis=1) / nn
+    pvar = (var * w).sum(axis=1) / nn**2
+    wt = np.where(n > 0, 1.0 / np.maximum(pvar, 1e-12), 0.0)
+    pc = 0.5 * (lo + hi)  # p at which the cross centre is measured
+    Q = grid.q_off[None, :]
+    # qm refers to the trail centre pm; at pc the trail is offset by (pc - pm) tan(phi)
+    shift = (pc - pm) * grid.tan_phi
+    amp = np.maximum(prof.max(axis=1), 1e-3)
+    b = np.zeros_like(pm)
+    params = [amp, qm + shift, b] + ([s] if fit_sigma else [])
+    for _ in range(n_iter):
+        amp, q0, b = params[0], params[1], params[2]
+        ss = params[3] if fit_sigma else s
+        d = (Q - q0[:, None]) / ss[:, None]
+        g = np.exp(-0.5 * d * d)
+        model = amp[:, None] * g + b[:, None]
+        J = [g, amp[:, None] * g * d / ss[:, None], np.ones_like(g)]
+        if fit_sigma:
+            J.append(amp[:, None] * g * d * d / ss[:, None])
+        J = np.stack(J, axis=-1)
+        r = prof - model
+        JtW = J * wt[:, :, None]
+        JtWJ = np.einsum("nmi,nmj->nij", JtW, J)
+        JtWr = np.einsum("nmi,nm->ni", JtW, r)
+        step = _solve(JtWJ, JtWr)
+        step[:, 1] = np.clip(step[:, 1], -1.0, 1.0)
+        params[0] = params[0] + step[:, 0]
+        params[1] = params[1] + step[:, 1]
+        params[2] = params[2] + step[:, 2]
+        if fit_sigma:
+            params[3] = np.clip(params[3] + np.clip(step[:, 3], -0.3 * params[3], 0.3 * params[3]),
+                                0.3 * sig, 4.0 * sig)
+    amp, q0, b = params[0], params[1], params[2]
+    ss = params[3] if fit_sigma else s
+    d = (Q - q0[:, None]) / ss[:, None]
+    g = np.exp(-0.5 * d * d)
+    J = [g, amp[:, None] * g * d / ss[:, None], np.ones_like(g)]
+    if fit_sigma:
+        J.append(amp[:, None] * g * d * d / ss[:, None])
+    J = np.stack(J, axis=-1)
+    JtWJ = np.einsum("nmi,nmj->nij", J * wt[:, :, None], J)
+    cov = _cov(JtWJ)
+    r = prof - (amp[:, None] * g + b[:, None])
+    dof = np.maximum((wt > 0).sum(axis=1) - J.shape[-1], 1)
+    chi2 = (r * r * wt).sum(axis=1) / dof
+    return q0 - shift, ss, amp, np.abs(cov[:, 1, 1]), chi2
+
+
+def _fit_along(vals, valid, var, grid, qm, pa, pb, s, *, n_iter, length_prior_px):
+    """Fit the along-track profile. Returns pa, pb, h, b, covariance (4x4) and chi2."""
+    Q = grid.q_off[None, None, :]
+    P = grid.p_off[None, :]
+    # cross coverage: fraction of the cross profile on valid samples, per p
+    qc = qm[:, None, None] + (P[:, :, None] - 0.5 * (pa + pb)[:, None, None]) * grid.tan_phi
+    g = np.exp(-0.5 * ((Q - qc) / s[:, None, None]) ** 2) * (_INV_SQRT_2PI / s[:, None, None])
+    # optimal weights across the trail: the PSF cross profile
+    wq = g * valid
+    cov_q = (wq * g).sum(axis=2)
+    nq = wq.sum(axis=2)
+    prof = (vals * wq).sum(axis=2)
+    pvar = (var * wq * wq).sum(axis=2)
+    wt = np.where(nq > 0, 1.0 / np.maximum(pvar, 1e-30), 0.0)
+    L = grid.length_p
+    h = np.maximum(np.median(prof, axis=1) / np.maximum(cov_q.max(axis=1), 1e-3), 1e-3)
+    h = np.maximum((prof * (cov_q > 0)).sum(axis=1) / np.maximum(L, 1.0), 1e-3)
+    b = np.zeros_like(h)
+    wprior = 1.0 / length_prior_px**2
+    k = 4
+    for it in range(n_iter + 1):
+        za = (P - pa[:, None]) / s[:, None]
+        zb = (P - pb[:, None]) / s[:, None]
+        shape = ndtr(za) - ndtr(zb)
+        pdf_a = np.exp(-0.5 * za * za) * _INV_SQRT_2PI / s[:, None]
+        pdf_b = np.exp(-0.5 * zb * zb) * _INV_SQRT_2PI / s[:, None]
+        hc = h[:, None] * cov_q
+        model = hc * shape + b[:, None] * nq
+        J = np.stack([cov_q * shape, -hc * pdf_a, hc * pdf_b, nq], axis=-1)
+        JtW = J * wt[:, :, None]
+        JtWJ = np.einsum("nmi,nmj->nij", JtW, J)
+        # length prior: (pb - pa - L) / sigma_L
+        JtWJ[:, 1, 1] += wprior
+        JtWJ[:, 2, 2] += wprior
+        JtWJ[:, 1, 2] -= wprior
+        JtWJ[:, 2, 1] -= wprior
+        if it == n_iter:
+            break
+        r = prof - model
+        JtWr = np.einsum("nmi,nm->ni", JtW, r)
+        lres = pb - pa - L
+        JtWr[:, 1] += wprior * lres
+        JtWr[:, 2] -= wprior * lres
+        step = _solve(JtWJ, JtWr)
+        h = np.maximum(h + step[:, 0], 1e-6)
+        pa = pa + np.clip(step[:, 1], -2.0, 2.0)
+        pb = pb + np.clip(step[:, 2], -2.0, 2.0)
+        b = b + step[:, 3]
+    r = prof - model
+    dof = np.maximum((wt > 0).sum(axis=1) - k, 1)
+    chi2 = (r * r * wt).sum(axis=1) / dof
+    # first moment of the line density along the trail (the image position
+    # averaged over the exposure): insensitive to the jitter at the two ends.
+    # Samples without coverage are filled with the fitted model.
+    lo = pa - 3.0 * s
+    hi = pb + 3.0 * s
+    win = (P >= lo[:, None]) & (P <= hi[:, None])
+    have = cov_q > 0.2 * cov_q.max(axis=1, keepdims=True)
+    dens = np.where(have, (prof - b[:, None] * nq) / np.where(have, cov_q, 1.0), h[:, None] * shape)
+    dvar = np.where(have, pvar / np.where(have, cov_q, 1.0) ** 2, 0.0)
+    dens = np.where(win, dens, 0.0)
+    tot = dens.sum(axis=1)
+    pm_mom = (dens * P).sum(axis=1) / np.where(tot != 0, tot, np.nan)
+    pm_err = np.sqrt((np.where(win, dvar, 0.0) * (P - pm_mom[:, None]) ** 2).sum(axis=1)) / np.abs(tot)
+    return pa, pb, h, b, _cov(JtWJ), chi2, cov_q, pm_mom, pm_err
+
+
+def fit_trails(image, x_mid, y_mid, grid: TrailGrid, *, rms, gain=1.0, bad=None, model_image=None,
+               own_flux=None, n_iter=6, fit_sigma=False, length_prior_px=1.0, use_moment=False):
+    """Fit trails seeded at ``(x_mid, y_mid)`` (pixels, trail middles).
+
+    Parameters
+    ----------
+    image : ndarray (ny, nx)
+        Background-subtracted image (ADU).
+    x_mid, y_mid : array_like
+        Seed positions of the trail middles (0-based pixels), within ~2 px.
+    grid : TrailGrid
+    rms : float or array_like
+        Background noise (ADU per pixel) at each trail.
+    gain : float
+        e-/ADU, for the Poisson variance of the trail itself.
+    bad : ndarray of bool, optional
+        Pixels to ignore.
+    model_image : ndarray, optional
+        Rendered model of all trails (:func:`render_trails`); when given, the
+        other trails are subtracted before fitting (joint fit by iteration).
+    own_flux : dict, optional
+        The parameters used to render ``model_image`` for these same trails
+        (keys ``x_mid``, ``y_mid``, ``h``), so that a trail's own model is
+        added back.
+    fit_sigma : bool
+        Fit the cross-track width per trail (returned as ``sigma_px``).
+    use_moment : bool
+        Place the middle of an untruncated trail at the first moment of its
+        along-track line density (the position averaged over the exposure,
+        insensitive to the image jitter at the two ends) instead of halfway
+        between the fitted edges. Off by default: the moment is ~2x noisier
+        (its lever arm is the whole trail) and more sensitive to faint
+        neighbours and cosmic rays than the edges.
+
+    Returns
+    -------
+    dict of ndarray
+        ``x_mid, y_mid`` (fitted middle), ``x_start, y_start, x_end, y_end``
+        (fitted edges), ``p_err, q_err`` (along/cross errors of the middle),
+        ``x_err, y_err``, ``flux`` (ADU of the full trail), ``flux_err``,
+        ``h`` (ADU per pixel of length), ``length_px`` (fitted), ``length_err``,
+        ``sigma_px``, ``start_visible, end_visible`` (bool), ``ok`` (bool),
+        ``chi2_along, chi2_cross``.
+    """
+    x_mid = np.atleast_1d(np.asarray(x_mid, dtype=float))
+    y_mid = np.atleast_1d(np.asarray(y_mid, dtype=float))
+    n = x_mid.size
+    rms = np.broadcast_to(np.asarray(rms, dtype=float), (n,))
+    sig = grid.sigma_px
+    if n == 0:
+        empty = np.zeros(0)
+        keys = ["x_mid", "y_mid", "x_start", "y_start", "x_end", "y_end", "p_err", "q_err", "x_err", "y_err",
+                "flux", "flux_err", "h", "length_px", "length_err", "sigma_px", "chi2_along", "chi2_cross"]
+        out = {k: empty for k in keys}
+        out.update(start_visible=np.zeros(0, bool), end_visible=np.zeros(0, bool), ok=np.zeros(0, bool))
+        return out
+    xa = np.rint(x_mid)
+    ya = np.rint(y_mid)
+    vals, valid, inside = _sample(image, grid, xa, ya, bad)
+    if model_image is not None:
+        mvals, _, _ = _sample(model_image, grid, xa, ya, None)
+        own = _model_on_grid(grid, xa, ya, own_flux["x_mid"], own_flux["y_mid"], own_flux["h"],
+                             own_flux.get("length_p"))
+        vals = np.where(valid, vals - mvals + own, 0.0)
+    dx, dy = x_mid - xa, y_mid - ya
+    pm = dx * grid.ep[0] + dy * grid.ep[1]
+    qm = dx * grid.eq[0] + dy * grid.eq[1]
+    Lp = grid.length_p
+    pa = pm - 0.5 * Lp
+    pb = pm + 0.5 * Lp
+    var = rms[:, None, None] ** 2 + np.maximum(vals, 0.0) / max(float(gain), 1e-6)
+    s = np.full(n, sig)
+    qm, s_fit, _, _, _ = _fit_cross(vals, valid, var, grid, pm, pa, pb, qm, s, fit_sigma=fit_sigma, n_iter=3)
+    if fit_sigma:
+        s = s_fit
+    pa, pb, h, b, cov, chi2a, cov_q, _, _ = _fit_along(vals, valid, var, grid, qm, pa, pb, s, n_iter=n_iter,
+                                                       length_prior_px=length_prior_px)
+    pm = 0.5 * (pa + pb)
+    qm, s_fit, _, qvar, chi2c = _fit_cross(vals, valid, var, grid, pm, pa, pb, qm, s,
+                                           fit_sigma=fit_sigma, n_iter=2)
+    if fit_sigma:
+        s = s_fit
+    pa, pb, h, b, cov, chi2a, cov_q, pm_mom, pm_mom_err = _fit_along(vals, valid, var, grid, qm, pa, pb, s,
+                                                                     n_iter=2, length_prior_px=length_prior_px)
+    # edge visibility: the samples within 2 sigma of an edge must lie on the CCD
+    P = grid.p_off[None, :]
+    in_any = inside.any(axis=2)
+    near_a = np.abs(P - pa[:, None]) <= 2.0 * sig + 0.5
+    near_b = np.abs(P - pb[:, None]) <= 2.0 * sig + 0.5
+    start_visible = ~(near_a & ~in_any).any(axis=1) & near_a.any(axis=1)
+    end_visible = ~(near_b & ~in_any).any(axis=1) & near_b.any(axis=1)
+    # a trail cut by an edge is positioned from its visible edge and the known length
+    both = start_visible & end_visible
+    mom_ok = np.isfinite(pm_mom) & (np.abs(pm_mom - 0.5 * (pa + pb)) < 2.0) if use_moment else np.zeros(n, bool)
+    pm = np.where(both & mom_ok, pm_mom, 0.5 * (pa + pb))
+    pm = np.where(start_visible & ~end_visible, pa + 0.5 * Lp, pm)
+    pm = np.where(end_visible & ~start_visible, pb - 0.5 * Lp, pm)
+    var_pa, var_pb, cov_ab = cov[:, 1, 1], cov[:, 2, 2], cov[:, 1, 2]
+    p_var = np.where(both, np.where(mom_ok, pm_mom_err**2, 0.25 * (var_pa + var_pb + 2 * cov_ab)),
+                     np.where(start_visible, var_pa, var_pb))
+    p_err = np.sqrt(np.abs(p_var))
+    q_err = np.sqrt(np.abs(qvar))
+    ok = (np.isfinite(pm) & np.isfinite(qm) & (np.abs(pm) < grid.p_off[-1]) & (np.abs(qm) < grid.q_off[-1] - 1)
+          & (h > 0) & (start_visible | end_visible))
+    # back to pixels: middle, then edges along the drift direction
+    x_m = xa + pm * grid.ep[0] + qm * grid.eq[0]
+    y_m = ya + pm * grid.ep[1] + qm * grid.eq[1]
+    half = 0.5 * grid.length_px
+    ux, uy = grid.u
+    x_err = np.hypot(p_err * grid.ep[0], q_err * grid.eq[0])
+    y_err = np.hypot(p_err * grid.ep[1], q_err * grid.eq[1])
+    flux = h * Lp
+    flux_err = np.sqrt(np.abs(cov[:, 0, 0])) * Lp
+    length = (pb - pa) / grid.cos_phi
+    length_err = np.sqrt(np.abs(var_pa + var_pb - 2 * cov_ab)) / grid.cos_phi
+    return {
+        "x_mid": x_m, "y_mid": y_m,
+        "x_start": x_m - half * ux, "y_start": y_m - half * uy,
+        "x_end": x_m + half * ux, "y_end": y_m + half * uy,
+        "p_err": p_err, "q_err": q_err, "x_err": x_err, "y_err": y_err,
+        "flux": flux, "flux_err": flux_err, "h": h, "length_px": length, "length_err": length_err,
+        "sigma_px": s, "start_visible": start_visible, "end_visible": end_visible, "ok": ok,
+        "chi2_along": chi2a, "chi2_cross": chi2c, "cov_q": cov_q,
+    }
+
+
+def _model_on_grid(grid: TrailGrid, xa, ya, x_mid, y_mid, h, length_p=None):
+    """Analytic trail model on each trail's own grid (anchored at ``xa, ya``)."""
+    sig = grid.sigma_px
+    Lp = grid.length_p if length_p is None else length_p
+    dx = np.asarray(x_mid) - xa
+    dy = np.asarray(y_mid) - ya
+    pm = dx * grid.ep[0] + dy * grid.ep[1]
+    qm = dx * grid.eq[0] + dy * grid.eq[1]
+    P = grid.p_off[None, :, None]
+    Q = grid.q_off[None, None, :]
+    pa = (pm - 0.5 * Lp)[:, None, None]
+    pb = (pm + 0.5 * Lp)[:, None, None]
+    qc = qm[:, None, None] + (P - pm[:, None, None]) * grid.tan_phi
+    along = ndtr((P - pa) / sig) - ndtr((P - pb) / sig)
+    cross = np.exp(-0.5 * ((Q - qc) / sig) ** 2) * (_INV_SQRT_2PI / sig)
+    return np.asarray(h)[:, None, None] * along * cross
+
+
+def render_trails(shape, grid: TrailGrid, x_mid, y_mid, h, dtype=np.float32):
+    """Render the trail model of many stars into one image.
+
+    Each trail is drawn on its own sampling grid (whole pixels when the grid
+    is snapped to a pixel axis; nearest pixels otherwise) with
+    ``np.add.at``, so overlapping trails add up.
+
+    Parameters
+    ----------
+    shape : (int, int)
+        Image shape ``(ny, nx)``.
+    grid : TrailGrid
+    x_mid, y_mid, h : array_like
+        Trail middles (pixels) and fluxes per pixel of length (ADU).
+    """
+    img = np.zeros(shape, dtype=dtype)
+    x_mid = np.atleast_1d(np.asarray(x_mid, float))
+    y_mid = np.atleast_1d(np.asarray(y_mid, float))
+    if x_mid.size == 0:
+        return img
+    xa = np.rint(x_mid)
+    ya = np.rint(y_mid)
+    model = _model_on_grid(grid, xa, ya, x_mid, y_mid, np.atleast_1d(h))
+    P = grid.p_off[None, :, None]
+    Q = grid.q_off[None, None, :]
+    X = np.rint(xa[:, None, None] + P * grid.ep[0] + Q * grid.eq[0]).astype(np.intp)
+    Y = np.rint(ya[:, None, None] + P * grid.ep[1] + Q * grid.eq[1]).astype(np.intp)
+    ny, nx = shape
+    ok = (X >= 0) & (X < nx) & (Y >= 0) & (Y < ny)
+    np.add.at(img, (Y[ok], X[ok]), model[ok].astype(dtype))
+    return img
+
+
+def _along_overlap_table(length_p, sigma, step=0.05):
+    """Table of ``f(d) = integral B(p) B(p - d) dp`` for the along-track profile B."""
+    ext = length_p + 8 * sigma
+    p = np.arange(-ext, ext + step / 2, step)
+    B = ndtr((p + 0.5 * length_p) / sigma) - ndtr((p - 0.5 * length_p) / sigma)
+    corr = np.correlate(B, B, mode="full") * step
+    d = (np.arange(corr.size) - (B.size - 1)) * step
+    return d, corr
+
+
+def solve_fluxes(image, grid: TrailGrid, x_mid, y_mid, *, rms, gain=1.0, bad=None):
+    """Joint linear least-squares fluxes of many trails at fixed positions.
+
+    The model is ``sum_i h_i T_i`` with ``T_i`` the unit trail template
+    (line-segment ⊗ Gaussian) at trail ``i``. The normal matrix is sparse:
+    its diagonal ``sum T_i^2`` is computed on the sampled (unmasked, on-CCD)
+    pixels, the overlaps of neighbouring trails analytically (product of the
+    along-track overlap, tabulated, and the Gaussian cross overlap). Solving
+    it separates overlapping trails exactly (up to the template).
+
+    Returns
+    -------
+    h, h_err : ndarray
+        Flux per pixel of length (ADU) and its error (background noise with
+        the blend degeneracy to first order, plus the trail's own Poisson noise).
+    blend_frac : ndarray
+        ``sum_j |A_ij h_j| / (A_ii |h_i|)``: how much neighbours overlap a trail.
+    """
+    from scipy import sparse
+    from scipy.sparse.linalg import spsolve
+    from scipy.spatial import cKDTree
+
+    x_mid = np.asarray(x_mid, float)
+    y_mid = np.asarray(y_mid, float)
+    n = x_mid.size
+    if n == 0:
+        z = np.zeros(0)
+        return z, z, z
+    rms = np.broadcast_to(np.asarray(rms, float), (n,))
+    xa = np.rint(x_mid)
+    ya = np.rint(y_mid)
+    vals, valid, _ = _sample(image, grid, xa, ya, bad)
+    T = _model_on_grid(grid, xa, ya, x_mid, y_mid, np.ones(n)) * valid
+    Aii = (T * T).sum(axis=(1, 2))
+    S3 = (T * T * T).sum(axis=(1, 2))
+    b = (T * vals).sum(axis=(1, 2))
+    del T, vals
+    # neighbour pairs (grid frame)
+    p = x_mid * grid.ep[0] + y_mid * grid.ep[1]
+    q = x_mid * grid.eq[0] + y_mid * grid.eq[1]
+    sig = grid.sigma_px
+    reach_p = grid.length_p + 8 * sig
+    reach_q = 8 * sig
+    tree = cKDTree(np.c_[p / reach_p, q / reach_q])
+    pairs = tree.query_pairs(r=1.0, p=np.inf, output_type="ndarray")
+    rows = [np.arange(n)]
+    cols = [np.arange(n)]
+    data = [np.maximum(Aii, 1e-12)]
+    offd = np.zeros(0)
+    if len(pairs):
+        i, j = pairs[:, 0], pairs[:, 1]
+        d_tab, f_tab = _along_overlap_table(grid.length_p, sig)
+        fa = np.interp(np.abs(p[i] - p[j]), d_tab, f_tab, right=0.0)
+        dq = q[i] - q[j]
+        fc = np.exp(-dq * dq / (4 * sig * sig)) / (2 * math.sqrt(math.pi) * sig)
+        offd = fa * fc
+        rows += [i, j]
+        cols += [j, i]
+        data += [offd, offd]
+    # trails cut by the CCD edge or by masked pixels: overlaps on the valid samples only
+    if len(pairs):
+        frac = valid.mean(axis=(1, 2))
+        full_frac = np.median(frac)
+        partial = frac < 0.98 * full_frac
+        redo = np.nonzero(partial[i] | partial[j])[0]
+        if redo.size:
+            ii, jj = i[redo], j[redo]
+            Ti = _model_on_grid(grid, xa[ii], ya[ii], x_mid[ii], y_mid[ii], np.ones(redo.size)) * valid[ii]
+            Tj = _model_on_grid(grid, xa[ii], ya[ii], x_mid[jj], y_mid[jj], np.ones(redo.size))
+            offd[redo] = (Ti * Tj).sum(axis=(1, 2))  # validity is per pixel: i's grid holds it
+            data[1] = offd
+            data[2] = offd
+    A = sparse.csr_matrix((np.concatenate(data), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
+    h = spsolve(A.tocsc(), b)
+    h = np.asarray(h, float)
+    # error: Schur complement with the direct neighbours, plus Poisson noise of the trail
+    schur = Aii.copy()
+    mix = np.zeros(n)
+    if len(pairs):
+        np.subtract.at(schur, i, offd**2 / np.maximum(Aii[j], 1e-12))
+        np.subtract.at(schur, j, offd**2 / np.maximum(Aii[i], 1e-12))
+        np.add.at(mix, i, np.abs(offd * h[j]))
+        np.add.at(mix, j, np.abs(offd * h[i]))
+    schur = np.maximum(schur, 0.05 * Aii)
+    var = rms**2 / np.maximum(schur, 1e-12) + np.maximum(h, 0) * S3 / (max(float(gain), 1e-6) * np.maximum(Aii, 1e-12) ** 2)
+    blend = mix / np.maximum(Aii * np.abs(h), 1e-12)
+    return h, np.sqrt(var), blend
