@@ -84,8 +84,7 @@ def inject_microlensing(lc_table: pd.DataFrame, params, seed=0, *, source_noise_
     check_columns(lc_table, ("star_id", "mjd", "norm_flux", "norm_flux_err"), "light-curve table")
     p = pd.DataFrame([params] if isinstance(params, dict) else params).copy()
     check_columns(p, ("star_id", "t0_mjd", "te_s", "u0", "rho"), "injection parameter table")
-    if "fs" not in p.columns:
-        p["fs"] = 1.0
+    p["fs"] = p["fs"].fillna(1.0) if "fs" in p.columns else 1.0
     keys = ["star_id"] + (["night"] if "night" in p.columns and "night" in lc_table.columns else [])
     out = lc_table.copy()
     if len(p) == 0:
