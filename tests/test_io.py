@@ -620,3 +620,35 @@ def test_write_fits_and_bytes_atomic(tmp_path):
     ref = tmp_path / "ref.bin"
     ref.write_bytes(b"")
     assert os.stat(b).st_mode & 0o777 == os.stat(ref).st_mode & 0o777
+
+
+# --------------------------------------------------------------------------- gzip, memmap
+def test_gzip_fits_and_truncated_gzip(cutouts, tmp_path):
+    import gzip
+
+    raw = (cutouts / G_IMAGE).read_bytes()
+    gz = tmp_path / G_IMAGE.replace(".fits", ".fits.gz")
+    gz.write_bytes(gzip.compress(raw))
+    np.testing.assert_array_equal(pio.read_ccd(gz, "S4").data, pio.read_ccd(cutouts / G_IMAGE, "S4").data)
+    cut = tmp_path / "cut.fits.gz"
+    cut.write_bytes(gz.read_bytes()[: len(gz.read_bytes()) // 2])
+    with pytest.raises(TruncatedFileError, match=r"cut\.fits\.gz"):
+        pio.read_ccd(cut, "S4")
+    # a gzip stream that is complete but holds a FITS file cut inside the S4 header
+    cut2 = tmp_path / "cut2.fits.gz"
+    cut2.write_bytes(gzip.compress(raw[:20000]))
+    with pytest.raises(TruncatedFileError, match=r"cut2\.fits\.gz"):
+        pio.list_ccds(cut2)
+
+
+def test_plain_fits_is_memory_mapped(cutouts):
+    import mmap
+
+    with pio.open_fits(cutouts / G_IMAGE) as hdul:
+        base = hdul["S4"].data
+        while getattr(base, "base", None) is not None and not isinstance(base, mmap.mmap):
+            base = base.base
+        assert isinstance(base, mmap.mmap)
+    # read_ccd returns a private, native-endian copy that outlives the file handle
+    im = pio.read_ccd(cutouts / G_IMAGE, "S4")
+    assert im.data.flags.owndata and im.data.dtype.isnative

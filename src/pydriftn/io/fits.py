@@ -99,7 +99,9 @@ def _check_structure(hdul, path: Path, caught) -> None:
                 f"({len(hdul)} complete HDU(s) read; astropy: {detail[:200]})",
                 path=path,
             )
-    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        gz = fh.read(2) == _GZIP_MAGIC
+    size = _gzip_length(path) if gz else path.stat().st_size
     for i, hdu in enumerate(hdul):
         info = hdul.fileinfo(i)
         if info is None:
@@ -122,6 +124,30 @@ def _check_structure(hdul, path: Path, caught) -> None:
             )
         log.warning("%s: file lacks the final FITS padding of HDU #%d (%s); data are complete",
                     path, i, name)
+    if gz and len(hdul):
+        info = hdul.fileinfo(len(hdul) - 1)
+        end = int(info["datLoc"]) + int(info["datSpan"])
+        if size >= end + _BLOCK:
+            raise TruncatedFileError(
+                f"{size - end} bytes after the last complete HDU #{len(hdul) - 1} "
+                "(a truncated or corrupt extension?)",
+                path=path,
+            )
+
+
+def _gzip_length(path: Path) -> int:
+    """Uncompressed length of a gzip file; TruncatedFileError if the stream ends early."""
+    import gzip
+    import zlib
+
+    n = 0
+    try:
+        with gzip.open(path, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                n += len(chunk)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise TruncatedFileError(f"gzip stream ends early or is corrupt ({exc})", path=path) from exc
+    return n
 
 
 @contextmanager
@@ -148,6 +174,8 @@ def open_fits(path, *, memmap=True):
         warnings.simplefilter("always")
         try:
             hdul = fits.open(path, memmap=memmap, mode="readonly")
+        except EOFError as exc:  # gzip stream ends early
+            raise TruncatedFileError(f"compressed stream ends early ({exc})", path=path) from exc
         except (OSError, ValueError, TypeError, IndexError) as exc:
             size = path.stat().st_size
             if size % _BLOCK != 0 or size < _BLOCK:
@@ -385,7 +413,7 @@ def _read_pixels(hdu, path, name):
         with warnings.catch_warnings():
             warnings.simplefilter("error", category=UserWarning)  # astropy's "truncated" warning
             raw = hdu.data
-    except (TypeError, ValueError, OSError, UserWarning) as exc:
+    except (TypeError, ValueError, OSError, EOFError, UserWarning) as exc:
         raise TruncatedFileError(f"cannot read the pixels ({type(exc).__name__}: {exc})",
                                  path=path, extension=name) from exc
     if raw is None or raw.size == 0:
