@@ -174,6 +174,17 @@ def _satellite(rng, cfg, fwhm_px):
     return img, truth
 
 
+def wcs_text(w):
+    """FITS header text (newline-separated cards) of a WCS, CD matrix kept."""
+    return w.to_header(relax=True).tostring(sep="\n")
+
+
+def _wcs_record(true_wcs, header_wcs):
+    # made before the result is pickled (pickling turns CD into PC + CDELT)
+    return dict(true_wcs_text=wcs_text(true_wcs), header_wcs_text=wcs_text(header_wcs),
+                header_cd=np.array(header_wcs.wcs.cd, dtype=float))
+
+
 def _satellite_ccd(cfg):
     return cfg.satellite_ccd if cfg.satellite_ccd in cfg.ccds else min(cfg.ccds)
 
@@ -390,6 +401,7 @@ def render_drift_ccd(cfg, seed, stars, events, exposure, ccd):
         mask=mask,
         true_wcs=true_wcs,
         header_wcs=header_wcs,
+        **_wcs_record(true_wcs, header_wcs),
         det=det,
         fwhm_px=float(np.median(fwhm_px)),
         avsky_adu=float(sky_e / np.mean(det["gain"])),
@@ -446,5 +458,6 @@ def render_pointed_ccd(cfg, seed, stars, band, ccd, pointed_expnum):
         dict(band=band, ccd=ccd, star_id=stars["star_id"].to_numpy()[idx][keep], x=x[idx][keep], y=y[idx][keep],
              counts_e=dep[keep], peak_adu=peak[keep], saturated=satf[keep], on_ccd_fraction=(dep / flux)[keep])
     )
-    return dict(image=image, mask=mask, true_wcs=true_wcs, header_wcs=header_wcs, det=det, fwhm_px=fwhm_px,
+    return dict(image=image, mask=mask, true_wcs=true_wcs, header_wcs=header_wcs, **_wcs_record(true_wcs, header_wcs),
+                det=det, fwhm_px=fwhm_px,
                 avsky_adu=float(sky_e / np.mean(det["gain"])), pointed=truth, cosmic_rays=cr_truth)
