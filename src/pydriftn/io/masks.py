@@ -158,22 +158,42 @@ def _plver_tuple(plver):
 
 def detect_dq_convention(dq, header=None):
     """``('codes' | 'bits', reason)`` for a CP dq array (rules in the module docstring)."""
+    dq = np.asarray(dq)
+    lohi = (int(dq.min()), int(dq.max())) if dq.size else None
+    return _detect(lohi, header)
+
+
+def _detect(lohi, header):
     if header is not None and header.get("PLVER") is not None:
         v = _plver_tuple(header.get("PLVER"))
         if v is not None:
             conv = "codes" if v >= (3, 5, 0) else "bits"
             return conv, f"PLVER={str(header.get('PLVER')).strip()!r}"
-    dq = np.asarray(dq)
-    if dq.size == 0:
+    if lohi is None:
         return "codes", "empty mask"
-    lo, hi = int(dq.min()), int(dq.max())
+    lo, hi = lohi
     if lo >= 0 and hi <= 8:
         return "codes", f"values in 0..{hi}"
     return "bits", f"values in {lo}..{hi} (max > 8)"
 
 
+def _bits_lut():
+    """Internal flags for every combination of the low 12 CP bits (unknown bits -> BAD_PIXEL)."""
+    v = np.arange(1 << 12)
+    lut = np.zeros(v.size, dtype=PIXEL_DTYPE)
+    for bit, (_, flag) in CP_DQ_BITS.items():
+        lut[(v & bit) != 0] |= PIXEL_DTYPE(int(flag))
+    lut[(v & ~_KNOWN_BITS) != 0] |= PIXEL_DTYPE(int(PixelFlag.BAD_PIXEL))
+    return lut
+
+
+_BITS_LUT = _bits_lut()
+
+
 def decode_cp_dq(dq, convention="auto", *, header=None, where=None):
     """Decode a CP dq array to the internal :class:`~pydriftn.flags.PixelFlag` bitmask.
+
+    Vectorised with look-up tables (one pass over the pixels per step).
 
     Parameters
     ----------
@@ -197,35 +217,37 @@ def decode_cp_dq(dq, convention="auto", *, header=None, where=None):
             raise MaskError(f"{where}: dq mask holds non-integer values (dtype {dq.dtype})")
         dq = dq.astype(np.int64)
     elif dq.dtype.kind == "b":
-        dq = dq.astype(np.int64)
+        dq = dq.astype(np.uint8)
     elif dq.dtype.kind not in "iu":
         raise MaskError(f"{where}: dq mask has dtype {dq.dtype}, expected integers")
-    dq = dq.astype(np.int64, copy=False)
+    if not dq.dtype.isnative:
+        dq = dq.astype(dq.dtype.newbyteorder("="))
+    if convention not in ("auto", "codes", "bits"):
+        raise ValueError(f"dq_convention must be 'auto', 'codes' or 'bits', got {convention!r}")
+    lohi = (int(dq.min()), int(dq.max())) if dq.size else None
     if convention == "auto":
-        convention, reason = detect_dq_convention(dq, header)
+        convention, reason = _detect(lohi, header)
         log.debug("%s: decoding as CP %s (%s)", where, convention, reason)
+    lo, hi = lohi if lohi is not None else (0, 0)
     if convention == "codes":
-        inrange = (dq >= 0) & (dq <= 8)
-        out = _CODES_LUT[np.where(inrange, dq, 0)]
-        n_bad = int(np.count_nonzero(~inrange))
-        if n_bad:
-            bad_vals = np.unique(dq[~inrange])[:10]
+        out = np.take(_CODES_LUT, dq, mode="clip")
+        if lo < 0 or hi > 8:
+            unknown = (dq < 0) | (dq > 8)
             log.warning("%s: %d pixel(s) with unknown CP dq code(s) %s; flagged BAD_PIXEL",
-                        where, n_bad, bad_vals.tolist())
-            out[~inrange] = int(PixelFlag.BAD_PIXEL)
+                        where, int(np.count_nonzero(unknown)), np.unique(dq[unknown])[:10].tolist())
+            out[unknown] = int(PixelFlag.BAD_PIXEL)
         return out
-    if convention == "bits":
-        out = np.zeros(dq.shape, dtype=PIXEL_DTYPE)
-        for bit, (_, flag) in CP_DQ_BITS.items():
-            out[(dq & bit) != 0] |= PIXEL_DTYPE(int(flag))
-        unknown = (dq < 0) | ((dq & ~_KNOWN_BITS) != 0)
-        n_bad = int(np.count_nonzero(unknown))
-        if n_bad:
-            log.warning("%s: %d pixel(s) with unknown CP dq bit(s) (values e.g. %s); flagged BAD_PIXEL",
-                        where, n_bad, np.unique(dq[unknown])[:10].tolist())
-            out[unknown] |= PIXEL_DTYPE(int(PixelFlag.BAD_PIXEL))
-        return out
-    raise ValueError(f"dq_convention must be 'auto', 'codes' or 'bits', got {convention!r}")
+    # bits: one look-up over the low 12 bits; negatives and higher bits are unknown
+    neg = lo < 0
+    low = (np.where(dq < 0, 0, dq) if neg else dq) & 0xFFF
+    out = np.take(_BITS_LUT, low)
+    union = int(np.bitwise_or.reduce(low.ravel())) if low.size else 0
+    if neg or hi > 0xFFF or union & ~_KNOWN_BITS:
+        unknown = (dq < 0) | (dq > 0xFFF) | ((low & ~_KNOWN_BITS) != 0)
+        out[unknown] |= PIXEL_DTYPE(int(PixelFlag.BAD_PIXEL))
+        log.warning("%s: %d pixel(s) with unknown CP dq bit(s) (values e.g. %s); flagged BAD_PIXEL",
+                    where, int(np.count_nonzero(unknown)), np.unique(dq[unknown])[:10].tolist())
+    return out
 
 
 def bad_pixel_mask(bitmask, flags=DEFAULT_BAD_PIXEL_FLAGS):
