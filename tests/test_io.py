@@ -669,3 +669,40 @@ def test_decode_bits_lut_matches_per_bit_definition(caplog):
     assert "m.fits[S4]" in caplog.text
     # big-endian input (as stored in FITS) decodes identically
     np.testing.assert_array_equal(pio.decode_cp_dq(dq.astype(">i4"), "bits"), ref)
+
+
+# --------------------------------------------------------------------------- simulated data (slow)
+@pytest.mark.slow
+def test_simulated_dataset_conventions(tmp_path_factory):
+    """Read the simulator's MEFs: names, masks, headers and WCS agree with its truth tables."""
+    from astropy.wcs import WCS
+
+    from pydriftn.simulate import simulate_dataset
+
+    out = tmp_path_factory.mktemp("sim")
+    simulate_dataset(out, preset="tiny", seed=3)
+    cr = pd.read_parquet(out / "truth" / "cosmic_rays.parquet")
+    wcs_truth = pd.read_parquet(out / "truth" / "wcs.parquet")
+    images = sorted((out / "night_1").glob("*-image.fits*"))
+    assert images
+    n_cr_checked = 0
+    for img in images:
+        for ccd in pio.list_ccds(img):
+            im = pio.read_ccd(img, ccd, mask=True, require_timing=True)
+            assert im.mask_path.endswith(img.name.replace("-image", "-dqmask"))
+            hi = im.info
+            assert hi.band == "VR" and hi.exptime > 0 and hi.defaults_used == ()
+            # cosmic-ray hits of this exposure are flagged COSMIC_RAY in the decoded mask (within 1 px)
+            hits = cr[(cr.expnum == hi.expnum) & (cr.ccd == ccd) & (cr.kind == "hit")]
+            for x, y in zip(hits.x, hits.y):
+                i, j = int(round(x)), int(round(y))
+                win = im.mask[max(j - 1, 0): j + 2, max(i - 1, 0): i + 2]
+                assert np.any(win & PixelFlag.COSMIC_RAY), (img.name, x, y)
+                n_cr_checked += 1
+            # header WCS read by pio equals the simulator's header_wcs truth
+            row = wcs_truth[(wcs_truth.kind == "drift") & (wcs_truth.expnum == hi.expnum) & (wcs_truth.ccd == ccd)]
+            ref = WCS(fits.Header.fromstring(row.header_wcs.iloc[0], sep="\n"))
+            xs, ys = np.array([0.0, 100.0, 255.0]), np.array([0.0, 300.0, 511.0])
+            np.testing.assert_allclose(im.wcs.pixel_to_world_values(xs, ys), ref.pixel_to_world_values(xs, ys),
+                                       atol=1e-9)
+    assert n_cr_checked > 0
