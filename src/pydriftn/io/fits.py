@@ -531,7 +531,7 @@ def describe(path):
                 "has_wcs": has_wcs,
                 "exptime": np.nan if exptime is None else exptime,
                 "mjd": np.nan if mjd is None else mjd,
-                "band": band_from_filter(hdr.get("FILTER")) or (str(hdr.get("BAND")).strip() if hdr.get("BAND") else None),
+                "band": band_from_filter(hdr.get("FILTER")) or band_from_filter(hdr.get("BAND")),
                 "expnum": None if expnum is None else expnum,
             })
     cols = ["hdu", "extname", "shape", "compressed", "has_wcs", "exptime", "mjd", "band", "expnum"]

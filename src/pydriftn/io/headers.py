@@ -415,7 +415,12 @@ class HeaderInfo:
         return amp_map(getattr(self, quantity), shape, kind=kind)
 
     def amp_of_column(self, x):
-        """0 for amplifier A, 1 for B, for (array of) 0-based column(s) ``x``."""
+        """0 for amplifier A, 1 for B, for (array of) 0-based x position(s).
+
+        Integer columns follow ``x < nx / 2`` → A; a continuous position belongs
+        to the pixel containing it (pixel centres at integers, so the edge
+        between the amplifiers is at ``amp_boundary - 0.5``).
+        """
         if self.amp_boundary is None:
             raise ValueError(f"{_where(self.path, self.extname)}: image shape unknown")
         return (np.asarray(x) >= self.amp_boundary - 0.5).astype(int)
