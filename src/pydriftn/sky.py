@@ -112,8 +112,8 @@ def _trail_arrays(trails):
     return x0, y0, x1, y1
 
 
-def trail_footprint_image(shape, trails, radius, direction=None, length=None):
-    """Count, per pixel, the trail footprints (stadia of ``radius``) covering it.
+def trail_footprint_image(shape, trails, radius, direction=None, length=None, counts=True):
+    """Trail footprints (stadia of half-width ``radius``) on the image grid.
 
     Parameters
     ----------
@@ -125,30 +125,35 @@ def trail_footprint_image(shape, trails, radius, direction=None, length=None):
         Footprint half-width in pixels.
     direction, length : optional
         Common trail direction/length; by default the median over the table.
+    counts : bool
+        True: number of footprints covering each pixel (uint16); False: a
+        boolean "covered" image (faster).
 
     Returns
     -------
-    ndarray of uint16, shape ``shape``
+    ndarray of shape ``shape``
     """
     ny, nx = shape
-    counts = np.zeros(ny * nx, dtype=np.uint16)
+    out = np.zeros(ny * nx, dtype=np.uint16 if counts else bool)
     if len(trails) == 0:
-        return counts.reshape(shape)
+        return out.reshape(shape)
     x0, y0, x1, y1 = _trail_arrays(trails)
     if direction is None or length is None:
         dx, dy = np.median(x1 - x0), np.median(y1 - y0)
         length = math.hypot(dx, dy) if length is None else length
         direction = (dx / math.hypot(dx, dy), dy / math.hypot(dx, dy)) if direction is None else direction
     ox, oy = stadium_offsets(direction, length, 0.0, radius)
-    cx = np.rint(0.5 * (x0 + x1)).astype(np.intp)
-    cy = np.rint(0.5 * (y0 + y1)).astype(np.intp)
+    cx = np.rint(0.5 * (x0 + x1)).astype(np.int64)
+    cy = np.rint(0.5 * (y0 + y1)).astype(np.int64)
     X = cx[:, None] + ox[None, :]
     Y = cy[:, None] + oy[None, :]
     ok = (X >= 0) & (X < nx) & (Y >= 0) & (Y < ny)
     flat = (Y * nx + X)[ok]
-    # np.add.at handles repeated indices (overlapping footprints)
-    np.add.at(counts, flat, 1)
-    return counts.reshape(shape)
+    if counts:
+        np.add.at(out, flat, 1)  # repeated indices (overlapping footprints)
+    else:
+        out[flat] = True
+    return out.reshape(shape)
 
 
 def clipped_stats_rows(values, sigma=3.0, maxiters=10):
@@ -224,8 +229,8 @@ def local_sky(
     trails,
     geometry=None,
     *,
-    radius=10.0,
-    pad=6.0,
+    radius=12.0,
+    pad=8.0,
     length=None,
     mask_radius=None,
     sigma=3.0,
@@ -249,7 +254,10 @@ def local_sky(
         the table.
     radius : float
         Inner radius of the stadium (half-width of its body and radius of its
-        caps), pixels (the original's ``radius``).
+        caps), pixels (the original's ``radius``). It must clear the star's
+        own PSF wings: on the simulator's Moffat(beta=3) PSF of FWHM 3.9 px
+        the original's 7 px biases the fluxes by -2 %, 10 px by -0.5 %,
+        >= 12 px by < 0.3 %.
     pad : float
         Width of the annulus, pixels (the original's ``pad``).
     length : float, optional
@@ -299,27 +307,39 @@ def local_sky(
     r_out = float(radius) + float(pad)
 
     ox, oy = stadium_offsets(direction, length, float(radius), r_out)
-    cx = np.rint(0.5 * (x0 + x1)).astype(np.intp)
-    cy = np.rint(0.5 * (y0 + y1)).astype(np.intp)
-    X = cx[:, None] + ox[None, :]
-    Y = cy[:, None] + oy[None, :]
-    inside = (X >= 0) & (X < nx) & (Y >= 0) & (Y < ny)
-    Xc = np.clip(X, 0, nx - 1)
-    Yc = np.clip(Y, 0, ny - 1)
-    vals = img[Yc, Xc].astype(np.float32)
-    good = inside & np.isfinite(vals)
-    if mask is not None:
-        good &= np.asarray(mask)[Yc, Xc] == 0
-    # other trails: footprint counts minus the star's own footprint
-    fp = trail_footprint_image(img.shape, trails, mask_radius, direction, length)
-    cover = fp[Yc, Xc].astype(np.int32)
-    if mask_radius > radius:
+    cx = np.rint(0.5 * (x0 + x1)).astype(np.int64)
+    cy = np.rint(0.5 * (y0 + y1)).astype(np.int64)
+    # flat pixel indices; only trails whose annulus box crosses the border need per-pixel checks
+    idx = (cy * nx + cx)[:, None] + (oy.astype(np.int64) * nx + ox)[None, :]
+    edge = (cx + ox.min() < 0) | (cx + ox.max() >= nx) | (cy + oy.min() < 0) | (cy + oy.max() >= ny)
+    inside = np.ones(idx.shape, dtype=bool)
+    if edge.any():
+        e = np.flatnonzero(edge)
+        X = cx[e, None] + ox[None, :]
+        Y = cy[e, None] + oy[None, :]
+        inside[e] = (X >= 0) & (X < nx) & (Y >= 0) & (Y < ny)
+        idx[e] = np.clip(Y, 0, ny - 1) * nx + np.clip(X, 0, nx - 1)
+    vals = img.reshape(-1)[idx]
+    # unusable pixels: flagged, or within mask_radius of another trail. The
+    # footprints use the same rounded centres and offsets as the annuli, so with
+    # mask_radius <= radius a star's own footprint never touches its own
+    # annulus and one boolean image suffices; otherwise footprints are counted
+    # and the star's own is subtracted.
+    if mask_radius <= radius:
+        unusable = trail_footprint_image(img.shape, trails, mask_radius, direction, length, counts=False)
+        if mask is not None:
+            unusable |= np.asarray(mask) != 0
+        good = inside & ~unusable.reshape(-1)[idx]
+    else:
+        fp = trail_footprint_image(img.shape, trails, mask_radius, direction, length, counts=True)
         hx, hy = 0.5 * length * direction[0], 0.5 * length * direction[1]
-        own = segment_distance(ox, oy, -hx, -hy, hx, hy) < mask_radius  # same rounding as the footprint
-        cover = cover - own[None, :].astype(np.int32)
-    good &= cover == 0
+        own = segment_distance(ox, oy, -hx, -hy, hx, hy) < mask_radius
+        good = inside & ((fp.reshape(-1)[idx].astype(np.int32) - own[None, :]) == 0)
+        if mask is not None:
+            good &= np.asarray(mask).reshape(-1)[idx] == 0
+    good &= np.isfinite(vals)
     n_annulus = inside.sum(axis=1)
-    vals = np.where(good, vals, np.nan)
+    vals = np.where(good, vals, np.float32(np.nan))
     med, std, cnt = clipped_stats_rows(vals, sigma=sigma, maxiters=maxiters)
     with np.errstate(invalid="ignore", divide="ignore"):
         err = _MEDIAN_EFFICIENCY * std / np.sqrt(np.where(cnt > 0, cnt, np.nan))

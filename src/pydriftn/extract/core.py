@@ -39,7 +39,7 @@ import pandas as pd
 from scipy.special import gammaln
 
 from . import flagbits as fb
-from .profile import CrossProfile, measure_profile, star_offsets
+from .profile import CrossProfile, measure_profile
 from .stamps import Strips, cut_strips, per_column
 
 __all__ = ["ExtractionResult", "extract_trails", "find_neighbours", "METHODS"]
@@ -140,6 +140,8 @@ def find_neighbours(x_start, y_start, x_end, y_end, reach_px, max_neighbours=3, 
         Neighbour indices, ``-1`` for none.
     n_all : ndarray (S,)
         Number of overlapping trails before truncation to ``max_neighbours``.
+    dcross : ndarray (S, M)
+        Cross-track separation of each kept neighbour (px; ``inf`` for none).
     """
     from scipy.spatial import cKDTree
 
@@ -150,9 +152,10 @@ def find_neighbours(x_start, y_start, x_end, y_end, reach_px, max_neighbours=3, 
     S = len(x0)
     M = int(max_neighbours)
     nb = np.full((S, max(M, 1)), -1, dtype=np.int64)
+    dc = np.full((S, max(M, 1)), np.inf)
     n_all = np.zeros(S, dtype=np.int64)
     if S < 2 or M <= 0:
-        return nb[:, :M], n_all
+        return nb[:, :M], n_all, dc[:, :M]
     mx, my = 0.5 * (x0 + x1), 0.5 * (y0 + y1)
     L = float(np.median(np.hypot(x1 - x0, y1 - y0)))
     dx, dy = np.median(x1 - x0), np.median(y1 - y0)
@@ -160,7 +163,7 @@ def find_neighbours(x_start, y_start, x_end, y_end, reach_px, max_neighbours=3, 
     tree = cKDTree(np.column_stack([mx, my]))
     pairs = tree.query_pairs(math.hypot(L + along_margin_px, reach_px), output_type="ndarray")
     if len(pairs) == 0:
-        return nb[:, :M], n_all
+        return nb[:, :M], n_all, dc[:, :M]
     a, b = pairs[:, 0], pairs[:, 1]
     ddx, ddy = mx[b] - mx[a], my[b] - my[a]
     d_al = ddx * ux + ddy * uy
@@ -171,13 +174,14 @@ def find_neighbours(x_start, y_start, x_end, y_end, reach_px, max_neighbours=3, 
     dst = np.concatenate([b, a])
     dist = np.concatenate([d_cr, d_cr])
     order = np.lexsort((dist, src))
-    src, dst = src[order], dst[order]
+    src, dst, dist = src[order], dst[order], dist[order]
     n_all = np.bincount(src, minlength=S)
     first = np.concatenate([[0], np.cumsum(n_all)[:-1]])
     rank = np.arange(len(src)) - first[src]
     sel = rank < M
     nb[src[sel], rank[sel]] = dst[sel]
-    return nb[:, :M], n_all
+    dc[src[sel], rank[sel]] = dist[sel]
+    return nb[:, :M], n_all, dc[:, :M]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -204,13 +208,13 @@ def _sky_columns(sky, star_id):
     return val, np.zeros(S), np.isfinite(val)
 
 
-def _snr_per_sample(strips):
-    """Median over samples of a box-sum signal-to-noise (per star)."""
+def _snr_per_sample(strips, return_flux=False):
+    """Median over samples of a box-sum signal-to-noise (per star) [and of the box sum]."""
     good = ~strips.bad
     B = np.where(good, strips.data, 0).sum(axis=2)
     V = np.where(good, strips.var0, 0).sum(axis=2) + np.maximum(B, 0) * strips.q
-    snr = B / np.sqrt(np.maximum(V, 1e-9))
-    return np.median(snr, axis=1)
+    snr = np.median(B / np.sqrt(np.maximum(V, 1e-9)), axis=1)
+    return (snr, np.median(B, axis=1)) if return_flux else snr
 
 
 def _reject_worst(d, M, V, bad, outlier_sigma, sys_frac):
@@ -229,8 +233,25 @@ def _reject_worst(d, M, V, bad, outlier_sigma, sys_frac):
     return bad
 
 
-def _optimal_single(d, var0, q, bad, P, n_iter=3, outlier_sigma=5.0, sys_frac=0.03):
-    """Horne optimal extraction of independent strips. Returns F, var_F, bad (updated)."""
+def _optimal_single(d, var0, q, bad, P, n_iter=3, outlier_sigma=5.0, sys_frac=0.03, subset=None):
+    """Horne optimal extraction of independent strips.
+
+    Returns F, var_F, bad (updated), V, w, sum(w P); with ``subset`` (bool over
+    stars) only those stars are computed (others: F NaN, w 0).
+    """
+    if subset is not None and not np.all(subset):
+        S, K, C = d.shape
+        F = np.full((S, K), np.nan)
+        varF = np.full((S, K), np.inf)
+        bad_out = bad.copy()
+        V = var0.copy()
+        w = np.zeros_like(P)
+        swp = np.zeros((S, K))
+        if np.any(subset):
+            i = np.flatnonzero(subset)
+            r = _optimal_single(d[i], var0[i], q[i], bad[i], P[i], n_iter, outlier_sigma, sys_frac)
+            F[i], varF[i], bad_out[i], V[i], w[i], swp[i] = r
+        return F, varF, bad_out, V, w, swp
     good = ~bad
     sP = np.where(good, P, 0).sum(axis=2)
     F = np.where(sP > 0.05, np.where(good, d, 0).sum(axis=2) / np.maximum(sP, 0.05), 0.0)
@@ -256,36 +277,58 @@ def _optimal_single(d, var0, q, bad, P, n_iter=3, outlier_sigma=5.0, sys_frac=0.
     return F, varF, bad, V, w, swp
 
 
-def _joint_solve(d, var0, q, bad, A, active, n_iter=3, outlier_sigma=5.0, sys_frac=0.03):
-    """Weighted LS for the amplitudes of ``A[..., m]`` per strip (m = 0: the star).
+def _joint_solve(d, var0, q, bad, A, active, n_iter=2, outlier_sigma=5.0, sys_frac=0.03):
+    """Weighted LS for the amplitudes of profiles ``A[m]`` per strip (m = 0: the star).
 
-    Parameters are ``(N, K, C)`` arrays plus ``A (N, K, C, M1)``, ``active (N, K, M1)``.
-    Returns F (N, K), varF, bad, amplitudes (N, K, M1).
+    Parameters
+    ----------
+    d, var0, bad : ndarray (N, K, C)
+    q : ndarray (N, K)
+    A : list of M1 ndarrays (N, K, C)
+        Unit-flux profiles: the star's, then its neighbours'.
+    active : ndarray of bool (N, K, M1)
+
+    Returns
+    -------
+    F, varF : ndarray (N, K)
+        The star's amplitude and its variance.
+    bad : ndarray (N, K, C)
+        Updated with rejected outliers.
     """
-    N, K, C, M1 = A.shape
-    P = A[..., 0]
+    M1 = len(A)
+    N, K, C = d.shape
+    P = A[0]
     good = ~bad
     sP = np.where(good, P, 0).sum(axis=2)
-    F0 = np.where(sP > 0.05, np.where(good, d, 0).sum(axis=2) / np.maximum(sP, 0.05), 0.0)
     amps = np.zeros((N, K, M1), dtype=np.float64)
-    amps[..., 0] = F0
+    amps[..., 0] = np.where(sP > 0.05, np.where(good, d, 0).sum(axis=2) / np.maximum(sP, 0.05), 0.0)
     bad = bad.copy()
-    eye = np.eye(M1)[None, None]
-    inactive_diag = (~active)[..., :, None] * eye
+    eye = np.eye(M1)
+    iu = [(m, l) for m in range(M1) for l in range(m, M1)]
     for it in range(n_iter + 1):
-        M = np.einsum("nkcm,nkm->nkc", A, amps)
+        M = A[0] * amps[..., 0:1].astype(np.float32)
+        for m in range(1, M1):
+            M = M + A[m] * amps[..., m : m + 1].astype(np.float32)
         V = var0 + q[:, :, None] * np.maximum(M, 0)
         if outlier_sigma and it >= 1:
             bad = _reject_worst(d, M, V, bad, outlier_sigma, sys_frac)
-        w = np.where(bad, 0.0, 1.0 / V)
-        Nmat = np.einsum("nkcm,nkc,nkcl->nkml", A, w, A) + inactive_diag
-        rhs = np.einsum("nkcm,nkc,nkc->nkm", A, w, d)
-        # guard against singular systems (neighbour with no pixel left)
-        Nmat = Nmat + 1e-9 * np.trace(Nmat, axis1=-2, axis2=-1)[..., None, None] * eye
+        w = np.where(bad, np.float32(0), 1.0 / V).astype(np.float32)
+        wA = [w * a for a in A]
+        Nmat = np.empty((N, K, M1, M1))
+        for m, l in iu:
+            Nmat[..., m, l] = Nmat[..., l, m] = (wA[m] * A[l]).sum(axis=2)
+        rhs = np.stack([(wa * d).sum(axis=2) for wa in wA], axis=-1).astype(np.float64)
+        # inactive neighbours and empty strips: decouple; tiny ridge against coincident trails
+        diag = np.diagonal(Nmat, axis1=-2, axis2=-1)
+        empty = ~(diag > 0) | ~active
+        Nmat = Nmat * ~(empty[..., :, None] | empty[..., None, :]) + empty[..., :, None] * eye
+        Nmat = Nmat + 1e-6 * np.maximum(diag.max(axis=-1), 1e-30)[..., None, None] * eye
+        rhs = np.where(empty, 0.0, rhs)
         if it < n_iter:
             amps = np.linalg.solve(Nmat, rhs[..., None])[..., 0]
-    cov = np.linalg.inv(Nmat)
-    return amps[..., 0], cov[..., 0, 0], bad, amps
+    cov00 = np.linalg.inv(Nmat)[..., 0, 0]
+    cov00 = np.where(empty[..., 0], np.inf, cov00)
+    return amps[..., 0], cov00, bad
 
 
 def _l3_fit(d, bad, offset, fwhm_px, beta=2.5, n_iter=12):
@@ -351,7 +394,7 @@ def extract_trails(
     mjd_obs=None,
     method="optimal",
     half_width=None,
-    half_width_fwhm=2.5,
+    half_width_fwhm=2.0,
     fwhm_px=None,
     ramp_fwhm=1.5,
     profile_halfwindow=2,
@@ -448,37 +491,38 @@ def extract_trails(
 
     # ---- neighbours and profile references
     fwhm_guess = fwhm_px if fwhm_px is not None else W / half_width_fwhm
-    reach = 2 * W + 1 if deblend else 0
-    if deblend and S > 1:
-        nb, n_all = find_neighbours(x0, y0, x1, y1, reach_px=W + 2.0 * fwhm_guess,
-                                    max_neighbours=max_neighbours, along_margin_px=3 * fwhm_guess)
+    if S > 1:
+        nb, n_all, dcross = find_neighbours(x0, y0, x1, y1, reach_px=W + 2.0 * fwhm_guess,
+                                            max_neighbours=max_neighbours, along_margin_px=3 * fwhm_guess)
     else:
-        nb, n_all = np.full((S, 0), -1, np.int64), np.zeros(S, np.int64)
-    snr = _snr_per_sample(strips)
+        nb, n_all, dcross = np.full((S, 0), -1, np.int64), np.zeros(S, np.int64), np.zeros((S, 0))
+    snr, box = _snr_per_sample(strips, return_flux=True)
+    # contamination of each star's core by its neighbours: flux ratio x their
+    # line-spread function at the star's centre relative to their peak
+    alpha = max(fwhm_guess, 1.0)
+    nbv = nb >= 0
+    bratio = np.where(nbv, np.maximum(box[np.where(nbv, nb, 0)], 0) / np.maximum(box, 1e-9)[:, None], 0.0)
+    contamination = (bratio * (1.0 + (np.where(nbv, dcross, np.inf) / alpha) ** 2) ** -2.5).sum(axis=1)
+    isolated = contamination < 0.01
+    # neighbours worth a joint fit: inside the window, or bright enough to matter
+    contrib = bratio * (1.0 + (np.where(nbv, dcross, np.inf) / alpha) ** 2) ** -2.5
+    nb = np.where(nbv & ((dcross < W) | (contrib > 1e-3)), nb, -1)
     sat_star = (strips.sample_flags & fb.SATURATED).any(axis=1)
     off_star = (strips.sample_flags & fb.OFF_IMAGE).any(axis=1)
-    cand = (snr >= ref_snr_min) & ~sat_star & ~off_star & (n_all == 0) & (in_flags == 0) & sky_ok
+    cand = (snr >= ref_snr_min) & ~sat_star & ~off_star & isolated & (in_flags == 0) & sky_ok
     ref = np.zeros(S, bool)
     if cand.sum() < 5:
-        cand = np.isfinite(snr) & ~sat_star & ~off_star & (snr > 5) & (n_all == 0)
+        cand = np.isfinite(snr) & ~sat_star & ~off_star & (snr > 5) & isolated
     if cand.sum() < 3:
         log.warning("extract_trails: fewer than 3 isolated reference stars for the profile; using blended ones")
         cand = np.isfinite(snr) & ~sat_star & ~off_star & (snr > 5)
     order = np.argsort(-np.where(cand, snr, -np.inf))[: int(n_profile_refs)]
     ref[order[cand[order]]] = True
     prof, delta, _ = measure_profile(strips, ref, halfwindow=profile_halfwindow)
-    kidx = np.arange(K)[None, :, None]
 
-    # ---- first pass: single-star optimal with profile, then per-star offsets
-    P = prof.evaluate(strips.offset, kidx, delta=delta)
-    F, varF, bad2, V, w, swp = _optimal_single(strips.data, strips.var0, strips.q, strips.bad, P,
-                                               n_iter=2, outlier_sigma=0)
-    if method == "optimal":
-        d_all, d_err = star_offsets(strips, prof, np.nan_to_num(F), V)
-        # blended stars: the single-star fit would pull them towards their neighbours
-        d_all = np.where(ref, delta, np.where(n_all > 0, 0.0, d_all))
-        delta = d_all.astype(np.float32)
-        P = prof.evaluate(strips.offset, kidx, delta=delta)
+    # ---- profile of every strip, normalised to the total flux (aperture-corrected)
+    psi = strips.phase - prof.shift[None, :] - delta[:, None]
+    P = prof.strip_profile(psi, np.arange(K)[None, :], W, normalise="total")
 
     sample_flags = strips.sample_flags.copy()
     fwhm_med = float(np.median(prof.fwhm_px)) if prof.n_ref else float(fwhm_guess)
@@ -488,13 +532,21 @@ def extract_trails(
     sample_flags |= np.where(ramp[None, :], fb.SHUTTER_RAMP, 0).astype(np.int32)
 
     if method == "optimal":
+        has_nb = (nb >= 0).any(axis=1) if (deblend and nb.shape[1] > 0) else np.zeros(S, bool)
         F, varF, bad2, V, w, swp = _optimal_single(strips.data, strips.var0, strips.q, strips.bad, P,
                                                    n_iter=3, outlier_sigma=outlier_sigma)
         wsum_cells = w.sum(axis=2)
         sky_lever = np.where(swp > 0, wsum_cells / np.where(swp > 0, swp, 1.0), 0.0)
-        if deblend and nb.shape[1] > 0 and (n_all > 0).any():
-            F, varF, bad2, sky_lever, dbl = _deblend(strips, prof, delta, P, F, varF, bad2, sky_lever,
-                                                     nb, x0, y0, x1, y1, geometry, outlier_sigma)
+        if has_nb.any():
+            idx = np.flatnonzero(has_nb)
+            Fj, varj, badj, dbl_sub = _deblend(strips, prof, delta, P, nb, x0, y0, x1, y1, geometry,
+                                               outlier_sigma, reach=W + 2.0 * fwhm_guess + 2.0, idx=idx)
+            ni, ki = np.nonzero(dbl_sub)
+            F[idx[ni], ki] = Fj[ni, ki]
+            varF[idx[ni], ki] = varj[ni, ki]
+            bad2[idx[ni], ki] = badj[ni, ki]
+            dbl = np.zeros((S, K), bool)
+            dbl[idx] = dbl_sub
             sample_flags |= np.where(dbl, fb.DEBLENDED, 0).astype(np.int32)
     elif method == "box":
         good = ~strips.bad
@@ -530,7 +582,7 @@ def extract_trails(
     n_bad = int(nodata.sum())
     log.info("extract_trails[%s]: %d stars x %d samples, W=%d px, FWHM %.2f px, %d profile refs, "
              "%d deblended stars, %d samples without data", method, S, K, W, fwhm_med, int(ref.sum()),
-             int((n_all > 0).sum()), n_bad)
+             int((nb >= 0).any(axis=1).sum()) if deblend else 0, n_bad)
     return ExtractionResult(
         star_id=star_id,
         trails=trails,
@@ -579,57 +631,59 @@ def _estimate_fwhm(img, mask, x0, y0, x1, y1, geometry, sky_adu, gain, read_nois
     return float(np.median(prof.fwhm_px))
 
 
-def _deblend(strips, prof, delta, P, F, varF, bad, sky_lever, nb, x0, y0, x1, y1, geometry, outlier_sigma):
-    """Joint fit of stars with overlapping neighbours (see module docstring)."""
+def _deblend(strips, prof, delta, P, nb, x0, y0, x1, y1, geometry, outlier_sigma, reach, idx):
+    """Joint fit of the stars ``idx`` with their overlapping neighbours ``nb[idx]`` (see module docstring).
+
+    Returns F, varF, bad, deblended (arrays over ``idx``).
+    """
     S, K, C = strips.data.shape
-    M = nb.shape[1]
-    has = (nb >= 0).any(axis=1)
-    idx = np.flatnonzero(has)
-    N = len(idx)
-    if N == 0:
-        return F, varF, bad, sky_lever, np.zeros((S, K), bool)
+    nbi = nb[idx]
+    M = int((nbi >= 0).sum(axis=1).max()) if len(idx) else 0
+    # compact the neighbour columns (valid ones first)
+    order = np.argsort(nbi < 0, axis=1, kind="stable")
+    nbi = np.take_along_axis(nbi, order, axis=1)[:, :M]
     frac = geometry.sample_dt_s / geometry.exptime_s
-    major = strips.major_axis
-    if major == "x":
+    if strips.major_axis == "x":
         a0, ea, c0, ec = x0, (x1 - x0) * frac, y0, (y1 - y0) * frac
     else:
         a0, ea, c0, ec = y0, (y1 - y0) * frac, x0, (x1 - x0) * frac
-    A = np.zeros((N, K, C, M + 1), dtype=np.float32)
-    A[..., 0] = P[idx]
+    N = len(idx)
+    A = [P[idx]]
     active = np.zeros((N, K, M + 1), dtype=bool)
     active[..., 0] = True
-    ac = strips.along_centre[idx]  # (N, K) along coordinate of the strip centre
+    ac = strips.along_centre[idx]
     cc = strips.cross_centre[idx]
     n_tot = geometry.n_samples
-    margin = 3.0 * float(np.median(prof.fwhm_px))
-    tab_norm = prof.table.sum(axis=1) * prof.bin_px  # integral of each row
+    margin = 3.0 * float(np.nanmedian(prof.fwhm_px))
+    phase = strips.phase[idx]
     for m in range(M):
-        b = nb[idx, m]
+        b = nbi[:, m]
         okb = b >= 0
         bb = np.where(okb, b, 0)
         # neighbour's continuous sample coordinate at the strip's along position
-        kb_f = (ac - a0[bb][:, None]) / ea[bb][:, None]  # = sample coordinate + 0.5 at strip centre
+        kb_f = (ac - a0[bb][:, None]) / ea[bb][:, None]
         ccb = c0[bb][:, None] + ec[bb][:, None] * kb_f
-        D = (ccb - cc).astype(np.float32)  # neighbour centre relative to the star's strip centre
-        on = okb[:, None] & (kb_f > -margin) & (kb_f < n_tot + margin)
+        D = ccb - cc  # neighbour centre relative to the star's, cross axis
+        on = okb[:, None] & (kb_f > -margin) & (kb_f < n_tot + margin) & (np.abs(D) < reach)
         kb = np.clip(np.floor(kb_f).astype(np.int64), 0, K - 1)
-        Pb = prof.evaluate(strips.offset[idx], kb[:, :, None], delta=delta[bb], extra_shift=D[:, :, None],
-                           normalise=False)
-        Pb = Pb / tab_norm[kb][:, :, None]
-        Pb = np.where(on[:, :, None], Pb, 0.0)
-        significant = Pb.sum(axis=2) > 1e-3
-        A[..., m + 1] = Pb
-        active[..., m + 1] = on & significant
-    Fj, varj, badj, amps = _joint_solve(strips.data[idx], strips.var0[idx], strips.q[idx], strips.bad[idx],
-                                        A, active, n_iter=3, outlier_sigma=outlier_sigma)
-    dbl_sub = active[..., 1:].any(axis=2)
-    F = F.copy()
-    varF = varF.copy()
-    bad = bad.copy()
-    F[idx] = np.where(dbl_sub, Fj, F[idx])
-    varF[idx] = np.where(dbl_sub, varj, varF[idx])
-    bad[idx] = np.where(dbl_sub[:, :, None], badj, bad[idx])
-    dbl = np.zeros((S, K), bool)
-    dbl[idx] = dbl_sub
-    # sky lever for deblended strips: approximate by the single-star value
-    return F, varF, bad, sky_lever, dbl
+        psi_b = phase - D - prof.shift[kb] - delta[bb][:, None]
+        Pb = prof.strip_profile(psi_b, kb, strips.half_width, normalise="total", reach_px=reach + 1.0)
+        Pb = np.where(on[:, :, None], Pb, np.float32(0))
+        A.append(Pb)
+        active[..., m + 1] = on & (Pb.sum(axis=2) > 1e-3)
+    # solve only the strips where a neighbour is active, as a flat list of strips
+    dbl = active[..., 1:].any(axis=2)
+    ni, ki = np.nonzero(dbl)
+    F = np.full((N, K), np.nan)
+    varF = np.full((N, K), np.inf)
+    bad = strips.bad[idx].copy()
+    if len(ni):
+        si = idx[ni]
+        Aq = [a[ni, ki][:, None, :] for a in A]
+        Fq, vq, bq = _joint_solve(strips.data[si, ki][:, None, :], strips.var0[si, ki][:, None, :],
+                                  strips.q[si, ki][:, None], strips.bad[si, ki][:, None, :], Aq,
+                                  active[ni, ki][:, None, :], outlier_sigma=outlier_sigma)
+        F[ni, ki] = Fq[:, 0]
+        varF[ni, ki] = vq[:, 0]
+        bad[ni, ki] = bq[:, 0]
+    return F, varF, bad, dbl

@@ -6,8 +6,9 @@ sample, i.e. the line-spread function) and its cross-track jitter are shared.
 We therefore measure, from the ensemble of bright isolated reference stars,
 
 * a common cross-track shift per sample (the jitter), ``shift[k]``;
-* a per-star offset of the forced position, ``delta[s]`` (catalogue/WCS
-  error; shrunk towards zero according to its uncertainty);
+* a cross offset of the forced position of each reference star, ``delta[s]``
+  (catalogue/WCS error; for other stars it is a second-order effect on the
+  flux and is not fitted);
 * an empirical profile per sample (a fitted combination of pixel-integrated
   Gaussians of fixed widths, tabulated every ``bin_px``), from a
   running window of ``2*halfwindow + 1`` samples (the seeing changes on
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import erf
 
-__all__ = ["CrossProfile", "measure_profile", "star_offsets", "BASIS_SIGMAS_PX"]
+__all__ = ["CrossProfile", "measure_profile", "BASIS_SIGMAS_PX"]
 
 _SQRT2 = math.sqrt(2.0)
 
@@ -44,7 +45,7 @@ class CrossProfile:
     ----------
     table : ndarray (K, NB)
         Profile per sample on the grid ``u0 + bin_px * arange(NB)``
-        (arbitrary normalisation; evaluate with :meth:`evaluate`).
+        (arbitrary normalisation; evaluate with :meth:`strip_profile`).
     u0, bin_px : float
     shift : ndarray (K,)
         Common cross-track shift per sample (px).
@@ -60,53 +61,89 @@ class CrossProfile:
     shift: np.ndarray
     fwhm_px: np.ndarray
     n_ref: int
+    total: np.ndarray | None = None  # (K,) integral of each row (flux normalisation)
+    _padded: np.ndarray | None = None
+    _pad: int = 0
 
-    def _interp(self, tab_rows, u, k_idx):
-        f = (u.astype(np.float64) - self.u0) / self.bin_px
-        nb = self.table.shape[1]
-        i0 = np.clip(np.floor(f).astype(np.int64), 0, nb - 2)
-        fr = np.clip(f - i0, 0.0, 1.0).astype(np.float32)
-        base = k_idx * nb
-        t = tab_rows.reshape(-1)
-        a = t[base + i0]
-        b = t[base + i0 + 1]
-        out = a + (b - a) * fr
-        outside = (f < 0) | (f > nb - 1)
-        out = np.where(outside, 0.0, out)
-        return out.astype(np.float32), ((b - a) / self.bin_px).astype(np.float32)
+    def __post_init__(self):
+        self.table = np.ascontiguousarray(self.table, dtype=np.float32)
+        if self.total is None:
+            self.total = (self.table.sum(axis=1) * self.bin_px).astype(np.float64)
+        self.total = np.where(self.total > 0, self.total, 1.0)
 
-    def evaluate(self, offset, k_idx, delta=None, extra_shift=None, normalise=True, derivative=False):
-        """Profile at cross offsets.
+    def _padded_table(self, reach_px):
+        pad = int(math.ceil((reach_px + 3.0) / self.bin_px))
+        if self._padded is None or self._pad < pad:
+            K, nb = self.table.shape
+            tp = np.zeros((K, nb + 2 * pad + 2), dtype=np.float32)
+            tp[:, pad : pad + nb] = self.table
+            self._padded, self._pad = tp, pad
+        return self._padded, self._pad
+
+    def strip_profile(self, psi, k_rows, half_width, *, normalise="total", derivative=False, reach_px=None):
+        """Profile on the cells ``c = -W..W`` of strips whose star sits at ``-psi``.
+
+        The profile of cell ``c`` is the table at ``u = c + psi``, where
+        ``psi = phase - shift[k] - delta - extra`` (``phase`` = the cell grid's
+        offset from the nominal position). The cell grid is a whole number of
+        table steps, so only ``psi`` needs interpolating: one floor per strip
+        and two gathers per cell.
 
         Parameters
         ----------
-        offset : ndarray (S, K, C)
-            Pixel-centre offsets from the nominal star positions.
-        k_idx : ndarray broadcastable to (S, K, 1)
-            Row of the table (sample index into ``table``) for each strip.
-        delta : ndarray (S,), optional
-            Per-star offsets.
-        extra_shift : ndarray broadcastable to (S, K, 1), optional
-            Additional offsets (e.g. a neighbour's position).
-        normalise : bool
-            Divide by the sum over the strip (unit sum over ``C``).
+        psi : ndarray (S, K)
+        k_rows : ndarray of int, broadcastable to (S, K)
+            Table row (sample) of each strip.
+        half_width : int
+        normalise : {'total', 'window', None}
+            ``'total'``: unit integral over all ``u`` (the fitted flux is the
+            total flux, i.e. aperture-corrected); ``'window'``: unit sum over
+            the strip; None: raw table values.
         derivative : bool
             Also return dP/du (same normalisation).
+        reach_px : float, optional
+            Largest ``|psi|`` to support (default ``3 * half_width``); beyond
+            it the profile is zero.
+
+        Returns
+        -------
+        P (S, K, C) float32 [, dP]
         """
-        u = offset - self.shift[k_idx]
-        if delta is not None:
-            u = u - np.asarray(delta, dtype=np.float32)[:, None, None]
-        if extra_shift is not None:
-            u = u - extra_shift
-        kb = np.broadcast_to(k_idx, u.shape)
-        p, dp = self._interp(self.table, u, kb)
-        p = np.maximum(p, 0.0)
-        if normalise:
-            s = p.sum(axis=-1, keepdims=True)
-            s = np.where(s > 0, s, 1.0)
-            p = p / s
-            dp = dp / s
-        return (p, dp) if derivative else p
+        W = int(half_width)
+        h = self.bin_px
+        step = int(round(1.0 / h))
+        reach = 3.0 * W if reach_px is None else float(reach_px)
+        tp, pad = self._padded_table(reach + W)
+        K, nbp = tp.shape
+        psi = np.asarray(psi, dtype=np.float64)
+        k_rows = np.broadcast_to(np.asarray(k_rows, dtype=np.int64), psi.shape)
+        far = ~(np.abs(psi) <= reach)
+        g = (np.where(far, 0.0, psi) - self.u0) / h + pad
+        i0 = np.floor(g)
+        fr = (g - i0).astype(np.float32)[..., None]
+        base = (k_rows * nbp + i0.astype(np.int64))[..., None]
+        cells = (step * np.arange(-W, W + 1, dtype=np.int64))[None, None, :]
+        idx = base + cells
+        flat = tp.reshape(-1)
+        a = flat[idx]
+        b = flat[idx + 1]
+        p = a + (b - a) * fr
+        if far.any():
+            p[far] = 0.0
+        if normalise == "total":
+            nrm = (1.0 / self.total[k_rows]).astype(np.float32)[..., None]
+        elif normalise == "window":
+            ssum = p.sum(axis=-1, keepdims=True)
+            nrm = np.where(ssum > 0, 1.0 / np.where(ssum > 0, ssum, 1.0), 0.0).astype(np.float32)
+        else:
+            nrm = np.float32(1.0)
+        p = np.maximum(p, 0.0) * nrm
+        if derivative:
+            dp = (b - a) * np.float32(1.0 / h) * nrm
+            if far.any():
+                dp[far] = 0.0
+            return p, dp
+        return p
 
 
 def _running_sum(a, halfwindow):
@@ -233,11 +270,13 @@ def measure_profile(strips, ref, *, halfwindow=2, bin_px=0.05, n_iter=3, prior_o
             coef = np.linalg.lstsq(Nk.sum(axis=0), bk.sum(axis=0), rcond=None)[0][None, :].repeat(K, 0)
         table = (coef @ bgrid.T).astype(np.float32)
         table = np.maximum(table, 0.0)
-        prof = CrossProfile(table, u0, bin_px, shift.copy(), _fwhm_of_table(table, ugrid), len(ridx))
+        prof = CrossProfile(table, u0, bin_px, shift.copy(), _fwhm_of_table(table, ugrid), len(ridx),
+                            total=coef.sum(axis=1))
         if it == n_iter - 1:
             break
         # Gauss-Newton step on the shift of every reference strip
-        P, dP = prof.evaluate(off, np.arange(K)[None, :, None], delta=delta[ridx], derivative=True)
+        psi = strips.phase[ridx] - shift[None, :] - delta[ridx][:, None]
+        P, dP = prof.strip_profile(psi, np.arange(K)[None, :], W, normalise="window", derivative=True)
         F = B[:, :, None]
         V = v0 + np.maximum(F * P, 0)
         r = d - F * P
@@ -261,33 +300,3 @@ def measure_profile(strips, ref, *, halfwindow=2, bin_px=0.05, n_iter=3, prior_o
     log.debug("measure_profile: %d refs, median FWHM %.2f px, shift rms %.3f px",
               len(ridx), float(np.nanmedian(prof.fwhm_px)), float(np.std(prof.shift)))
     return prof, delta, delta_err
-
-
-def star_offsets(strips, prof, flux_e, var_model, *, prior_offset_px=0.15, min_snr=20.0):
-    """Per-star cross offsets from all samples of each star (linearised fit), shrunk.
-
-    Parameters
-    ----------
-    strips : Strips
-    prof : CrossProfile
-    flux_e : ndarray (S, K)
-        Current per-sample flux estimates (e- per sample).
-    var_model : ndarray (S, K, C)
-        Pixel variances.
-
-    Returns
-    -------
-    delta, delta_err : ndarray (S,)
-    """
-    S, K, C = strips.data.shape
-    P, dP = prof.evaluate(strips.offset, np.arange(K)[None, :, None], derivative=True)
-    F = np.maximum(flux_e, 0)[:, :, None].astype(np.float32)
-    r = strips.data - F * P
-    w = np.where(strips.bad, 0.0, 1.0 / var_model)
-    num = -(w * r * F * dP).sum(axis=(1, 2))  # r ~ -delta * F dP  =>  num = delta * den
-    den = (w * (F * dP) ** 2).sum(axis=(1, 2))
-    ok = den > 0
-    dl = np.where(ok, num / np.where(ok, den, 1.0), 0.0)
-    err = np.where(ok, 1.0 / np.sqrt(np.where(ok, den, 1.0)), np.inf)
-    shrink = prior_offset_px**2 / (prior_offset_px**2 + err**2)
-    return (dl * shrink).astype(np.float32), err.astype(np.float32)

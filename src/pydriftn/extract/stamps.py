@@ -61,6 +61,7 @@ class Strips:
     major_axis: str  # 'x' or 'y': the image axis closest to the drift
     cross_centre: np.ndarray  # (S, K) float64 cross-axis coordinate of the star at mid-sample
     along_centre: np.ndarray  # (S, K) float64 along-axis coordinate at mid-sample
+    phase: np.ndarray  # (S, K) float64 offset of the central cell from the star (= offset[..., W])
 
 
 def cut_strips(image, mask, x_start, y_start, x_end, y_end, geometry, sky_adu, gain, read_noise_e,
@@ -134,52 +135,59 @@ def cut_strips(image, mask, x_start, y_start, x_end, y_end, geometry, sky_adu, g
 
     n_along, n_cross = (nx, ny) if major == "x" else (ny, nx)
     inside_c = (j >= 0) & (j < n_cross)
-    jcl = np.clip(j, 0, n_cross - 1)
+    edge = not bool(inside_c.all())
+    jcl = np.clip(j, 0, n_cross - 1) if edge else j
     flat = img.reshape(-1)
+    if flat.dtype != np.float32:
+        flat = flat.astype(np.float32)
     mflat = None if mask is None else np.asarray(mask).reshape(-1)
     sky = np.asarray(sky_adu, dtype=np.float32)[:, None, None]
     data = np.zeros((S, K, C), dtype=np.float32)
     var0 = np.zeros((S, K, C), dtype=np.float32)
-    bad = ~inside_c
+    bad = ~inside_c if edge else np.zeros((S, K, C), dtype=bool)
     flags = np.zeros((S, K), dtype=np.int32)
-    sat_any = np.zeros((S, K, C), dtype=bool)
-    cr_any = np.zeros((S, K, C), dtype=bool)
-    msk_any = np.zeros((S, K, C), dtype=bool)
+    sat_any = np.zeros((S, K), dtype=bool)
+    cr_any = np.zeros((S, K), dtype=bool)
+    off_along = np.zeros((S, K), dtype=bool)
     for ia, wa in ((i1, w1), (i2, w2)):
         used = wa > 1e-9
         inside_a = (ia >= 0) & (ia < n_along)
+        off_along |= used & ~inside_a
         iacl = np.clip(ia, 0, n_along - 1)
         if major == "x":
-            col = np.broadcast_to(iacl[:, :, None], j.shape)
-            idx = jcl * nx + col
+            # the amplifier (gain, read noise, saturation) is the same for the whole strip column
+            idx = jcl * nx + iacl[:, :, None]
+            g = g_col[iacl][:, :, None]
+            rn2 = rn2_col[iacl][:, :, None]
+            sat_lvl = None if sat_col is None else sat_col[iacl][:, :, None]
         else:
-            col = jcl
             idx = iacl[:, :, None] * nx + jcl
-        vals = flat[idx].astype(np.float32)
-        g = g_col[col]
-        e = (vals - sky) * g
-        v = rn2_col[col] + g * np.maximum(sky, 0.0) * 1.0
+            g = g_col[jcl]
+            rn2 = rn2_col[jcl]
+            sat_lvl = None if sat_col is None else sat_col[jcl]
+        vals = flat[idx]
         wa32 = wa.astype(np.float32)[:, :, None]
-        data += wa32 * e
-        var0 += wa32 * wa32 * v
+        data += wa32 * ((vals - sky) * g)
+        var0 += (wa32 * wa32) * (rn2 + g * np.maximum(sky, np.float32(0)))
         use3 = used[:, :, None]
-        bad |= use3 & (~inside_a[:, :, None] | ~np.isfinite(vals))
-        if sat_col is not None:
-            s = use3 & (vals >= sat_col[col])
-            sat_any |= s
+        badc = ~np.isfinite(vals)
+        if sat_lvl is not None:
+            s_ = vals >= sat_lvl
+            badc |= s_
+            sat_any |= (s_ & use3).any(axis=2)
         if mflat is not None:
             mv = mflat[idx]
-            m = use3 & (mv != 0)
-            msk_any |= m
+            badc |= mv != 0
             if fb.PIXEL_COSMIC_RAY:
-                cr_any |= use3 & ((mv & fb.PIXEL_COSMIC_RAY) != 0)
+                cr_any |= (((mv & fb.PIXEL_COSMIC_RAY) != 0) & use3).any(axis=2)
             if fb.PIXEL_SATURATED:
-                sat_any |= use3 & ((mv & fb.PIXEL_SATURATED) != 0)
-    bad |= sat_any | msk_any
-    off_image = ~inside_c | (~((i1 >= 0) & (i2 < n_along)))[:, :, None]
-    flags |= np.where(off_image.any(axis=2), fb.OFF_IMAGE, 0).astype(np.int32)
-    flags |= np.where(sat_any.any(axis=2), fb.SATURATED, 0).astype(np.int32)
-    flags |= np.where(cr_any.any(axis=2), fb.COSMIC_RAY, 0).astype(np.int32)
+                sat_any |= (((mv & fb.PIXEL_SATURATED) != 0) & use3).any(axis=2)
+        bad |= badc & use3
+    bad |= off_along[:, :, None]
+    off_image = off_along | (~inside_c).any(axis=2) if edge else off_along
+    flags |= np.where(off_image, fb.OFF_IMAGE, 0).astype(np.int32)
+    flags |= np.where(sat_any, fb.SATURATED, 0).astype(np.int32)
+    flags |= np.where(cr_any, fb.COSMIC_RAY, 0).astype(np.int32)
     data[bad] = 0.0
     wsum = (w1 + w2).astype(np.float32)
     q = np.where(wsum > 0, (w1 * w1 + w2 * w2) / np.where(wsum > 0, wsum, 1.0), 1.0).astype(np.float32)
@@ -196,4 +204,5 @@ def cut_strips(image, mask, x_start, y_start, x_end, y_end, geometry, sky_adu, g
         major_axis=major,
         cross_centre=cc,
         along_centre=ac,
+        phase=(jc - cc),
     )
