@@ -23,13 +23,13 @@ EXIT_ERROR = 2
 
 
 def _setup_logging(verbosity: int) -> None:
-    level = logging.WARNING - 10 * verbosity
-    logging.basicConfig(
-        level=max(level, logging.DEBUG),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
+    level = max(logging.WARNING - 10 * verbosity, logging.DEBUG)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(level)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(level)
 
 
 # --------------------------------------------------------------------- commands

@@ -297,14 +297,15 @@ def run_pipeline(cfg, *, progress: bool = True, log_file: bool = True) -> RunRes
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     handler = None
+    pkg_logger = logging.getLogger("pydriftn")
+    old_level = pkg_logger.level
     if log_file:
+        # the run's own log file, for the duration of the run only
         handler = logging.FileHandler(out / "pydriftn.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
-        handler.setLevel(logging.INFO)
-        pkg_logger = logging.getLogger("pydriftn")
+        handler.setLevel(logging.DEBUG)
         pkg_logger.addHandler(handler)
-        if pkg_logger.getEffectiveLevel() > logging.INFO:
-            pkg_logger.setLevel(logging.INFO)
+        pkg_logger.setLevel(logging.DEBUG)
     try:
         n = _clean_stale_temporaries(out)
         if n:
@@ -347,9 +348,10 @@ def run_pipeline(cfg, *, progress: bool = True, log_file: bool = True) -> RunRes
 
         write_bytes_atomic(json.dumps(summary, indent=1, sort_keys=True).encode(), out / "run_summary.json")
         for line in result.summary_lines():
-            log.info(line)
+            log.debug(line)  # the log file gets the summary; the CLI prints it
         return result
     finally:
         if handler is not None:
-            logging.getLogger("pydriftn").removeHandler(handler)
+            pkg_logger.removeHandler(handler)
+            pkg_logger.setLevel(old_level)
             handler.close()

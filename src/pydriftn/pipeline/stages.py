@@ -1,0 +1,226 @@
+"""The chain of stages for one unit (one CCD of one drift exposure).
+
+:func:`process_exposure_ccd` is a pure function from input files to tables:
+read → astrometry (trails, WCS re-fit) → forced trail positions of every
+catalogue star → local sky → per-sample extraction → normalisation →
+classification. The runner writes what it returns.
+"""
+
+from __future__ import annotations
+
+import io as _io
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..errors import CatalogueError, ConfigError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["UnitProducts", "process_exposure_ccd", "prepare_catalogue", "select_targets"]
+
+
+@dataclass
+class UnitProducts:
+    """Tables and files produced by one unit."""
+
+    tables: dict = field(default_factory=dict)  # name -> DataFrame (written as Parquet)
+    files: dict = field(default_factory=dict)  # name -> bytes
+    n_stars: int = 0
+    counts: dict = field(default_factory=dict)
+
+
+def _wcs_fits_bytes(wcs, unit, astro) -> bytes:
+    from astropy.io import fits
+
+    hdr = wcs.to_header(relax=True)
+    hdr["EXTNAME"] = unit.ccd
+    hdr["EXPNUM"] = unit.expnum
+    hdr["WCSRMS"] = (float(astro.rms_arcsec), "[arcsec] rms residual of the WCS fit")
+    hdr["WCSNSTAR"] = (int(astro.n_used), "stars used in the WCS fit")
+    hdr["WCSSRC"] = (Path(unit.image_path).name[:68], "image whose WCS was re-fitted")
+    hdr["COMMENT"] = "WCS of the CCD at shutter open, re-fitted by pydriftn"
+    buf = _io.BytesIO()
+    fits.HDUList([fits.PrimaryHDU(header=hdr)]).writeto(buf)
+    return buf.getvalue()
+
+
+def process_exposure_ccd(unit, catalogue: pd.DataFrame, cfg, *, targets=None) -> UnitProducts:
+    """Run every stage on one unit and return its products.
+
+    Parameters
+    ----------
+    unit : pydriftn.pipeline.Unit
+    catalogue : pandas.DataFrame
+        Master catalogue (``star_id, ra, dec``, magnitudes, flags ...).
+    cfg : pydriftn.config.PipelineConfig
+    targets : list of int, optional
+        Star IDs of the target list (all stars are still extracted, since
+        they are needed for the common pattern; products note the targets).
+
+    Raises
+    ------
+    pydriftn.errors.PydriftnError
+        For data problems (reported by the runner as a skipped unit).
+    """
+    from ..astrometry import predict_trails, solve_exposure_ccd
+    from ..detrend import long_table, normalise, star_table
+    from ..extract import extract_trails
+    from ..flags import PixelFlag
+    from ..io import read_ccd
+    from ..sky import local_sky
+
+    a = cfg.astrometry
+    mask_arg = unit.mask_path if (cfg.read_mask and unit.mask_path) else None
+    img = read_ccd(unit.image_path, unit.ccd, mask=mask_arg, require_timing=True)
+    info = img.info
+    astro = solve_exposure_ccd(
+        img, catalogue, cfg.drift_rate_arcsec_s, mask=img.mask, anchor=a.anchor,
+        detect_sigma=a.detect_sigma, max_pointing_error_arcsec=a.max_pointing_error_arcsec,
+        max_rotation_deg=a.max_rotation_deg, sip_order=a.sip_order,
+        detect_cosmics_without_mask=a.detect_cosmics_without_mask,
+        expnum=unit.expnum, ccd=unit.ccd,
+    )
+    geometry = astro.geometry
+    fwhm_px = astro.diagnostics.get("fwhm_px") or info.fwhm_px
+    forced = predict_trails(catalogue, astro.wcs, info.exptime, cfg.drift_rate_arcsec_s, img.shape,
+                            anchor=a.anchor, fwhm_px=fwhm_px or 4.0)
+    if forced.empty:
+        from ..errors import AstrometryError
+
+        raise AstrometryError(f"{unit.image_path}[{unit.ccd}]: no catalogue star falls on this CCD")
+    # one pixel mask for the later stages: dq/astroscrappy bad pixels + streaks
+    pixmask = np.zeros(img.shape, dtype=np.uint16)
+    pixmask[astro.bad_mask] |= np.uint16(PixelFlag.BAD_PIXEL)
+    pixmask[astro.cr_mask] |= np.uint16(PixelFlag.COSMIC_RAY)
+
+    classification = None
+    counts = {}
+    if cfg.classify.enabled:
+        from ..classify import classify_exposure_ccd
+
+        classification = classify_exposure_ccd(
+            img.data, pixmask, forced, geometry, fwhm_px=float(fwhm_px or 4.0),
+            gain=float(np.mean(info.gain)), read_noise=float(np.mean(info.read_noise)), wcs=astro.wcs,
+            mjd_obs=info.mjd, exptime=info.exptime, saturation_adu=float(min(info.saturation)),
+            flash_sigma=cfg.classify.flash_sigma,
+        )
+        counts = {k: int(v) for k, v in classification.counts.items()}
+        if classification.streak_mask is not None and classification.streak_mask.any():
+            pixmask[classification.streak_mask] |= np.uint16(PixelFlag.STREAK)
+
+    s = cfg.sky
+    sky = local_sky(img.data, pixmask, forced, geometry, radius=s.radius, pad=s.pad, length=s.length)
+    ext = extract_trails(
+        img.data, pixmask, forced, geometry, sky,
+        gain=info.gain, read_noise_e=info.read_noise, saturation_adu=info.saturation,
+        mjd_obs=info.mjd, method=cfg.extract.method, half_width_fwhm=cfg.extract.half_width_fwhm,
+        fwhm_px=fwhm_px,
+    )
+    det = normalise(ext, method=cfg.detrend.method, n_ref_max=cfg.detrend.max_reference_stars,
+                    clip_sigma=cfg.detrend.clip_sigma)
+    samples = long_table(ext, det, unit.expnum, unit.ccd, full_trail=cfg.extract.full_trail)
+    samples.insert(0, "night", unit.night)
+    stars = star_table(ext, det)
+    for col, val in (("ccd", unit.ccd), ("expnum", unit.expnum)):
+        if col not in stars.columns:
+            stars.insert(0, col, val)
+    if targets is not None:
+        stars["is_target"] = stars["star_id"].isin(targets)
+
+    trails = astro.trails.copy()
+    for col, val in (("expnum", unit.expnum), ("ccd", unit.ccd)):
+        if col not in trails.columns:
+            trails.insert(0, col, val)
+    sky_table = sky.copy()
+    for col, val in (("ccd", unit.ccd), ("expnum", unit.expnum)):
+        if col not in sky_table.columns:
+            sky_table.insert(0, col, val)
+
+    products = UnitProducts(n_stars=int(len(stars)), counts=counts)
+    products.tables["trails"] = trails
+    products.tables["forced"] = forced
+    products.tables["sky"] = sky_table
+    products.tables["stars"] = stars
+    products.tables["samples"] = samples
+    if classification is not None:
+        table = classification.table.copy()
+        table.insert(0, "ccd", unit.ccd)
+        table.insert(0, "expnum", unit.expnum)
+        products.tables["classify"] = table
+    products.files["wcs.fits"] = _wcs_fits_bytes(astro.wcs, unit, astro)
+    diag = {"rms_arcsec": float(astro.rms_arcsec), "n_used": int(astro.n_used),
+            "n_trails": int(len(trails)), "n_forced": int(len(forced))}
+    products.files["diagnostics.json"] = json.dumps(diag, sort_keys=True).encode()
+    return products
+
+
+# ------------------------------------------------------------------ catalogue
+def prepare_catalogue(cfg, output_dir) -> Path:
+    """The master catalogue of the run: the configured one, or built once from g and r."""
+    from ..catalogue import build_catalogue, read_catalogue
+    from .units import config_fingerprint, file_fingerprint
+
+    if cfg.catalogue is not None:
+        cat = read_catalogue(cfg.catalogue)
+        missing = [c for c in ("star_id", "ra", "dec") if c not in cat.columns]
+        if missing:
+            raise CatalogueError(f"{cfg.catalogue}: catalogue lacks column(s) {missing} "
+                                 f"(has: {', '.join(map(str, cat.columns[:20]))})")
+        return Path(cfg.catalogue)
+    if cfg.g_image is None or cfg.r_image is None:
+        raise ConfigError("no catalogue: give 'catalogue' or both 'g_image' and 'r_image'")
+    out = Path(output_dir) / "catalogue"
+    path = out / "master_catalogue.parquet"
+    record = {
+        "g": file_fingerprint(cfg.g_image), "r": file_fingerprint(cfg.r_image),
+        "gaia": file_fingerprint(cfg.gaia) if cfg.gaia not in (None, "tap") else cfg.gaia,
+        "options": config_fingerprint(cfg.catalogue_options.model_dump(mode="json")),
+        "ccds": cfg.ccds,
+    }
+    rec_path = out / "catalogue_record.json"
+    if path.is_file() and rec_path.is_file():
+        try:
+            if json.loads(rec_path.read_text()) == json.loads(json.dumps(record)):
+                log.info("reusing the catalogue in %s", path)
+                return path
+        except ValueError:
+            pass
+    log.info("building the reference catalogue from %s and %s", cfg.g_image, cfg.r_image)
+    cat = build_catalogue(cfg.g_image, cfg.r_image, cfg.ccds, out, gaia=cfg.gaia,
+                          config=cfg.catalogue_options)
+    if cat.empty:
+        raise CatalogueError(f"no stars found in {cfg.g_image} / {cfg.r_image}")
+    from ..io import write_bytes_atomic
+
+    write_bytes_atomic(json.dumps(record, sort_keys=True).encode(), rec_path)
+    return path
+
+
+def select_targets(cfg, catalogue_path):
+    """Star IDs of the target list (CSV with name, ra, dec), or None without one."""
+    if not cfg.read_targets:
+        return None
+    from astropy import units as u
+    from astropy.coordinates import SkyCoord
+
+    from ..catalogue import read_catalogue
+
+    t = pd.read_csv(cfg.targets)
+    cols = {c.lower(): c for c in t.columns}
+    ra_c = cols.get("ra") or cols.get("raj2000")
+    dec_c = cols.get("dec") or cols.get("dej2000")
+    if ra_c is None or dec_c is None:
+        raise ConfigError(f"targets: {cfg.targets} needs columns ra and dec (has: {', '.join(t.columns)})")
+    cat = read_catalogue(catalogue_path)
+    tc = SkyCoord(pd.to_numeric(t[ra_c]).to_numpy() * u.deg, pd.to_numeric(t[dec_c]).to_numpy() * u.deg)
+    cc = SkyCoord(cat["ra"].to_numpy() * u.deg, cat["dec"].to_numpy() * u.deg)
+    idx, sep, _ = tc.match_to_catalog_sky(cc)
+    ok = sep.to_value(u.arcsec) <= cfg.target_radius_arcsec
+    log.info("targets: %d of %d matched to catalogue stars within %.1f arcsec", int(ok.sum()), len(t),
+             cfg.target_radius_arcsec)
+    return sorted(int(v) for v in cat["star_id"].to_numpy()[idx[ok]])
