@@ -38,8 +38,9 @@ def _ext(path, ccd):
 
 
 @pytest.fixture(scope="module")
-def small(tmp_path_factory):
-    return simulate_dataset(tmp_path_factory.mktemp("small"), "small", seed=3)
+def small(sim_small):
+    """The shared session dataset (small preset, seed 0, tests/conftest.py)."""
+    return sim_small
 
 
 @pytest.fixture(scope="module")
