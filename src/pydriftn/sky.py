@@ -48,6 +48,8 @@ SKY_COLUMNS = [
     "n_annulus_pixels",
     "n_rejected_pixels",
     "sky_ok",
+    "sky_e",
+    "sky_err_e",
 ]
 
 #: sqrt(pi/2): standard error of a median relative to that of a mean (Gaussian).
@@ -236,6 +238,7 @@ def local_sky(
     sigma=3.0,
     maxiters=10,
     min_pixels=20,
+    gain=None,
     verbose_save=False,
 ):
     """Local sky of every trail in a stadium annulus, other trails masked.
@@ -271,6 +274,13 @@ def local_sky(
     min_pixels : int
         Fewer kept pixels than this: ``sky_ok = False`` (the value is still
         given when there is at least one pixel).
+    gain : float or (float, float), optional
+        Gain (e-/ADU) of amplifiers A (``x < nx/2``) and B. When given, the
+        annulus pixels are converted to electrons before the statistics, so an
+        annulus straddling the amplifier boundary is not biased by the
+        different ADU levels of the two amplifiers; ``sky_e``/``sky_err_e``
+        are then the electron values and ``sky_adu`` etc. are in the ADU of
+        the amplifier of the trail midpoint. Without it ``sky_e`` is NaN.
     verbose_save : bool
         If True also return the annulus pixels: a dict with ``offsets``
         (dx, dy arrays), ``values`` (n_stars, n_pixels) ADU with NaN where
@@ -320,6 +330,11 @@ def local_sky(
         inside[e] = (X >= 0) & (X < nx) & (Y >= 0) & (Y < ny)
         idx[e] = np.clip(Y, 0, ny - 1) * nx + np.clip(X, 0, nx - 1)
     vals = img.reshape(-1)[idx]
+    if gain is not None:
+        from pydriftn.extract.stamps import per_column
+
+        g_col = per_column(gain, nx, "gain").astype(np.float32)
+        vals = vals * g_col[idx % nx]
     # unusable pixels: flagged, or within mask_radius of another trail. The
     # footprints use the same rounded centres and offsets as the annuli, so with
     # mask_radius <= radius a star's own footprint never touches its own
@@ -344,6 +359,12 @@ def local_sky(
     with np.errstate(invalid="ignore", divide="ignore"):
         err = _MEDIAN_EFFICIENCY * std / np.sqrt(np.where(cnt > 0, cnt, np.nan))
     n_good = good.sum(axis=1)
+    if gain is not None:
+        g_mid = g_col[np.clip(cx, 0, nx - 1)].astype(np.float64)
+        sky_e, err_e = med, err
+        med, std, err = med / g_mid, std / g_mid, err / g_mid
+    else:
+        sky_e = err_e = np.full(n, np.nan)
     out = pd.DataFrame(
         {
             "star_id": trails["star_id"].to_numpy(),
@@ -354,6 +375,8 @@ def local_sky(
             "n_annulus_pixels": n_annulus.astype(np.int64),
             "n_rejected_pixels": (n_annulus - cnt).astype(np.int64),
             "sky_ok": (cnt >= int(min_pixels)) & np.isfinite(med),
+            "sky_e": sky_e,
+            "sky_err_e": err_e,
         },
         index=trails.index,
     )

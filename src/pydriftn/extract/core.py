@@ -185,11 +185,17 @@ def find_neighbours(x_start, y_start, x_end, y_end, reach_px, max_neighbours=3, 
 
 
 # --------------------------------------------------------------------------- helpers
-def _sky_columns(sky, star_id):
-    """sky_adu, sky_err_adu, sky_ok arrays aligned to ``star_id``."""
+def _sky_columns(sky, star_id, g_star):
+    """sky_e, sky_err_e, sky_adu, sky_err_adu, sky_ok arrays aligned to ``star_id``.
+
+    Electron values come from the ``sky_e``/``sky_err_e`` columns when the sky
+    was measured with the gains (:func:`pydriftn.sky.local_sky` ``gain=``),
+    else from the ADU values times the gain of the trail's amplifier.
+    """
     S = len(star_id)
     if sky is None:
-        return np.zeros(S), np.zeros(S), np.ones(S, bool)
+        z = np.zeros(S)
+        return z, z, z, z, np.ones(S, bool)
     if isinstance(sky, pd.DataFrame):
         for c in ("star_id", "sky_adu"):
             if c not in sky.columns:
@@ -199,13 +205,21 @@ def _sky_columns(sky, star_id):
         err = s["sky_err_adu"].to_numpy(float) if "sky_err_adu" in s else np.zeros(S)
         ok = s["sky_ok"].fillna(False).to_numpy(bool).copy() if "sky_ok" in s else np.isfinite(val)
         ok &= np.isfinite(val)
+        val_e = s["sky_e"].to_numpy(float) if "sky_e" in s else np.full(S, np.nan)
+        err_e = s["sky_err_e"].to_numpy(float) if "sky_err_e" in s else np.full(S, np.nan)
+        val_e = np.where(np.isfinite(val_e), val_e, val * g_star)
+        err_e = np.where(np.isfinite(err_e), err_e, err * g_star)
         if (~ok).any():
-            fill = np.nanmedian(val[ok]) if ok.any() else 0.0
-            val = np.where(ok, val, fill)
-            err = np.where(np.isfinite(err) & ok, err, np.nanmax(np.r_[err[np.isfinite(err)], 0.0]) * 3 if ok.any() else 0.0)
-        return val, np.nan_to_num(err), ok
+            # unusable local sky: the median of the others, with a generous error
+            fill = np.nanmedian(val_e[ok]) if ok.any() else 0.0
+            big = 3.0 * np.nanmax(err_e[ok]) if ok.any() and np.isfinite(err_e[ok]).any() else 0.0
+            val_e = np.where(ok, val_e, fill)
+            err_e = np.where(ok & np.isfinite(err_e), err_e, big)
+            val = np.where(ok, val, val_e / g_star)
+            err = np.where(ok & np.isfinite(err), err, err_e / g_star)
+        return val_e, np.nan_to_num(err_e), val, np.nan_to_num(err), ok
     val = np.broadcast_to(np.asarray(sky, float), (S,)).copy()
-    return val, np.zeros(S), np.isfinite(val)
+    return val * g_star, np.zeros(S), val, np.zeros(S), np.isfinite(val)
 
 
 def _snr_per_sample(strips, return_flux=False):
@@ -467,7 +481,6 @@ def extract_trails(
     y0 = trails["y_start"].to_numpy(float)
     x1 = trails["x_end"].to_numpy(float)
     y1 = trails["y_end"].to_numpy(float)
-    sky_adu, sky_err_adu, sky_ok = _sky_columns(sky, star_id)
     dt = float(geometry.sample_dt_s)
     k = np.arange(geometry.n_samples) if samples is None else np.asarray(samples, dtype=np.int64)
     K = len(k)
@@ -476,16 +489,17 @@ def extract_trails(
     g_col = per_column(gain, nx, "gain")
     mx = np.clip(np.rint(0.5 * (x0 + x1)).astype(int), 0, nx - 1)
     g_star = g_col[mx]
+    sky_e, sky_err_e, sky_adu, sky_err_adu, sky_ok = _sky_columns(sky, star_id, g_star)
     in_flags = trails["flags"].to_numpy(np.int64) if "flags" in trails.columns else np.zeros(S, np.int64)
 
     # ---- window size
     if half_width is None:
         if fwhm_px is None:
-            fwhm_px = _estimate_fwhm(img, mask, x0, y0, x1, y1, geometry, sky_adu, gain, read_noise_e,
+            fwhm_px = _estimate_fwhm(img, mask, x0, y0, x1, y1, geometry, sky_e, gain, read_noise_e,
                                      saturation_adu, k, in_flags)
         half_width = int(math.ceil(half_width_fwhm * fwhm_px))
     W = int(half_width)
-    strips = cut_strips(img, mask, x0, y0, x1, y1, geometry, sky_adu, gain, read_noise_e,
+    strips = cut_strips(img, mask, x0, y0, x1, y1, geometry, sky_e, gain, read_noise_e,
                         saturation_adu, half_width=W, k=k)
     star_flags = np.where(sky_ok, 0, fb.BAD_SKY).astype(np.int32)
 
@@ -575,7 +589,7 @@ def extract_trails(
     sample_flags |= np.where(nodata, fb.NO_DATA, 0).astype(np.int32)
     F = np.where(nodata, np.nan, F)
     varF = np.where(nodata, np.nan, varF)
-    sky_var = (sky_err_adu * g_star)[:, None] ** 2 * sky_lever**2
+    sky_var = sky_err_e[:, None] ** 2 * sky_lever**2
     flux = (F / dt).astype(np.float64)
     err_sample = np.sqrt(varF) / dt
     err = np.sqrt(varF + sky_var) / dt
@@ -609,14 +623,14 @@ def extract_trails(
     )
 
 
-def _estimate_fwhm(img, mask, x0, y0, x1, y1, geometry, sky_adu, gain, read_noise_e, saturation_adu, k, in_flags,
+def _estimate_fwhm(img, mask, x0, y0, x1, y1, geometry, sky_e, gain, read_noise_e, saturation_adu, k, in_flags,
                    n_max=300):
     """Seeing FWHM (px) from a wide-window profile of the brightest trails."""
     S = len(x0)
     W0 = 12
     # brightness proxy: sum along the trail centre line at a few samples
     kk = k[len(k) // 4: 3 * len(k) // 4: max(1, len(k) // 8)]
-    strips = cut_strips(img, mask, x0, y0, x1, y1, geometry, sky_adu, gain, read_noise_e, saturation_adu,
+    strips = cut_strips(img, mask, x0, y0, x1, y1, geometry, sky_e, gain, read_noise_e, saturation_adu,
                         half_width=W0, k=kk)
     snr = _snr_per_sample(strips)
     sat = (strips.sample_flags & (fb.SATURATED | fb.OFF_IMAGE)).any(axis=1)

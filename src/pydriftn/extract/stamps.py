@@ -64,7 +64,7 @@ class Strips:
     phase: np.ndarray  # (S, K) float64 offset of the central cell from the star (= offset[..., W])
 
 
-def cut_strips(image, mask, x_start, y_start, x_end, y_end, geometry, sky_adu, gain, read_noise_e,
+def cut_strips(image, mask, x_start, y_start, x_end, y_end, geometry, sky_e, gain, read_noise_e,
                saturation_adu=None, half_width=8, k=None):
     """Cut trails into per-sample strips (see module docstring).
 
@@ -78,8 +78,8 @@ def cut_strips(image, mask, x_start, y_start, x_end, y_end, geometry, sky_adu, g
         Trail end points (t = 0 and t = EXPTIME), 0-based pixels.
     geometry : TrailGeometry
         Supplies ``sample_dt_s``, ``exptime_s``, ``direction`` and ``n_samples``.
-    sky_adu : ndarray (S,)
-        Local sky of each trail (ADU/pixel).
+    sky_e : ndarray (S,)
+        Local sky of each trail (electrons/pixel).
     gain, read_noise_e, saturation_adu : scalar, (A, B) or per-column
         e-/ADU, e-, ADU.
     half_width : int
@@ -141,7 +141,7 @@ def cut_strips(image, mask, x_start, y_start, x_end, y_end, geometry, sky_adu, g
     if flat.dtype != np.float32:
         flat = flat.astype(np.float32)
     mflat = None if mask is None else np.asarray(mask).reshape(-1)
-    sky = np.asarray(sky_adu, dtype=np.float32)[:, None, None]
+    sky = np.asarray(sky_e, dtype=np.float32)[:, None, None]
     data = np.zeros((S, K, C), dtype=np.float32)
     var0 = np.zeros((S, K, C), dtype=np.float32)
     bad = ~inside_c if edge else np.zeros((S, K, C), dtype=bool)
@@ -167,8 +167,8 @@ def cut_strips(image, mask, x_start, y_start, x_end, y_end, geometry, sky_adu, g
             sat_lvl = None if sat_col is None else sat_col[jcl]
         vals = flat[idx]
         wa32 = wa.astype(np.float32)[:, :, None]
-        data += wa32 * ((vals - sky) * g)
-        var0 += (wa32 * wa32) * (rn2 + g * np.maximum(sky, np.float32(0)))
+        data += wa32 * (vals * g - sky)
+        var0 += (wa32 * wa32) * (rn2 + np.maximum(sky, np.float32(0)))
         use3 = used[:, :, None]
         badc = ~np.isfinite(vals)
         if sat_lvl is not None:

@@ -1,0 +1,124 @@
+"""Local sky in stadium annuli: statistics against astropy, geometry, masking, honesty of errors."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from astropy.stats import sigma_clipped_stats
+
+from pydriftn.extract.synthetic import make_geometry, render_field
+from pydriftn.sky import (
+    SKY_COLUMNS,
+    clipped_stats_rows,
+    local_sky,
+    segment_distance,
+    sky_table_filename,
+    stadium_offsets,
+    trail_footprint_image,
+)
+
+
+def test_clipped_stats_rows_match_astropy():
+    rng = np.random.default_rng(2)
+    v = rng.normal(500.0, 7.0, (40, 600))
+    v[:, :40] += rng.exponential(80.0, (40, 40))  # faint sources / wings: one-sided contamination
+    v[rng.random(v.shape) < 0.15] = np.nan
+    med, std, n = clipped_stats_rows(v, sigma=3.0, maxiters=10)
+    for i in range(0, 40, 7):
+        row = v[i][np.isfinite(v[i])]
+        _, amed, astd = sigma_clipped_stats(row, sigma=3.0, maxiters=10)
+        assert med[i] == pytest.approx(amed, abs=1e-3)
+        assert std[i] == pytest.approx(astd, rel=1e-4)
+    # an empty row gives NaN, not an error
+    v[3] = np.nan
+    med, std, n = clipped_stats_rows(v)
+    assert np.isnan(med[3]) and n[3] == 0
+
+
+def test_segment_distance_and_stadium_area():
+    # distance to a horizontal segment from (0,0) to (10,0)
+    d = segment_distance(np.array([5.0, -3.0, 14.0]), np.array([2.0, 4.0, -3.0]), 0.0, 0.0, 10.0, 0.0)
+    np.testing.assert_allclose(d, [2.0, 5.0, 5.0])
+    # a filled stadium of radius r and length L has area 2 r L + pi r^2, whatever its direction
+    for ang in (0.0, 33.0, 90.0, 180.0):
+        th = math.radians(ang)
+        ox, oy = stadium_offsets((math.cos(th), math.sin(th)), 37.0, 0.0, 9.3)
+        assert len(ox) == pytest.approx(2 * 9.3 * 37 + math.pi * 9.3**2, rel=0.03)
+        ox2, _ = stadium_offsets((math.cos(th), math.sin(th)), 37.0, 9.3, 14.3)
+        assert len(ox2) == pytest.approx(2 * 5 * 37 + math.pi * (14.3**2 - 9.3**2), rel=0.03)
+
+
+def test_footprint_counts_overlaps():
+    trails = pd.DataFrame({"star_id": [1, 2], "x_start": [60.0, 60.0], "y_start": [50.0, 53.0],
+                           "x_end": [23.0, 23.0], "y_end": [50.0, 53.0]})
+    c = trail_footprint_image((100, 100), trails, 4.0)
+    assert c.max() == 2 and c[51, 40] == 2 and c[47, 40] == 1 and c[57, 40] == 0 and c[0, 0] == 0
+    b = trail_footprint_image((100, 100), trails, 4.0, counts=False)
+    assert b.dtype == bool and np.array_equal(b, c > 0)
+
+
+@pytest.fixture(scope="module")
+def field():
+    return render_field(n_stars=70, shape=(700, 500), seed=11, mags=np.random.default_rng(11).uniform(15, 21, 70))
+
+
+def _true_sky_adu(f):
+    xm = 0.5 * (f.trails["x_start"] + f.trails["x_end"]).to_numpy()
+    g = np.where(xm < f.image.shape[1] // 2, f.gain[0], f.gain[1])
+    return f.sky_e / g
+
+
+def test_local_sky_unbiased_with_honest_errors(field):
+    f = field
+    # with the gains, an annulus straddling the amplifier boundary is not biased
+    sky = local_sky(f.image, f.mask, f.trails, f.geometry, gain=f.gain)
+    assert list(sky.columns) == SKY_COLUMNS
+    assert (sky["star_id"].to_numpy() == f.trails["star_id"].to_numpy()).all()
+    ok = sky["sky_ok"].to_numpy()
+    assert ok.mean() > 0.9
+    pull = ((sky["sky_e"] - f.sky_e) / sky["sky_err_e"]).to_numpy()[ok]
+    # the ADU values are the electron values in the gain of the trail's amplifier
+    g_mid = sky["sky_e"] / sky["sky_adu"]
+    assert set(np.round(g_mid, 6)) <= {round(f.gain[0], 6), round(f.gain[1], 6)}
+    # sky error: median of a clipped Gaussian sample; the pulls scatter ~1 (faint
+    # unmasked wings make them a little positive at most)
+    assert abs(np.median(pull)) < 0.6
+    assert 0.7 < np.std(pull) < 1.4
+    # per-pixel noise: the rms is the sky + read noise in ADU
+    rn = np.where(g_mid == f.gain[0], f.read_noise_e[0], f.read_noise_e[1])
+    expected_rms = np.sqrt(f.sky_e + rn**2) / g_mid
+    assert np.median(sky["sky_rms_adu"].to_numpy()[ok] / expected_rms[ok]) == pytest.approx(1.0, abs=0.05)
+
+
+def test_other_trails_and_flagged_pixels_are_masked():
+    geo = make_geometry()
+    # star 0 faint, star 1 very bright 14 px away across track: inside star 0's annulus
+    pos = np.array([[200.0, 120.0], [200.0, 134.0]])
+    f = render_field(positions=pos, mags=[19.0, 13.5], shape=(260, 260), seed=3, geometry=geo,
+                     saturation_adu=(1e9, 1e9))
+    true = _true_sky_adu(f)[0]
+    # without clipping (sigma=50) the masking alone must do the job:
+    # neighbour masked (default): unbiased; neighbour not masked: biased high
+    good = local_sky(f.image, f.mask, f.trails, geo, sigma=50)
+    naive = local_sky(f.image, f.mask, f.trails, geo, mask_radius=0.5, sigma=50)
+    err = good["sky_err_adu"].iloc[0]
+    assert abs(good["sky_adu"].iloc[0] - true) < 4 * err
+    assert naive["sky_adu"].iloc[0] - true > 4 * err
+    # flagged pixels are ignored even when absurd
+    img = f.image.copy()
+    mask = f.mask.copy()
+    img[100:140, 150:260] = 1e6
+    mask[100:140, 150:260] = 1
+    masked = local_sky(img, mask, f.trails, geo, sigma=50)
+    assert abs(masked["sky_adu"].iloc[0] - true) < 5 * masked["sky_err_adu"].iloc[0]
+    assert masked["n_sky_pixels"].iloc[0] < good["n_sky_pixels"].iloc[0]
+
+
+def test_verbose_save_and_filename(field):
+    f = field
+    sky, ann = local_sky(f.image, f.mask, f.trails.iloc[:5], f.geometry, radius=7, pad=5, verbose_save=True)
+    ox, oy = ann["offsets"]
+    assert ann["values"].shape == (5, len(ox))
+    assert np.array_equal(np.isfinite(ann["values"]).sum(axis=1) >= sky["n_sky_pixels"], np.ones(5, bool))
+    assert sky_table_filename(1000001) == "driftskysub-exp_1000001.csv"
