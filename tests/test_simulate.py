@@ -197,39 +197,124 @@ def _isolated(trails, pad):
     return np.array(out), bx0.to_numpy(), bx1.to_numpy(), by0.to_numpy(), by1.to_numpy()
 
 
+def _amp_arrays(e, nx):
+    a = np.arange(nx) < nx // 2
+    return np.where(a, e["GAINA"], e["GAINB"]), np.where(a, e["RDNOISEA"], e["RDNOISEB"])
+
+
+def _box_pull(el, rn, sky_e, x0, x1, y0, y1, truth_e):
+    """Pull of the sky-subtracted electrons in a box against the truth."""
+    ny, nx = el.shape
+    x0, x1, y0, y1 = max(x0, 0), min(x1, nx), max(y0, 0), min(y1, ny)
+    npix = (x1 - x0) * (y1 - y0)
+    meas = el[y0:y1, x0:x1].sum() - npix * sky_e
+    var = truth_e + npix * sky_e + (rn[x0:x1] ** 2).sum() * (y1 - y0)
+    return (meas - truth_e) / math.sqrt(var)
+
+
 def test_flux_conservation_pulls(sparse):
+    """Sky-subtracted electrons around isolated trails = truth counts_e within
+    photon + read noise, including trails cut by the CCD edges."""
     cfg = sparse.config
     trails = sparse.read_truth("trails")
     sky_e = cfg.sky_e_s_px("VR") * cfg.exptime_s
-    pulls = []
+    pulls, edge_pulls = [], []
     for expnum, tr in trails.groupby("expnum"):
         tr = tr.reset_index(drop=True)
         _, e, img = _ext(sparse.drift_images[expnum], "S4")
-        gain = np.where(np.arange(cfg.naxis1) < cfg.naxis1 // 2, e["GAINA"], e["GAINB"])
-        rn = np.where(np.arange(cfg.naxis1) < cfg.naxis1 // 2, e["RDNOISEA"], e["RDNOISEB"])
+        gain, rn = _amp_arrays(e, cfg.naxis1)
         el = img * gain[None, :]
-        pad = 6.0 * e["FWHM"]
-        iso, bx0, bx1, by0, by1 = _isolated(tr, pad)
-        for i in np.flatnonzero(iso & (tr.on_ccd_fraction > 0.999) & (tr.counts_e > 2e4) & ~tr.saturated):
-            x0, x1 = int(np.floor(bx0[i])), int(np.ceil(bx1[i])) + 1
-            y0, y1 = int(np.floor(by0[i])), int(np.ceil(by1[i])) + 1
-            if x0 < 0 or y0 < 0 or x1 > cfg.naxis1 or y1 > cfg.naxis2:
-                continue
-            npix = (x1 - x0) * (y1 - y0)
-            meas = el[y0:y1, x0:x1].sum() - npix * sky_e
-            var = tr.counts_e[i] + npix * sky_e + (rn[x0:x1] ** 2).sum() * (y1 - y0)
-            pulls.append((meas - tr.counts_e[i]) / math.sqrt(var))
+        iso, bx0, bx1, by0, by1 = _isolated(tr, 6.0 * e["FWHM"])
+        for i in np.flatnonzero(iso & (tr.counts_e > 2e4).to_numpy() & ~tr.saturated.to_numpy()):
+            box = (int(np.floor(bx0[i])), int(np.ceil(bx1[i])) + 1, int(np.floor(by0[i])), int(np.ceil(by1[i])) + 1)
+            p = _box_pull(el, rn, sky_e, *box, tr.counts_e[i])
+            (pulls if tr.on_ccd_fraction[i] > 0.999 else edge_pulls).append(p)
     pulls = np.array(pulls)
     assert len(pulls) >= 15
     assert abs(pulls.mean()) < 3.5 / math.sqrt(len(pulls))
     assert 0.6 < pulls.std() < 1.5
+    # trails crossing the CCD edges: truth counts are what landed on the CCD
+    edge_pulls = np.array(edge_pulls)
+    assert len(edge_pulls) >= 3
+    assert np.all(np.abs(edge_pulls) < 5)
+    assert 0 < trails.on_ccd_fraction.min() < 0.5 and trails.on_ccd_fraction.max() <= 1.0
 
 
-@pytest.fixture(scope="module")
-def bright(tmp_path_factory):
+def test_pointed_flux_conservation(sparse):
+    cfg = sparse.config
+    pt = sparse.read_truth("pointed")
+    for band in ("g", "r"):
+        tr = pt[(pt.band == band)].reset_index(drop=True)
+        _, e, img = _ext(sparse.pointed_images[band], "S4")
+        gain, rn = _amp_arrays(e, cfg.naxis1)
+        el = img * gain[None, :]
+        sky_e = cfg.sky_e_s_px(band) * cfg.pointed_exptime_s
+        h = 6.0 * e["FWHM"]
+        pseudo = pd.DataFrame(dict(x_start=tr.x, x_end=tr.x, y_start=tr.y, y_end=tr.y))
+        iso, bx0, bx1, by0, by1 = _isolated(pseudo, h)
+        pulls = []
+        for i in np.flatnonzero(iso & (tr.on_ccd_fraction > 0.999).to_numpy() & ~tr.saturated.to_numpy()
+                                & (tr.counts_e > 1e4).to_numpy()):
+            box = (int(np.floor(bx0[i])), int(np.ceil(bx1[i])) + 1, int(np.floor(by0[i])), int(np.ceil(by1[i])) + 1)
+            pulls.append(_box_pull(el, rn, sky_e, *box, tr.counts_e[i]))
+        pulls = np.array(pulls)
+        assert len(pulls) >= 10, band
+        assert abs(pulls.mean()) < 3.5 / math.sqrt(len(pulls)) and 0.6 < pulls.std() < 1.5, band
+    # seeing differs per band as configured
+    assert fits.getheader(sparse.pointed_images["g"], "S4")["FWHM"] == pytest.approx(
+        cfg.seeing_g_arcsec / cfg.pixel_scale_arcsec, rel=1e-3)
+
+
+def test_flash_counts_and_width(tmp_path):
+    """Flashes: untrailed PSF with the seeing of their instant, truth counts."""
+    ds = simulate_dataset(tmp_path, "small", seed=9, ccds="S4", n_exposures=2, naxis1=256, naxis2=512,
+                          n_stars_per_ccd=0, cr_rate_per_mpix_s=0.0, satellite_first=False, n_bad_columns=0,
+                          events_per_ccd=0, flashes_per_ccd_exposure=6, flash_counts_range_e=(2e5, 5e5))
+    cfg = ds.config
+    fl = ds.read_truth("flashes")
+    com = ds.read_truth("common")
+    psf = moffat_mog(cfg.moffat_beta, cfg.n_gauss)
+    sky_e = cfg.sky_e_s_px("VR") * cfg.exptime_s
+    pulls, var_pulls = [], []
+    for rec in fl.itertuples():
+        _, e, img = _ext(ds.drift_images[rec.expnum], "S4")
+        gain, rn = _amp_arrays(e, cfg.naxis1)
+        el = img * gain[None, :]
+        h = int(np.ceil(6 * e["FWHM"]))
+        x0, y0 = int(round(rec.x)) - h, int(round(rec.y)) - h
+        if x0 < 0 or y0 < 0 or x0 + 2 * h + 1 > cfg.naxis1 or y0 + 2 * h + 1 > cfg.naxis2:
+            continue
+        others = fl[(fl.expnum == rec.expnum) & (fl.index != rec.Index)]
+        if np.any((np.abs(others.x - rec.x) < 2 * h) & (np.abs(others.y - rec.y) < 2 * h)):
+            continue
+        pulls.append(_box_pull(el, rn, sky_e, x0, x0 + 2 * h + 1, y0, y0 + 2 * h + 1, rec.counts_e))
+        # width: second moment = MoG variance at the flash's instant + pixel 1/12
+        sub = el[y0:y0 + 2 * h + 1, x0:x0 + 2 * h + 1] - sky_e
+        yy, xx = np.mgrid[y0:y0 + 2 * h + 1, x0:x0 + 2 * h + 1]
+        f = sub.sum()
+        cx, cy = (sub * xx).sum() / f, (sub * yy).sum() / f
+        var_pix = np.clip(sub, 0, None) + sky_e + 49.0
+        s_c = math.sqrt((var_pix * ((xx - cx) / f) ** 2).sum())
+        assert abs(cx - rec.x) < 4 * s_c + 0.01 and abs(cy - rec.y) < 4 * s_c + 0.01
+        c = com[com.expnum == rec.expnum]
+        fw = np.interp(rec.t_s, c.t_s, c.seeing_fwhm_arcsec) / cfg.pixel_scale_arcsec
+        var_pred = np.sum(psf.weights * (psf.sigmas * fw) ** 2) + 1 / 12
+        r2 = (xx - cx) ** 2 + (yy - cy) ** 2
+        var = 0.5 * (sub * r2).sum() / f
+        s_var = 0.5 * math.sqrt((var_pix * ((r2 - 2 * var) / f) ** 2).sum())
+        assert abs(var - var_pred) < 4 * s_var + 0.02 * var_pred
+        var_pulls.append((var - var_pred) / s_var)
+    assert len(pulls) >= 6
+    pulls = np.array(pulls)
+    assert np.all(np.abs(pulls) < 4.5) and abs(pulls.mean()) < 4 / math.sqrt(len(pulls))
+    assert abs(np.mean(var_pulls)) < 3.5 / math.sqrt(len(var_pulls))
+
+
+@pytest.fixture(scope="module", params=[(0.0, 0.5), (0.3, -0.4)], ids=["north", "diagonal"])
+def bright(tmp_path_factory, request):
     return simulate_dataset(
-        tmp_path_factory.mktemp("bright"), "small", seed=5, ccds="S4", n_exposures=1,
-        n_stars_per_ccd=12, r_min=13.5, r_max=15.0, **QUIET,
+        tmp_path_factory.mktemp("bright"), "small", seed=5, ccds="S4",
+        n_exposures=2, n_stars_per_ccd=12, r_min=13.5, r_max=15.0, drift_rate_arcsec_s=request.param, **QUIET,
     )
 
 
@@ -257,10 +342,18 @@ def _predicted_moments(ds, rec, expnum):
 
 def test_trail_geometry_matches_wcs_and_drift(bright):
     cfg = bright.config
-    expnum = bright.expnums[0]
+    n = 0
+    for expnum in bright.expnums:
+        n += _check_trail_moments(bright, expnum)
+    assert n >= 3
+
+
+def _check_trail_moments(bright, expnum):
+    cfg = bright.config
     trails = bright.read_truth("trails")
+    trails = trails[trails.expnum == expnum].reset_index(drop=True)
     _, e, img = _ext(bright.drift_images[expnum], "S4")
-    gain = np.where(np.arange(cfg.naxis1) < cfg.naxis1 // 2, e["GAINA"], e["GAINB"])
+    gain, _ = _amp_arrays(e, cfg.naxis1)
     el = img * gain[None, :] - cfg.sky_e_s_px("VR") * cfg.exptime_s
     pad = 6.0 * e["FWHM"]
     iso, bx0, bx1, by0, by1 = _isolated(trails, pad)
@@ -308,7 +401,7 @@ def test_trail_geometry_matches_wcs_and_drift(bright):
         xs, ys, xe, ye = geometry.trail_endpoints(tw, star.ra, star.dec, cfg.exptime_s, cfg.drift_rate)
         assert np.allclose([xs, ys, xe, ye], [rec.x_start, rec.y_start, rec.x_end, rec.y_end], atol=1e-6)
         n += 1
-    assert n >= 3
+    return n
 
 
 @pytest.mark.parametrize("rate,axis,sign", [((0.0, 0.5), "x", -1), ((0.5, 0.0), "y", +1)])
@@ -479,3 +572,29 @@ def test_fz_output_and_bad_config(tmp_path):
         make_config("huge")
     with pytest.raises(ConfigError, match="header_pointing_error_arcsec"):
         make_config("small", header_pointing_error_arcsec=120)
+
+
+def test_sip_distortion_and_parallel_workers(tmp_path):
+    kw = dict(ccds="S4,N4", n_exposures=1, naxis1=128, naxis2=256, n_stars_per_ccd=40, sip_amplitude_px=3.0)
+    a = simulate_dataset(tmp_path / "a", "small", seed=2, **kw)
+    b = simulate_dataset(tmp_path / "b", "small", seed=2, n_workers=2, **kw)
+    e = a.expnums[0]
+    for ccd in ("S4", "N4"):
+        assert np.array_equal(fits.getdata(a.drift_images[e], ccd), fits.getdata(b.drift_images[e], ccd))
+        assert fits.getheader(a.drift_images[e], ccd) == fits.getheader(b.drift_images[e], ccd)
+        assert fits.getheader(a.drift_images[e], ccd)["CTYPE1"] == "RA---TAN"  # header never carries SIP
+    w = a.read_truth("wcs")
+    rec = w[(w.kind == "drift") & (w.ccd == "S4")].iloc[0]
+    assert "RA---TAN-SIP" in rec.true_wcs and "A_2_0" in rec.true_wcs
+    tw = _wcs_from_text(rec.true_wcs)
+    nosip = tw.deepcopy()
+    nosip.sip = None
+    # the distortion moves a corner by up to ~the configured amplitude
+    d = np.hypot(*(np.subtract(tw.all_world2pix([[*nosip.pixel_to_world_values(0.0, 0.0)]], 0)[0], [0.0, 0.0])))
+    assert 0.05 < d < 5
+    tr = a.read_truth("trails")
+    stars = a.read_truth("stars").set_index("star_id")
+    t = tr[(tr.ccd == "S4")]
+    xs, ys, xe, ye = geometry.trail_endpoints(tw, stars.loc[t.star_id].ra.to_numpy(), stars.loc[t.star_id].dec.to_numpy(),
+                                              20.0, a.config.drift_rate)
+    assert np.allclose(xs, t.x_start) and np.allclose(ye, t.y_end)
