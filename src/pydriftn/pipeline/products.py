@@ -175,6 +175,12 @@ def _write_pdfs(cfg, output_dir: Path, by_exposure, medians, targets) -> list[Pa
     return written
 
 
+def _view_sql(pattern: str) -> str:
+    quoted = pattern.replace("'", "''")
+    return ("CREATE VIEW lightcurves AS SELECT * FROM "
+            f"read_parquet('{quoted}', hive_partitioning = true, union_by_name = true)")
+
+
 def open_store(output_dir):
     """A DuckDB connection with a ``lightcurves`` view over a run's Parquet store."""
     import duckdb
@@ -185,10 +191,7 @@ def open_store(output_dir):
         from ..errors import PydriftnError
 
         raise PydriftnError(f"{output_dir}: no light-curve store found (expected {pattern})")
-    con.execute(
-        "CREATE VIEW lightcurves AS SELECT * FROM read_parquet(?, hive_partitioning = true, union_by_name = true)",
-        [pattern],
-    )
+    con.execute(_view_sql(pattern))
     return con
 
 
@@ -220,10 +223,7 @@ def _write_duckdb(output_dir: Path) -> Path | None:
     con = duckdb.connect(str(tmp))
     try:
         pattern = str((output_dir / "store" / "lightcurves").resolve() / "**" / "*.parquet")
-        con.execute(
-            "CREATE VIEW lightcurves AS SELECT * FROM "
-            f"read_parquet('{pattern}', hive_partitioning = true, union_by_name = true)"
-        )
+        con.execute(_view_sql(pattern))
     finally:
         con.close()
     tmp.replace(path)

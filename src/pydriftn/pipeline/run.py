@@ -28,7 +28,7 @@ import pandas as pd
 
 from .. import __version__
 from ..errors import PydriftnError
-from .units import Skip, Unit, config_fingerprint, discover_units, file_fingerprint
+from .units import Skip, Unit, config_fingerprint, content_fingerprint, discover_units, file_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -110,13 +110,13 @@ def store_path(output_dir, unit: Unit) -> Path:
             / f"expnum={unit.expnum}" / f"{unit.ccd}.parquet")
 
 
-def _unit_record(unit: Unit, catalogue_path, unit_config: dict) -> dict:
+def _unit_record(unit: Unit, catalogue_hash, unit_config: dict) -> dict:
     return {
         "unit": unit.key,
         "version": __version__,
         "image": file_fingerprint(unit.image_path),
         "mask": file_fingerprint(unit.mask_path),
-        "catalogue": file_fingerprint(catalogue_path),
+        "catalogue": catalogue_hash,
         "config": config_fingerprint(unit_config),
     }
 
@@ -177,7 +177,7 @@ def run_unit(unit: Unit, catalogue_path: str, unit_config: dict, output_dir: str
             path = udir / name
             write_bytes_atomic(data, path)
             outputs.append(str(path.relative_to(out)))
-        record = _unit_record(unit, catalogue_path, unit_config)
+        record = _unit_record(unit, content_fingerprint(catalogue_path), unit_config)
         record["outputs"] = sorted(outputs)
         record["n_stars"] = int(products.n_stars)
         record["counts"] = products.counts
@@ -319,9 +319,10 @@ def run_pipeline(cfg, *, progress: bool = True, log_file: bool = True) -> RunRes
         catalogue_path = prepare_catalogue(cfg, out)
         targets = select_targets(cfg, catalogue_path)
         unit_config = _unit_config(cfg)
+        catalogue_hash = content_fingerprint(catalogue_path)
         todo = []
         for u in units:
-            if _is_complete(out, u, _unit_record(u, catalogue_path, unit_config)):
+            if _is_complete(out, u, _unit_record(u, catalogue_hash, unit_config)):
                 record = json.loads((unit_dir(out, u) / "done.json").read_text())
                 result.units.append(UnitStatus(u.key, "resumed", n_stars=record.get("n_stars", 0),
                                                counts=record.get("counts", {})))

@@ -17,7 +17,8 @@ from ..errors import PydriftnError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Unit", "Skip", "discover_units", "file_fingerprint", "config_fingerprint"]
+__all__ = ["Unit", "Skip", "discover_units", "file_fingerprint", "content_fingerprint",
+           "config_fingerprint"]
 
 
 @dataclass(frozen=True, order=True)
@@ -67,6 +68,17 @@ def file_fingerprint(path) -> dict | None:
         return None
     st = Path(path).stat()
     return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def content_fingerprint(path) -> str | None:
+    """SHA-256 of a file's content (for inputs that may move, like a catalogue)."""
+    if path is None:
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def config_fingerprint(obj) -> str:
