@@ -598,3 +598,26 @@ def test_sip_distortion_and_parallel_workers(tmp_path):
     xs, ys, xe, ye = geometry.trail_endpoints(tw, stars.loc[t.star_id].ra.to_numpy(), stars.loc[t.star_id].dec.to_numpy(),
                                               20.0, a.config.drift_rate)
     assert np.allclose(xs, t.x_start) and np.allclose(ye, t.y_end)
+
+
+def test_bleed_conserves_charge_and_saturated_trails(tmp_path):
+    from pydriftn.simulate.render import _bleed
+
+    rng = np.random.default_rng(0)
+    counts = rng.uniform(0, 100, (200, 6))
+    counts[90:95, 2] = [300, 900, 2000, 700, 250]
+    counts[10, 4] = 1500
+    before = counts.sum(axis=0)
+    bled = _bleed(counts, np.full(6, 400.0))
+    assert np.allclose(counts.sum(axis=0), before)  # nothing reached the edges
+    assert counts.max() <= 400.0 + 1e-9
+    assert bled[:, 2].sum() > 5 and bled[:, 0].sum() == 0
+    # a dataset with saturating stars: clipped, flagged 3 (core) and 4 (bleed), truth flag set
+    ds = simulate_dataset(tmp_path, "tiny", seed=3, n_exposures=1, n_bright_stars_per_ccd=3)
+    tr = ds.read_truth("trails")
+    assert tr.saturated.sum() >= 1 and (tr[tr.saturated].peak_adu > 40000).all()
+    with fits.open(ds.drift_images[ds.expnums[0]]) as h, fits.open(ds.drift_masks[ds.expnums[0]]) as m:
+        img, msk, e = h["S4"].data, m["S4"].data, h["S4"].header
+    assert (msk == 3).sum() > 0 and (msk == 4).sum() > 0
+    assert img.max() <= max(e["SATURATA"], e["SATURATB"]) + 1e-3
+    assert not tr[~tr.saturated].peak_adu.gt(max(e["SATURATA"], e["SATURATB"])).any()

@@ -87,6 +87,12 @@ class SimulationConfig:
         is uniform; stars in a margin around each CCD are simulated too).
         Crowding knob: raise it for bulge-like fields.
     r_min, r_max : r range; luminosity function dN/dm ∝ 10**(lf_slope*m).
+    n_bright_stars_per_ccd : mean number per CCD area of extra bright stars
+        (r uniform in ``bright_r_range``) that saturate drift exposures
+        (default 0: none).
+    bleed : charge above full well (SATURATA/B × GAINA/B electrons) bleeds
+        along the column (y), conserving charge; pixels filled only by
+        bleeding get mask code 4, pixels over full well themselves code 3.
     gr_min, gr_max : uniform g-r colour range.
     vr_colour_term : VR = r + vr_colour_term * ((g-r) - 0.6).
     pm_rms_mas_yr : rms proper motion per axis (mas/yr).
@@ -180,6 +186,9 @@ class SimulationConfig:
     r_min: float = 14.0
     r_max: float = 22.5
     lf_slope: float = 0.3
+    n_bright_stars_per_ccd: float = 0.0
+    bright_r_range: tuple = (10.0, 12.0)
+    bleed: bool = True
     gr_min: float = 0.3
     gr_max: float = 1.2
     vr_colour_term: float = 0.1

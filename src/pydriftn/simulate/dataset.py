@@ -135,6 +135,7 @@ def _primary_header(cfg, seed, *, expnum, mjd_obs, exptime, band, obj, prodtype,
     h["OBJECT"] = (obj, "Name of the object observed")
     h["PROCTYPE"] = ("InstCal", "Data processing level")
     h["PRODTYPE"] = (prodtype, "Data product type")
+    h["PLVER"] = ("V4.1.0", "CP-like version: dq masks hold integer codes")
     h["PIXSCAL1"] = (cfg.pixel_scale_arcsec, "[arcsec/pixel] Pixel scale, axis 1")
     h["PIXSCAL2"] = (cfg.pixel_scale_arcsec, "[arcsec/pixel] Pixel scale, axis 2")
     h["OBS-LONG"] = (70.81489, "[deg] Observatory east longitude")

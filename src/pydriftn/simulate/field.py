@@ -197,6 +197,19 @@ def make_star_field(cfg, seed):
             cols["pmdec"].append(rng.normal(0.0, cfg.pm_rms_mas_yr, n))
             cols["gx"].append(rng.standard_normal(n))
             cols["gy"].append(rng.standard_normal(n))
+            if cfg.n_bright_stars_per_ccd > 0:
+                # bright (saturating) stars on top of the luminosity function;
+                # drawn after the others so those do not change
+                nb = int(rng.poisson(cfg.n_bright_stars_per_ccd * TILE_PX * TILE_PX / (cfg.naxis1 * cfg.naxis2)))
+                cols["id"].append(((tx + 2**15) * 2**16 + (ty + 2**15)) * 2**16 + n + np.arange(nb, dtype=np.int64))
+                cols["px"].append((tx + rng.random(nb)) * TILE_PX)
+                cols["py"].append((ty + rng.random(nb)) * TILE_PX)
+                cols["r"].append(rng.uniform(*cfg.bright_r_range, nb))
+                cols["gr"].append(rng.uniform(cfg.gr_min, cfg.gr_max, nb))
+                cols["pmra"].append(rng.normal(0.0, cfg.pm_rms_mas_yr, nb))
+                cols["pmdec"].append(rng.normal(0.0, cfg.pm_rms_mas_yr, nb))
+                cols["gx"].append(rng.standard_normal(nb))
+                cols["gy"].append(rng.standard_normal(nb))
     c = {k: np.concatenate(v) for k, v in cols.items()}
     n = len(c["id"])
     px, py, r, gr = c["px"], c["py"], c["r"], c["gr"]

@@ -48,7 +48,7 @@ __all__ = ["detector_params", "render_drift_ccd", "render_pointed_ccd", "magnifi
 
 log = logging.getLogger(__name__)
 
-MASK_BAD, MASK_SAT, MASK_CR, MASK_STREAK = 1, 3, 5, 8
+MASK_BAD, MASK_SAT, MASK_BLEED, MASK_CR, MASK_STREAK = 1, 3, 4, 5, 8
 
 
 def detector_params(cfg, seed, ccd):
@@ -189,6 +189,38 @@ def _satellite_ccd(cfg):
     return cfg.satellite_ccd if cfg.satellite_ccd in cfg.ccds else min(cfg.ccds)
 
 
+def _bleed(counts, full_well):
+    """Move charge above full well along each column (both ways), in place.
+
+    Runs of over-full pixels keep ``full_well`` electrons; their excess is
+    split in two and fills the pixels beyond each end of the run up to full
+    well, outwards, until spent (charge reaching the CCD edge is lost).
+    Returns the boolean map of pixels that received bled charge.
+    """
+    ny = counts.shape[0]
+    bled = np.zeros(counts.shape, dtype=bool)
+    for c in np.flatnonzero((counts >= full_well[None, :]).any(axis=0)):
+        col = counts[:, c]
+        cap = float(full_well[c])
+        idx = np.flatnonzero(col > cap)
+        if len(idx) == 0:
+            continue
+        for run in np.split(idx, np.flatnonzero(np.diff(idx) > 1) + 1):
+            excess = float((col[run] - cap).sum())
+            col[run] = cap
+            for start, step, share in ((run[-1] + 1, 1, 0.5 * excess), (run[0] - 1, -1, 0.5 * excess)):
+                j = start
+                while share > 0 and 0 <= j < ny:
+                    room = cap - col[j]
+                    if room > 0:
+                        take = min(room, share)
+                        col[j] += take
+                        share -= take
+                        bled[j, c] = True
+                    j += step
+    return bled
+
+
 def _finish(cfg, rng, model_e, det, cr_deposits, streak_e=None, sky_sigma_e=None):
     """Noise, cosmic rays, gain, bad columns, saturation; returns ADU image, mask."""
     gain, rn, sat = _amp_maps(cfg, det)
@@ -197,6 +229,9 @@ def _finish(cfg, rng, model_e, det, cr_deposits, streak_e=None, sky_sigma_e=None
     for ys, xs, e in cr_deposits:
         np.add.at(counts, (ys, xs), e)
         crmask[ys, xs] = True
+    full_well = sat * gain
+    over = counts >= full_well[None, :]
+    bled = _bleed(counts, full_well) if (cfg.bleed and over.any()) else None
     counts += rng.standard_normal(model_e.shape) * rn[None, :]
     adu = counts / gain[None, :]
     mask = np.zeros(model_e.shape, dtype=np.int32)
@@ -205,7 +240,9 @@ def _finish(cfg, rng, model_e, det, cr_deposits, streak_e=None, sky_sigma_e=None
     mask[crmask] = MASK_CR
     satmask = adu >= sat[None, :]
     adu = np.where(satmask, sat[None, :], adu)
-    mask[satmask] = MASK_SAT
+    if bled is not None:
+        mask[bled & ~over] = MASK_BLEED
+    mask[over | (satmask & (bled is None or ~bled))] = MASK_SAT
     for col, y0, y1 in det["bad_columns"]:
         adu[y0:y1, col] = 0.3 * adu[y0:y1, col]  # dead column segment
         mask[y0:y1, col] = MASK_BAD
