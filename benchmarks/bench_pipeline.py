@@ -1,0 +1,118 @@
+"""End-to-end pipeline speed: time per full-size (exposure, CCD) unit and throughput.
+
+Simulates one full-size drift exposure with two CCDs (cached in
+``bench_output/pipeline``), builds the catalogue, then runs the very unit
+function of ``pydriftn run`` on ``--units`` units (default 60, the CCD count of
+one DECam exposure; the two simulated CCDs are reused under distinct exposure
+numbers) with 1 and 2 worker processes. Prints the time per unit (with a
+breakdown by stage for one unit) and the wall time for a 60-CCD exposure.
+
+Target: a 60-CCD exposure processed in <= 20 s on 2 cores (DECam takes one
+every ~48 s).
+
+Usage: python benchmarks/bench_pipeline.py [--units 60] [--stars 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import shutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from pydriftn.config import config_from_dict  # noqa: E402
+from pydriftn.pipeline.run import _unit_config, run_unit  # noqa: E402
+from pydriftn.pipeline.stages import prepare_catalogue  # noqa: E402
+from pydriftn.pipeline.units import Unit, discover_units  # noqa: E402
+from pydriftn.simulate import simulate_dataset  # noqa: E402
+
+
+def _dataset(stars: int, fresh: bool):
+    out = ROOT / "bench_output" / f"pipeline_{stars}"
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    if not (out / "simulation.json").is_file():
+        t0 = time.perf_counter()
+        simulate_dataset(out, preset="full", seed=11, n_exposures=1, ccds=["S4", "N4"],
+                         n_stars_per_ccd=stars)
+        print(f"simulated 2 full-size CCDs x 1 exposure in {time.perf_counter() - t0:.1f} s")
+    return out
+
+
+def _run_all(units, args, workers):
+    t0 = time.perf_counter()
+    if workers == 1:
+        statuses = [run_unit(u, *args) for u in units]
+    else:
+        import multiprocessing
+
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            statuses = list(pool.map(run_unit, units, *[[a] * len(units) for a in args]))
+    return time.perf_counter() - t0, statuses
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--units", type=int, default=60)
+    ap.add_argument("--stars", type=int, default=2000)
+    ap.add_argument("--fresh", action="store_true", help="re-simulate the data")
+    ns = ap.parse_args(argv)
+
+    data = _dataset(ns.stars, ns.fresh)
+    out = ROOT / "bench_output" / "pipeline_run"
+    if out.exists():
+        shutil.rmtree(out)
+    cfg = config_from_dict({
+        "drifts_dirs": [str(data / "night_1")], "output_dir": str(out),
+        "g_image": str(next((data / "pointed").glob("*pointed_g-image.fits"))),
+        "r_image": str(next((data / "pointed").glob("*pointed_r-image.fits"))),
+        "gaia": str(data / "gaia_reference.csv"),
+        "classify": {"save_cutouts": False},
+    })
+    t0 = time.perf_counter()
+    catalogue = prepare_catalogue(cfg, out)
+    print(f"catalogue (2 CCDs, g and r): {time.perf_counter() - t0:.1f} s")
+    real_units, _ = discover_units(cfg.drifts_dirs)
+    unit_config = _unit_config(cfg)
+    args = (str(catalogue), unit_config, str(out), None)
+
+    # one unit, profiled by stage (first call pays imports: warm up first)
+    run_unit(real_units[0], *args)
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    st = run_unit(real_units[0], *args)
+    prof.disable()
+    one = time.perf_counter() - t0
+    print(f"\none full-size unit ({st.n_stars} stars, status {st.status}): {one:.2f} s on one core")
+    stats = pstats.Stats(prof)
+    stage_funcs = {
+        "read_ccd": "read_ccd", "astrometry": "solve_exposure_ccd", "forced trails": "predict_trails",
+        "classification": "classify_exposure_ccd", "sky": "local_sky", "extraction": "extract_trails",
+        "normalisation": "normalise", "tables": "long_table",
+    }
+    for label, fn in stage_funcs.items():
+        cum = sum(v[3] for k, v in stats.stats.items() if k[2] == fn)
+        print(f"  {label:15s} {cum:6.2f} s")
+
+    units = [Unit(u.night, 9_000_000 + i, real_units[i % len(real_units)].ccd,
+                  real_units[i % len(real_units)].image_path, real_units[i % len(real_units)].mask_path)
+             for i, u in enumerate([real_units[0]] * ns.units)]
+    print(f"\n{ns.units} units (one DECam exposure has 60 CCDs):")
+    for workers in (1, 2):
+        wall, statuses = _run_all(units, args, workers)
+        ok = sum(s.status == "done" for s in statuses)
+        per60 = wall / ns.units * 60
+        print(f"  {workers} worker(s): {wall:7.1f} s wall, {wall / ns.units:.2f} s per unit, "
+              f"{ok}/{ns.units} done -> 60-CCD exposure in {per60:.1f} s (target <= 20 s)")
+
+
+if __name__ == "__main__":
+    main()
