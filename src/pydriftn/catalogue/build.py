@@ -58,7 +58,7 @@ DEFAULT_KNOBS = {
     "gaia_cache_dir": None,
     "gaia_timeout_s": 60.0,
     # photometry
-    "aperture_fwhm": 1.0,
+    "aperture_fwhm": 0.8,
     "detect_thresh": 1.5,
     # output
     "stamps": True,

@@ -3,12 +3,13 @@
 Pure functions over arrays (image, masks, gain / read-noise / saturation maps);
 no file I/O. The steps, in order:
 
-1. **Background and noise** with ``sep.Background`` (64-px meshes; sep is
-   several times faster than photutils ``Background2D`` on a full DECam CCD).
-   The noise map used for photometric errors is
-   ``sigma² = rms_bkg² + max(image - bkg, 0) / gain`` (ADU²), i.e. the
-   measured background noise plus the Poisson noise of the sources, with the
-   per-amplifier gain.
+1. **Background and noise** on the image converted to electrons with the
+   per-amplifier gain map (so the sky has no step between amplifiers), with
+   ``sep.Background`` (64-px meshes, a second pass with the detections
+   masked; sep is several times faster than photutils ``Background2D`` on a
+   full DECam CCD). The noise map used for photometric errors is
+   ``sigma² = rms_bkg² + max(image - bkg, 0)`` (e-²), i.e. the measured
+   background noise plus the Poisson noise of the sources.
 2. **Detection** with ``sep.extract`` (3x3 smoothing, ``detect_thresh`` × rms
    per pixel, deblending) on the background-subtracted image; dq-masked bad
    pixels (bad, hot, cosmic rays, streaks) are excluded, saturated and bleed
@@ -20,10 +21,11 @@ no file I/O. The steps, in order:
 4. **Photometry**: circular aperture of radius ``aperture_fwhm`` × the PSF
    half-light diameter (the robust size measure ``2 r_half``), corrected to total flux with an aperture correction measured on
    bright, isolated, unsaturated stars: the median over stars of the exact
-   aperture sum to 1.5 × the size plus the medians over stars of exact 1-px
-   annuli out to 4 × the size (a faint neighbour in one star's annulus does
-   not inflate the curve in crowded fields), extrapolated to infinity with a
-   Moffat curve of growth fitted to it. The statistical error of the aperture correction is
+   aperture sum to 1.5 × the size plus the medians over stars of 1-px annuli
+   out to 4 × the size, each annulus' flux being its area times the
+   3-sigma-clipped mean of its pixels (neighbours in an annulus are clipped,
+   and a neighbour in one star's annulus does not move the median in crowded
+   fields), extrapolated to infinity with a Moffat curve of growth fitted to it. The statistical error of the aperture correction is
    added to every flux error in quadrature. (Aperture rather than PSF
    photometry: a few ms per CCD, no PSF model to fit, and with an aperture
    correction the totals are unbiased for the isolated stars the pipeline
@@ -82,23 +84,30 @@ class MeasureOptions:
         Moffat with beta = 3). All "FWHM" units of these options mean ``2 r_half``.
     growth_inner_fwhm, growth_outer_fwhm : float
         The curve of growth is the median exact aperture sum out to the inner
-        radius plus the medians (over stars) of 1-px annuli out to the outer
-        radius; beyond it a fitted Moffat extrapolates.
+        radius plus the medians (over stars) of 1-px annuli (clipped means of
+        their pixels) out to the outer radius; beyond it a fitted Moffat
+        extrapolates.
     edge_drop_fwhm : float
         Detections whose centroid is closer than this (in PSF sizes) to the
         CCD edge are dropped (mostly off the CCD, biased centroid).
     apcorr_sys_frac : float
-        Fractional systematic error of the aperture correction, added in
-        quadrature to its statistical error (and so to every flux error).
+        Floor of the fractional systematic error of the aperture correction.
+        The systematic is ``|measured − Moffat model of the inner curve|``
+        (see ``growth_model_fwhm``), at least this fraction; it is added in
+        quadrature to the statistical error (and so to every flux error).
+    growth_model_fwhm : float
+        Outer radius (sizes) of the inner curve of growth the Moffat model of
+        the systematic is fitted to.
     apcorr_min_snr : float
         Stars of the curve of growth need this S/N in the aperture.
     max_apcorr_stars : int
         At most this many (the brightest) stars build the curve of growth.
     blend_radius_fwhm : float
         A neighbour closer than this (in FWHM) sets ``BLENDED``.
-    sharp_frac : float
-        Detections with ``fwhm_px < sharp_frac * FWHM`` that are not saturated
-        are cosmic-ray-like and dropped.
+    sharp_frac, sharp_peak_factor : float
+        Unsaturated detections with ``fwhm_px < sharp_frac * FWHM``, or whose
+        peak pixel holds more than ``sharp_peak_factor`` times the typical
+        star's fraction of the aperture flux, are cosmic-ray-like and dropped.
     back_size : int
         Background mesh size (pixels).
     mask_sources_in_background : bool
@@ -111,15 +120,17 @@ class MeasureOptions:
     detect_sigma: float = 5.0
     detect_thresh: float = 1.5
     minarea: int = 5
-    aperture_fwhm: float = 1.0
+    aperture_fwhm: float = 0.8
     growth_inner_fwhm: float = 1.5
     growth_outer_fwhm: float = 4.0
     max_apcorr_stars: int = 100
     apcorr_min_snr: float = 150.0
     apcorr_sys_frac: float = 0.007
+    growth_model_fwhm: float = 2.5
     edge_drop_fwhm: float = 0.5
     blend_radius_fwhm: float = 2.0
     sharp_frac: float = 0.55
+    sharp_peak_factor: float = 1.8
     back_size: int = 64
     min_apcorr_stars: int = 3
     mask_sources_in_background: bool = True
@@ -167,6 +178,23 @@ def noise_map(sub, rms, gain):
     """
     var = np.square(rms, dtype=np.float32) + np.maximum(sub, 0.0) / np.asarray(gain, dtype=np.float32)
     return np.sqrt(var, dtype=np.float32)
+
+
+def _clipped_mean(v, nsig=3.0, n_iter=5):
+    """Mean of ``v`` after iterative symmetric ``nsig``-sigma clipping (MAD sigma)."""
+    v = np.asarray(v, float)
+    v = v[np.isfinite(v)]
+    if len(v) == 0:
+        return 0.0
+    keep = np.ones(len(v), bool)
+    for _ in range(n_iter):
+        med = np.median(v[keep])
+        sd = 1.4826 * np.median(np.abs(v[keep] - med))
+        new = np.abs(v - med) < nsig * max(sd, 1e-12)
+        if new.sum() == 0 or np.array_equal(new, keep):
+            break
+        keep = new
+    return float(np.mean(v[keep]))
 
 
 def moffat_growth(r, alpha, beta):
@@ -227,13 +255,20 @@ def _symmetric_y(sub, bad, xc, y0, rad):
     return float(res.x) if res.success else y0
 
 
-def _robust_growth(sub, bad, xs, ys, r_ap, r_in, r_out, width=1.0):
+def _robust_growth(sub, bad, xs, ys, r_ap, r_in, r_out, width=1.0, others=None):
     """Curve of growth ``F(r) / F(r_ap)`` of a set of stars, robust to neighbours.
 
-    Exact aperture sums to ``r_in`` and exact 1-px annuli beyond it (sep), each
-    normalised by the star's ``F(r_ap)``; the curve is the median over stars
-    of the inner ratio plus the cumulative sum of the per-annulus medians over
-    stars, so a neighbour that falls in one star's annulus does not inflate it.
+    Per star: the exact aperture sum to ``r_in``, then 1-px annuli whose flux
+    is the annulus area times the 3-sigma-clipped mean of its pixels (a
+    neighbour covering part of an annulus is clipped). The curve is the median
+    over stars of the inner ratio plus the cumulative sum of the per-annulus
+    medians over stars.
+
+    Parameters
+    ----------
+    others : (ndarray (m, 2), ndarray (m,)), optional
+        Positions and mask radii of all detections: pixels of a star's annuli
+        within those radii of *another* detection are not used.
 
     Returns
     -------
@@ -245,20 +280,51 @@ def _robust_growth(sub, bad, xs, ys, r_ap, r_in, r_out, width=1.0):
         Its standard error (quadrature sum of the per-annulus errors of the medians).
     """
     xs = np.asarray(xs, float)
+    if others is not None:
+        oxy, orad = others
+        otree = cKDTree(oxy)
+        omax = float(np.max(orad)) if len(orad) else 0.0
     ys = np.asarray(ys, float)
     n = len(xs)
     f_ap, _, _ = sep.sum_circle(sub, xs, ys, r_ap, mask=bad, subpix=5)
     f_ap = np.asarray(f_ap, float)
     f_in, _, _ = sep.sum_circle(sub, xs, ys, r_in, mask=bad, subpix=5)
     edges = np.arange(r_in, r_out + 1e-9, width)
-    parts = [np.asarray(f_in, float) / f_ap]
-    for a in range(len(edges) - 1):
-        s_ann, _, _ = sep.sum_circann(sub, xs, ys, edges[a], edges[a + 1], mask=bad, subpix=5)
-        parts.append(np.asarray(s_ann, float) / f_ap)
-    parts = np.column_stack(parts)  # (n, K)
-    med = np.median(parts, axis=0)
-    mad = 1.4826 * np.median(np.abs(parts - med), axis=0)
-    err = 1.2533 * mad / np.sqrt(max(n, 1))
+    nk = len(edges) - 1
+    areas = np.pi * (edges[1:] ** 2 - edges[:-1] ** 2)
+    ann = np.full((n, nk), np.nan)
+    ny, nx = sub.shape
+    R = int(np.ceil(r_out)) + 1
+    for i in range(n):
+        ix, iy = int(round(xs[i])), int(round(ys[i]))
+        x0, x1, y0, y1 = max(ix - R, 0), min(ix + R + 1, nx), max(iy - R, 0), min(iy + R + 1, ny)
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        k = np.floor((np.hypot(xx - xs[i], yy - ys[i]) - r_in) / width).astype(int)
+        sel = (k >= 0) & (k < nk) & ~bad[y0:y1, x0:x1]
+        if others is not None:
+            for j in otree.query_ball_point([xs[i], ys[i]], r_out + omax):
+                dj = np.hypot(oxy[j, 0] - xs[i], oxy[j, 1] - ys[i])
+                if dj < 0.5 or dj > r_out + orad[j]:
+                    continue  # the star itself / too far to matter
+                sel &= np.hypot(xx - oxy[j, 0], yy - oxy[j, 1]) >= orad[j]
+        kk, vv = k[sel], sub[y0:y1, x0:x1][sel].astype(float)
+        order = np.argsort(kk, kind="stable")
+        kk, vv = kk[order], vv[order]
+        bounds = np.searchsorted(kk, np.arange(nk + 1))
+        for a in range(nk):
+            v = vv[bounds[a]: bounds[a + 1]]
+            if len(v) < 5:
+                continue
+            med = np.median(v)
+            sd = 1.4826 * np.median(np.abs(v - med))
+            if sd > 0:
+                v = v[np.abs(v - med) < 3.0 * sd]
+            ann[i, a] = np.mean(v) * areas[a] / f_ap[i]
+    parts = np.column_stack([np.asarray(f_in, float) / f_ap, ann])  # (n, K)
+    med = np.nanmedian(parts, axis=0)
+    mad = 1.4826 * np.nanmedian(np.abs(parts - med), axis=0)
+    cnt = np.maximum(np.sum(np.isfinite(parts), axis=0), 1)
+    err = 1.2533 * mad / np.sqrt(cnt)
     return edges, np.cumsum(med), np.sqrt(np.cumsum(err**2))
 
 
@@ -340,7 +406,7 @@ def measure_sources(
     meta : dict
         ``fwhm_px`` (image), ``aperture_radius_px``, ``apcorr``,
         ``apcorr_err``, ``apcorr_nstars``, ``moffat_alpha_px``,
-        ``moffat_beta``, ``sky_adu``, ``sky_rms_adu``, ``n_detected``,
+        ``moffat_beta``, ``sky_e``, ``sky_rms_e`` (per pixel), ``n_detected``,
         ``n_dropped_sharp``, ``n_dropped_fragments``, ``n_below_snr``,
         ``photometry`` (method description).
 
@@ -367,18 +433,21 @@ def measure_sources(
         raise EmptyDataError(f"all unmasked pixels have the same value ({float(good_vals[0])!r}): empty image")
     gain_m = _as_map(gain, img.shape, "gain")
     sat_m = _as_map(saturation, img.shape, "saturation")
-    img[bad] = np.median(good_vals)  # neutral fill; excluded via mask anyway
-
-    satpix = img >= sat_m
+    satpix = img >= sat_m  # saturation is judged on the raw ADU values
     if saturated_mask is not None:
         satpix |= np.asarray(saturated_mask, bool)
+    # work in electrons: the sky is then continuous across amplifiers of
+    # different gain (a step in ADU would bias the background near the boundary)
+    adu = img
+    img = np.ascontiguousarray(img * gain_m, dtype=np.float32)
+    img[bad] = np.median(img[~bad])  # neutral fill; excluded via mask anyway
 
     bkg = sep.Background(img, mask=bad, bw=opt.back_size, bh=opt.back_size, fw=3, fh=3)
     back = bkg.back()
     rms = bkg.rms()
     sub = img - back
     sub[bad] = 0.0
-    sigma = noise_map(sub, rms, gain_m)
+    sigma = noise_map(sub, rms, 1.0)
 
     sep.set_extract_pixstack(max(300000, img.size // 4))
     sep.set_sub_object_limit(4096)
@@ -399,14 +468,24 @@ def measure_sources(
     if opt.mask_sources_in_background:
         # second pass: background and rms with the detected sources (grown by
         # ~1 FWHM) masked, so star wings and faint neighbours do not bias them
-        grow = max(2, int(round(0.5 * _GAUSS_FWHM * np.median(np.sqrt(objs["a"] * objs["b"])))))
-        srcmask = ndimage.binary_dilation(seg > 0, structure=np.ones((3, 3), bool), iterations=grow)
+        # each source is masked out to where its wings fall below ~0.1 sigma of
+        # the sky (radius growing as peak S/N^(1/5), a Moffat-like r^-5..-6 wing)
+        size0 = _GAUSS_FWHM * float(np.median(np.sqrt(objs["a"] * objs["b"])))
+        rmask = size0 * np.clip((np.maximum(objs["peak"], 0.1) / 0.1) ** 0.2, 1.0, 4.0)
+        srcmask = (seg > 0).astype(np.uint8)
+        sep.mask_ellipse(srcmask, objs["x"], objs["y"], a=rmask, b=rmask, theta=np.zeros(n_det), r=1.0)
+        srcmask = srcmask.astype(bool)
         bkg = sep.Background(img, mask=bad | srcmask, bw=opt.back_size, bh=opt.back_size, fw=3, fh=3)
         back = bkg.back()
         rms = bkg.rms()
+        # sep's mesh statistic is a mode estimate (2.5 median - 1.5 mean), biased
+        # low by ~0.8 e- for a Poisson sky of ~1000 e-: re-centre the map on the
+        # clipped mean of the unmasked residuals (one offset per CCD)
+        res = (img - back)[~(bad | srcmask)][::3]
+        back = back + _clipped_mean(res)
         sub = img - back
         sub[bad] = 0.0
-        sigma = noise_map(sub, rms, gain_m)
+        sigma = noise_map(sub, rms, 1.0)
     x0 = objs["x"].astype(float)
     y0 = objs["y"].astype(float)
     a = objs["a"].astype(float)
@@ -483,7 +562,7 @@ def measure_sources(
     nbad, _, _ = sep.sum_circle(bad.astype(np.float32), x, y, r_ap, subpix=1)
     nsat, _, _ = sep.sum_circle(satpix.astype(np.float32), x, y, r_ap, subpix=1)
     obj_sat |= np.asarray(nsat) > 0
-    peak = objs["peak"].astype(float) * _at(rms, x0, y0) + _at(back, x0, y0)
+    peak = (objs["peak"].astype(float) * _at(rms, x0, y0) + _at(back, x0, y0)) / _at(gain_m, x0, y0)
 
     # --- neighbours
     tree = cKDTree(np.column_stack([x, y]))
@@ -508,9 +587,14 @@ def measure_sources(
         cog_sel = np.zeros(n_det, bool)
         cog_sel[keep_idx] = True
     alpha = beta = np.nan
+    apcorr_model = None
     n_cog = int(cog_sel.sum())
     if n_cog >= opt.min_apcorr_stars:
-        radii, curve, curve_err = _robust_growth(sub, bad, x[cog_sel], y[cog_sel], r_ap, r_in, r_out)
+        # neighbours are cut out of the annuli to where their light is < ~0.1 sky sigma
+        nb_rad = np.clip(fwhm_img * np.clip((np.maximum(objs["peak"], 0.1) / 0.1) ** 0.2, 1.0, 4.0), 0, r_out)
+        radii, curve, curve_err = _robust_growth(
+            sub, bad, x[cog_sel], y[cog_sel], r_ap, r_in, r_out, others=(np.column_stack([x, y]), nb_rad)
+        )
         fit = _fit_growth(np.concatenate([[r_ap], radii]), np.concatenate([[1.0], curve]))
         if fit is not None:
             alpha, beta = fit
@@ -520,9 +604,15 @@ def measure_sources(
         apcorr = float(curve[-1] * tail)
         # statistical error of the curve + half the extrapolation beyond r_out
         apcorr_err = float(np.hypot(curve_err[-1] * tail, 0.5 * (tail - 1.0) * apcorr))
-        # systematic floor (PSF variation over the CCD, light of undetected neighbours in
-        # the annuli): on the simulator the measured correction is 0.5-1 % above the truth
-        apcorr_err = float(np.hypot(apcorr_err, opt.apcorr_sys_frac * apcorr))
+        # model dependence: the correction a Moffat fitted to the inner curve
+        # (<= 2.5 sizes, little neighbour light) predicts; its difference from
+        # the measured one (faint neighbours / background in the outer annuli,
+        # non-Moffat wings) is taken as a systematic error, with a small floor
+        inner = radii <= opt.growth_model_fwhm * fwhm_img
+        fit_in = _fit_growth(np.concatenate([[r_ap], radii[inner]]), np.concatenate([[1.0], curve[inner]]))
+        apcorr_model = float(1.0 / moffat_growth(r_ap, *fit_in)) if fit_in is not None else apcorr
+        sys_err = max(abs(apcorr - apcorr_model), opt.apcorr_sys_frac * apcorr)
+        apcorr_err = float(np.hypot(apcorr_err, sys_err))
     else:
         # Moffat(beta=3) whose half-light radius is the measured one
         beta = 3.0
@@ -541,9 +631,8 @@ def measure_sources(
         fwhm_src = fwhm_src * (psf_fwhm / hld_img)
         fwhm_img = psf_fwhm
 
-    g_at = _at(gain_m, x, y)
-    flux = f_ap * apcorr * g_at
-    flux_err = np.sqrt((e_ap * apcorr * g_at) ** 2 + (f_ap * g_at * apcorr_err) ** 2)
+    flux = f_ap * apcorr  # electrons
+    flux_err = np.sqrt((e_ap * apcorr) ** 2 + (f_ap * apcorr_err) ** 2)
     snr = np.where(flux_err > 0, flux / flux_err, 0.0)
     with np.errstate(invalid="ignore", divide="ignore"):
         mag = np.where(flux > 0, -2.5 * np.log10(flux / float(exptime)), np.nan)
@@ -556,7 +645,18 @@ def measure_sources(
 
     with np.errstate(invalid="ignore"):
         ellip = np.where(a > 0, 1.0 - b / a, np.nan)
-    sharp = (~obj_sat) & np.isfinite(fwhm_src) & (fwhm_src < opt.sharp_frac * fwhm_img)
+    # cosmic-ray-like: much smaller than the PSF, or far too much of the flux in one pixel
+    peak_e = objs["peak"].astype(float) * _at(rms, x0, y0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        peak_frac = np.where(f_ap > 0, peak_e / f_ap, np.inf)
+    ref_pf = np.median(peak_frac[(flags == 0) & (snr_ap > 30)]) if np.sum((flags == 0) & (snr_ap > 30)) >= 3 else np.nan
+    # (sizes and peaks of faint sources are noisy: below S/N 20 only gross outliers)
+    hi = snr_ap > 20
+    sharp = (~obj_sat) & (
+        (hi & np.isfinite(fwhm_src) & (fwhm_src < opt.sharp_frac * fwhm_img))
+        | (np.isfinite(ref_pf) & hi & (peak_frac > opt.sharp_peak_factor * ref_pf))
+        | (np.isfinite(ref_pf) & ~hi & (peak_frac > 2.0 * opt.sharp_peak_factor * ref_pf))
+    )
     keep_snr = (snr >= opt.detect_sigma) | obj_sat
     # centroid within half a PSF size of the edge: most of the star is off the CCD and its
     # position is biased by the truncation (> 1" on the simulator) -- not catalogued
@@ -579,10 +679,11 @@ def measure_sources(
         "apcorr": apcorr,
         "apcorr_err": apcorr_err,
         "apcorr_nstars": n_cog,
+        "apcorr_model": apcorr_model,
         "moffat_alpha_px": float(alpha),
         "moffat_beta": float(beta),
-        "sky_adu": float(bkg.globalback),
-        "sky_rms_adu": float(bkg.globalrms),
+        "sky_e": float(np.mean(back)),
+        "sky_rms_e": float(bkg.globalrms),
         "n_detected": int(n_det),
         "n_dropped_sharp": int((sharp & keep_snr).sum()),
         "n_dropped_fragments": int((drop_fragment & keep_snr).sum()),
@@ -590,7 +691,7 @@ def measure_sources(
         "n_dropped_edge": int((off_edge & keep_snr & ~sharp & ~drop_fragment).sum()),
         "photometry": (
             f"aperture r={opt.aperture_fwhm:g}xFWHM with aperture correction from the curve of growth "
-            f"of bright isolated stars (median annuli) to {opt.growth_outer_fwhm:g}xFWHM + Moffat extrapolation"
+            f"of bright isolated stars (clipped annuli) to {opt.growth_outer_fwhm:g}xFWHM + Moffat extrapolation"
         ),
     }
     if read_noise is not None:
