@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pydriftn import models
+from pydriftn import flags, models
 from pydriftn.events import (
     VETO_COMMON_MODE,
     VETO_FLAGGED,
@@ -19,6 +19,7 @@ from pydriftn.events import (
     plot_candidate,
     plot_efficiency,
     search,
+    search_store,
     simulate_lightcurves,
 )
 
@@ -48,7 +49,7 @@ def _draw_events(rng, n):
     while len(out) < n:
         te = 10 ** rng.uniform(0.0, 1.3)  # 1 - 20 s
         u0 = rng.uniform(0.05, 0.7)
-        rho = float(rng.choice([0.01, 0.1, 0.3, 0.6]))
+        rho = float(rng.choice([0.01, 0.1, 0.3, 0.6, 1.0]))
         dur, peak = _duration_above(te, u0, rho)
         if peak >= 1.5 and dur >= 2.0:
             out.append((te, u0, rho))
@@ -136,17 +137,23 @@ def test_search_self_calibrated_on_event_free_data():
 def test_flagged_samples_excluded_and_marked():
     lc, stars = simulate_lightcurves(100, 4, snr=50, seed=41)
     lc = lc.copy()
-    # star 5: a huge spike of three samples, all flagged as cosmic ray (bit 1): must be excluded
+    # star 5: a huge spike of three samples, all flagged as cosmic ray: must be excluded
     spike = (lc["star_id"] == 5) & (lc["expnum"] == 1001) & lc["sample"].between(10, 12)
     lc.loc[spike, "norm_flux"] += 3.0
-    lc.loc[spike, "flags"] = 1
+    lc.loc[spike, "flags"] = int(flags.COSMIC_RAY)
+    # star 6: the same spike with a non-vetoing flag (NEAR_EDGE) is searched
+    spike6 = (lc["star_id"] == 6) & (lc["expnum"] == 1001) & lc["sample"].between(10, 12)
+    lc.loc[spike6, "norm_flux"] += 3.0
+    lc.loc[spike6, "flags"] = int(flags.NEAR_EDGE)
     # star 7: a real event whose peak sample is flagged: still found, marked
     t0 = lc.loc[(lc["star_id"] == 7) & (lc["expnum"] == 1002) & (lc["sample"] == 18), "mjd"].iloc[0]
     lc = inject_microlensing(lc, {"star_id": 7, "t0_mjd": t0, "te_s": 4.0, "u0": 0.2, "rho": 0.1}, seed=1)
-    lc.loc[(lc["star_id"] == 7) & (lc["expnum"] == 1002) & (lc["sample"] == 18), "flags"] = 1
-    res = search(lc, stars, n_scrambles=10, false_alarm_rate=1e-2, bad_flag_mask=1)
+    lc.loc[(lc["star_id"] == 7) & (lc["expnum"] == 1002) & (lc["sample"] == 18), "flags"] = int(flags.SATELLITE)
+    res = search(lc, stars, n_scrambles=10, false_alarm_rate=1e-2)  # default mask: COSMIC_RAY|SATELLITE|...
     sn = res.star_nights.set_index("star_id")
     assert sn.loc[5, "false_alarm_prob"] > 1e-3  # the flagged spike is invisible
+    assert sn.loc[5, "n_samples"] == sn.loc[4, "n_samples"] - 3
+    assert sn.loc[6, "false_alarm_prob"] < 1e-4
     c = res.candidates.set_index("star_id")
     assert 5 not in c.index or not c.loc[5, "above_threshold"]
     assert c.loc[7, "above_threshold"]
@@ -167,17 +174,18 @@ def test_common_mode_dip_is_vetoed():
     res = search(lc, stars, sign="both", n_scrambles=6, false_alarm_rate=1e-3, fit=False)
     c = res.candidates
     dips = c[c["sign"] < 0]
-    assert len(dips) >= 100  # the dip is seen in (nearly) every star ...
+    # the dip is seen in most stars (it also raises the scrambled null: its samples are in every series) ...
+    assert len(dips) >= 60
     assert (dips["vetoes"] & VETO_COMMON_MODE).astype(bool).all()  # ... and vetoed in all of them
     assert (dips["common_mode_fraction"] > 0.9).all()
     det = res.detections
     assert list(det["star_id"]) == [3]  # the real event survives
     # a common-mode brightening is vetoed in the default (positive) search too
     lc2 = lc.copy()
-    lc2.loc[dip, "norm_flux"] *= (1.15 / 0.85) ** 1
+    lc2.loc[dip, "norm_flux"] *= 1.15 / 0.85
     res2 = search(lc2, stars, n_scrambles=6, false_alarm_rate=1e-3, fit=False)
     assert list(res2.detections["star_id"]) == [3]
-    assert (res2.candidates["vetoes"] & VETO_COMMON_MODE).astype(bool).sum() >= 100
+    assert (res2.candidates["vetoes"] & VETO_COMMON_MODE).astype(bool).sum() >= 60
 
 
 def test_bright_neighbour_and_flash_vetoes():
@@ -272,3 +280,24 @@ def test_table_errors_name_the_column():
         inject_microlensing(lc, {"star_id": 0, "t0_mjd": 1.0, "u0": 0.1, "rho": 0.1})
     with pytest.raises(EventSearchError, match="sign"):
         search(lc, sign="up")
+
+
+def test_search_store_reads_the_parquet_store(tmp_path):
+    """A store laid out as the pipeline writes it (store/lightcurves/night=/expnum=/CCD.parquet)."""
+    lc, stars = simulate_lightcurves(60, 4, snr=50, seed=101)
+    t0 = lc.loc[(lc["star_id"] == 2) & (lc["expnum"] == 1001) & (lc["sample"] == 20), "mjd"].iloc[0]
+    lc = inject_microlensing(lc, {"star_id": 2, "t0_mjd": t0, "te_s": 3.0, "u0": 0.2, "rho": 0.1}, seed=1)
+    for (night, exp, ccd), d in lc.groupby(["night", "expnum", "ccd"]):
+        p = tmp_path / "store" / "lightcurves" / f"night={night}" / f"expnum={exp}" / f"{ccd}.parquet"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        d.drop(columns=["night", "expnum"]).to_parquet(p, index=False)
+    stars.to_parquet(tmp_path / "catalogue.parquet", index=False)
+    res = search_store(tmp_path, nights=["n1"], n_scrambles=6, false_alarm_rate=1e-3, plots=1)
+    assert list(res.detections["star_id"]) == [2]
+    assert "r" in res.detections.columns
+    out = tmp_path / "search"
+    assert (out / "candidates.parquet").is_file() and (out / "candidates.csv").is_file()
+    assert len(list(out.glob("candidate_*.png"))) == 1
+    assert any("not vetoed: 1" in line for line in res.summary_lines())
+    with pytest.raises(EventSearchError):
+        search_store(tmp_path / "nothing")

@@ -113,10 +113,15 @@ def _covariance(res, n_par, chi2, dof):
     return cov * scale
 
 
-def _best_of(fun, starts, lo, hi, max_nfev):
+def _best_of(fun, starts, lo, hi, max_nfev, n_keep=3):
+    """Least squares from the ``n_keep`` starting points with the lowest initial cost; best result."""
+    starts = [np.clip(np.asarray(p0, float), lo + 1e-9 * (hi - lo), hi - 1e-9 * (hi - lo)) for p0 in starts]
+    if len(starts) > n_keep:
+        with np.errstate(all="ignore"):
+            cost0 = [float(np.sum(fun(p0) ** 2)) for p0 in starts]
+        starts = [starts[k] for k in np.argsort(np.nan_to_num(cost0, nan=np.inf))[:n_keep]]
     best = None
     for p0 in starts:
-        p0 = np.clip(np.asarray(p0, float), lo + 1e-9 * (hi - lo), hi - 1e-9 * (hi - lo))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             try:
@@ -136,7 +141,7 @@ def _u_for_excess(excess):
 
 
 def fit_microlensing(t_s, y, err, *, t_guess, duration_guess, excess_guess, sample_s=0.54, supersample=3,
-                     fit_blend=False, max_nfev=400) -> FitResult:
+                     fit_blend=False, max_nfev=200) -> FitResult:
     """Fit the finite-source point-lens model.
 
     Parameters
@@ -219,7 +224,7 @@ def fit_microlensing(t_s, y, err, *, t_guess, duration_guess, excess_guess, samp
 
 
 def fit_flare(t_s, y, err, *, t_guess, duration_guess, excess_guess, sample_s=0.54, supersample=3,
-              max_nfev=400) -> FitResult:
+              max_nfev=200) -> FitResult:
     """Fit the FRED flare model (see module docstring); ``params``: ``t0_s, amplitude, rise_s, decay_s, base``."""
     base0, chi2_flat = fit_flat(y, err)
     dur = max(float(duration_guess), sample_s)

@@ -73,7 +73,7 @@ def plot_candidate(lc: pd.DataFrame, candidate, ax=None, *, bad_flag_mask: int |
         ax.plot(tf, y, color="tab:blue", label=f"microlensing dchi2={c.get('delta_chi2_microlensing', np.nan):.0f}")
     if pd.notna(c.get("rise_s", np.nan)):
         t0 = (c["flare_t0_mjd"] - t_ref) * SECONDS_PER_DAY
-        y = flare_model(tf, t0, c["flare_amplitude"], c["rise_s"], c["decay_s"], c.get("base", 1.0))
+        y = flare_model(tf, t0, c["flare_amplitude"], c["rise_s"], c["decay_s"], c.get("flare_base", 1.0))
         y[gap] = np.nan
         ax.plot(tf, y, color="tab:green", ls="--", label=f"flare dchi2={c.get('delta_chi2_flare', np.nan):.0f}")
     ax.set_xlabel(f"t - {t_ref:.6f} (s, MJD)")

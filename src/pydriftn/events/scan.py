@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 #: Boxcar widths in samples: 1 sample (0.54 s) to 8 exposures.
 DEFAULT_WIDTHS = (1, 2, 3, 5, 8, 13, 21, 37, 74, 148, 296)
 
-_CHUNK_CELLS = 60_000  # stars x grid cells per chunk (cache-sized)
+_CHUNK_CELLS = 100_000  # stars x grid cells per chunk (cache-sized)
 
 
 @dataclass
@@ -86,13 +86,23 @@ class ScanResult:
 
 
 def _prepared(block: SeriesBlock):
-    """``(w (y - ybar), w, sum w)`` of the block, cached on the block."""
+    """Scan inputs of the block, cached on it: ``(yc, w, wtot, wbar)``.
+
+    ``w`` are the weights divided by the star's mean weight ``wbar`` and
+    ``yc = w (y - ybar)``, in float32: the scan's cumulative sums then stay
+    O(n) in magnitude and single precision suffices (relative error of a
+    window sum ~1e-6); the statistic is ``wbar * S'^2 / (W' (1 - W'/W'_tot))``.
+    The statistic reported for the best window is recomputed in float64.
+    """
     cached = getattr(block, "_scan_prepared", None)
     if cached is not None:
         return cached
     w = block.weights
-    yc = w * np.where(block.valid, block.y - block.ybar[:, None], 0.0)
-    out = (yc, w, w.sum(axis=1))
+    n_valid = block.valid.sum(axis=1)
+    wbar = np.where(n_valid > 0, w.sum(axis=1) / np.maximum(n_valid, 1), 1.0)
+    wn = (w / wbar[:, None]).astype(np.float32)
+    yc = (wn * np.where(block.valid, block.y - block.ybar[:, None], 0.0)).astype(np.float32)
+    out = (yc, wn, wn.sum(axis=1, dtype=np.float64), wbar)
     block._scan_prepared = out
     return out
 
@@ -104,57 +114,72 @@ def _sign_code(sign) -> int:
     return codes[sign]
 
 
-def _scan_arrays(yc, w, wtot, widths, sign, value_only=False):
+def _scan_arrays(yc, w, wtot, widths, sign, wbar, value_only=False):
     """Best window per row. ``value_only`` skips the arg-max bookkeeping (null scans)."""
     n_s, n_g = yc.shape
     best = np.zeros(n_s)
     bw = np.ones(n_s, np.int64)
     bj = np.zeros(n_s, np.int64)
     bsg = np.ones(n_s, np.int64)
-    bamp = np.zeros(n_s)
     if n_g == 0:
-        return best, bw, bj, bsg, bamp
+        return best, bw, bj, bsg
+    dt = yc.dtype
     chunk = max(1, _CHUNK_CELLS // max(n_g, 1))
     for a in range(0, n_s, chunk):
         b = min(n_s, a + chunk)
         m = b - a
-        cs = np.zeros((m, n_g + 1))
-        cw = np.zeros((m, n_g + 1))
+        cs = np.zeros((m, n_g + 1), dt)
+        cw = np.zeros((m, n_g + 1), dt)
         np.cumsum(yc[a:b], axis=1, out=cs[:, 1:])
         np.cumsum(w[a:b], axis=1, out=cw[:, 1:])
-        inv_wt = 1.0 / np.where(wtot[a:b] > 0, wtot[a:b], np.inf)[:, None]
-        tiny = 1e-12 * wtot[a:b, None]
+        inv_wt = (1.0 / np.where(wtot[a:b] > 0, wtot[a:b], np.inf))[:, None].astype(dt)
+        # regulariser of the denominator: keeps empty windows (S = W = 0) and the
+        # all-samples window (W = W_tot, S ~ 0) at 0 without masking passes
+        eps = (1e-9 * np.maximum(wtot[a:b], 1.0))[:, None].astype(dt)
+        scale = wbar[a:b]
         rows = np.arange(m)
+        cbest = np.zeros(m)
+        buf_s = np.empty((m, n_g), dt)
+        buf_d = np.empty((m, n_g), dt)
         for width in widths:
             if width > n_g:
                 continue
-            s = cs[:, width:] - cs[:, :-width]
-            ww = cw[:, width:] - cw[:, :-width]
-            den = ww * (1.0 - ww * inv_wt)
-            den[den <= tiny] = np.inf
+            nw = n_g + 1 - width
+            s = np.subtract(cs[:, width:], cs[:, :-width], out=buf_s[:, :nw])
+            den = np.subtract(cw[:, width:], cw[:, :-width], out=buf_d[:, :nw])
+            # den = W (1 - W / W_tot) + eps
+            tmp = np.multiply(den, inv_wt)
+            np.subtract(1.0, tmp, out=tmp)
+            np.multiply(den, tmp, out=den)
+            den += eps
+            if value_only:
+                if sign == 1:
+                    np.maximum(s, 0.0, out=s)
+                elif sign == -1:
+                    np.minimum(s, 0.0, out=s)
+                np.square(s, out=s)
+                s /= den
+                np.maximum(cbest, s.max(axis=1), out=cbest)
+                continue
             if sign == 1:
                 sp = np.maximum(s, 0.0)
             elif sign == -1:
                 sp = np.minimum(s, 0.0)
             else:
-                sp = s
-            stat = np.square(sp, out=sp if sp is not s else None)
+                sp = s.copy()
+            stat = np.square(sp, out=sp)
             stat /= den
-            if value_only:
-                np.maximum(best[a:b], stat.max(axis=1), out=best[a:b])
-                continue
             j = np.argmax(stat, axis=1)
-            v = stat[rows, j]
-            better = v > best[a:b]
+            v = stat[rows, j].astype(np.float64)
+            better = v > cbest
             if np.any(better):
                 idx = np.flatnonzero(better)
-                best[a + idx] = v[idx]
+                cbest[idx] = v[idx]
                 bw[a + idx] = width
                 bj[a + idx] = j[idx]
-                sv = s[idx, j[idx]]
-                bsg[a + idx] = np.where(sv >= 0, 1, -1)
-                bamp[a + idx] = sv / ww[idx, j[idx]]
-    return best, bw, bj, bsg, bamp
+                bsg[a + idx] = np.where(s[idx, j[idx]] >= 0, 1, -1)
+        best[a:b] = cbest * scale
+    return best, bw, bj, bsg
 
 
 def scan_block(block: SeriesBlock, widths=DEFAULT_WIDTHS, sign="positive") -> ScanResult:
@@ -172,9 +197,27 @@ def scan_block(block: SeriesBlock, widths=DEFAULT_WIDTHS, sign="positive") -> Sc
     -------
     ScanResult
     """
-    yc, w, wtot = _prepared(block)
-    res = _scan_arrays(yc, w, wtot, _widths(widths), _sign_code(sign))
-    return ScanResult(*res)
+    yc, w, wtot, wbar = _prepared(block)
+    _, bw, bj, bsg = _scan_arrays(yc, w, wtot, _widths(widths), _sign_code(sign), wbar)
+    # exact (float64) statistic and mean excess of the chosen windows
+    w64 = block.weights
+    yc64 = w64 * np.where(block.valid, block.y - block.ybar[:, None], 0.0)
+    cs = np.zeros((block.n_stars, block.n_grid + 1))
+    cw = np.zeros((block.n_stars, block.n_grid + 1))
+    np.cumsum(yc64, axis=1, out=cs[:, 1:])
+    np.cumsum(w64, axis=1, out=cw[:, 1:])
+    r = np.arange(block.n_stars)
+    end = np.minimum(bj + bw, block.n_grid)
+    s = cs[r, end] - cs[r, bj]
+    ww = cw[r, end] - cw[r, bj]
+    wt = cw[:, -1]
+    den = ww * (1.0 - ww / np.where(wt > 0, wt, np.inf))
+    stat = np.zeros(block.n_stars)
+    np.divide(s * s, den, out=stat, where=den > 0)
+    stat[(np.sign(s) != bsg) & (_sign_code(sign) != 0)] = 0.0
+    amp = np.zeros(block.n_stars)
+    np.divide(s, ww, out=amp, where=ww > 0)
+    return ScanResult(stat, bw, bj, bsg, amp)
 
 
 def _widths(widths):
@@ -211,11 +254,11 @@ def scramble_block(block: SeriesBlock, n_scrambles: int, seed=0, widths=DEFAULT_
     ndarray (S, n_scrambles)
         Null statistics (rows of stars without data are 0).
     """
-    yc, w, wtot = _prepared(block)
+    yc, w, wtot, wbar = _prepared(block)
     valid = block.valid
     if rows is not None:
         rows = np.asarray(rows, dtype=np.int64)
-        yc, w, wtot, valid = yc[rows], w[rows], wtot[rows], valid[rows]
+        yc, w, wtot, wbar, valid = yc[rows], w[rows], wtot[rows], wbar[rows], valid[rows]
     n_s, n_g = yc.shape
     ws = _widths(widths)
     sg = _sign_code(sign)
@@ -223,6 +266,10 @@ def scramble_block(block: SeriesBlock, n_scrambles: int, seed=0, widths=DEFAULT_
     seed = list(np.atleast_1d(seed).astype(np.int64).tolist())
     # valid positions of each row first, in increasing order (fixed across scrambles)
     vpos = np.argsort(~valid, axis=1, kind="stable")
+    full = valid.all(axis=1)
+    # value and weight travel together: pack them in one complex array (one gather per copy)
+    z = yc.astype(np.complex64)
+    z.imag = w
     chunk = max(1, _CHUNK_CELLS // max(n_g, 1))
 
     def one(m):
@@ -232,11 +279,13 @@ def scramble_block(block: SeriesBlock, n_scrambles: int, seed=0, widths=DEFAULT_
             keys = rng.random((b - a, n_g), dtype=np.float32)
             keys[~valid[a:b]] = 2.0
             order = np.argsort(keys, axis=1)  # a random permutation of the valid positions first
-            ycs = np.empty((b - a, n_g))
-            wss = np.empty((b - a, n_g))
-            np.put_along_axis(ycs, vpos[a:b], np.take_along_axis(yc[a:b], order, axis=1), axis=1)
-            np.put_along_axis(wss, vpos[a:b], np.take_along_axis(w[a:b], order, axis=1), axis=1)
-            out[a:b, m] = _scan_arrays(ycs, wss, wtot[a:b], ws, sg, value_only=True)[0]
+            zs = np.take_along_axis(z[a:b], order, axis=1)
+            if not full[a:b].all():  # put the permuted valid samples back at the valid positions
+                zz = np.empty_like(zs)
+                np.put_along_axis(zz, vpos[a:b], zs, axis=1)
+                zs = zz
+            out[a:b, m] = _scan_arrays(np.ascontiguousarray(zs.real), np.ascontiguousarray(zs.imag), wtot[a:b],
+                                       ws, sg, wbar[a:b], value_only=True)[0]
 
     if n_workers > 1 and n_scrambles > 1:
         from concurrent.futures import ThreadPoolExecutor
@@ -261,13 +310,13 @@ def window_statistic(block: SeriesBlock, start: int, width: int):
         The star has valid samples in the window.
     """
     sl = slice(int(start), int(start) + int(width))
-    yc, w, wt = _prepared(block)
-    ww = w[:, sl].sum(axis=1)
-    s = yc[:, sl].sum(axis=1)
+    yc, w, wt, wbar = _prepared(block)
+    ww = w[:, sl].sum(axis=1, dtype=np.float64)
+    s = yc[:, sl].sum(axis=1, dtype=np.float64)
     den = ww * (1.0 - ww / np.where(wt > 0, wt, 1.0))
     d = np.zeros_like(s)
     np.divide(s * s, den, out=d, where=den > 0)
-    return d, s, ww > 0
+    return d * wbar, s, ww > 0
 
 
 @dataclass

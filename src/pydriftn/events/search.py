@@ -14,8 +14,8 @@ Steps (all stars of a CCD-night at once, see :mod:`.series` and :mod:`.scan`):
 4. Star-nights above a looser pre-threshold are fitted with the finite-source
    point-lens and FRED flare models (true sample times, supersampled over each
    sample's exposure); parameters, Jacobian errors, Delta-chi2 vs flat.
-5. Vetoes (bitmask, see ``VETO_BITS``): flagged samples in the candidate
-   window; common mode (the same grid window, i.e. the same exposure and
+5. Vetoes (bitmask, see ``VETO_BITS``): samples excluded for their flags in
+   (or next to) the candidate window; common mode (the same grid window, i.e. the same exposure and
    samples, brightens/dims in more than ``common_mode_fraction`` of the CCD's
    stars); a brighter neighbour within ``neighbour_radius_arcsec`` varying in
    the same window; a flash (from the classification stage) at the same place
@@ -211,7 +211,7 @@ def _sep_arcsec(ra1, dec1, ra2, dec2):
 def search(lc: pd.DataFrame, stars: pd.DataFrame | None = None, flashes: pd.DataFrame | None = None, *,
            widths=DEFAULT_WIDTHS, sign: str = "positive", bad_flag_mask: int | None = None,
            rescale_errors: bool = True, n_scrambles: int = 20, false_alarm_rate: float = 1e-4,
-           pre_false_alarm_rate: float = 1e-2, null=None, null_pool: str = "night", seed: int = 0,
+           pre_false_alarm_rate: float = 1e-3, null=None, null_pool: str = "night", seed: int = 0,
            fit: bool = True, fit_blend: bool = False, supersample: int = 3, max_fits: int = 2000,
            only_star_ids=None, common_mode_fraction: float = 0.1, common_mode_dchi2: float = 9.0,
            common_mode_min_stars: int = 3, neighbour_radius_arcsec: float = 10.0, neighbour_dchi2: float = 9.0,
@@ -386,7 +386,6 @@ def _block_candidates(block, sc, scr_p, idx, fap, thr, star_tab, mcol, fl, *, fi
                     block.night, block.ccd, len(idx), max(max_fits, 0))
         idx = idx[: max(max_fits, 0)]
     sample_s = block.sample_duration_s()
-    grid_mjd = block.grid_mjd
     cm_frac, cm_dchi2, cm_min = common_mode
     nb_radius, nb_dchi2 = neighbour
     fl_radius, fl_window = flash
@@ -406,8 +405,9 @@ def _block_candidates(block, sc, scr_p, idx, fap, thr, star_tab, mcol, fl, *, fi
         win_idx = np.arange(j0, j0 + width)
         wm = block.mjd[i, win_idx]
         wm = wm[np.isfinite(wm)]
-        if wm.size == 0:
-            wm = grid_mjd[win_idx][np.isfinite(grid_mjd[win_idx])]
+        if wm.size == 0:  # the star has no sample there: use the other stars' times
+            g = np.nanmedian(block.mjd[:, win_idx], axis=0)
+            wm = g[np.isfinite(g)]
         t_lo, t_hi = float(wm.min()), float(wm.max())
         row.update({
             "statistic": float(sc.statistic[i]), "false_alarm_prob": float(fap[i]),
@@ -419,7 +419,7 @@ def _block_candidates(block, sc, scr_p, idx, fap, thr, star_tab, mcol, fl, *, fi
         # ---- vetoes
         vet = 0
         lo_k, hi_k = max(j0 - 1, 0), min(j0 + width + 1, block.n_grid)
-        if np.any(block.flags[i, lo_k:hi_k][block.present[i, lo_k:hi_k]] != 0):
+        if np.any(block.present[i, lo_k:hi_k] & ~block.valid[i, lo_k:hi_k]):  # flag-excluded samples at the peak
             vet |= VETO_FLAGGED
         wkey = (j0, width)
         if wkey not in window_cache:
@@ -482,7 +482,8 @@ def _fit_one(block, i, t_lo, t_hi, amp, sample_s, supersample, fit_blend):
         p, e = fr.params, fr.errors
         out.update({"flare_t0_mjd": t_ref + p["t0_s"] / SECONDS_PER_DAY, "flare_t0_err_s": e["t0_s"],
                     "flare_amplitude": p["amplitude"], "flare_amplitude_err": e["amplitude"], "rise_s": p["rise_s"],
-                    "rise_err_s": e["rise_s"], "decay_s": p["decay_s"], "decay_err_s": e["decay_s"]})
+                    "rise_err_s": e["rise_s"], "decay_s": p["decay_s"], "decay_err_s": e["decay_s"],
+                    "flare_base": p["base"]})
     dml = out["delta_chi2_microlensing"]
     dfl = out["delta_chi2_flare"]
     if np.isnan(dml) and np.isnan(dfl):
@@ -498,25 +499,44 @@ def _fit_one(block, i, t_lo, t_hi, amp, sample_s, supersample, fit_blend):
 
 
 # ------------------------------------------------------------------------ store
-def _read_store(store, nights=None) -> pd.DataFrame:
-    """The ``lightcurves`` table of a run's Parquet store (hive-partitioned by night/expnum)."""
-    import pyarrow.dataset as ds
+def _store_glob(store) -> tuple[Path, str]:
+    """Folder and glob of the light-curve Parquet files of a run (same layout as ``pydriftn.pipeline``)."""
+    out = Path(store)
+    for root in (out / "store" / "lightcurves", out / "lightcurves"):
+        if root.is_dir():
+            return root, str(root / "**" / "*.parquet")
+    if out.name == "lightcurves" and out.is_dir():
+        return out, str(out / "**" / "*.parquet")
+    return out / "store" / "lightcurves", str(out / "store" / "lightcurves" / "**" / "*.parquet")
 
-    root = Path(store)
-    for cand in (root / "store" / "lightcurves", root / "lightcurves", root):
-        if cand.is_dir() and any(cand.rglob("*.parquet")):
-            root = cand
-            break
-    else:
-        raise EventSearchError(f"{store}: no light-curve Parquet files found (expected STORE/store/lightcurves/)")
-    dset = ds.dataset(str(root), format="parquet", partitioning="hive")
-    filt = None
+
+def _read_store(store, nights=None) -> pd.DataFrame:
+    """The ``lightcurves`` table of a run's Parquet store (hive-partitioned by night/expnum), via DuckDB."""
+    import duckdb
+
+    root, pattern = _store_glob(store)
+    if not root.is_dir() or not any(root.rglob("*.parquet")):
+        raise EventSearchError(f"{store}: no light-curve store found (expected Parquet files matching {pattern})")
+    sql = ("SELECT * FROM read_parquet('" + pattern.replace("'", "''")
+           + "', hive_partitioning = true, union_by_name = true)")
+    params = []
     if nights:
-        filt = ds.field("night").isin([str(n) for n in nights])
-    df = dset.to_table(filter=filt).to_pandas()
+        sql += " WHERE CAST(night AS VARCHAR) IN (" + ", ".join("?" for _ in nights) + ")"
+        params = [str(n) for n in nights]
+    con = duckdb.connect()
+    try:
+        df = con.execute(sql, params).fetchdf()
+    except duckdb.Error as exc:
+        raise EventSearchError(f"{store}: cannot read the light-curve store {pattern}: {exc}") from None
+    finally:
+        con.close()
+    if df.empty:
+        raise EventSearchError(f"{store}: the light-curve store has no rows" + (f" for nights {nights}" if nights else ""))
     for c in ("night", "ccd"):
-        if c in df.columns and isinstance(df[c].dtype, pd.CategoricalDtype):
+        if c in df.columns:
             df[c] = df[c].astype(str)
+    if "expnum" in df.columns:
+        df["expnum"] = pd.to_numeric(df["expnum"])
     return df
 
 

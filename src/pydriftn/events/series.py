@@ -160,15 +160,27 @@ class SeriesBlock:
 
 
 def _robust_scale(y, err, valid, ybar):
-    """1.4826 × MAD of the normalised residuals per row (1 where undefined)."""
-    r = np.where(valid, (y - ybar[:, None]) / np.where(valid, err, 1.0), np.nan)
-    import warnings
+    """1.4826 × MAD of the normalised residuals per row (1 where undefined).
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        med = np.nanmedian(r, axis=1)
-        mad = np.nanmedian(np.abs(r - med[:, None]), axis=1)
-    s = 1.4826 * mad
+    Rows without missing samples use the fast ``np.median``; the others
+    ``np.nanmedian``.
+    """
+    r = np.where(valid, (y - ybar[:, None]) / np.where(valid, err, 1.0), np.nan)
+    s = np.ones(len(r))
+    full = valid.all(axis=1)
+    if full.any():
+        rf = r[full]
+        med = np.median(rf, axis=1)
+        s[full] = 1.4826 * np.median(np.abs(rf - med[:, None]), axis=1)
+    part = ~full & valid.any(axis=1)
+    if part.any():
+        import warnings
+
+        rp = r[part]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            med = np.nanmedian(rp, axis=1)
+            s[part] = 1.4826 * np.nanmedian(np.abs(rp - med[:, None]), axis=1)
     s[~np.isfinite(s) | (s <= 0)] = 1.0
     return s
 
