@@ -58,8 +58,8 @@ __all__ = [
 TRAIL_COLUMNS = [
     "expnum", "ccd", "star_id", "ra", "dec", "x_start", "y_start", "x_end", "y_end", "x", "y",
     "x_err", "y_err", "flux_adu", "flux_err_adu", "snr", "mag_cat", "matched", "match_sep_arcsec",
-    "flags", "n_cr_pixels", "n_cr_samples", "n_masked_pixels", "truncated", "blended", "in_wcs_fit",
-    "length_px", "length_err_px", "x_pred_start", "y_pred_start",
+    "flags", "n_cr_pixels", "n_cr_samples", "n_masked_pixels", "truncated", "blended", "position_measured",
+    "in_wcs_fit", "bad_length", "length_px", "length_err_px", "x_meas", "y_meas", "x_meas_err", "y_meas_err",
 ]
 
 
@@ -137,31 +137,55 @@ def _min_scalar(v, default):
         return default
 
 
+def _bits(value, default):
+    from ..flags import encode_flags
+
+    if value is None:
+        return int(default)
+    if isinstance(value, str):
+        value = [v.strip() for v in value.replace("|", ",").split(",") if v.strip()]
+    if isinstance(value, (list, tuple, set)):
+        return int(encode_flags(list(value), "pixel"))
+    return int(value)
+
+
 def resolve_mask(mask, shape, *, bad_bits=None, cr_bits=None, where="dq mask"):
-    """Turn a dq mask into (bad, cosmic-ray) boolean images.
+    """Turn a dq mask into boolean images of bad, cosmic-ray, saturated and streak pixels.
 
     Parameters
     ----------
     mask : ndarray or None
-        Boolean (True = bad) or integer bitmask (decoded internal bits).
+        Boolean (True = bad) or the decoded :class:`pydriftn.flags.PixelFlag`
+        bitmask (``CCDImage.mask``).
     shape : (int, int)
         Image shape the mask must have.
-    bad_bits, cr_bits : int, optional
-        Bits of an integer mask that mean "ignore this pixel" and "cosmic ray".
-        Default: any non-zero value is bad; no cosmic-ray bit.
+    bad_bits : int or list of str, optional
+        Pixel flags (bits or names, e.g. ``["BAD_PIXEL", "SATURATED", "BLEED",
+        "COSMIC_RAY"]``) that make a pixel unusable; default
+        :data:`pydriftn.flags.DEFAULT_BAD_PIXEL_FLAGS`.
+    cr_bits : int or list of str, optional
+        Bits meaning "cosmic ray" (default ``PixelFlag.COSMIC_RAY``).
+
+    Returns
+    -------
+    dict or None
+        ``bad``, ``cr``, ``saturated``, ``streak`` boolean images (None without a mask).
 
     Raises
     ------
     MaskError
-        Wrong shape, non-integer values, or NaN.
+        Wrong shape, non-integer values, NaN or negative values.
     """
+    from ..flags import DEFAULT_BAD_PIXEL_FLAGS, PixelFlag
+
     if mask is None:
-        return None, None
+        return None
     m = np.asarray(mask)
     if m.shape != tuple(shape):
         raise MaskError(f"{where}: shape {m.shape} does not match the image shape {tuple(shape)}")
+    zeros = np.zeros(shape, bool)
     if m.dtype == bool:
-        return m, np.zeros(shape, bool)
+        return {"bad": m, "cr": zeros, "saturated": zeros, "streak": zeros}
     if not np.issubdtype(m.dtype, np.integer):
         if not np.all(np.isfinite(m)):
             raise MaskError(f"{where}: contains NaN/inf values; an integer bitmask was expected")
@@ -170,9 +194,15 @@ def resolve_mask(mask, shape, *, bad_bits=None, cr_bits=None, where="dq mask"):
         m = m.astype(np.int64)
     if np.any(m < 0):
         raise MaskError(f"{where}: negative values; an integer bitmask was expected")
-    bad = (m & int(bad_bits)) != 0 if bad_bits is not None else m != 0
-    cr = (m & int(cr_bits)) != 0 if cr_bits is not None else np.zeros(shape, bool)
-    return bad | cr, cr
+    bad_b = _bits(bad_bits, DEFAULT_BAD_PIXEL_FLAGS)
+    cr_b = _bits(cr_bits, PixelFlag.COSMIC_RAY)
+    cr = (m & cr_b) != 0
+    return {
+        "bad": ((m & bad_b) != 0) | cr,
+        "cr": cr,
+        "saturated": (m & int(PixelFlag.SATURATED | PixelFlag.BLEED)) != 0,
+        "streak": (m & int(PixelFlag.STREAK)) != 0,
+    }
 
 
 def detect_cosmic_rays(data, *, gain=1.0, readnoise=6.5, saturation=None, sigclip=5.0, objlim=5.0, niter=2):
@@ -371,7 +401,7 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
                              _info(image, "saturation", header.get("SATURATE")), None)
     pixscale = float(np.sqrt(abs(np.linalg.det(hwcs.pixel_scale_matrix)))) * 3600.0
     if fwhm_px is None:
-        fwhm_px = _info(image, "fwhm", header.get("FWHM"))
+        fwhm_px = _info(image, "fwhm_px", header.get("FWHM"))
         fwhm_px = _scalar(fwhm_px, 1.0 / pixscale)
     fwhm_px = float(fwhm_px) if fwhm_px and fwhm_px > 0 else 1.0 / pixscale
     sigma0 = fwhm_px / trailfit.FWHM_PER_SIGMA
@@ -379,7 +409,12 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
     # -- masks
     if mask is None:
         mask = getattr(image, "mask", None)
-    bad, cr = resolve_mask(mask, shape, bad_bits=bad_bits, cr_bits=cr_bits)
+    masks = resolve_mask(mask, shape, bad_bits=bad_bits, cr_bits=cr_bits,
+                         where=f"dq mask of {getattr(image, 'path', '')}[{ccd}]")
+    bad = cr = None
+    dq_sat = dq_streak = None
+    if masks is not None:
+        bad, cr, dq_sat, dq_streak = masks["bad"], masks["cr"], masks["saturated"], masks["streak"]
     t = time.perf_counter()
     if bad is None:
         if detect_cosmics_without_mask:
@@ -396,9 +431,9 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
     if nonfinite.any():
         bad = bad | nonfinite
         data = np.where(nonfinite, 0.0, data)
-    sat_pix = None
+    sat_pix = dq_sat
     if saturation is not None:
-        sat_pix = data >= saturation
+        sat_pix = (data >= saturation) if sat_pix is None else (sat_pix | (data >= saturation))
         bad = bad | sat_pix
     if bad.all():
         raise AstrometryError("every pixel is masked")
@@ -407,7 +442,13 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
     # -- geometry and detection
     geo = geometry.trail_geometry(hwcs, exptime, rate)
     diag["header_geometry"] = dict(direction=geo.direction, length_px=geo.length_px, angle_deg=geo.angle_deg)
-    sub, rms_map, grms = detect.estimate_background(data, bad)
+    amp_boundary = None
+    info = getattr(image, "info", None)
+    if info is not None and getattr(info, "amp_boundary", None) is not None:
+        amp_boundary = int(info.amp_boundary)
+    elif header.get("GAINB") is not None:
+        amp_boundary = nx // 2
+    sub, rms_map, grms = detect.estimate_background(data, bad, amp_boundary=amp_boundary)
     timings["background"] = time.perf_counter() - t_det
     t = time.perf_counter()
     snr = detect.matched_filter_snr(sub, rms_map, geo.direction, geo.length_px, sigma0)
@@ -424,6 +465,8 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
                                          exclude=streak_mask_b)
     timings["matched_filter"] = time.perf_counter() - t
     diag["n_candidates"] = int(cx.size)
+    if dq_streak is not None and dq_streak.any():
+        streak_mask = dq_streak if streak_mask is None else (streak_mask | dq_streak)
     fit_bad = bad if streak_mask is None else (bad | streak_mask)
     t = time.perf_counter()
 
@@ -444,6 +487,17 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
             grid = trailfit.make_grid(geo.direction, geo.length_px, sigma0)
             cand = trailfit.fit_trails(sub, cx, cy, grid, rms=rms_at(cx, cy), gain=gain, bad=fit_bad)
             c_snr = cand["flux"] / np.maximum(cand["flux_err"], 1e-12)
+    # line-spread function (with wings) from bright, isolated, unsaturated trails
+    lsf = None
+    iso_c = ~_near_catalogue(cand["x_mid"], cand["y_mid"], cand["x_mid"], cand["y_mid"], grid, exclude_self=True)
+    lb = np.nonzero(cand["ok"] & (c_snr > 50) & cand["start_visible"] & cand["end_visible"] & iso_c)[0]
+    if sat_pix is not None and lb.size:
+        lb = lb[~_touches(sat_pix, cand["x_mid"][lb], cand["y_mid"][lb], grid)]
+    if lb.size >= 5:
+        lb = lb[np.argsort(-c_snr[lb])[:100]]
+        lsf = trailfit.measure_lsf(sub, grid, cand["x_mid"][lb], cand["y_mid"][lb], bad=fit_bad)
+    diag["lsf"] = None if lsf is None else {"weights": [float(v) for v in lsf[0]],
+                                            "sigmas_px": [float(v) for v in lsf[1]]}
     diag["psf_sigma_px"] = sigma0
     diag["fwhm_px"] = sigma0 * trailfit.FWHM_PER_SIGMA
     good_c = cand["ok"] & (c_snr >= detect_sigma)
@@ -496,7 +550,8 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
     ref_sky = hwcs.pixel_to_world_values(*apply_affine(np.linalg.inv(np.r_[affine, [[0, 0, 1]]])[:2], centre[None])[0])
     fit1 = fit_tan_sip(cand["x_mid"][md][use], cand["y_mid"][md][use], mra[use], mdec[use],
                        sigma_px=np.hypot(cand["x_err"], cand["y_err"])[md][use], ref_pixel=centre,
-                       ref_sky=ref_sky, order=1 if sip_order is None else sip_order, shape=shape)
+                       ref_sky=ref_sky, order=1 if sip_order is None else sip_order, shape=shape,
+                       ref_cd=_rotated_cd(hwcs, vote.rotation_deg))
     timings["wcs_fit_1"] = time.perf_counter() - t
 
     # -- joint fit of all catalogue stars on the CCD, at positions predicted by the WCS
@@ -505,8 +560,8 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
     for it in range(2):
         t = time.perf_counter()
         geo_c = geometry.trail_geometry(wcs_cur, exptime, rate)
-        grid = trailfit.make_grid(geo_c.direction, geo_c.length_px, sigma0)
-        pidx = _select_catalogue(cat, wcs_cur, shape, exptime, rate, 0.0)
+        grid = trailfit.make_grid(geo_c.direction, geo_c.length_px, sigma0, psf=lsf)
+        pidx = _select_catalogue(cat, wcs_cur, shape, exptime, rate, 2.0 * fwhm_px)
         x0p, y0p, x1p, y1p = geometry.trail_endpoints(wcs_cur, cra[pidx], cdec[pidx], exptime, rate)
         px, py = 0.5 * (x0p + x1p), 0.5 * (y0p + y1p)
         zp = minfo["zero_point"]
@@ -541,7 +596,7 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
         wra, wdec = geometry.offset_sky(cra[sel_cat], cdec[sel_cat], rate[0] * half, rate[1] * half)
         fit2 = fit_tan_sip(pf["x_mid"][wuse], pf["y_mid"][wuse], wra[wuse], wdec[wuse], sigma_px=perr[wuse],
                            ref_pixel=centre, ref_sky=wcs_cur.pixel_to_world_values(*centre), order=sip_order,
-                           max_order=max_sip_order, shape=shape)
+                           max_order=max_sip_order, shape=shape, ref_cd=wcs_cur.pixel_scale_matrix)
         timings[f"wcs_fit_{it + 2}"] = time.perf_counter() - t
         wcs_cur = fit2.wcs
         if fit2.sip_order <= 1 and it == 0 and fit1.rms_arcsec < 3 * fit2.rms_arcsec + 0.05:
@@ -572,55 +627,51 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
     t = time.perf_counter()
     keep = j_snr >= keep_sigma
     sel_all = pidx[fit_sel]
-    # positions: measured where the position fit is good, else predicted by the fitted WCS (FORCED)
-    xs_p, ys_p, xe_p, ye_p = geometry.trail_endpoints(wcs_fit, cra[sel_all], cdec[sel_all], exptime, rate)
-    xm = 0.5 * (xs_p + xe_p)
-    ym = 0.5 * (ys_p + ye_p)
-    x_err = np.full(fit_sel.size, fit2.rms_arcsec / pixscale)
-    y_err = x_err.copy()
-    measured = np.zeros(fit_sel.size, bool)
-    start_vis = np.ones(fit_sel.size, bool)
-    end_vis = np.ones(fit_sel.size, bool)
-    length = np.full(fit_sel.size, np.nan)
-    length_err = np.full(fit_sel.size, np.nan)
-    # a measured position is reported when it beats the WCS prediction; faint
-    # trails are better placed by the fitted WCS (flag FORCED)
-    good_pos = pos_ok & (np.hypot(pf["x_err"], pf["y_err"]) < max_forced_err_px)
-    ps = pos_sel[good_pos]
-    xm[ps] = pf["x_mid"][good_pos]
-    ym[ps] = pf["y_mid"][good_pos]
-    x_err[ps] = pf["x_err"][good_pos]
-    y_err[ps] = pf["y_err"][good_pos]
+    # positions of catalogue stars: predicted by the fitted WCS (jitter-free, better than any
+    # single-trail measurement); the measured middles are reported beside them
+    xs, ys, xe, ye = geometry.trail_endpoints(wcs_fit, cra[sel_all], cdec[sel_all], exptime, rate)
+    # error of a position predicted by the fitted WCS: rms per axis x sqrt(parameters / stars)
+    n_par = 2 * len([1 for k in range(max(fit2.sip_order, 1) + 1) for _ in range(k + 1)])
+    perr_w = fit2.rms_arcsec / math.sqrt(2) / pixscale * math.sqrt(n_par / max(fit2.n_used, 1))
+    nf = fit_sel.size
+    x_meas = np.full(nf, np.nan)
+    y_meas = np.full(nf, np.nan)
+    x_meas_err = np.full(nf, np.nan)
+    y_meas_err = np.full(nf, np.nan)
+    measured = np.zeros(nf, bool)
+    length = np.full(nf, np.nan)
+    length_err = np.full(nf, np.nan)
+    ps = pos_sel[pos_ok]
+    x_meas[ps] = pf["x_mid"][pos_ok]
+    y_meas[ps] = pf["y_mid"][pos_ok]
+    x_meas_err[ps] = pf["x_err"][pos_ok]
+    y_meas_err[ps] = pf["y_err"][pos_ok]
     measured[ps] = True
-    start_vis[pos_sel] = pf["start_visible"]
-    end_vis[pos_sel] = pf["end_visible"]
     length[pos_sel] = pf["length_px"]
     length_err[pos_sel] = pf["length_err"]
     ny_, nx_ = shape
     edge = fwhm_px
-    inside0 = (xs_p >= edge) & (xs_p <= nx_ - 1 - edge) & (ys_p >= edge) & (ys_p <= ny_ - 1 - edge)
-    inside1 = (xe_p >= edge) & (xe_p <= nx_ - 1 - edge) & (ye_p >= edge) & (ye_p <= ny_ - 1 - edge)
-    trunc = ~(inside0 & inside1) | ~(start_vis & end_vis)
-    dxg, dyg = geo2.displacement_px
+    inside0 = (xs >= edge) & (xs <= nx_ - 1 - edge) & (ys >= edge) & (ys <= ny_ - 1 - edge)
+    inside1 = (xe >= edge) & (xe <= nx_ - 1 - edge) & (ye >= edge) & (ye <= ny_ - 1 - edge)
+    trunc = ~(inside0 & inside1)
     f_anchor = geometry._anchor_fraction(anchor)
-    xs = xm - 0.5 * dxg
-    ys = ym - 0.5 * dyg
     flags = np.where(trunc, int(TrailFlag.TRUNCATED), 0).astype(np.int64)
-    flags |= np.where(measured, 0, int(TrailFlag.FORCED))
-    flags |= np.where(blend >= 0.1, int(TrailFlag.BLENDED), 0)
-    flags |= np.where(in_fit, 0, int(TrailFlag.NOT_IN_WCS_FIT))
-    bad_len = measured & ~trunc & (np.abs(length - geo2.length_px) > 3 * length_err + 0.5)
-    flags |= np.where(bad_len, int(TrailFlag.BAD_LENGTH), 0)
+    flags |= np.where(blend >= 0.1, int(TrailFlag.BLENDED | TrailFlag.DEBLENDED), 0)
+    bad_len = np.isfinite(length) & ~trunc & (np.abs(length - geo2.length_px) > 3 * length_err + 0.5)
     flux = hj * grid.length_p
+    sep = np.hypot(x_meas - 0.5 * (xs + xe), y_meas - 0.5 * (ys + ye)) * pixscale
     rows = {
         "star_id": cat["star_id"].to_numpy()[sel_all], "ra": cra[sel_all], "dec": cdec[sel_all],
-        "x_start": xs, "y_start": ys, "x_end": xs + dxg, "y_end": ys + dyg,
-        "x": xs + f_anchor * dxg, "y": ys + f_anchor * dyg, "x_err": x_err, "y_err": y_err,
+        "x_start": xs, "y_start": ys, "x_end": xe, "y_end": ye,
+        "x": xs + f_anchor * (xe - xs), "y": ys + f_anchor * (ye - ys),
+        "x_err": np.full(nf, perr_w), "y_err": np.full(nf, perr_w),
+        "x_meas": x_meas + (f_anchor - 0.5) * (xe - xs), "y_meas": y_meas + (f_anchor - 0.5) * (ye - ys),
+        "x_meas_err": x_meas_err, "y_meas_err": y_meas_err,
         "flux_adu": flux, "flux_err_adu": hj_err * grid.length_p, "snr": j_snr, "mag_cat": cat_mag[sel_all],
-        "matched": np.ones(fit_sel.size, bool),
-        "match_sep_arcsec": np.hypot(xs - xs_p, ys - ys_p) * pixscale,
+        "matched": np.ones(nf, bool), "match_sep_arcsec": sep,
         "flags": flags, "truncated": trunc, "blended": blend >= 0.1, "in_wcs_fit": in_fit,
-        "length_px": length, "length_err_px": length_err, "x_pred_start": xs_p, "y_pred_start": ys_p,
+        "position_measured": measured, "bad_length": bad_len,
+        "length_px": length, "length_err_px": length_err,
     }
     rows = {k: np.asarray(v)[keep] for k, v in rows.items()}
     urows = _rows_from_fit(ufit, ukeep, geo2, anchor)
@@ -631,12 +682,11 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
     urows["dec"] = np.asarray(udec, float)
     urows["mag_cat"] = np.full(n_u, np.nan)
     urows["matched"] = np.zeros(n_u, bool)
-    urows["x_pred_start"] = np.full(n_u, np.nan)
-    urows["y_pred_start"] = np.full(n_u, np.nan)
     urows["match_sep_arcsec"] = np.full(n_u, np.nan)
-    urows["flags"] |= int(TrailFlag.UNMATCHED) | int(TrailFlag.NOT_IN_WCS_FIT)
+    urows["flags"] |= int(TrailFlag.UNMATCHED)
     urows["blended"] = np.zeros(n_u, bool)
     urows["in_wcs_fit"] = np.zeros(n_u, bool)
+    urows["position_measured"] = np.ones(n_u, bool)
     table = pd.concat([pd.DataFrame(rows), pd.DataFrame(urows)], ignore_index=True)
     table.insert(0, "expnum", int(expnum) if expnum is not None else -1)
     table.insert(1, "ccd", str(ccd))
@@ -658,6 +708,13 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
              ccd, expnum, len(table), n_u, fit2.rms_arcsec, fit2.n_used, fit2.sip_order, timings["total"])
     return AstrometryResult(trails=table, wcs=wcs_fit, rms_arcsec=fit2.rms_arcsec, n_used=fit2.n_used,
                             cr_mask=cr, bad_mask=fit_bad, geometry=geo2, diagnostics=diag)
+
+
+def _rotated_cd(wcs, rot_deg):
+    """CD matrix of ``wcs`` for an image rotated by ``rot_deg`` (pixel frame) about the reference pixel."""
+    th = math.radians(rot_deg)
+    R = np.array([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]])
+    return wcs.pixel_scale_matrix @ R.T
 
 
 def _sense(geo):
@@ -691,8 +748,8 @@ def _neighbours(x, y, h, grid):
     return out
 
 
-def _near_catalogue(x, y, cx, cy, grid):
-    """True where a position lies on a catalogue trail (within the trail's half-length along, 1.5 FWHM across)."""
+def _near_catalogue(x, y, cx, cy, grid, *, exclude_self=False, scale=1.0):
+    """True where a position lies on another trail (within half a trail along, 1.5 FWHM across)."""
     from scipy.spatial import cKDTree
 
     out = np.zeros(np.size(x), bool)
@@ -700,11 +757,26 @@ def _near_catalogue(x, y, cx, cy, grid):
         return out
     ux, uy = grid.u
     vx, vy = -uy, ux
-    ra_ = 0.5 * grid.length_px + 2 * grid.sigma_px
-    rc = 1.5 * trailfit.FWHM_PER_SIGMA * grid.sigma_px
+    ra_ = scale * (0.5 * grid.length_px + 2 * grid.sigma_px)
+    rc = scale * 1.5 * trailfit.FWHM_PER_SIGMA * grid.sigma_px
     tree = cKDTree(np.c_[(cx * ux + cy * uy) / ra_, (cx * vx + cy * vy) / rc])
-    d, _ = tree.query(np.c_[(x * ux + y * uy) / ra_, (x * vx + y * vy) / rc], p=np.inf, distance_upper_bound=1.0)
+    k = 2 if exclude_self else 1
+    d, _ = tree.query(np.c_[(x * ux + y * uy) / ra_, (x * vx + y * vy) / rc], k=k, p=np.inf,
+                      distance_upper_bound=1.0)
+    if exclude_self:
+        d = d[:, 1]
     return np.isfinite(d)
+
+
+def _touches(mask, x, y, grid):
+    """True where a trail's footprint (grid window) holds a pixel of ``mask``."""
+    xa, ya = np.rint(x), np.rint(y)
+    P = grid.p_off[None, :, None]
+    Q = grid.q_off[None, None, :]
+    ny, nx = mask.shape
+    X = np.clip(np.rint(xa[:, None, None] + P * grid.ep[0] + Q * grid.eq[0]).astype(np.intp), 0, nx - 1)
+    Y = np.clip(np.rint(ya[:, None, None] + P * grid.ep[1] + Q * grid.eq[1]).astype(np.intp), 0, ny - 1)
+    return mask[Y, X].any(axis=(1, 2))
 
 
 def _dedup(x, y, snr, grid):
@@ -737,15 +809,15 @@ def _rows_from_fit(fit, keep, geo, anchor):
     flux = fit["flux"][keep]
     ferr = fit["flux_err"][keep]
     flags = np.where(trunc, int(TrailFlag.TRUNCATED), 0).astype(np.int64)
-    flags |= np.where(fit["ok"][keep], 0, int(TrailFlag.FIT_FAILED))
     bad_len = (~trunc) & (np.abs(fit["length_px"][keep] - geo.length_px) > 3 * fit["length_err"][keep] + 0.5)
-    flags |= np.where(bad_len, int(TrailFlag.BAD_LENGTH), 0)
     return {
         "x_start": xs, "y_start": ys, "x_end": xs + dx, "y_end": ys + dy,
         "x": xs + f * dx, "y": ys + f * dy,
         "x_err": fit["x_err"][keep], "y_err": fit["y_err"][keep],
+        "x_meas": xm + (f - 0.5) * dx, "y_meas": ym + (f - 0.5) * dy,
+        "x_meas_err": fit["x_err"][keep], "y_meas_err": fit["y_err"][keep],
         "flux_adu": flux, "flux_err_adu": ferr, "snr": flux / np.maximum(ferr, 1e-12),
-        "flags": flags, "truncated": trunc,
+        "flags": flags, "truncated": trunc, "bad_length": bad_len,
         "length_px": fit["length_px"][keep], "length_err_px": fit["length_err"][keep],
     }
 
@@ -791,11 +863,11 @@ def _pixel_counts(table, cr, masked, sat, streak, geo, sigma):
     table["n_masked_pixels"] = msk.sum(axis=(1, 2)).astype(np.int64)
     flags = table["flags"].to_numpy().copy()
     flags |= np.where(ncr > 0, int(TrailFlag.COSMIC_RAY), 0)
-    flags |= np.where(msk.sum(axis=(1, 2)) > 0, int(TrailFlag.MASKED), 0)
+    flags |= np.where(msk.sum(axis=(1, 2)) > 0, int(TrailFlag.MASKED_PIXELS), 0)
     if sat is not None:
         flags |= np.where((sat[Yc, Xc] & inside).any(axis=(1, 2)), int(TrailFlag.SATURATED), 0)
     if streak is not None:
-        flags |= np.where((streak[Yc, Xc] & inside).any(axis=(1, 2)), int(TrailFlag.STREAK), 0)
+        flags |= np.where((streak[Yc, Xc] & inside).any(axis=(1, 2)), int(TrailFlag.SATELLITE), 0)
     table["flags"] = flags
 
 

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 __all__ = ["estimate_background", "matched_filter_snr", "find_candidates", "find_streaks"]
 
 
-def estimate_background(data, bad=None, *, box=128, filter_size=3):
+def estimate_background(data, bad=None, *, box=128, filter_size=3, amp_boundary=None):
     """Background and rms maps with :class:`sep.Background`.
 
     Parameters
@@ -41,6 +41,9 @@ def estimate_background(data, bad=None, *, box=128, filter_size=3):
         Pixels excluded from the estimate.
     box : int
         Mesh size (pixels); larger than a trail (~37 px) so trails do not bias it.
+    amp_boundary : int, optional
+        First column of the second amplifier: the two halves are estimated
+        separately, so a step in level between amplifiers is followed exactly.
 
     Returns
     -------
@@ -52,11 +55,24 @@ def estimate_background(data, bad=None, *, box=128, filter_size=3):
     """
     d = np.ascontiguousarray(data, dtype=np.float32)
     m = None if bad is None else np.ascontiguousarray(bad, dtype=bool)
-    bkg = sep.Background(d, mask=m, bw=box, bh=box, fw=filter_size, fh=filter_size)
-    sub = d - bkg.back()
+    nx = d.shape[1]
+    if amp_boundary is not None and 32 <= int(amp_boundary) <= nx - 32:
+        parts = [slice(0, int(amp_boundary)), slice(int(amp_boundary), nx)]
+    else:
+        parts = [slice(0, nx)]
+    sub = np.empty_like(d)
+    rms = np.empty_like(d)
+    grms = []
+    for sl in parts:
+        dp = np.ascontiguousarray(d[:, sl])
+        mp = None if m is None else np.ascontiguousarray(m[:, sl])
+        bkg = sep.Background(dp, mask=mp, bw=box, bh=box, fw=filter_size, fh=filter_size)
+        sub[:, sl] = dp - bkg.back()
+        rms[:, sl] = bkg.rms()
+        grms.append(float(bkg.globalrms))
     if m is not None:
         sub[m] = 0.0
-    return sub, bkg.rms(), float(bkg.globalrms)
+    return sub, rms, float(np.mean(grms))
 
 
 def _bin2(a):
@@ -124,7 +140,7 @@ def matched_filter_snr(sub, rms, direction, length_px, sigma_px):
     return (f / (rb * gain)).astype(np.float32)
 
 
-def find_streaks(snr, direction, length_px, *, threshold=3.0, min_length_factor=3.0, max_angle_deg=10.0):
+def find_streaks(snr, direction, length_px, *, threshold=3.0, min_length_factor=5.0, max_angle_deg=15.0):
     """Find streaks: long, thin connected regions of the S/N map not along the drift.
 
     Returns
@@ -161,6 +177,17 @@ def find_streaks(snr, direction, length_px, *, threshold=3.0, min_length_factor=
         width = 4.0 * math.sqrt(max(evals[0], 0))
         angle = math.degrees(math.acos(min(1.0, abs(major[0] * ux + major[1] * uy))))
         if ext < min_length_factor * Lb or width > 0.25 * ext or angle < max_angle_deg:
+            continue
+        # straight and continuous: most pixels within a narrow band about the axis, and
+        # the band filled along its length (a chain of star trails has gaps and offsets)
+        along = (xx - cx) * major[0] + (yy - cy) * major[1]
+        perp = -(xx - cx) * major[1] + (yy - cy) * major[0]
+        band = np.abs(perp - np.median(perp)) <= max(3.0, 0.05 * ext)
+        if band.mean() < 0.85:
+            continue
+        bins = np.floor((along[band] - along.min()) / 2.0).astype(int)
+        nbin = int((along.max() - along.min()) / 2.0) + 1
+        if np.unique(bins).size < 0.85 * nbin:
             continue
         if out_mask is None:
             out_mask = np.zeros(snr.shape, bool)

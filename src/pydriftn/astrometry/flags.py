@@ -1,50 +1,45 @@
-"""Per-trail quality flags of the astrometry trail table (``flags`` column).
+"""Flags of the astrometry trail table (``flags`` column).
 
-These describe one *trail* on one drift exposure (not a pixel: the pixel
-bitmask lives in ``pydriftn.flags``). Every bit is defined once here, with a
-decoder, so later stages can select or reject trails by name.
+The bits are the project-wide per-trail flags of :class:`pydriftn.flags.SampleFlag`
+(one registry for every table), so later stages can OR them with their own.
+The astrometry stage sets:
+
+``TRUNCATED``
+    part of the trail lies outside the CCD (or within one FWHM of its edge);
+    its position comes from the visible end plus the known trail vector or
+    from the fitted WCS, never from the centroid of the visible part.
+``SATURATED``
+    a pixel of the footprint is saturated (or SATURATED/BLEED in the dq mask).
+``MASKED_PIXELS``
+    dq-masked (bad, bad column, streak) or non-finite pixels in the footprint.
+``COSMIC_RAY``
+    cosmic-ray pixels in the footprint (see ``n_cr_pixels``, ``n_cr_samples``).
+``BLENDED`` / ``DEBLENDED``
+    another trail overlaps the footprint (>= 10 % of the trail's own signal);
+    DEBLENDED is added where the joint fit separated the fluxes.
+``SATELLITE``
+    a satellite/aircraft streak crosses the footprint.
+``UNMATCHED``
+    no catalogue star explains the trail (``star_id`` = -1): a new, variable
+    or transient source candidate.
+
+Astrometry-specific states that have no registry bit are boolean columns of
+the trail table: ``position_measured`` (False = position predicted by the
+fitted WCS, best for faint trails), ``in_wcs_fit``, ``bad_length`` (fitted
+length inconsistent with the drift: overlapping trails along the track or a
+moving object).
 """
 
 from __future__ import annotations
 
-import enum
+from ..flags import SampleFlag, decode_flags
 
 __all__ = ["TrailFlag", "trail_flag_names"]
 
-
-class TrailFlag(enum.IntFlag):
-    """Bits of the ``flags`` column of the trail table."""
-
-    #: no catalogue star explains the trail (new / variable / transient candidate);
-    #: ``star_id`` is -1
-    UNMATCHED = 1
-    #: part of the trail lies outside the CCD; its position comes from the
-    #: visible end (start or end edge) plus the known trail vector, never from
-    #: the centroid of the visible part
-    TRUNCATED = 2
-    #: a pixel of the trail footprint is saturated (or flagged SATURATED/BLEED)
-    SATURATED = 4
-    #: cosmic-ray pixels inside the trail footprint (see ``n_cr_pixels``)
-    COSMIC_RAY = 8
-    #: another catalogue star's trail overlaps the footprint; fitted jointly
-    BLENDED = 16
-    #: masked pixels (bad pixel, bad column, streak) inside the footprint
-    MASKED = 32
-    #: the trail was found by a fit seeded at the catalogue position (it was not
-    #: a separate matched-filter peak, e.g. hidden in a blend)
-    FORCED = 64
-    #: the fit did not converge or ran out of its window; positions are the seed
-    FIT_FAILED = 128
-    #: the trail crosses a satellite/aircraft streak
-    STREAK = 256
-    #: not used in the WCS fit (clipped outlier, truncated, blended or failed)
-    NOT_IN_WCS_FIT = 512
-    #: the fitted length differs from the expected trail length by > 3 sigma
-    #: (overlapping trails along the track, or a moving object)
-    BAD_LENGTH = 1024
+#: The per-trail flag registry (an alias of :class:`pydriftn.flags.SampleFlag`).
+TrailFlag = SampleFlag
 
 
 def trail_flag_names(value: int) -> str:
     """Human-readable ``|``-joined names of the bits set in ``value``."""
-    value = int(value)
-    return "|".join(f.name for f in TrailFlag if value & f) or ""
+    return "|".join(decode_flags(int(value), SampleFlag))

@@ -41,7 +41,7 @@ from scipy.special import ndtr
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrailGrid", "make_grid", "fit_trails", "render_trails", "FWHM_PER_SIGMA"]
+__all__ = ["TrailGrid", "make_grid", "fit_trails", "render_trails", "solve_fluxes", "measure_lsf", "FWHM_PER_SIGMA"]
 
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -81,6 +81,15 @@ class TrailGrid:
     p_off: np.ndarray
     q_off: np.ndarray
     snapped: bool
+    psf_w: tuple = (1.0,)
+    psf_s: tuple = ()
+
+    @property
+    def mixture(self):
+        """PSF line-spread function as (weights, sigmas) of concentric Gaussians."""
+        if not self.psf_s:
+            return np.array([1.0]), np.array([self.sigma_px])
+        return np.asarray(self.psf_w, float), np.asarray(self.psf_s, float)
 
     @property
     def length_p(self) -> float:
@@ -88,7 +97,7 @@ class TrailGrid:
         return self.length_px * self.cos_phi
 
 
-def make_grid(direction, length_px, sigma_px, *, pad_sigma=3.0, half_width=None) -> TrailGrid:
+def make_grid(direction, length_px, sigma_px, *, pad_sigma=3.0, half_width=None, psf=None) -> TrailGrid:
     """Build the sampling grid for trails of the given direction and length.
 
     Parameters
@@ -103,6 +112,10 @@ def make_grid(direction, length_px, sigma_px, *, pad_sigma=3.0, half_width=None)
         Margin beyond each end, in PSF sigmas (plus 3 px).
     half_width : int, optional
         Half-width of the cross window (default ``ceil(3 sigma) + 1``).
+    psf : (weights, sigmas), optional
+        Gaussian-mixture line-spread function used for the flux solve and the
+        rendered models (default: one Gaussian of ``sigma_px``); see
+        :func:`measure_lsf`.
     """
     ux, uy = float(direction[0]), float(direction[1])
     norm = math.hypot(ux, uy)
@@ -128,6 +141,8 @@ def make_grid(direction, length_px, sigma_px, *, pad_sigma=3.0, half_width=None)
         ep=ep, eq=eq, u=(ux, uy), tan_phi=tan_phi, cos_phi=cos_phi, length_px=float(length_px),
         sigma_px=float(sigma_px), p_off=np.arange(-na, na + 1, dtype=float),
         q_off=np.arange(-nc, nc + 1, dtype=float), snapped=snapped,
+        psf_w=tuple(float(w) for w in psf[0]) if psf is not None else (1.0,),
+        psf_s=tuple(float(v) for v in psf[1]) if psf is not None else (),
     )
 
 
@@ -460,9 +475,13 @@ def _model_on_grid(grid: TrailGrid, xa, ya, x_mid, y_mid, h, length_p=None):
     pa = (pm - 0.5 * Lp)[:, None, None]
     pb = (pm + 0.5 * Lp)[:, None, None]
     qc = qm[:, None, None] + (P - pm[:, None, None]) * grid.tan_phi
-    along = ndtr((P - pa) / sig) - ndtr((P - pb) / sig)
-    cross = np.exp(-0.5 * ((Q - qc) / sig) ** 2) * (_INV_SQRT_2PI / sig)
-    return np.asarray(h)[:, None, None] * along * cross
+    ws, ss = grid.mixture
+    out = 0.0
+    for w, sk in zip(ws, ss):
+        along = ndtr((P - pa) / sk) - ndtr((P - pb) / sk)
+        cross = np.exp(-0.5 * ((Q - qc) / sk) ** 2) * (_INV_SQRT_2PI / sk)
+        out = out + w * along * cross
+    return np.asarray(h)[:, None, None] * out
 
 
 def render_trails(shape, grid: TrailGrid, x_mid, y_mid, h, dtype=np.float32):
@@ -498,12 +517,14 @@ def render_trails(shape, grid: TrailGrid, x_mid, y_mid, h, dtype=np.float32):
     return img
 
 
-def _along_overlap_table(length_p, sigma, step=0.05):
-    """Table of ``f(d) = integral B(p) B(p - d) dp`` for the along-track profile B."""
-    ext = length_p + 8 * sigma
+def _along_overlap_table(length_p, sigma, sigma2=None, step=0.05):
+    """Table of ``f(d) = integral B1(p) B2(p - d) dp`` for along-track profiles of two widths."""
+    sigma2 = sigma if sigma2 is None else sigma2
+    ext = length_p + 8 * max(sigma, sigma2)
     p = np.arange(-ext, ext + step / 2, step)
     B = ndtr((p + 0.5 * length_p) / sigma) - ndtr((p - 0.5 * length_p) / sigma)
-    corr = np.correlate(B, B, mode="full") * step
+    B2 = ndtr((p + 0.5 * length_p) / sigma2) - ndtr((p - 0.5 * length_p) / sigma2)
+    corr = np.correlate(B, B2, mode="full") * step
     d = (np.arange(corr.size) - (B.size - 1)) * step
     return d, corr
 
@@ -549,8 +570,9 @@ def solve_fluxes(image, grid: TrailGrid, x_mid, y_mid, *, rms, gain=1.0, bad=Non
     p = x_mid * grid.ep[0] + y_mid * grid.ep[1]
     q = x_mid * grid.eq[0] + y_mid * grid.eq[1]
     sig = grid.sigma_px
-    reach_p = grid.length_p + 8 * sig
-    reach_q = 8 * sig
+    smax = float(np.max(grid.mixture[1]))
+    reach_p = grid.length_p + 8 * max(sig, smax)
+    reach_q = 8 * max(sig, smax)
     tree = cKDTree(np.c_[p / reach_p, q / reach_q])
     pairs = tree.query_pairs(r=1.0, p=np.inf, output_type="ndarray")
     rows = [np.arange(n)]
@@ -559,11 +581,17 @@ def solve_fluxes(image, grid: TrailGrid, x_mid, y_mid, *, rms, gain=1.0, bad=Non
     offd = np.zeros(0)
     if len(pairs):
         i, j = pairs[:, 0], pairs[:, 1]
-        d_tab, f_tab = _along_overlap_table(grid.length_p, sig)
-        fa = np.interp(np.abs(p[i] - p[j]), d_tab, f_tab, right=0.0)
+        ws, ss = grid.mixture
+        dp = np.abs(p[i] - p[j])
         dq = q[i] - q[j]
-        fc = np.exp(-dq * dq / (4 * sig * sig)) / (2 * math.sqrt(math.pi) * sig)
-        offd = fa * fc
+        offd = np.zeros(dp.size)
+        for wk, sk in zip(ws, ss):
+            for wl, sl in zip(ws, ss):
+                d_tab, f_tab = _along_overlap_table(grid.length_p, sk, sl)
+                fa = np.interp(dp, d_tab, f_tab, right=0.0)
+                s2 = sk * sk + sl * sl
+                fc = np.exp(-0.5 * dq * dq / s2) / math.sqrt(2 * math.pi * s2)
+                offd += wk * wl * fa * fc
         rows += [i, j]
         cols += [j, i]
         data += [offd, offd]
@@ -595,3 +623,71 @@ def solve_fluxes(image, grid: TrailGrid, x_mid, y_mid, *, rms, gain=1.0, bad=Non
     var = rms**2 / np.maximum(schur, 1e-12) + np.maximum(h, 0) * S3 / (max(float(gain), 1e-6) * np.maximum(Aii, 1e-12) ** 2)
     blend = mix / np.maximum(Aii * np.abs(h), 1e-12)
     return h, np.sqrt(var), blend
+
+
+def measure_lsf(image, grid: TrailGrid, x_mid, y_mid, *, bad=None, n_gauss=2, half_width=None):
+    """Measure the PSF line-spread function (cross-track profile) on bright trails.
+
+    The cross-track profiles of the given (bright, isolated, unsaturated)
+    trails are averaged along their plateaus, re-centred on their fitted
+    centres, normalised and stacked; a mixture of ``n_gauss`` concentric
+    Gaussians is fitted to the stack. The mixture carries the PSF wings a
+    single Gaussian misses (a Moffat PSF has ~10 % of its flux there), so
+    models of bright neighbours subtract cleanly and fluxes are not biased low.
+
+    Returns
+    -------
+    (weights, sigmas) or None
+        None when fewer than 5 usable trails.
+    """
+    from scipy.optimize import least_squares
+
+    x_mid = np.asarray(x_mid, float)
+    y_mid = np.asarray(y_mid, float)
+    if x_mid.size < 5:
+        return None
+    hw = int(half_width) if half_width is not None else int(math.ceil(5 * grid.sigma_px)) + 2
+    wide = make_grid(grid.u, grid.length_px, grid.sigma_px, half_width=hw)
+    xa, ya = np.rint(x_mid), np.rint(y_mid)
+    vals, valid, _ = _sample(image, wide, xa, ya, bad)
+    dx, dy = x_mid - xa, y_mid - ya
+    pm = dx * wide.ep[0] + dy * wide.ep[1]
+    qm = dx * wide.eq[0] + dy * wide.eq[1]
+    P = wide.p_off[None, :, None]
+    half = 0.5 * wide.length_p - 2 * grid.sigma_px
+    inplat = (np.abs(P - pm[:, None, None]) < half) & valid
+    n = inplat.sum(axis=1)
+    prof = np.where(n > 0, (vals * inplat).sum(axis=1) / np.maximum(n, 1), np.nan)  # (n, nq)
+    # local background from the outer samples, then normalise
+    edge = np.abs(wide.q_off) >= hw - 1
+    bkg = np.nanmedian(prof[:, edge], axis=1)
+    prof = prof - bkg[:, None]
+    tot = np.nansum(prof, axis=1)
+    ok = (tot > 0) & np.all(np.isfinite(prof), axis=1)
+    if ok.sum() < 5:
+        return None
+    qq = (wide.q_off[None, :] - qm[:, None])[ok].ravel()
+    yy = (prof[ok] / tot[ok, None]).ravel()
+    s0 = grid.sigma_px
+
+    def model(par, q):
+        out = 0.0
+        ws = np.r_[par[:n_gauss - 1], 1.0 - np.sum(par[:n_gauss - 1])]
+        for w, sk in zip(ws, par[n_gauss - 1:]):
+            out = out + w * np.exp(-0.5 * (q / sk) ** 2) * (_INV_SQRT_2PI / sk)
+        return out
+
+    p0 = np.r_[np.full(n_gauss - 1, 0.8 / max(n_gauss - 1, 1)), s0 * np.geomspace(0.9, 2.0, n_gauss)]
+    lo = np.r_[np.zeros(n_gauss - 1), np.full(n_gauss, 0.3 * s0)]
+    hi = np.r_[np.ones(n_gauss - 1), np.full(n_gauss, 6.0 * s0)]
+    try:
+        res = least_squares(lambda par: model(par, qq) - yy, np.clip(p0, lo + 1e-6, hi - 1e-6), bounds=(lo, hi),
+                            loss="soft_l1", f_scale=0.01)
+    except ValueError:
+        return None
+    par = res.x
+    ws = np.r_[par[:n_gauss - 1], 1.0 - np.sum(par[:n_gauss - 1])]
+    if np.any(ws < -0.05) or not np.all(np.isfinite(par)):
+        return None
+    log.debug("line-spread function: weights %s, sigmas %s px", np.round(ws, 3), np.round(par[n_gauss - 1:], 3))
+    return ws, par[n_gauss - 1:]

@@ -95,7 +95,7 @@ def _solve_poly(u, v, xi, eta, w, order):
 
 
 def fit_tan_sip(x, y, ra, dec, *, sigma_px=None, ref_pixel, ref_sky, order=None, max_order=3,
-                clip_sigma=5.0, n_clip=3, shape=None, min_stars=6):
+                clip_sigma=5.0, n_clip=3, shape=None, min_stars=6, ref_cd=None):
     """Fit a TAN(-SIP) WCS.
 
     Parameters
@@ -114,6 +114,9 @@ def fit_tan_sip(x, y, ra, dec, *, sigma_px=None, ref_pixel, ref_sky, order=None,
         SIP order; ``None`` chooses by BIC up to ``max_order``.
     shape : (ny, nx), optional
         Image shape (for ``pixel_shape`` and the inverse-SIP grid).
+    ref_cd : (2, 2) array, optional
+        CD matrix to keep when there are too few stars (< 9) for a linear fit:
+        only the tangent point is fitted then (sparse fields).
 
     Raises
     ------
@@ -125,6 +128,8 @@ def fit_tan_sip(x, y, ra, dec, *, sigma_px=None, ref_pixel, ref_sky, order=None,
     ra = np.asarray(ra, float)
     dec = np.asarray(dec, float)
     n = x.size
+    if ref_cd is not None and 2 <= n < max(min_stars, 9):
+        return _fit_shift_only(x, y, ra, dec, ref_pixel, ref_sky, np.asarray(ref_cd, float), shape)
     if n < min_stars:
         raise AstrometryError(f"WCS fit: {n} matched stars, at least {min_stars} needed")
     s = np.full(n, 0.05) if sigma_px is None else np.hypot(np.asarray(sigma_px, float), 0.02)
@@ -222,6 +227,35 @@ def fit_tan_sip(x, y, ra, dec, *, sigma_px=None, ref_pixel, ref_sky, order=None,
     log.debug("WCS fit: order %d, %d/%d stars, rms %.4f arcsec, BIC %s", best, used.sum(), n, rms, bic)
     return WCSFit(wcs=wcs, sip_order=int(best), used=used, resid_xi_arcsec=rxa, resid_eta_arcsec=rya,
                   rms_arcsec=rms, bic=bic)
+
+
+def _fit_shift_only(x, y, ra, dec, ref_pixel, ref_sky, cd, shape):
+    """Fit only the sky position of the reference pixel, keeping the CD matrix."""
+    x0, y0 = float(ref_pixel[0]), float(ref_pixel[1])
+    crval = np.array(ref_sky, float)
+    uv = np.c_[x - x0, y - y0]
+    for _ in range(5):
+        xi, eta = tangent_plane(ra, dec, crval[0], crval[1])
+        pred = uv @ cd.T
+        off = np.median(np.c_[xi, eta] - pred, axis=0)
+        r0, d0 = offset_sky(crval[0], crval[1], off[0] * 3600.0, off[1] * 3600.0)
+        crval = np.array([float(r0), float(d0)])
+    xi, eta = tangent_plane(ra, dec, crval[0], crval[1])
+    pred = uv @ cd.T
+    rx = (pred[:, 0] - xi) * 3600.0
+    ry = (pred[:, 1] - eta) * 3600.0
+    wcs = WCS(naxis=2)
+    wcs.wcs.crpix = [x0 + 1.0, y0 + 1.0]
+    wcs.wcs.crval = list(crval)
+    wcs.wcs.cd = cd
+    wcs.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    wcs.wcs.set()
+    if shape is not None:
+        wcs.pixel_shape = (int(shape[1]), int(shape[0]))
+    used = np.ones(x.size, bool)
+    log.warning("WCS fit: only %d stars; fitted the pointing only (CD matrix kept)", x.size)
+    return WCSFit(wcs=wcs, sip_order=0, used=used, resid_xi_arcsec=rx, resid_eta_arcsec=ry,
+                  rms_arcsec=float(np.sqrt(np.mean(rx**2 + ry**2))), bic={})
 
 
 def _pix_scale_arcsec(cx, cy, scale):
