@@ -126,7 +126,9 @@ class SimulationConfig:
         ``satellite_first`` forces one in the first exposure on CCD
         ``satellite_ccd`` (default S4; if absent, the CCD whose name sorts first).
     satellite_surface_brightness_e : e- per pixel of streak length.
-    cr_rate_per_mpix_s : cosmic-ray rate (per megapixel per second of exposure).
+    cr_rate_per_mpix_s : cosmic-ray rate (per megapixel per second of exposure;
+        the default 0.5 gives ~5 per small-preset CCD exposure and ~80 per
+        full CCD, generous on purpose so that every test sees some).
     cr_counts_range_e : total e- per cosmic ray (log-uniform).
     n_bad_columns : bad columns per CCD (CP code 1).
 
@@ -323,7 +325,7 @@ PRESETS = {
         naxis2=4094,
         n_exposures=3,
         n_stars_per_ccd=2000,
-        ccd_gap_px=153,
+        ccd_gap_px=201,  # DECam: 3.0 mm between S4 and N4 (long edges)
         events_per_ccd=4,
         flashes_per_ccd_exposure=3,
         store_all_lightcurves=False,
