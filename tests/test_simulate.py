@@ -84,6 +84,12 @@ def test_renderer_conserves_flux_and_matches_static_psf():
     uu, vv = np.meshgrid(u, u)
     centre = np.trapezoid(np.trapezoid(psf.profile(np.hypot(uu, vv), 4.0), u), u)
     assert img2[20, 20] == pytest.approx(centre, rel=1e-4)
+    # line-spread function: rows of a static source = strip_fraction
+    from pydriftn.simulate import strip_fraction
+
+    rows = img2.sum(axis=1)
+    k = np.arange(41)
+    assert np.allclose(rows, strip_fraction(psf, k - 0.5 - 20.0, k + 0.5 - 20.0, 4.0), atol=1e-6)
     # truncated by the CCD edge: deposited is what landed
     img3 = np.zeros((30, 30))
     dep3, _ = render_moving_sources(img3, [[0.0]], [[15.0]], [[1.0]], psf.sigmas[:, None] * 4.0, psf)

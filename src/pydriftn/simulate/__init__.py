@@ -61,7 +61,7 @@ Why our own renderer: see :mod:`pydriftn.simulate.psf`.
 
 from .config import PRESETS, SimulationConfig, make_config
 from .dataset import SimulatedDataset, exposure_schedule, load_dataset, simulate_dataset
-from .psf import moffat_mog, render_moving_sources
+from .psf import moffat_mog, render_moving_sources, strip_fraction
 
 __all__ = [
     "PRESETS",
@@ -73,4 +73,5 @@ __all__ = [
     "moffat_mog",
     "render_moving_sources",
     "simulate_dataset",
+    "strip_fraction",
 ]

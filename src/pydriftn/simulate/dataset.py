@@ -23,6 +23,7 @@ import astropy.units as u
 from .. import __version__
 from .config import FILTER_NAMES, SimulationConfig, make_config
 from .field import CCDNUM, choose_events, gaia_reference, make_star_field, make_wcs
+from .psf import moffat_mog
 from .render import render_drift_ccd, render_pointed_ccd
 
 __all__ = ["SimulatedDataset", "exposure_schedule", "simulate_dataset", "load_dataset", "PROPID", "drift_image_name"]
@@ -348,7 +349,11 @@ def simulate_dataset(out_dir, preset="small", seed=0, n_workers=1, **overrides):
     os.replace(tmp, ds.gaia_reference)
 
     ds.simulation_json = out / "simulation.json"
+    psf = moffat_mog(cfg.moffat_beta, cfg.n_gauss)
     meta = dict(seed=seed, pydriftn_version=__version__, config=cfg.to_dict(),
+                psf=dict(model="sum of Gaussians approximating a Moffat", beta=cfg.moffat_beta,
+                         weights=psf.weights.tolist(), sigmas_in_fwhm=psf.sigmas.tolist(),
+                         max_rel_error=psf.max_rel_error, ee_error=psf.ee_error),
                 exposures=[{k: v for k, v in e.items()} for e in sched])
     tmp = out / f".simulation.json.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(meta, indent=2, default=str))
