@@ -38,9 +38,9 @@ class PointedCCD:
     data: np.ndarray
     header: object
     wcs: object
-    gain: object  # float or per-pixel map (e-/ADU)
+    gain: object  # float or per-column (1, nx) map (e-/ADU)
     read_noise: float
-    saturation: object  # float or per-pixel map (ADU)
+    saturation: object  # float or per-column (1, nx) map (ADU)
     exptime: float
     mjd: float
     band: str
@@ -58,10 +58,11 @@ def list_ccds(path):
 
 
 def _amp(values, shape):
+    """Per-amplifier (A, B) values → a scalar, or a per-column ``(1, nx)`` float32 map."""
     v = np.atleast_1d(np.asarray(values, float))
     if v.size == 1 or np.all(v == v[0]):
         return float(v[0])
-    return pio.amp_map(tuple(v[:2]), shape)
+    return pio.amp_map(tuple(v[:2]), shape, kind="column")[None, :]
 
 
 def read_pointed_ccd(path, ccd, *, mask=True):
