@@ -414,6 +414,31 @@ def test_simulated_catalogue_table_and_files(sim, sim_cat, tmp_path):
                                   cat[cat["ccd"] == "N4"].reset_index(drop=True))
 
 
+def test_build_with_gaia_tap_stand_in(sim, tmp_path):
+    """``gaia="tap"`` end to end against a local stand-in answering with the simulator's Gaia table."""
+
+    class Handler(_TapHandler):
+        answer = Path(sim.gaia_reference).read_text()
+        queries = []
+
+    srv = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}/tap"
+    try:
+        cat = build_catalogue(sim.pointed_images["g"], sim.pointed_images["r"], ["S4"], None, gaia="tap",
+                              gaia_tap_url=url, gaia_cache_dir=tmp_path / "cache", stamps=False)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert len(Handler.queries) == 1  # one cone per CCD, reused for both bands
+    assert cat.attrs["gaia"]["source"] == "tap"
+    for b in ("g", "r"):
+        a = cat.attrs["ccds"]["S4"][b]["astrometry"]
+        assert a["anchored"] and a["rms_after_arcsec"] < 0.05
+    assert cat["gaia_source_id"].notna().sum() > 50
+    assert list((tmp_path / "cache").glob("gaia_*.csv"))
+
+
 def _copy_mef(src, dst, edit):
     with fits.open(src) as hdul:
         new = fits.HDUList([h.copy() for h in hdul])
