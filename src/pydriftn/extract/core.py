@@ -247,7 +247,7 @@ def _reject_worst(d, M, V, bad, outlier_sigma, sys_frac):
     return bad
 
 
-def _optimal_single(d, var0, q, bad, P, n_iter=3, outlier_sigma=5.0, sys_frac=0.03, subset=None):
+def _optimal_single(d, var0, q, bad, P, n_iter=3, outlier_sigma=5.0, sys_frac=0.1, subset=None):
     """Horne optimal extraction of independent strips.
 
     Returns F, var_F, bad (updated), V, w, sum(w P); with ``subset`` (bool over
@@ -291,7 +291,7 @@ def _optimal_single(d, var0, q, bad, P, n_iter=3, outlier_sigma=5.0, sys_frac=0.
     return F, varF, bad, V, w, swp
 
 
-def _joint_solve(d, var0, q, bad, A, active, n_iter=2, outlier_sigma=5.0, sys_frac=0.03):
+def _joint_solve(d, var0, q, bad, A, active, n_iter=2, outlier_sigma=5.0, sys_frac=0.1):
     """Weighted LS for the amplitudes of profiles ``A[m]`` per strip (m = 0: the star).
 
     Parameters
@@ -418,6 +418,7 @@ def extract_trails(
     max_neighbours=3,
     outlier_sigma=5.0,
     max_bridged_fraction=0.5,
+    bridge_sys=0.05,
     samples=None,
 ):
     """Extract per-sample fluxes of every trail of a CCD exposure.
@@ -460,6 +461,9 @@ def extract_trails(
     max_bridged_fraction : float
         Samples whose masked pixels carry more than this fraction of the
         profile get NaN flux and NO_DATA.
+    bridge_sys : float
+        Relative uncertainty of the profile under masked pixels, added to the
+        variance of bridged samples as ``(bridge_sys * F * sum(P_masked))**2``.
     samples : array of int, optional
         Sample indices (default the whole trail, ``0 .. n_samples-1``).
 
@@ -585,6 +589,9 @@ def extract_trails(
     bridged = np.where(bad2, P, 0).sum(axis=2)
     sample_flags |= np.where((strips.bad & sig).any(axis=2), fb.MASKED_PIXELS, 0).astype(np.int32)
     sample_flags |= np.where(((bad2 & ~strips.bad) & sig).any(axis=2), fb.OUTLIER_PIXELS, 0).astype(np.int32)
+    # bridging uncertainty: the profile fraction under masked/rejected pixels is
+    # taken from the measured profile, which is good to a few per cent only
+    varF = varF + (bridge_sys * np.nan_to_num(F) * np.where(bad2, P, 0).sum(axis=2)) ** 2
     nodata = (bridged > max_bridged_fraction) | ~np.isfinite(F) | ~np.isfinite(varF)
     sample_flags |= np.where(nodata, fb.NO_DATA, 0).astype(np.int32)
     F = np.where(nodata, np.nan, F)
@@ -679,10 +686,16 @@ def _deblend(strips, prof, delta, P, nb, x0, y0, x1, y1, geometry, outlier_sigma
         ccb = c0[bb][:, None] + ec[bb][:, None] * kb_f
         D = ccb - cc  # neighbour centre relative to the star's, cross axis
         on = okb[:, None] & (kb_f > -margin) & (kb_f < n_tot + margin) & (np.abs(D) < reach)
-        kb = np.clip(np.floor(kb_f).astype(np.int64), 0, K - 1)
-        psi_b = phase - D - prof.shift[kb] - delta[bb][:, None]
-        Pb = prof.strip_profile(psi_b, kb, strips.half_width, normalise="total", reach_px=reach + 1.0)
-        Pb = np.where(on[:, :, None], Pb, np.float32(0))
+        # the strip covers the neighbour's sample coordinates [kb_f - 0.5, kb_f + 0.5]:
+        # parts of two of its samples, each with its own profile and jitter shift
+        m0 = np.floor(kb_f - 0.5)
+        phi = (kb_f - 0.5 - m0).astype(np.float32)[:, :, None]
+        Pb = 0.0
+        for kk, wk in ((m0, 1.0 - phi), (m0 + 1, phi)):
+            kb = np.clip(kk.astype(np.int64), 0, K - 1)
+            psi_b = phase - D - prof.shift[kb] - delta[bb][:, None]
+            Pb = Pb + wk * prof.strip_profile(psi_b, kb, strips.half_width, normalise="total", reach_px=reach + 1.0)
+        Pb = np.where(on[:, :, None], Pb, np.float32(0)).astype(np.float32)
         A.append(Pb)
         active[..., m + 1] = on & (Pb.sum(axis=2) > 1e-3)
     # solve only the strips where a neighbour is active, as a flat list of strips

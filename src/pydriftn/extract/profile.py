@@ -253,6 +253,7 @@ def measure_profile(strips, ref, *, halfwindow=2, bin_px=0.05, n_iter=3, prior_o
     var_y = (v0 + np.maximum(d, 0)) / (Bsafe[:, :, None] ** 2)
     wy = np.where(strip_ok[:, :, None], 1.0 / np.maximum(var_y, 1e-12), 0.0)
     prof = None
+    n_iter = max(int(n_iter), 2)
     for it in range(n_iter):
         u = off - shift[None, :, None] - delta[ridx][:, None, None]
         f = np.clip((u.astype(np.float64) - u0) / bin_px, 0, nb - 1 - 1e-6)
@@ -268,6 +269,12 @@ def measure_profile(strips, ref, *, halfwindow=2, bin_px=0.05, n_iter=3, prior_o
             coef = np.linalg.solve(Nk + ridge, bk[..., None])[..., 0]
         except np.linalg.LinAlgError:
             coef = np.linalg.lstsq(Nk.sum(axis=0), bk.sum(axis=0), rcond=None)[0][None, :].repeat(K, 0)
+        # robustness: reference strips with a cell far from the fitted model
+        # (unmasked cosmic ray, undetected neighbour; it also biases the strip's
+        # normalisation) get zero weight in the next pass
+        model = np.einsum("rkci,ki->rkc", X, coef)
+        z2 = (y - model) ** 2 / (var_y + (0.05 * np.abs(model)) ** 2)
+        wy = np.where((z2 > 25.0).any(axis=2, keepdims=True), 0.0, wy)
         table = (coef @ bgrid.T).astype(np.float32)
         table = np.maximum(table, 0.0)
         prof = CrossProfile(table, u0, bin_px, shift.copy(), _fwhm_of_table(table, ugrid), len(ridx),
@@ -283,8 +290,9 @@ def measure_profile(strips, ref, *, halfwindow=2, bin_px=0.05, n_iter=3, prior_o
         w = np.where(good, 1.0 / V, 0.0)
         num = (w * r * (-F * dP)).sum(axis=2)
         den = (w * (F * dP) ** 2).sum(axis=2)
-        num = np.where(strip_ok, num, 0.0)
-        den = np.where(strip_ok, den, 0.0)
+        use = strip_ok & (wy > 0).any(axis=2)  # strips rejected as outliers do not vote
+        num = np.where(use, num, 0.0)
+        den = np.where(use, den, 0.0)
         # r ~ -ds * F dP  =>  num = ds * den
         ds = np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
         cw = den.sum(axis=0)
