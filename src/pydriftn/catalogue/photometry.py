@@ -1,47 +1,53 @@
 """Detection, centroids, shapes and aperture photometry on one pointed CCD image.
 
-Pure functions over arrays (image, masks, gain / read-noise / saturation maps);
-no file I/O. The steps, in order:
+Pure functions over arrays (image, masks, gain / saturation maps); no file
+I/O. The steps, in order:
 
 1. **Background and noise** on the image converted to electrons with the
-   per-amplifier gain map (so the sky has no step between amplifiers), with
-   ``sep.Background`` (64-px meshes, a second pass with the detections
-   masked; sep is several times faster than photutils ``Background2D`` on a
-   full DECam CCD). The noise map used for photometric errors is
-   ``sigma² = rms_bkg² + max(image - bkg, 0)`` (e-²), i.e. the measured
-   background noise plus the Poisson noise of the sources.
-2. **Detection** with ``sep.extract`` (3x3 smoothing, ``detect_thresh`` × rms
-   per pixel, deblending) on the background-subtracted image; dq-masked bad
-   pixels (bad, hot, cosmic rays, streaks) are excluded, saturated and bleed
-   pixels are *not* (the star is then one object).
+   per-amplifier gain (so the sky has no step between amplifiers), with
+   ``sep.Background`` (64-px meshes; sep is several times faster than
+   photutils ``Background2D`` on a full DECam CCD). A second pass masks every
+   detection out to where its wings fall below ~0.1 sky sigma, and the map is
+   re-centred on the clipped mean of the unmasked residuals (sep's mode
+   estimator is biased low by ~0.8 e- on a Poisson sky). The noise map used
+   for photometric errors is ``sigma² = rms_bkg² + max(image − bkg, 0)``
+   (e-²): measured background noise plus the Poisson noise of the sources.
+2. **Detection** with ``sep.extract`` on the S/N image (3x3 smoothing,
+   ``detect_thresh`` per pixel, deblending; given a per-pixel err array sep
+   leaves neighbouring stars merged). dq-masked bad pixels (bad, hot, cosmic
+   rays, streaks) are excluded; saturated and bleed pixels are *not* (the
+   star is then one object).
 3. **Centroids**: Source Extractor "windowed" positions (``sep.winpos``)
-   with the window matched to each source's half-light radius; saturated
-   stars use the centroid of their saturated core instead (the windowed
-   algorithm is pulled along bleed trails).
-4. **Photometry**: circular aperture of radius ``aperture_fwhm`` × the PSF
-   half-light diameter (the robust size measure ``2 r_half``), corrected to total flux with an aperture correction measured on
-   bright, isolated, unsaturated stars: the median over stars of the exact
-   aperture sum to 1.5 × the size plus the medians over stars of 1-px annuli
-   out to 4 × the size, each annulus' flux being its area times the
-   3-sigma-clipped mean of its pixels (neighbours in an annulus are clipped,
-   and a neighbour in one star's annulus does not move the median in crowded
-   fields), extrapolated to infinity with a Moffat curve of growth fitted to it. The statistical error of the aperture correction is
-   added to every flux error in quadrature. (Aperture rather than PSF
-   photometry: a few ms per CCD, no PSF model to fit, and with an aperture
-   correction the totals are unbiased for the isolated stars the pipeline
-   uses; PSF fitting of thousands of stars per CCD with photutils would not
-   fit the 2 s budget.)
+   with the window matched to each source's half-light radius (isophotal
+   barycentre when that fails: ``centroid_fallback``). Saturated stars use
+   their saturated core instead: x from the core columns, y from the point
+   symmetry of the unmasked halo (the windowed algorithm is pulled along
+   bleed trails).
+4. **Photometry** (aperture, not PSF fitting): circular aperture of radius
+   ``aperture_fwhm`` (0.8) × the PSF half-light diameter ``2 r_half`` (≈ 1
+   FWHM for a Moffat beta = 3), corrected to the total with an aperture
+   correction from the curve of growth of up to 100 bright (S/N > 150),
+   isolated, unflagged stars: median over stars of the exact sum to 1.5
+   sizes, plus medians over stars of 1-px annuli out to 4 sizes, each annulus'
+   flux being its area times the 3-sigma-clipped mean of its pixels, with the
+   pixels near other detections left out (crowded fields do not inflate it),
+   extrapolated with a Moffat curve of growth fitted to it. The correction's
+   error -- statistical, plus a systematic of at least ``apcorr_sys_frac``
+   (0.7 %, the accuracy reached on crowded simulated fields) -- is added to
+   every flux error in quadrature. Aperture rather than PSF photometry: a
+   few tens of ms per CCD, no PSF model, totals unbiased to < 1 % for the
+   isolated stars the pipeline uses; PSF fitting of ~2000 stars per CCD with
+   photutils would not fit the 2 s budget.
 5. **Shapes**: ``fwhm_px`` = the source's half-light diameter scaled by
-   FWHM/half-light diameter of the Moffat profile fitted to the curve of
-   growth (so it is the FWHM for PSF-like sources), ``ellipticity`` = 1 − b/a from the
-   isophotal second moments.
-6. **Flags** (:class:`~pydriftn.catalogue.flags.SourceFlag`) and the cut
-   ``snr >= detect_sigma``.
+   FWHM / half-light diameter of the fitted Moffat (so it is the FWHM for
+   PSF-like sources); ``ellipticity`` = 1 − b/a from the isophotal moments.
+6. **Flags** (:mod:`.flags`, bits of :class:`pydriftn.flags.SampleFlag`) and
+   the cut ``snr >= detect_sigma``.
 
-Detections that are sharper than the PSF (cosmic rays not in the mask) and
-fragments of saturated stars (pieces of bleed trails, detections touching the
-same saturated blob as a brighter one) are removed; their numbers go into the
-returned meta.
+Dropped (counted in the returned meta): detections sharper than the PSF or
+with too much flux in one pixel (cosmic rays not in the mask), fragments of
+saturated stars (other detections touching the same saturated blob), and
+detections whose centroid is within half a PSF size of the CCD edge.
 """
 
 from __future__ import annotations
