@@ -320,7 +320,7 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
                        max_rotation_deg=0.2, sip_order=None, max_sip_order=3, bad_bits=None, cr_bits=None,
                        detect_cosmics_without_mask=True, n_bright=200, expnum=None, ccd=None,
                        wcs=None, exptime_s=None, fwhm_px=None, gain=None, saturation=None,
-                       max_forced_err_px=0.3):
+                       max_forced_err_px=0.3, min_snr_position=20.0):
     """Find every trail on a drift CCD, identify its star and re-fit the WCS.
 
     Parameters
@@ -350,6 +350,9 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
         SIP order of the fitted WCS; ``None`` chooses up to ``max_sip_order`` by BIC.
     n_bright : int
         Detections used in the vote.
+    min_snr_position : float
+        Trails of at least this S/N get a measured position (``x_meas``,
+        ``y_meas``) and may enter the WCS fit.
     max_forced_err_px : float
         A catalogue star's measured position is reported when its error is
         below this; otherwise the position predicted by the fitted WCS is
@@ -472,21 +475,27 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
 
     # -- fit candidates; measure the PSF width on bright ones
     grid = trailfit.make_grid(geo.direction, geo.length_px, sigma0)
-    rms_at = lambda x, y: rms_map[np.clip(np.rint(y).astype(int), 0, ny - 1), np.clip(np.rint(x).astype(int), 0, nx - 1)]
-    cand = trailfit.fit_trails(sub, cx, cy, grid, rms=rms_at(cx, cy), gain=gain, bad=fit_bad)
-    c_snr = cand["flux"] / np.maximum(cand["flux_err"], 1e-12)
-    bright = np.nonzero(cand["ok"] & (c_snr > 30) & cand["start_visible"] & cand["end_visible"])[0]
+    def rms_at(x, y):
+        iy = np.clip(np.rint(y).astype(int) // 2, 0, rms_map.shape[0] - 1)
+        ix = np.clip(np.rint(x).astype(int) // 2, 0, rms_map.shape[1] - 1)
+        return rms_map[iy, ix]
+    # only the brightest candidates are fitted here (matching and the first WCS need no
+    # more); the rest are either catalogue stars (fitted jointly later) or unmatched
+    cx_all, cy_all = cx, cy
+    order_pk = np.argsort(-cpk, kind="stable")
+    top = order_pk[: max(2 * n_bright, 400)]
+    bright = order_pk[:150]
     if bright.size >= 5:
-        bright = bright[np.argsort(-c_snr[bright])[:150]]
-        bfit = trailfit.fit_trails(sub, cand["x_mid"][bright], cand["y_mid"][bright], grid,
-                                   rms=rms_at(cand["x_mid"][bright], cand["y_mid"][bright]), gain=gain,
-                                   bad=fit_bad, fit_sigma=True)
-        s_med = float(np.median(bfit["sigma_px"][bfit["ok"]])) if bfit["ok"].any() else sigma0
+        bfit = trailfit.fit_trails(sub, cx[bright], cy[bright], grid, rms=rms_at(cx[bright], cy[bright]),
+                                   gain=gain, bad=fit_bad, fit_sigma=True, n_iter=4)
+        okb = bfit["ok"] & bfit["start_visible"] & bfit["end_visible"]
+        s_med = float(np.median(bfit["sigma_px"][okb])) if okb.sum() >= 5 else sigma0
         if np.isfinite(s_med) and abs(s_med / sigma0 - 1) > 0.03:
             sigma0 = s_med
             grid = trailfit.make_grid(geo.direction, geo.length_px, sigma0)
-            cand = trailfit.fit_trails(sub, cx, cy, grid, rms=rms_at(cx, cy), gain=gain, bad=fit_bad)
-            c_snr = cand["flux"] / np.maximum(cand["flux_err"], 1e-12)
+    cx, cy = cx[top], cy[top]
+    cand = trailfit.fit_trails(sub, cx, cy, grid, rms=rms_at(cx, cy), gain=gain, bad=fit_bad, n_iter=4)
+    c_snr = cand["flux"] / np.maximum(cand["flux_err"], 1e-12)
     # line-spread function (with wings) from bright, isolated, unsaturated trails
     lsf = None
     iso_c = ~_near_catalogue(cand["x_mid"], cand["y_mid"], cand["x_mid"], cand["y_mid"], grid, exclude_self=True)
@@ -573,17 +582,20 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
         fit_sel = np.nonzero(pred_snr >= 0.3)[0]
         fx, fy = px[fit_sel], py[fit_sel]
         rms_f = rms_at(fx, fy)
-        hj, hj_err, blend = trailfit.solve_fluxes(sub, grid, fx, fy, rms=rms_f, gain=gain, bad=fit_bad)
+        hj, hj_err, blend, templ = trailfit.solve_fluxes(sub, grid, fx, fy, rms=rms_f, gain=gain, bad=fit_bad,
+                                                         return_templates=True)
         j_snr = hj / np.maximum(hj_err, 1e-12)
         timings[f"flux_solve_{it + 1}"] = time.perf_counter() - t
         # positions of the significant ones, with their neighbours' models subtracted
         t = time.perf_counter()
-        pos_sel = np.nonzero(j_snr >= min(10.0, keep_sigma * 2))[0]
-        model = trailfit.render_trails(shape, grid, fx, fy, np.maximum(hj, 0.0))
+        pos_sel = np.nonzero(j_snr >= min_snr_position)[0]
+        model = trailfit.render_trails(shape, grid, fx, fy, np.maximum(hj, 0.0), templates=templ)
         pf = trailfit.fit_trails(sub, fx[pos_sel], fy[pos_sel], grid, rms=rms_f[pos_sel], gain=gain, bad=fit_bad,
                                  model_image=model, own_flux={"x_mid": fx[pos_sel], "y_mid": fy[pos_sel],
-                                                              "h": np.maximum(hj[pos_sel], 0.0)},
-                                 use_moment=True)
+                                                              "h": np.maximum(hj[pos_sel], 0.0),
+                                                              "model": templ[pos_sel] * np.maximum(
+                                                                  hj[pos_sel], 0.0)[:, None, None]},
+                                 use_moment=True, n_iter=3)
         moved = np.hypot(pf["x_mid"] - fx[pos_sel], pf["y_mid"] - fy[pos_sel])
         perr = np.hypot(pf["x_err"], pf["y_err"])
         pos_ok = pf["ok"] & (moved < np.maximum(1.0, 5 * perr))
@@ -614,10 +626,10 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
     # -- unmatched candidates: what the catalogue model does not explain
     t = time.perf_counter()
     resid = sub - model
-    near = _near_catalogue(cand["x_mid"], cand["y_mid"], fx[j_snr >= 1], fy[j_snr >= 1], grid)
-    ucand = np.nonzero(good_c & ~near)[0]
-    ufit = trailfit.fit_trails(resid, cand["x_mid"][ucand], cand["y_mid"][ucand], grid,
-                               rms=rms_at(cand["x_mid"][ucand], cand["y_mid"][ucand]), gain=gain, bad=fit_bad)
+    near = _near_catalogue(cx_all, cy_all, fx[j_snr >= 1], fy[j_snr >= 1], grid)
+    ucand = np.nonzero(~near)[0]
+    ufit = trailfit.fit_trails(resid, cx_all[ucand], cy_all[ucand], grid,
+                               rms=rms_at(cx_all[ucand], cy_all[ucand]), gain=gain, bad=fit_bad)
     u_snr = ufit["flux"] / np.maximum(ufit["flux_err"], 1e-12)
     ukeep = ufit["ok"] & (u_snr >= detect_sigma)
     ukeep &= ~_dedup(ufit["x_mid"], ufit["y_mid"], u_snr, grid)
@@ -843,31 +855,33 @@ def _pixel_counts(table, cr, masked, sat, streak, geo, sigma):
     X = np.rint(xs + s_off[None, :, None] * ux + c_off[None, None, :] * vx).astype(np.intp)
     Y = np.rint(ys + s_off[None, :, None] * uy + c_off[None, None, :] * vy).astype(np.intp)
     inside = (X >= 0) & (X < nx) & (Y >= 0) & (Y < ny)
-    Xc = np.clip(X, 0, nx - 1)
-    Yc = np.clip(Y, 0, ny - 1)
-    crs = cr[Yc, Xc] & inside
+    # one gather of a combined code image instead of one per mask
+    code = cr.view(np.uint8).copy()
+    code |= masked.view(np.uint8) << 1
+    if sat is not None:
+        code |= sat.view(np.uint8) << 2
+    if streak is not None:
+        code |= streak.view(np.uint8) << 3
+    g = code[np.clip(Y, 0, ny - 1), np.clip(X, 0, nx - 1)] * inside
+    crs = (g & 1) > 0
     ncr = crs.sum(axis=(1, 2))
     table["n_cr_pixels"] = ncr.astype(np.int64)
     # a pixel at along offset s (centre) receives light during samples floor(s - 0.5) and floor(s + 0.5)
     nsamp = geo.n_samples
-    hit = crs.any(axis=2)  # (n, ns)
-    samp = np.zeros((n, nsamp + 2), bool)
+    hit = crs.any(axis=2)  # (n, len(s_off))
+    M = np.zeros((s_off.size, max(nsamp, 1)), np.uint8)
     for shift in (-0.5, 0.5):
         k = np.floor(s_off + shift).astype(int)
-        valid = (k >= 0) & (k < nsamp)
-        kk = np.clip(k, 0, nsamp + 1)
-        for j in np.nonzero(valid)[0]:
-            samp[:, kk[j]] |= hit[:, j]
-    table["n_cr_samples"] = samp[:, :nsamp].sum(axis=1).astype(np.int64)
-    msk = masked[Yc, Xc] & inside
-    table["n_masked_pixels"] = msk.sum(axis=(1, 2)).astype(np.int64)
+        ok = (k >= 0) & (k < nsamp)
+        M[np.nonzero(ok)[0], k[ok]] = 1
+    table["n_cr_samples"] = ((hit.astype(np.uint8) @ M) > 0).sum(axis=1).astype(np.int64)
+    nmask = ((g & 2) > 0).sum(axis=(1, 2))
+    table["n_masked_pixels"] = nmask.astype(np.int64)
     flags = table["flags"].to_numpy().copy()
     flags |= np.where(ncr > 0, int(TrailFlag.COSMIC_RAY), 0)
-    flags |= np.where(msk.sum(axis=(1, 2)) > 0, int(TrailFlag.MASKED_PIXELS), 0)
-    if sat is not None:
-        flags |= np.where((sat[Yc, Xc] & inside).any(axis=(1, 2)), int(TrailFlag.SATURATED), 0)
-    if streak is not None:
-        flags |= np.where((streak[Yc, Xc] & inside).any(axis=(1, 2)), int(TrailFlag.SATELLITE), 0)
+    flags |= np.where(nmask > 0, int(TrailFlag.MASKED_PIXELS), 0)
+    flags |= np.where(((g & 4) > 0).any(axis=(1, 2)), int(TrailFlag.SATURATED), 0)
+    flags |= np.where(((g & 8) > 0).any(axis=(1, 2)), int(TrailFlag.SATELLITE), 0)
     table["flags"] = flags
 
 

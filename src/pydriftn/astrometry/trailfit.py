@@ -148,22 +148,28 @@ def make_grid(direction, length_px, sigma_px, *, pad_sigma=3.0, half_width=None,
 
 def _sample(image, grid: TrailGrid, xa, ya, bad=None):
     """Sample ``image`` on each trail's grid. Returns (values, valid) of shape (n, np, nq)."""
+    ny, nx = image.shape
+    if grid.snapped:
+        # whole-pixel grid: integer arithmetic and one flat gather
+        Pi = grid.p_off.astype(np.int64)[None, :, None]
+        Qi = grid.q_off.astype(np.int64)[None, None, :]
+        epx, epy = int(grid.ep[0]), int(grid.ep[1])
+        eqx, eqy = int(grid.eq[0]), int(grid.eq[1])
+        xi = xa.astype(np.int64)[:, None, None] + Pi * epx + Qi * eqx
+        yi = ya.astype(np.int64)[:, None, None] + Pi * epy + Qi * eqy
+        inside = (xi >= 0) & (xi < nx) & (yi >= 0) & (yi < ny)
+        flat = np.clip(yi, 0, ny - 1) * nx + np.clip(xi, 0, nx - 1)
+        vals = np.take(image.reshape(-1), flat).astype(float)
+        valid = inside
+        if bad is not None:
+            valid = valid & ~np.take(bad.reshape(-1), flat)
+        vals = np.where(valid, vals, 0.0)
+        return vals, valid, inside
     P = grid.p_off[None, :, None]
     Q = grid.q_off[None, None, :]
     X = xa[:, None, None] + P * grid.ep[0] + Q * grid.eq[0]
     Y = ya[:, None, None] + P * grid.ep[1] + Q * grid.eq[1]
-    ny, nx = image.shape
-    if grid.snapped:
-        xi = np.rint(X).astype(np.intp)
-        yi = np.rint(Y).astype(np.intp)
-        inside = (xi >= 0) & (xi < nx) & (yi >= 0) & (yi < ny)
-        xi = np.clip(xi, 0, nx - 1)
-        yi = np.clip(yi, 0, ny - 1)
-        vals = image[yi, xi].astype(float)
-        valid = inside
-        if bad is not None:
-            valid = valid & ~bad[yi, xi]
-    else:
+    if True:
         vals = ndimage.map_coordinates(image, [Y.ravel(), X.ravel()], order=1, mode="constant",
                                        cval=np.nan, prefilter=False).reshape(X.shape).astype(float)
         inside = (X >= 0) & (X <= nx - 1) & (Y >= 0) & (Y <= ny - 1)
@@ -397,8 +403,11 @@ def fit_trails(image, x_mid, y_mid, grid: TrailGrid, *, rms, gain=1.0, bad=None,
     vals, valid, inside = _sample(image, grid, xa, ya, bad)
     if model_image is not None:
         mvals, _, _ = _sample(model_image, grid, xa, ya, None)
-        own = _model_on_grid(grid, xa, ya, own_flux["x_mid"], own_flux["y_mid"], own_flux["h"],
-                             own_flux.get("length_p"))
+        if own_flux.get("model") is not None:
+            own = own_flux["model"]
+        else:
+            own = _model_on_grid(grid, xa, ya, own_flux["x_mid"], own_flux["y_mid"], own_flux["h"],
+                                 own_flux.get("length_p"))
         vals = np.where(valid, vals - mvals + own, 0.0)
     dx, dy = x_mid - xa, y_mid - ya
     pm = dx * grid.ep[0] + dy * grid.ep[1]
@@ -484,7 +493,7 @@ def _model_on_grid(grid: TrailGrid, xa, ya, x_mid, y_mid, h, length_p=None):
     return np.asarray(h)[:, None, None] * out
 
 
-def render_trails(shape, grid: TrailGrid, x_mid, y_mid, h, dtype=np.float32):
+def render_trails(shape, grid: TrailGrid, x_mid, y_mid, h, dtype=np.float32, templates=None):
     """Render the trail model of many stars into one image.
 
     Each trail is drawn on its own sampling grid (whole pixels when the grid
@@ -499,21 +508,24 @@ def render_trails(shape, grid: TrailGrid, x_mid, y_mid, h, dtype=np.float32):
     x_mid, y_mid, h : array_like
         Trail middles (pixels) and fluxes per pixel of length (ADU).
     """
-    img = np.zeros(shape, dtype=dtype)
     x_mid = np.atleast_1d(np.asarray(x_mid, float))
     y_mid = np.atleast_1d(np.asarray(y_mid, float))
     if x_mid.size == 0:
-        return img
+        return np.zeros(shape, dtype=dtype)
     xa = np.rint(x_mid)
     ya = np.rint(y_mid)
-    model = _model_on_grid(grid, xa, ya, x_mid, y_mid, np.atleast_1d(h))
+    if templates is not None:
+        model = templates * np.atleast_1d(h)[:, None, None]
+    else:
+        model = _model_on_grid(grid, xa, ya, x_mid, y_mid, np.atleast_1d(h))
     P = grid.p_off[None, :, None]
     Q = grid.q_off[None, None, :]
     X = np.rint(xa[:, None, None] + P * grid.ep[0] + Q * grid.eq[0]).astype(np.intp)
     Y = np.rint(ya[:, None, None] + P * grid.ep[1] + Q * grid.eq[1]).astype(np.intp)
     ny, nx = shape
     ok = (X >= 0) & (X < nx) & (Y >= 0) & (Y < ny)
-    np.add.at(img, (Y[ok], X[ok]), model[ok].astype(dtype))
+    img = np.zeros(shape, dtype=dtype)
+    np.add.at(img.reshape(-1), (Y[ok] * nx + X[ok]).ravel(), model[ok].astype(dtype).ravel())
     return img
 
 
@@ -529,7 +541,7 @@ def _along_overlap_table(length_p, sigma, sigma2=None, step=0.05):
     return d, corr
 
 
-def solve_fluxes(image, grid: TrailGrid, x_mid, y_mid, *, rms, gain=1.0, bad=None):
+def solve_fluxes(image, grid: TrailGrid, x_mid, y_mid, *, rms, gain=1.0, bad=None, return_templates=False):
     """Joint linear least-squares fluxes of many trails at fixed positions.
 
     The model is ``sum_i h_i T_i`` with ``T_i`` the unit trail template
@@ -546,6 +558,9 @@ def solve_fluxes(image, grid: TrailGrid, x_mid, y_mid, *, rms, gain=1.0, bad=Non
         the blend degeneracy to first order, plus the trail's own Poisson noise).
     blend_frac : ndarray
         ``sum_j |A_ij h_j| / (A_ii |h_i|)``: how much neighbours overlap a trail.
+    templates : ndarray (n, np, nq)
+        With ``return_templates``: the unit templates on each trail's grid
+        (zero on invalid samples), for :func:`render_trails` and ``own_model``.
     """
     from scipy import sparse
     from scipy.sparse.linalg import spsolve
@@ -565,7 +580,7 @@ def solve_fluxes(image, grid: TrailGrid, x_mid, y_mid, *, rms, gain=1.0, bad=Non
     Aii = (T * T).sum(axis=(1, 2))
     S3 = (T * T * T).sum(axis=(1, 2))
     b = (T * vals).sum(axis=(1, 2))
-    del T, vals
+    del vals
     # neighbour pairs (grid frame)
     p = x_mid * grid.ep[0] + y_mid * grid.ep[1]
     q = x_mid * grid.eq[0] + y_mid * grid.eq[1]
@@ -622,6 +637,8 @@ def solve_fluxes(image, grid: TrailGrid, x_mid, y_mid, *, rms, gain=1.0, bad=Non
     schur = np.maximum(schur, 0.05 * Aii)
     var = rms**2 / np.maximum(schur, 1e-12) + np.maximum(h, 0) * S3 / (max(float(gain), 1e-6) * np.maximum(Aii, 1e-12) ** 2)
     blend = mix / np.maximum(Aii * np.abs(h), 1e-12)
+    if return_templates:
+        return h, np.sqrt(var), blend, T
     return h, np.sqrt(var), blend
 
 
