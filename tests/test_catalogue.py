@@ -348,6 +348,11 @@ def test_simulated_completeness_spurious_astrometry(sim, sim_cat):
     assert keep.sum() >= 20
     rms = np.sqrt(np.mean(dxi**2 + deta**2))
     assert rms <= 0.03, rms
+    # reported position errors are realistic (pulls of clean stars of all magnitudes)
+    clean = (dd < 0.5) & (cat["flags"].to_numpy()[ic] == 0)
+    pp = np.r_[(cxi[ic] - xi)[clean] / cat["ra_err_arcsec"].to_numpy()[ic][clean],
+               (ceta[ic] - eta)[clean] / cat["dec_err_arcsec"].to_numpy()[ic][clean]]
+    assert 0.7 <= robust_sigma(pp) <= 1.3, robust_sigma(pp)
     for ccd in ("S4", "N4"):
         for b in ("g", "r"):
             a = cat.attrs["ccds"][ccd][b]["astrometry"]

@@ -520,7 +520,6 @@ def measure_sources(
     a = objs["a"].astype(float)
     b = objs["b"].astype(float)
     _tm['background2'] = time.perf_counter() - _t0
-    seg_ids = np.arange(1, n_det + 1)
 
     # --- saturation: per-object, via the segmentation map and saturated blobs
     sat_lab, n_blobs = ndimage.label(satpix, structure=np.ones((3, 3), bool))

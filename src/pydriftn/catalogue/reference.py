@@ -123,9 +123,7 @@ def save_stamp_grid(image, xs, ys, labels, path, *, half_size=12, title=None):
     """
     from pathlib import Path
 
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
+    # the Agg canvas directly: no pyplot, the user's backend is left alone
     from matplotlib.figure import Figure
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
