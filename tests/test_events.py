@@ -18,6 +18,7 @@ from pydriftn.events import (
     microlensing_model,
     plot_candidate,
     plot_efficiency,
+    run_efficiency,
     search,
     search_store,
     simulate_lightcurves,
@@ -301,3 +302,30 @@ def test_search_store_reads_the_parquet_store(tmp_path):
     assert any("not vetoed: 1" in line for line in res.summary_lines())
     with pytest.raises(EventSearchError):
         search_store(tmp_path / "nothing")
+
+
+def test_run_efficiency_writes_table_and_plot(tmp_path):
+    """The ``pydriftn efficiency`` entry point (synthetic CCD-night, reduced grid)."""
+    res = run_efficiency(tmp_path, seed=0, n_per_cell=4, n_stars=120, n_exposures=6, te_s=(3.0,), u0=(0.1,),
+                         rho=(0.1,), mags=(16.0,), n_scrambles=4)
+    assert (tmp_path / "efficiency.csv").is_file() and (tmp_path / "efficiency.png").is_file()
+    tab = pd.read_csv(tmp_path / "efficiency.csv")
+    assert tab["n_injected"].sum() == 4 and tab["efficiency"].iloc[0] >= 0.75
+    assert res.summary_lines()[0].startswith("efficiency:")
+
+
+def test_block_injection_matches_table_injection():
+    """efficiency() injects into the series blocks directly; same signal as inject_microlensing()."""
+    from pydriftn.events.inject import _inject_blocks
+
+    lc, _ = simulate_lightcurves(20, 3, snr=50, seed=111)
+    t0 = lc.loc[(lc["star_id"] == 4) & (lc["expnum"] == 1001) & (lc["sample"] == 12), "mjd"].iloc[0]
+    p = pd.DataFrame([{"star_id": 4, "t0_mjd": t0, "te_s": 2.0, "u0": 0.2, "rho": 0.5}])
+    via_table = build_blocks(inject_microlensing(lc, p, seed=0, source_noise_fraction=0.0))[0]
+    blocks = build_blocks(lc)
+    via_block = _inject_blocks(blocks, p, np.random.default_rng(0), source_noise_fraction=0.0, supersample=3,
+                               sample_s=SAMPLE_S)[0]
+    np.testing.assert_allclose(via_block.y, via_table.y, rtol=1e-6)
+    np.testing.assert_allclose(via_block.ybar, via_table.ybar, rtol=1e-6)
+    np.testing.assert_allclose(via_block.err_scale, via_table.err_scale, rtol=1e-6)
+    assert via_block.y[4].max() > 1.5 and np.array_equal(blocks[0].y, build_blocks(lc)[0].y)  # original untouched

@@ -35,7 +35,7 @@ import pandas as pd
 from ..models import microlensing_magnification_curve
 from .scan import DEFAULT_WIDTHS
 from .search import _star_table, calibrate_null, search
-from .series import SECONDS_PER_DAY, EventSearchError, build_blocks, check_columns
+from .series import SECONDS_PER_DAY, EventSearchError, build_blocks, check_columns, with_modified_rows
 
 __all__ = ["inject_microlensing", "efficiency", "EfficiencyResult", "plot_efficiency", "run_efficiency"]
 
@@ -98,12 +98,8 @@ def inject_microlensing(lc_table: pd.DataFrame, params, seed=0, *, source_noise_
     if sample_s is None:
         sample_s = _sample_seconds(lc_table)
     t = (m["mjd"].to_numpy() - m["t0_mjd"].to_numpy()) * SECONDS_PER_DAY
-    n = max(int(supersample), 1)
-    off = ((np.arange(n) + 0.5) / n - 0.5) * sample_s
     te, u0, rho = (m[c].to_numpy(float)[:, None] for c in ("te_s", "u0", "rho"))
-    a = microlensing_magnification_curve(t[:, None] + off[None, :], 0.0, te, u0, rho).mean(axis=1)
-    fs = m["fs"].to_numpy(float)
-    f = fs * a + 1.0 - fs
+    f = _event_flux(t, te, u0, rho, m["fs"].to_numpy(float), sample_s, supersample)
     gkeys = keys + (["night"] if "night" in lc_table.columns and "night" not in keys else [])
     if "night" in gkeys and "night" not in m.columns:
         m["night"] = lc_table["night"].to_numpy()[m["_row"].to_numpy()]
@@ -125,6 +121,48 @@ def inject_microlensing(lc_table: pd.DataFrame, params, seed=0, *, source_noise_
     out.iloc[uniq, cy] = out.iloc[uniq, cy].to_numpy(float) + dy_sum
     old = out.iloc[uniq, ce].to_numpy(float)
     out.iloc[uniq, ce] = np.sqrt(old * old + dv_sum)
+    return out
+
+
+def _event_flux(t_s, te, u0, rho, fs, sample_s, supersample):
+    """``fs A + 1 - fs`` averaged over each sample's exposure; ``t_s`` relative to t0 (any shape)."""
+    n = max(int(supersample), 1)
+    off = ((np.arange(n) + 0.5) / n - 0.5) * sample_s
+    a = microlensing_magnification_curve(t_s[..., None] + off, 0.0, te, u0, rho).mean(axis=-1)
+    return fs * a + 1.0 - fs
+
+
+def _inject_blocks(blocks, params, rng, *, source_noise_fraction, supersample, sample_s):
+    """Blocks with the events of ``params`` added (same recipe as :func:`inject_microlensing`)."""
+    q = float(np.clip(source_noise_fraction, 0.0, 1.0))
+    out = []
+    for b in blocks:
+        sel = np.ones(len(params), bool)
+        if "night" in params.columns and b.night is not None:
+            sel &= (params["night"].astype(str) == str(b.night)).to_numpy()
+        if "ccd" in params.columns and b.ccd is not None:
+            sel &= (params["ccd"].astype(str) == str(b.ccd)).to_numpy()
+        p = params[sel]
+        p = p[np.isin(p["star_id"].to_numpy(), b.star_id)]
+        if p.empty:
+            out.append(b)
+            continue
+        row_of = {sid: i for i, sid in enumerate(b.star_id)}
+        rows = np.array([row_of[s] for s in p["star_id"]])
+        y = b.y[rows].copy()
+        err = b.err[rows].copy()
+        for k, ev in enumerate(p.itertuples(index=False)):
+            pres = b.present[rows[k]]
+            t = (b.mjd[rows[k], pres] - ev.t0_mjd) * SECONDS_PER_DAY
+            fs = getattr(ev, "fs", 1.0)
+            fs = 1.0 if fs is None or not np.isfinite(fs) else float(fs)
+            f = _event_flux(t, ev.te_s, ev.u0, ev.rho, fs, sample_s, supersample)
+            base = np.median(y[k, pres])
+            sig = err[k, pres]
+            extra = np.clip(sig * sig * q * (f - 1.0), 0.0, None)
+            y[k, pres] += base * (f - 1.0) + rng.standard_normal(pres.sum()) * np.sqrt(extra)
+            err[k, pres] = np.sqrt(sig * sig + extra)
+        out.append(with_modified_rows(b, rows, y, err))
     return out
 
 
@@ -221,13 +259,11 @@ def efficiency(lc: pd.DataFrame, stars: pd.DataFrame | None = None, *, te_s=(1.0
     star_tab = _star_table(stars, lc)
     calib_keys = ("n_scrambles", "widths", "sign", "null_pool", "n_workers", "bad_flag_mask", "rescale_errors")
     ck = {k: search_kwargs[k] for k in calib_keys if k in search_kwargs}
+    blocks = build_blocks(lc, bad_flag_mask=ck.get("bad_flag_mask"), rescale_errors=ck.get("rescale_errors", True))
     if null is None:
-        blocks = build_blocks(lc, bad_flag_mask=ck.get("bad_flag_mask"),
-                              rescale_errors=ck.get("rescale_errors", True))
         null = calibrate_null(blocks, n_scrambles=ck.get("n_scrambles", 20), seed=seed,
                               widths=ck.get("widths", DEFAULT_WIDTHS), sign=ck.get("sign", "positive"),
                               null_pool=ck.get("null_pool", "night"), n_workers=ck.get("n_workers", 1))
-        del blocks
     sn = _star_nights(lc, star_tab, mag_column)
     mag_grid = [np.nan] if mags is None else list(mags)
     obs_times = None
@@ -282,9 +318,14 @@ def efficiency(lc: pd.DataFrame, stars: pd.DataFrame | None = None, *, te_s=(1.0
     skw.pop("n_scrambles", None)
     results = []
     thresholds = {}
+    skw.pop("bad_flag_mask", None)
+    skw.pop("rescale_errors", None)
+    stars_tab = stars if stars is not None else (star_tab.reset_index() if star_tab is not None else None)
     for b, grp in inj.groupby("batch"):
-        lc_b = inject_microlensing(lc, grp, seed=int(rng.integers(2**31)), source_noise_fraction=source_noise_fraction)
-        res = search(lc_b, stars=stars, null=null, only_star_ids=grp["star_id"].unique(), **skw)
+        blocks_b = _inject_blocks(blocks, grp, np.random.default_rng([int(seed), int(b)]),
+                                  source_noise_fraction=source_noise_fraction, supersample=3, sample_s=sample_s)
+        res = search(None, stars=stars_tab, null=null, only_star_ids=grp["star_id"].unique(), blocks=blocks_b,
+                     **skw)
         thresholds.update(res.thresholds)
         results.append(_match(grp, res.candidates))
         log.info("efficiency batch %d: %d injections", b, len(grp))
@@ -381,12 +422,14 @@ def plot_efficiency(table: pd.DataFrame, ax=None, *, u0=None, rho=None):
     return ax
 
 
-def run_efficiency(out_dir, store=None, seed: int = 0, *, n_per_cell: int = 10, **kwargs) -> EfficiencyResult:
+def run_efficiency(out_dir, store=None, seed: int = 0, *, n_per_cell: int = 10, n_stars: int = 300,
+                   n_exposures: int = 20, **kwargs) -> EfficiencyResult:
     """The ``pydriftn efficiency`` command: efficiency table and plot in ``out_dir``.
 
     Injects into a store's light curves if ``store`` is given, else into a
-    synthetic CCD-night (300 stars, 20 exposures, r = 15-20, noise from
-    :func:`~.synthetic.noise_per_sample`).
+    synthetic CCD-night (``n_stars`` stars, ``n_exposures`` exposures, r = 15-20.5,
+    noise from :func:`~.synthetic.noise_per_sample`). ``kwargs`` go to
+    :func:`efficiency` (grid, ``false_alarm_rate``, ...).
     """
     from .search import _optional_table, _read_store
     from .synthetic import simulate_lightcurves
@@ -397,8 +440,8 @@ def run_efficiency(out_dir, store=None, seed: int = 0, *, n_per_cell: int = 10, 
         lc = _read_store(store)
         stars = _optional_table([Path(store) / "catalogue.parquet", Path(store) / "master_catalogue.parquet"])
     else:
-        lc, stars = simulate_lightcurves(300, 20, mags=np.random.default_rng(seed).uniform(15, 20.5, 300),
-                                         seed=seed)
+        lc, stars = simulate_lightcurves(n_stars, n_exposures,
+                                         mags=np.random.default_rng(seed).uniform(15, 20.5, n_stars), seed=seed)
     kw = dict(te_s=(0.3, 1.0, 3.0, 10.0, 30.0, 100.0), u0=(0.1, 0.5), rho=(0.01, 1.0), mags=(16.0, 18.0, 20.0),
               n_per_cell=n_per_cell, seed=seed, false_alarm_rate=1e-4)
     kw.update(kwargs)

@@ -27,7 +27,14 @@ time (seeded), which keeps the per-star noise distribution (including
 non-Gaussian tails and wrong error bars) but destroys any temporal structure,
 and the scan is re-run. Pooling ``n_scrambles`` copies of every star-night gives
 the probability that a star-night's maximum exceeds a value, i.e. the
-false-alarm probability per star-night. Beyond the empirical range (target
+false-alarm probability per star-night. Star-nights whose scrambled
+statistics are outliers among the block's stars (a real event, a strong
+variable: their big samples stay big in any order) are left out of the pool
+(see ``pydriftn.events.search._null_members``) so that one bright event does
+not raise the threshold of every star. Note that a single-sample spike is
+invariant under scrambling: the pooled comparison with the *other* stars is
+what makes 1-sample (< 1 s) events detectable at all, and only the flags and
+vetoes tell them from unflagged outliers. Beyond the empirical range (target
 rates below ``1/n_null``) an exponential tail fitted to the largest null values
 is used (the maximum of many chi-square(1) variables has an exponential tail).
 Caveat: scrambling also destroys correlated (red) noise, so residual correlated

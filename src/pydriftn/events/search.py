@@ -216,7 +216,7 @@ def search(lc: pd.DataFrame, stars: pd.DataFrame | None = None, flashes: pd.Data
            only_star_ids=None, common_mode_fraction: float = 0.1, common_mode_dchi2: float = 9.0,
            common_mode_min_stars: int = 3, neighbour_radius_arcsec: float = 10.0, neighbour_dchi2: float = 9.0,
            flash_radius_arcsec: float = 2.0, flash_window_s: float = 1.0, mag_column: str | None = None,
-           null_exclude_sigma: float = 10.0, n_workers: int = 1) -> SearchResult:
+           null_exclude_sigma: float = 10.0, n_workers: int = 1, blocks=None) -> SearchResult:
     """Search light curves for microlensing events and flares.
 
     Parameters
@@ -283,6 +283,10 @@ def search(lc: pd.DataFrame, stars: pd.DataFrame | None = None, flashes: pd.Data
         searched (column ``in_null`` of ``star_nights``).
     n_workers : int
         Threads for the scrambling.
+    blocks : list of SeriesBlock, optional
+        Pre-built series blocks (then ``lc`` may be None and ``bad_flag_mask``,
+        ``rescale_errors`` are those the blocks were built with); used by the
+        injection-recovery runs to avoid rebuilding them.
 
     Returns
     -------
@@ -300,10 +304,11 @@ def search(lc: pd.DataFrame, stars: pd.DataFrame | None = None, flashes: pd.Data
         flare_amplitude_err, rise_s, rise_err_s, decay_s, decay_err_s, vetoes,
         veto_reasons``.
     """
-    blocks = build_blocks(lc, bad_flag_mask=bad_flag_mask, rescale_errors=rescale_errors)
+    if blocks is None:
+        blocks = build_blocks(lc, bad_flag_mask=bad_flag_mask, rescale_errors=rescale_errors)
     if not blocks:
         raise EventSearchError("light-curve table: no rows to search")
-    star_tab = _star_table(stars, lc)
+    star_tab = _star_table(stars, lc) if (stars is not None or lc is not None) else None
     mcol = _mag_column(star_tab, mag_column)
     if flashes is not None and len(flashes):
         tcol = "mjd" if "mjd" in flashes.columns else "t_mjd"

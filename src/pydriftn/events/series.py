@@ -15,7 +15,7 @@ used by the matched-filter scan.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -27,6 +27,7 @@ __all__ = [
     "SeriesBlock",
     "build_blocks",
     "default_bad_flag_mask",
+    "with_modified_rows",
     "REQUIRED_COLUMNS",
 ]
 
@@ -110,6 +111,7 @@ class SeriesBlock:
     valid: np.ndarray
     err_scale: np.ndarray = field(default=None)
     ybar: np.ndarray = field(default=None)
+    rescale_errors: bool = True
 
     @property
     def n_stars(self) -> int:
@@ -279,4 +281,28 @@ def _one_block(df, night, ccd, bad_flag_mask, rescale_errors, table) -> SeriesBl
               night, ccd, n_s, len(expnums), k, n_bad)
     return SeriesBlock(night=night, ccd=ccd, star_id=np.asarray(star_ids), expnum=expnums,
                        samples_per_exposure=k, mjd=mjd, y=y, err=err, present=present, flags=flags,
-                       valid=valid, err_scale=scale, ybar=ybar)
+                       valid=valid, err_scale=scale, ybar=ybar, rescale_errors=rescale_errors)
+
+
+def with_modified_rows(block: SeriesBlock, rows, y_rows, err_rows) -> SeriesBlock:
+    """Copy of ``block`` where star rows ``rows`` get new ``y`` and ``err`` (mean and error scale redone).
+
+    Only ``y``, ``err``, ``ybar`` and ``err_scale`` are copied; the other
+    arrays are shared with ``block`` (read-only by convention).
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    y = block.y.copy()
+    err = block.err.copy()
+    y[rows] = y_rows
+    err[rows] = err_rows
+    scale = block.err_scale.copy()
+    ybar = block.ybar.copy()
+    sub_valid = block.valid[rows]
+    s1 = np.ones(len(rows))
+    yb = _weighted_mean(y[rows], err[rows], sub_valid, s1)
+    if block.rescale_errors:
+        s1 = _robust_scale(y[rows], err[rows], sub_valid, yb)
+        yb = _weighted_mean(y[rows], err[rows], sub_valid, s1)
+    scale[rows] = s1
+    ybar[rows] = yb
+    return replace(block, y=y, err=err, err_scale=scale, ybar=ybar)
