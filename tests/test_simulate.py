@@ -631,3 +631,43 @@ def test_bleed_conserves_charge_and_saturated_trails(tmp_path):
     assert (msk == 3).sum() > 0 and (msk == 4).sum() > 0
     assert img.max() <= max(e["SATURATA"], e["SATURATB"]) + 1e-3
     assert not tr[~tr.saturated].peak_adu.gt(max(e["SATURATA"], e["SATURATB"])).any()
+
+
+def test_satellite_crosses_focal_plane_with_its_flux(tmp_path):
+    from pydriftn.simulate.field import ccd_centre_offsets
+
+    ds = simulate_dataset(tmp_path, "small", seed=4, n_exposures=3, naxis1=256, naxis2=512, n_stars_per_ccd=0,
+                          cr_rate_per_mpix_s=0.0, flashes_per_ccd_exposure=0, n_bad_columns=0, events_per_ccd=0,
+                          satellite_prob=1.0, ccd_gap_px=20)
+    cfg = ds.config
+    sats = ds.read_truth("satellites")
+    assert set(sats.expnum) == set(ds.expnums)
+    offs = ccd_centre_offsets(cfg)
+    both = 0
+    for expnum, g in sats.groupby("expnum"):
+        # one straight line in focal-plane coordinates
+        pts = []
+        for rec in g.itertuples():
+            dx, dy = offs[rec.ccd]
+            for x, y in ((rec.x0, rec.y0), (rec.x1, rec.y1)):
+                pts.append((x + dx - (cfg.naxis1 - 1) / 2, y + dy - (cfg.naxis2 - 1) / 2))
+        pts = np.array(pts)
+        if len(g) > 1:
+            both += 1
+            d = pts[1] - pts[0]
+            cross = [abs(d[0] * (p[1] - pts[0][1]) - d[1] * (p[0] - pts[0][0])) / np.hypot(*d) for p in pts[2:]]
+            assert max(cross) < 1e-6
+        # flux: sky-subtracted electrons = surface brightness x length (ends lose < 1 px of profile)
+        for rec in g.itertuples():
+            _, e, img = _ext(ds.drift_images[expnum], rec.ccd)
+            gain, rn = _amp_arrays(e, cfg.naxis1)
+            length = math.hypot(rec.x1 - rec.x0, rec.y1 - rec.y0)
+            if length < 100:
+                continue
+            sky_e = cfg.sky_e_s_px("VR") * cfg.exptime_s
+            meas = (img * gain[None, :]).sum() - img.size * sky_e
+            noise = math.sqrt(img.size * (sky_e + 42.0) + rec.surface_brightness_e * length)
+            # profile cut where the line leaves the CCD at an angle: allow ~1 FWHM of length per end
+            tol = 4 * noise + 2 * rec.width_px * rec.surface_brightness_e
+            assert abs(meas - rec.surface_brightness_e * length) < tol
+    assert both >= 1

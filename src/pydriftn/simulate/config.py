@@ -122,9 +122,11 @@ class SimulationConfig:
         first of each set is placed ON a star's instantaneous image.
     flash_counts_range_e : total counts of a flash (e-), log-uniform.
     flash_duration_s : duration (s).
-    satellite_prob : probability of a satellite streak per CCD and exposure;
-        ``satellite_first`` forces one in the first exposure on CCD
-        ``satellite_ccd`` (default S4; if absent, the CCD whose name sorts first).
+    satellite_prob : probability of a satellite streak per exposure (one
+        straight line across the whole focal plane, seen by every CCD it
+        crosses); ``satellite_first`` forces one in the first drift exposure
+        through CCD ``satellite_ccd`` (default S4; if absent, the CCD
+        whose name sorts first).
     satellite_surface_brightness_e : e- per pixel of streak length.
     cr_rate_per_mpix_s : cosmic-ray rate (per megapixel per second of exposure;
         the default 0.5 gives ~5 per small-preset CCD exposure and ~80 per

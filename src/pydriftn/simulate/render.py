@@ -33,8 +33,10 @@ from ..geometry import offset_sky, star_pixel_positions, trail_endpoints, trail_
 from .field import (
     STREAM_CCD_EXPOSURE,
     STREAM_DETECTOR,
+    STREAM_EXPOSURE,
     STREAM_POINTED,
     STREAM_STAR,
+    ccd_centre_offsets,
     common_pattern,
     fine_time_grid,
     make_wcs,
@@ -140,26 +142,51 @@ def make_cosmic_rays(rng, cfg, exptime_s):
     return deposits, pd.DataFrame(rows, columns=["x", "y", "npix", "counts_e", "kind"])
 
 
-def _satellite(rng, cfg, fwhm_px):
-    """A straight streak across the whole CCD; returns (image_e, truth dict)."""
-    nx, ny = cfg.naxis1, cfg.naxis2
-    xc, yc = rng.uniform(0.2 * nx, 0.8 * nx), rng.uniform(0.2 * ny, 0.8 * ny)
+def satellite_line(cfg, seed, exposure):
+    """The satellite streak of a drift exposure in focal-plane pixels, or None.
+
+    A satellite crosses the whole focal plane in about a second, so its
+    streak is one straight line shared by all CCDs (exposure-level generator:
+    the same whatever CCDs are simulated). Returns ``(X, Y, ux, uy)``: a point
+    relative to the focal-plane centre (CCD pixel axes) and the unit direction.
+    """
+    rng = stream_rng(seed, STREAM_EXPOSURE, exposure["expnum"], "satellite")
+    forced = cfg.satellite_first and exposure.get("index", 0) == 0
+    if not (forced or rng.random() < cfg.satellite_prob):
+        return None
+    offs = ccd_centre_offsets(cfg)
+    if forced:
+        dx, dy = offs[_satellite_ccd(cfg)]
+        X = dx + rng.uniform(-0.3, 0.3) * cfg.naxis1
+        Y = dy + rng.uniform(-0.3, 0.3) * cfg.naxis2
+    else:
+        xs = [o[0] for o in offs.values()]
+        X = rng.uniform(min(xs) - cfg.naxis1 / 2, max(xs) + cfg.naxis1 / 2)
+        Y = rng.uniform(-cfg.naxis2 / 2, cfg.naxis2 / 2)
     ang = rng.uniform(0, math.pi)
-    ux, uy = math.cos(ang), math.sin(ang)
+    return X, Y, math.cos(ang), math.sin(ang)
+
+
+def _satellite(cfg, ccd, line, fwhm_px):
+    """Image (e-) and truth of the streak ``line`` on one CCD, or (None, None)."""
+    nx, ny = cfg.naxis1, cfg.naxis2
+    X, Y, ux, uy = line
+    dx, dy = ccd_centre_offsets(cfg)[ccd]
+    xc, yc = X - dx + (nx - 1) / 2.0, Y - dy + (ny - 1) / 2.0
     # intersections of the line with the CCD borders [-0.5, n-0.5]
     ts = []
     for lim_x in (-0.5, nx - 0.5):
         if abs(ux) > 1e-12:
             t = (lim_x - xc) / ux
-            yy = yc + t * uy
-            if -0.5 <= yy <= ny - 0.5:
+            if -0.5 <= yc + t * uy <= ny - 0.5:
                 ts.append(t)
     for lim_y in (-0.5, ny - 0.5):
         if abs(uy) > 1e-12:
             t = (lim_y - yc) / uy
-            xx = xc + t * ux
-            if -0.5 <= xx <= nx - 0.5:
+            if -0.5 <= xc + t * ux <= nx - 0.5:
                 ts.append(t)
+    if len(ts) < 2 or max(ts) - min(ts) < 1.0:
+        return None, None
     t0, t1 = min(ts), max(ts)
     sigma = fwhm_px / 2.3548200450309493
     sb = cfg.satellite_surface_brightness_e
@@ -167,6 +194,7 @@ def _satellite(rng, cfg, fwhm_px):
     d = (xx - xc) * (-uy) + (yy - yc) * ux
     from scipy.special import erf
 
+    # Gaussian cross profile integrated across the pixel (normal direction)
     img = sb * 0.5 * (erf((d + 0.5) / (math.sqrt(2) * sigma)) - erf((d - 0.5) / (math.sqrt(2) * sigma)))
     img[np.abs(d) > 8 * sigma] = 0.0
     truth = dict(x0=xc + t0 * ux, y0=yc + t0 * uy, x1=xc + t1 * ux, y1=yc + t1 * uy, width_px=fwhm_px,
@@ -370,13 +398,12 @@ def render_drift_ccd(cfg, seed, stars, events, exposure, ccd):
     # --- satellite
     sat_rows = []
     streak = None
-    want_sat = (cfg.satellite_first and exposure.get("index", 0) == 0 and ccd == _satellite_ccd(cfg)) or (
-        rng.random() < cfg.satellite_prob
-    )
-    if want_sat:
-        streak, st = _satellite(rng, cfg, float(np.median(fwhm_px)))
-        model += streak
-        sat_rows.append(dict(expnum=expnum, ccd=ccd, **st))
+    line = satellite_line(cfg, seed, exposure)
+    if line is not None:
+        streak, st = _satellite(cfg, ccd, line, float(np.median(fwhm_px)))
+        if streak is not None:
+            model += streak
+            sat_rows.append(dict(expnum=expnum, ccd=ccd, **st))
 
     # --- detector
     crs, cr_truth = make_cosmic_rays(rng, cfg, cfg.exptime_s)
