@@ -31,6 +31,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", action="store_true", help="also time a full-preset dataset (1 exposure, 2 CCDs)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--crowded", type=int, default=0, metavar="N",
+                    help="also time one full CCD with N stars per CCD (crowding)")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     print(f"threads: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, cpus={os.cpu_count()}")
@@ -59,6 +61,14 @@ def main():
           f"{c2 - c1:.2f} s CPU  [target <= 30 s]")
     if os.path.exists("/proc/loadavg"):
         print(f"  load average during the run: {open('/proc/loadavg').read().split()[0]} on {os.cpu_count()} cpus")
+
+    if args.crowded:
+        ccfg = make_config("full", ccds=("S4",), n_exposures=1, n_stars_per_ccd=args.crowded)
+        cst = make_star_field(ccfg, args.seed)
+        ta, ca = time.perf_counter(), time.process_time()
+        cres = render_drift_ccd(ccfg, args.seed, cst, events.iloc[0:0], sched[0], "S4")
+        print(f"crowded full CCD, {args.crowded} stars per CCD ({len(cres['trails'])} trails): "
+              f"{time.perf_counter() - ta:.1f} s wall, {time.process_time() - ca:.1f} s CPU")
 
     t3 = time.perf_counter()
     c3 = time.process_time()
