@@ -10,6 +10,9 @@ predict_trails
     TRUNCATED flag for trails crossing the CCD edge.
 write_astrometry_products
     Trail table (CSV + Parquet) and fitted WCS header file of one CCD.
+write_exposure_products
+    ``driftastrom-exp_{EXPNUM}.csv``/``.parquet`` over all CCDs of an exposure
+    and ``wcs-exp_{EXPNUM}.fits`` (one header per CCD).
 TrailFlag, trail_flag_names
     Bits of the trail table's ``flags`` column.
 
@@ -26,6 +29,7 @@ from .core import (
     resolve_mask,
     solve_exposure_ccd,
     write_astrometry_products,
+    write_exposure_products,
 )
 from .flags import TrailFlag, trail_flag_names
 
@@ -39,4 +43,5 @@ __all__ = [
     "solve_exposure_ccd",
     "trail_flag_names",
     "write_astrometry_products",
+    "write_exposure_products",
 ]

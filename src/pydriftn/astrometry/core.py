@@ -51,6 +51,7 @@ __all__ = [
     "resolve_mask",
     "detect_cosmic_rays",
     "write_astrometry_products",
+    "write_exposure_products",
     "TRAIL_COLUMNS",
 ]
 
@@ -320,7 +321,7 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
                        max_rotation_deg=0.2, sip_order=None, max_sip_order=3, bad_bits=None, cr_bits=None,
                        detect_cosmics_without_mask=True, n_bright=200, expnum=None, ccd=None,
                        wcs=None, exptime_s=None, fwhm_px=None, gain=None, saturation=None,
-                       max_forced_err_px=0.3, min_snr_position=20.0):
+                       max_forced_err_px=0.3, min_snr_position=20.0, max_position_fits=400):
     """Find every trail on a drift CCD, identify its star and re-fit the WCS.
 
     Parameters
@@ -351,8 +352,10 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
     n_bright : int
         Detections used in the vote.
     min_snr_position : float
-        Trails of at least this S/N get a measured position (``x_meas``,
-        ``y_meas``) and may enter the WCS fit.
+        Unblended, untruncated trails of at least this S/N get a measured
+        position (``x_meas``, ``y_meas``) and may enter the WCS fit ...
+    max_position_fits : int
+        ... at most this many, the most significant.
     max_forced_err_px : float
         A catalogue star's measured position is reported when its error is
         below this; otherwise the position predicted by the fitted WCS is
@@ -483,8 +486,8 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
     # more); the rest are either catalogue stars (fitted jointly later) or unmatched
     cx_all, cy_all = cx, cy
     order_pk = np.argsort(-cpk, kind="stable")
-    top = order_pk[: max(2 * n_bright, 400)]
-    bright = order_pk[:150]
+    top = order_pk[: max(int(1.5 * n_bright), 300)]
+    bright = order_pk[:100]
     if bright.size >= 5:
         bfit = trailfit.fit_trails(sub, cx[bright], cy[bright], grid, rms=rms_at(cx[bright], cy[bright]),
                                    gain=gain, bad=fit_bad, fit_sigma=True, n_iter=4)
@@ -579,16 +582,23 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
         noise_trail = grms * math.sqrt(2 * math.sqrt(math.pi) * sigma0 * grid.length_p)
         pred_snr = h_zp * grid.length_p / max(noise_trail, 1e-9)
         # stars far below the noise are left to forced extraction (predict_trails)
-        fit_sel = np.nonzero(pred_snr >= 0.3)[0]
+        fit_sel = np.nonzero(pred_snr >= 1.0)[0]
         fx, fy = px[fit_sel], py[fit_sel]
         rms_f = rms_at(fx, fy)
-        hj, hj_err, blend, templ = trailfit.solve_fluxes(sub, grid, fx, fy, rms=rms_f, gain=gain, bad=fit_bad,
-                                                         return_templates=True)
+        hj, hj_err, blend, templ, local_snr = trailfit.solve_fluxes(sub, grid, fx, fy, rms=rms_f, gain=gain,
+                                                                    bad=fit_bad, return_templates=True)
         j_snr = hj / np.maximum(hj_err, 1e-12)
         timings[f"flux_solve_{it + 1}"] = time.perf_counter() - t
         # positions of the significant ones, with their neighbours' models subtracted
         t = time.perf_counter()
-        pos_sel = np.nonzero(j_snr >= min_snr_position)[0]
+        # measured positions for the clean, significant trails (the WCS needs no more than
+        # the best few hundred: its error falls as 1/sqrt(N) while the cost grows as N)
+        fxs, fxe = fx - 0.5 * geo_c.displacement_px[0], fx + 0.5 * geo_c.displacement_px[0]
+        fys, fye = fy - 0.5 * geo_c.displacement_px[1], fy + 0.5 * geo_c.displacement_px[1]
+        ins = ((np.minimum(fxs, fxe) >= fwhm_px) & (np.maximum(fxs, fxe) <= nx - 1 - fwhm_px)
+               & (np.minimum(fys, fye) >= fwhm_px) & (np.maximum(fys, fye) <= ny - 1 - fwhm_px))
+        pos_sel = np.nonzero((j_snr >= min_snr_position) & (blend < 0.1) & ins)[0]
+        pos_sel = np.sort(pos_sel[np.argsort(-j_snr[pos_sel], kind="stable")[:max_position_fits]])
         model = trailfit.render_trails(shape, grid, fx, fy, np.maximum(hj, 0.0), templates=templ)
         pf = trailfit.fit_trails(sub, fx[pos_sel], fy[pos_sel], grid, rms=rms_f[pos_sel], gain=gain, bad=fit_bad,
                                  model_image=model, own_flux={"x_mid": fx[pos_sel], "y_mid": fy[pos_sel],
@@ -620,7 +630,7 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
     in_fit[pos_sel[np.nonzero(wuse)[0][fit2.used]]] = True
     diag["joint_fit_table"] = pd.DataFrame({
         "star_id": cat["star_id"].to_numpy()[pidx[fit_sel]], "x_pred": fx, "y_pred": fy, "h": hj, "snr": j_snr,
-        "blend": blend, "in_wcs_fit": in_fit, "pred_snr": pred_snr[fit_sel],
+        "blend": blend, "in_wcs_fit": in_fit, "pred_snr": pred_snr[fit_sel], "local_snr": local_snr,
     })
 
     # -- unmatched candidates: what the catalogue model does not explain
@@ -637,7 +647,11 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
 
     # -- assemble the table: catalogue stars with a significant flux
     t = time.perf_counter()
-    keep = j_snr >= keep_sigma
+    # a star whose own flux is not separable from an overlapping neighbour (e.g. two stars
+    # < 1 FWHM apart) is still reported when the catalogue predicts it detectable and the
+    # blend is significant: the row carries the joint-fit flux and the BLENDED flag
+    unresolved = (blend >= 0.5) & (local_snr >= keep_sigma) & (pred_snr[fit_sel] >= keep_sigma)
+    keep = (j_snr >= keep_sigma) | unresolved
     sel_all = pidx[fit_sel]
     # positions of catalogue stars: predicted by the fitted WCS (jitter-free, better than any
     # single-trail measurement); the measured middles are reported beside them
@@ -908,18 +922,7 @@ def write_astrometry_products(result: AstrometryResult, out_dir, *, expnum=None,
     expnum = result.trails["expnum"].iloc[0] if expnum is None and len(result.trails) else expnum
     ccd = result.trails["ccd"].iloc[0] if ccd is None and len(result.trails) else ccd
     stem = f"exp_{expnum}-{ccd}"
-    hdr = result.wcs.to_header(relax=True)
-    hdr["WCSRMS"] = (float(result.rms_arcsec), "[arcsec] rms residual of the WCS fit")
-    hdr["WCSNSTAR"] = (int(result.n_used), "stars used in the WCS fit")
-    hdr["WCSSIPO"] = (int(result.diagnostics.get("sip_order", 0)), "SIP order of the fit")
-    hdr["WCSEPOCH"] = ("SHUTTER_OPEN", "WCS describes the sky at shutter open")
-    hdr["EXPNUM"] = int(expnum) if expnum is not None else -1
-    hdr["EXTNAME"] = str(ccd)
-    if header is not None:
-        for key in ("DATE-OBS", "MJD-OBS", "EXPTIME", "FILTER"):
-            if key in header:
-                hdr[key] = header[key]
-    hdu = fits.PrimaryHDU(header=hdr)
+    hdu = fits.PrimaryHDU(header=_wcs_header(result, expnum, ccd, header))
     paths = [out / f"driftastrom-{stem}.csv", out / f"driftastrom-{stem}.parquet", out / f"wcs-{stem}.fits"]
     try:
         from ..io import write_fits_atomic, write_table_atomic
@@ -942,3 +945,60 @@ def _atomic(path, writer):
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     writer(tmp)
     os.replace(tmp, path)
+
+
+def write_exposure_products(results, out_dir, expnum, *, headers=None):
+    """Write the per-exposure products users of pydriftn 0.1.4 expect.
+
+    ``driftastrom-exp_{EXPNUM}.csv`` and ``.parquet``: the trail tables of all
+    CCDs of the exposure, sorted by CCD and star ID; ``wcs-exp_{EXPNUM}.fits``:
+    one header-only extension per CCD (EXTNAME = CCD) holding its fitted
+    TAN-SIP WCS. Input files are never modified; writes are atomic.
+
+    Parameters
+    ----------
+    results : dict {ccd: AstrometryResult}
+    out_dir : path
+    expnum : int
+    headers : dict {ccd: header}, optional
+        Original headers, to copy DATE-OBS, MJD-OBS, EXPTIME, FILTER.
+
+    Returns
+    -------
+    list of pathlib.Path
+    """
+    from astropy.io import fits
+
+    from ..io import write_fits_atomic, write_table_atomic
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tables = [r.trails for _, r in sorted(results.items())]
+    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=TRAIL_COLUMNS)
+    table = table.sort_values(["ccd", "star_id"], kind="mergesort").reset_index(drop=True)
+    paths = [out / f"driftastrom-exp_{expnum}.csv", out / f"driftastrom-exp_{expnum}.parquet",
+             out / f"wcs-exp_{expnum}.fits"]
+    write_table_atomic(table, paths[0])
+    write_table_atomic(table, paths[1])
+    hdus = [fits.PrimaryHDU()]
+    hdus[0].header["EXPNUM"] = int(expnum)
+    for ccd, res in sorted(results.items()):
+        hdr = _wcs_header(res, expnum, ccd, (headers or {}).get(ccd))
+        hdus.append(fits.ImageHDU(header=hdr, name=str(ccd)))
+    write_fits_atomic(fits.HDUList(hdus), paths[2])
+    return paths
+
+
+def _wcs_header(result, expnum, ccd, header=None):
+    hdr = result.wcs.to_header(relax=True)
+    hdr["WCSRMS"] = (float(result.rms_arcsec), "[arcsec] rms residual of the WCS fit")
+    hdr["WCSNSTAR"] = (int(result.n_used), "stars used in the WCS fit")
+    hdr["WCSSIPO"] = (int(result.diagnostics.get("sip_order", 0)), "SIP order of the fit")
+    hdr["WCSEPOCH"] = ("SHUTTER_OPEN", "WCS describes the sky at shutter open")
+    hdr["EXPNUM"] = int(expnum) if expnum is not None else -1
+    hdr["EXTNAME"] = str(ccd)
+    if header is not None:
+        for key in ("DATE-OBS", "MJD-OBS", "EXPTIME", "FILTER"):
+            if key in header:
+                hdr[key] = header[key]
+    return hdr

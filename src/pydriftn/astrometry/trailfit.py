@@ -561,6 +561,9 @@ def solve_fluxes(image, grid: TrailGrid, x_mid, y_mid, *, rms, gain=1.0, bad=Non
     templates : ndarray (n, np, nq)
         With ``return_templates``: the unit templates on each trail's grid
         (zero on invalid samples), for :func:`render_trails` and ``own_model``.
+    local_snr : ndarray
+        With ``return_templates``: S/N of all the light on a trail's template
+        (its own and its neighbours'), i.e. the significance of the blend.
     """
     from scipy import sparse
     from scipy.sparse.linalg import spsolve
@@ -637,8 +640,9 @@ def solve_fluxes(image, grid: TrailGrid, x_mid, y_mid, *, rms, gain=1.0, bad=Non
     schur = np.maximum(schur, 0.05 * Aii)
     var = rms**2 / np.maximum(schur, 1e-12) + np.maximum(h, 0) * S3 / (max(float(gain), 1e-6) * np.maximum(Aii, 1e-12) ** 2)
     blend = mix / np.maximum(Aii * np.abs(h), 1e-12)
+    local_snr = b / np.sqrt(np.maximum(Aii, 1e-12)) / np.maximum(rms, 1e-12)
     if return_templates:
-        return h, np.sqrt(var), blend, T
+        return h, np.sqrt(var), blend, T, local_snr
     return h, np.sqrt(var), blend
 
 

@@ -95,7 +95,7 @@ def _solve_poly(u, v, xi, eta, w, order):
 
 
 def fit_tan_sip(x, y, ra, dec, *, sigma_px=None, ref_pixel, ref_sky, order=None, max_order=3,
-                clip_sigma=5.0, n_clip=3, shape=None, min_stars=6, ref_cd=None):
+                clip_sigma=5.0, n_clip=3, shape=None, min_stars=6, ref_cd=None, stars_per_param=10):
     """Fit a TAN(-SIP) WCS.
 
     Parameters
@@ -111,7 +111,10 @@ def fit_tan_sip(x, y, ra, dec, *, sigma_px=None, ref_pixel, ref_sky, order=None,
     ref_sky : (float, float)
         First guess of the sky position at ``ref_pixel``.
     order : int, optional
-        SIP order; ``None`` chooses by BIC up to ``max_order``.
+        SIP order; ``None`` chooses by BIC up to ``max_order``, considering a
+        distortion of order >= 2 only with at least ``stars_per_param`` stars
+        per fitted coefficient (trail positions along the drift have heavy
+        tails, which would otherwise buy spurious high orders).
     shape : (ny, nx), optional
         Image shape (for ``pixel_shape`` and the inverse-SIP grid).
     ref_cd : (2, 2) array, optional
@@ -161,6 +164,8 @@ def fit_tan_sip(x, y, ra, dec, *, sigma_px=None, ref_pixel, ref_sky, order=None,
             nterm = len(_terms(po))
             if nu < 2 * nterm + 3:
                 continue
+            if order is None and po >= 2 and nu < stars_per_param * 2 * nterm:
+                continue  # too few stars to constrain a distortion reliably
             cx, cy, _ = _solve_poly(un[used], vn[used], xi[used], eta[used], w[used], po)
             A = _design(un, vn, po)
             rx = A @ cx - xi
