@@ -435,3 +435,83 @@ def test_predict_trails_matches_truth(sim, sim_results):
     d = np.hypot(m.x_start + jx - m.x_start_p, m.y_start + jy - m.y_start_p)
     assert np.median(d) < 0.1
     assert (m.truncated == (m.on_ccd_fraction < 0.999)).mean() > 0.97
+
+
+@pytest.fixture(scope="module")
+def sim_east_pointing(tmp_path_factory):
+    """Drift along +RA, header pointing error 60" rms per axis and rotation 0.2 deg rms."""
+    from pydriftn.simulate.dataset import simulate_dataset
+
+    out = tmp_path_factory.mktemp("sim_east")
+    ds = simulate_dataset(out, preset="small", seed=23, n_exposures=1, drift_rate_arcsec_s=(0.5, 0.0),
+                          header_pointing_error_arcsec=60.0, header_rotation_error_deg=0.2)
+    return ds
+
+
+def test_sim_east_drift_with_large_pointing_and_rotation_errors(sim_east_pointing):
+    from pydriftn.io import list_ccds, read_ccd
+
+    ds = sim_east_pointing
+    stars = pd.read_parquet(ds.truth["stars"])
+    cat = stars.rename(columns={"r": "mag_r"})
+    trails = pd.read_parquet(ds.truth["trails"])
+    wcs_truth = pd.read_parquet(ds.truth["wcs"])
+    (expnum, path), = ds.drift_images.items()
+    for ccd in list_ccds(path):
+        img = read_ccd(path, ccd, mask=True)
+        # how wrong is the header? (the simulator draws it per axis from N(0, 60"))
+        row = wcs_truth[(wcs_truth.kind == "drift") & (wcs_truth.expnum == expnum) & (wcs_truth.ccd == ccd)].iloc[0]
+        from astropy.io import fits
+
+        tw = WCS(fits.Header.fromstring(row.true_wcs, sep="\n"))
+        xh, yh = img.wcs.world_to_pixel_values(*tw.pixel_to_world_values(255.5, 511.5))
+        err_arcsec = math.hypot(xh - 255.5, yh - 511.5) * PIXSCALE
+        res = solve_exposure_ccd(img, cat, ds.config.drift_rate,
+                                 max_pointing_error_arcsec=max(60.0, 1.3 * err_arcsec), max_rotation_deg=0.6)
+        # direction and sense: east drift on a DECam CCD (+y = +RA) moves images along +y
+        assert res.diagnostics["geometry"]["sense"] == "+y"
+        tr = trails[(trails.expnum == expnum) & (trails.ccd == ccd)]
+        assert np.median(tr.y_end - tr.y_start) == pytest.approx(res.geometry.length_px, abs=0.05)
+        s10 = tr[_truth_snr(tr, res) >= 10]
+        m = s10.merge(res.trails[res.trails.star_id >= 0], on="star_id", how="left", suffixes=("", "_fit"))
+        assert m.x_start_fit.notna().mean() >= 0.99
+        d = np.hypot(m.x_start - m.x_start_fit, m.y_start - m.y_start_fit)
+        assert (d[m.x_start_fit.notna()] < 0.5).mean() >= 0.995
+
+
+def test_blended_pair_fluxes_separated():
+    """Two stars 12 px apart along the trail and 1 px across: the catalogue seeds a joint fit."""
+    nx, ny = 300, 300
+    w = make_wcs(nx, ny)
+    # the pair, then isolated stars so that the field can be matched
+    gx, gy = np.meshgrid([70.0, 150.0, 230.0], [120.0, 180.0, 240.0])
+    xs = np.r_[100.0, 88.0, 40.0, gx.ravel()]
+    ys = np.r_[60.0, 61.0, 30.0, gy.ravel()]
+    ra, dec = w.pixel_to_world_values(xs, ys)
+    counts = np.r_[60000.0, 20000.0, np.full(10, 60000.0)]
+    fluxes = []
+    for seed in range(6):
+        data = render((ny, nx), w, ra, dec, counts, seed=seed)
+        cat = pd.DataFrame({"star_id": np.arange(1, xs.size + 1), "ra": ra, "dec": dec,
+                            "mag_r": 27.6 - 2.5 * np.log10(counts / 20.0)})
+        from pydriftn.astrometry import trailfit
+
+        grid = trailfit.make_grid((-1.0, 0.0), 37.037, 3.7 / 2.3548)
+        x0, y0, x1, y1 = geometry.trail_endpoints(w, ra, dec, 20.0, (0.0, 0.5))
+        from pydriftn.astrometry.detect import estimate_background
+
+        sub, rms, grms = estimate_background(data)
+        h, herr, blend = trailfit.solve_fluxes(sub, grid, 0.5 * (x0 + x1), 0.5 * (y0 + y1), rms=grms, gain=GAIN)
+        fluxes.append((h * grid.length_p * GAIN / counts, herr * grid.length_p * GAIN / counts, blend))
+        if seed == 0:
+            res = solve_exposure_ccd(Img(data, w), cat, (0.0, 0.5), sip_order=0)
+            tab = res.trails.set_index("star_id")
+            assert {1, 2}.issubset(tab.index)
+            assert tab.loc[2, "blended"] and tab.loc[2, "flags"] & int(TrailFlag.BLENDED)
+            assert not tab.loc[3, "blended"]
+    ratio = np.array([f[0] for f in fluxes])
+    err = np.array([f[1] for f in fluxes])
+    # the Gaussian template of the simulated Gaussian PSF recovers the counts of both stars
+    assert np.all(np.abs(ratio.mean(axis=0) - 1) < 0.03)
+    assert np.all(np.abs(ratio - 1) < 5 * err)
+    assert fluxes[0][2][1] > 0.3 and fluxes[0][2][2] < 0.01
