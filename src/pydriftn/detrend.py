@@ -223,7 +223,8 @@ def _select_references(flux, err, flags, star_flags, flat, n_ref_max, ref_snr_mi
 
 
 def normalise(ext, *, method="ensemble", n_ref_max=150, ref_snr_min=20.0, min_clean_fraction=0.8,
-              min_valid=None, clip_sigma=4.0, n_iter=4, max_noise_ratio=3.0, exclude_flags=None):
+              min_valid=None, clip_sigma=4.0, n_iter=4, max_noise_ratio=3.0, exclude_flags=None,
+              corr_samples=None):
     """Divide every star's series by the common pattern and by its own level.
 
     Parameters
@@ -244,6 +245,11 @@ def normalise(ext, *, method="ensemble", n_ref_max=150, ref_snr_min=20.0, min_cl
         default half of the full-illumination samples (at least 3).
     clip_sigma, n_iter, max_noise_ratio :
         See :func:`common_pattern`.
+    corr_samples : array of bool (K,), optional
+        ``best_star`` only: samples on which the correlations are computed
+        (default all full-illumination samples). Choosing the best of many
+        references on the same samples it then normalises partly fits the
+        target's own noise; an out-of-sample choice measures the method fairly.
     exclude_flags : int, optional
         Sample flags excluded from the ensemble (default masked, saturated,
         cosmic ray, outlier, off image, no data; de-blended samples are used,
@@ -316,7 +322,8 @@ def normalise(ext, *, method="ensemble", n_ref_max=150, ref_snr_min=20.0, min_cl
         is_ref[refs] = cp["kept"]
         extras.update(n_used=cp["n_used"], excess=cp["excess"])
     elif method == "best_star" and len(refs) >= 2:
-        pat_s, pat_err_s, ref_id = _best_star_pattern(flux, err, flags, flat, level0, refs)
+        sel = flat if corr_samples is None else flat & np.asarray(corr_samples, bool)[None, :]
+        pat_s, pat_err_s, ref_id = _best_star_pattern(flux, err, flags, sel, level0, refs)
         pattern = np.nanmedian(pat_s, axis=0)
         pattern_err = np.nanmedian(pat_err_s, axis=0)
         is_ref[:] = False

@@ -419,6 +419,7 @@ def extract_trails(
     outlier_sigma=5.0,
     max_bridged_fraction=0.5,
     bridge_sys=0.05,
+    min_separation_fwhm=0.6,
     samples=None,
 ):
     """Extract per-sample fluxes of every trail of a CCD exposure.
@@ -461,6 +462,9 @@ def extract_trails(
     max_bridged_fraction : float
         Samples whose masked pixels carry more than this fraction of the
         profile get NaN flux and NO_DATA.
+    min_separation_fwhm : float
+        Neighbours closer than this (in FWHM, across the trail) cannot be
+        separated: they are not fitted and the star is flagged BLENDED.
     bridge_sys : float
         Relative uncertainty of the profile under masked pixels, added to the
         variance of bridged samples as ``(bridge_sys * F * sum(P_masked))**2``.
@@ -522,9 +526,14 @@ def extract_trails(
     bratio = np.where(nbv, np.maximum(box[np.where(nbv, nb, 0)], 0) / np.maximum(box, 1e-9)[:, None], 0.0)
     contamination = (bratio * (1.0 + (np.where(nbv, dcross, np.inf) / alpha) ** 2) ** -2.5).sum(axis=1)
     isolated = contamination < 0.01
-    # neighbours worth a joint fit: inside the window, or bright enough to matter
+    # neighbours worth a joint fit: bright enough to matter, and separable (two
+    # trails closer than ~0.6 FWHM across have the same profile: their split per
+    # sample is degenerate, so they are not fitted but flagged BLENDED)
     contrib = bratio * (1.0 + (np.where(nbv, dcross, np.inf) / alpha) ** 2) ** -2.5
-    nb = np.where(nbv & ((dcross < W) | (contrib > 1e-3)), nb, -1)
+    matters = nbv & (contrib > 1e-3)
+    coincident = matters & (dcross < min_separation_fwhm * alpha)
+    star_flags |= np.where(coincident.any(axis=1), fb.BLENDED, 0).astype(np.int32)
+    nb = np.where(matters & ~coincident, nb, -1)
     sat_star = (strips.sample_flags & fb.SATURATED).any(axis=1)
     off_star = (strips.sample_flags & fb.OFF_IMAGE).any(axis=1)
     cand = (snr >= ref_snr_min) & ~sat_star & ~off_star & isolated & (in_flags == 0) & sky_ok

@@ -12,7 +12,7 @@ import importlib
 
 __all__ = ["lookup_bit", "SHUTTER_RAMP", "DEBLENDED", "MASKED_PIXELS", "SATURATED", "COSMIC_RAY",
            "OFF_IMAGE", "NO_DATA", "OUTLIER_PIXELS", "FEW_VALID_SAMPLES", "BAD_SKY", "NOT_NORMALISED",
-           "describe"]
+           "BLENDED", "describe"]
 
 _FALLBACK = {
     "SHUTTER_RAMP": 1 << 0,
@@ -26,6 +26,7 @@ _FALLBACK = {
     "FEW_VALID_SAMPLES": 1 << 8,
     "BAD_SKY": 1 << 9,
     "NOT_NORMALISED": 1 << 10,
+    "BLENDED": 1 << 11,
 }
 
 
@@ -65,13 +66,14 @@ OUTLIER_PIXELS = lookup_bit("OUTLIER_PIXELS")
 FEW_VALID_SAMPLES = lookup_bit("FEW_VALID_SAMPLES")
 BAD_SKY = lookup_bit("BAD_SKY")
 NOT_NORMALISED = lookup_bit("NOT_NORMALISED")
+BLENDED = lookup_bit("BLENDED")
 
 #: Pixel-mask bits (from pydriftn.flags) that mark cosmic rays / saturation, if defined.
 PIXEL_COSMIC_RAY = lookup_bit("COSMIC_RAY", 0, kinds=("Pixel", "Mask", ""))
 PIXEL_SATURATED = lookup_bit("SATURATED", 0, kinds=("Pixel", "Mask", ""))
 
 _NAMES = ["SHUTTER_RAMP", "DEBLENDED", "MASKED_PIXELS", "SATURATED", "COSMIC_RAY", "OFF_IMAGE",
-          "NO_DATA", "OUTLIER_PIXELS", "FEW_VALID_SAMPLES", "BAD_SKY", "NOT_NORMALISED"]
+          "NO_DATA", "OUTLIER_PIXELS", "FEW_VALID_SAMPLES", "BAD_SKY", "NOT_NORMALISED", "BLENDED"]
 
 
 def describe(value):
