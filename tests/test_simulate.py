@@ -182,6 +182,16 @@ def test_truth_tables_columns(small):
     gaia = pd.read_csv(small.gaia_reference)
     assert list(gaia.columns) == ["source_id", "ra", "dec", "phot_g_mean_mag", "pmra", "pmdec", "ref_epoch"]
     assert gaia.phot_g_mean_mag.max() <= 20.5 and len(gaia) > 100
+    # Gaia positions = true positions moved back by the proper motion (+ sub-mas errors)
+    st = small.read_truth("stars").set_index("star_id")
+    ids = gaia.source_id.to_numpy() - 4000000000000000000
+    tru = st.loc[ids]
+    dt_yr = 2016.0 - (2000.0 + (Time(small.config.start_isot).mjd - 51544.5) / 365.25)
+    dra = (gaia.ra.to_numpy() - tru.ra.to_numpy()) * np.cos(np.radians(tru.dec.to_numpy())) * 3.6e6
+    ddec = (gaia.dec.to_numpy() - tru.dec.to_numpy()) * 3.6e6
+    assert np.median(np.abs(dra - tru.pmra_mas_yr.to_numpy() * dt_yr)) < 1.0
+    assert np.median(np.abs(ddec - tru.pmdec_mas_yr.to_numpy() * dt_yr)) < 1.0
+    assert np.std(ddec) > 5.0  # proper motions are there
     stars = small.read_truth("stars")
     assert 14 <= stars.r.min() and stars.r.max() <= 22.5
     # rising luminosity function
@@ -538,6 +548,16 @@ def test_flashes_in_image(small):
     assert (fl.host_star_id >= 0).any() and (fl.host_star_id < 0).any()
     assert (fl.duration_s <= 0.01).all()
     cfg = small.config
+    # the flash's sky position maps to its pixel position at its instant (drift convention + jitter)
+    w = small.read_truth("wcs")
+    com = small.read_truth("common")
+    for rec in fl.itertuples():
+        tw = _wcs_from_text(w[(w.kind == "drift") & (w.expnum == rec.expnum) & (w.ccd == rec.ccd)].true_wcs.iloc[0])
+        c = com[(com.expnum == rec.expnum) & (com.ccd == rec.ccd)]
+        x, y = geometry.star_pixel_positions(tw, rec.ra, rec.dec, rec.t_s, cfg.drift_rate)
+        x += np.interp(rec.t_s, c.t_s, c.jitter_x_px)
+        y += np.interp(rec.t_s, c.t_s, c.jitter_y_px)
+        assert math.hypot(x - rec.x, y - rec.y) < 1e-3
     for rec in fl[fl.host_star_id >= 0].itertuples():
         tr = small.read_truth("trails")
         host = tr[(tr.expnum == rec.expnum) & (tr.ccd == rec.ccd) & (tr.star_id == rec.host_star_id)].iloc[0]
