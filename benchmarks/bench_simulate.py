@@ -16,7 +16,6 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 
 from pydriftn.simulate import make_config, moffat_mog, simulate_dataset
 from pydriftn.simulate.dataset import exposure_schedule

@@ -27,7 +27,8 @@ import numpy as np
 import pandas as pd
 from astropy.wcs import WCS, Sip
 
-from ..geometry import ARCSEC_PER_RAD, offset_sky
+from ..errors import ConfigError
+from ..geometry import offset_sky
 
 __all__ = [
     "CCDNUM",
@@ -187,7 +188,10 @@ def make_star_field(cfg, seed):
             rng = stream_rng(seed, STREAM_FIELD, tx + 2**15, ty + 2**15)
             n = int(rng.poisson(density * TILE_PX * TILE_PX))
             if n >= 2**16:
-                raise ValueError(f"star density too high: {n} stars in one {TILE_PX}-px tile (max 65535)")
+                raise ConfigError(
+                    f"simulation config: n_stars_per_ccd={cfg.n_stars_per_ccd} gives {n} stars in one "
+                    f"{TILE_PX}-px tile (max 65535)"
+                )
             cols["id"].append(((tx + 2**15) * 2**16 + (ty + 2**15)) * 2**16 + np.arange(n, dtype=np.int64))
             cols["px"].append((tx + rng.random(n)) * TILE_PX)
             cols["py"].append((ty + rng.random(n)) * TILE_PX)
@@ -346,18 +350,12 @@ def ou_process(rng, n, dt, sigma, tau):
     """Stationary Ornstein-Uhlenbeck series (exact AR(1) discretisation)."""
     if sigma == 0 or n == 0:
         return np.zeros(n)
-    phi = math.exp(-dt / tau)
-    eps = rng.standard_normal(n)
-    out = np.empty(n)
-    out[0] = sigma * eps[0]
-    c = sigma * math.sqrt(1.0 - phi * phi)
-    # scipy.signal.lfilter does the recursion in C
-    from scipy.signal import lfilter
+    from scipy.signal import lfilter  # the AR(1) recursion in C
 
-    drive = c * eps
-    drive[0] = out[0]
-    out = lfilter([1.0], [1.0, -phi], drive)
-    return out
+    phi = math.exp(-dt / tau)
+    drive = sigma * math.sqrt(1.0 - phi * phi) * rng.standard_normal(n)
+    drive[0] = sigma * rng.standard_normal()  # stationary start
+    return lfilter([1.0], [1.0, -phi], drive)
 
 
 def common_pattern(cfg, seed, expnum, t_mid, dt):
@@ -418,5 +416,3 @@ def pointing_crval(cfg, east_arcsec, north_arcsec):
     ra, dec = offset_sky(cfg.ra_deg, cfg.dec_deg, east_arcsec, north_arcsec)
     return float(ra), float(dec)
 
-
-_ = ARCSEC_PER_RAD  # re-exported constant used by callers
