@@ -286,8 +286,8 @@ def choose_events(cfg, stars, seed, exposures, nominal_wcs):
     Per CCD, ``events_per_ccd`` stars with r in ``event_r_range`` whose
     nominal trail in the first exposure lies well inside the CCD. Kinds
     alternate: ``short`` (tE in ``short_te_range_s``, t0 inside a random
-    exposure of the first night, 20-80 % into it) and ``long`` (tE in
-    ``long_te_range_s``, t0 uniform over the first night's exposures).
+    exposure of a random night, 20-80 % into it) and ``long`` (tE in
+    ``long_te_range_s``, t0 uniform over a random night's exposures).
 
     Returns
     -------
@@ -298,9 +298,8 @@ def choose_events(cfg, stars, seed, exposures, nominal_wcs):
 
     rows = []
     used = set()
-    first_night = [e for e in exposures if e["night"] == 1]
-    t_first = first_night[0]["mjd_obs"]
-    t_last = first_night[-1]["mjd_obs"] + cfg.exptime_s / 86400.0
+    nights = sorted({e["night"] for e in exposures})
+    by_night = {n: [e for e in exposures if e["night"] == n] for n in nights}
     for ccd in sorted(cfg.ccds):
         rng = stream_rng(seed, STREAM_FIELD, "events", ccd)
         w = nominal_wcs[ccd]
@@ -323,11 +322,13 @@ def choose_events(cfg, stars, seed, exposures, nominal_wcs):
             kind = "short" if j % 2 == 0 else "long"
             if kind == "short":
                 te = rng.uniform(*cfg.short_te_range_s)
-                e = first_night[int(rng.integers(len(first_night)))]
+                night = by_night[nights[int(rng.integers(len(nights)))]]
+                e = night[int(rng.integers(len(night)))]
                 t0 = e["mjd_obs"] + rng.uniform(0.2, 0.8) * cfg.exptime_s / 86400.0
             else:
                 te = rng.uniform(*cfg.long_te_range_s)
-                t0 = rng.uniform(t_first, t_last)
+                night = by_night[nights[int(rng.integers(len(nights)))]]
+                t0 = rng.uniform(night[0]["mjd_obs"], night[-1]["mjd_obs"] + cfg.exptime_s / 86400.0)
             u0 = rng.uniform(*cfg.u0_range)
             rho = math.exp(rng.uniform(math.log(cfg.rho_range[0]), math.log(cfg.rho_range[1])))
             rows.append(
