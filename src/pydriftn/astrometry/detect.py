@@ -316,3 +316,57 @@ def find_candidates(snr, direction, length_px, sigma_px, *, threshold=5.0, exclu
         arr += np.clip(off, -0.5, 0.5)
         del lo
     return 2.0 * xs + 0.5, 2.0 * ys + 0.5, val.astype(float)
+
+
+def find_bad_columns(sub, rms, *, block=64, zmin=8.0, min_blocks=3):
+    """Dead or hot column segments, for images without a dq mask.
+
+    The background-subtracted image is cut into blocks of ``block`` rows; the
+    median of each column in each block is compared with its noise
+    (``1.25 rms / sqrt(block)``). A column segment is bad where ``|z| > zmin``
+    in at least ``min_blocks`` consecutive blocks (a star trail along the
+    column covers at most two blocks).
+
+    Parameters
+    ----------
+    sub : ndarray
+        Background-subtracted image.
+    rms : float
+        Background noise per pixel.
+
+    Returns
+    -------
+    ndarray of bool
+        Bad pixels (whole blocks of the flagged column segments).
+    """
+    ny, nx = sub.shape
+    nb = ny // block
+    out = np.zeros(sub.shape, bool)
+    if nb < min_blocks:
+        return out
+    med = np.median(sub[: nb * block].reshape(nb, block, nx), axis=1)  # (nb, nx)
+    z = med / (1.25 * float(rms) / math.sqrt(block))
+    flag = np.abs(z) > zmin
+    # runs of >= min_blocks consecutive flagged blocks per column
+    run = np.zeros_like(flag, dtype=np.int32)
+    run[0] = flag[0]
+    for i in range(1, nb):
+        run[i] = np.where(flag[i], run[i - 1] + 1, 0)
+    keep = np.zeros_like(flag)
+    for i in range(nb - 1, -1, -1):
+        start_ok = run[i] >= min_blocks
+        keep[i] |= start_ok
+        if i + 1 < nb:
+            keep[i] |= flag[i] & keep[i + 1]
+    # propagate back over the whole run
+    for i in range(nb - 2, -1, -1):
+        keep[i] |= flag[i] & keep[i + 1]
+    for i in range(1, nb):
+        keep[i] |= flag[i] & keep[i - 1]
+    if not keep.any():
+        return out
+    rows = np.repeat(keep, block, axis=0)
+    out[: nb * block] = rows
+    if nb * block < ny:
+        out[nb * block:] = keep[-1][None, :]
+    return out
