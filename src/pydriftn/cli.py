@@ -49,7 +49,12 @@ def _cmd_simulate(args) -> int:
         overrides["n_nights"] = args.n_nights
     if args.stars_per_ccd is not None:
         overrides["stars_per_ccd"] = args.stars_per_ccd
-    ds = simulate_dataset(args.out_dir, preset=args.preset, seed=args.seed, **overrides)
+    for opt, key in (("fz_exposures", "fz_exposures"), ("bright_stars", "n_bright_stars_per_ccd"),
+                     ("satellite_prob", "satellite_prob")):
+        if getattr(args, opt) is not None:
+            overrides[key] = getattr(args, opt)
+    ds = simulate_dataset(args.out_dir, preset=args.preset, seed=args.seed, n_workers=args.workers or 1,
+                          **overrides)
     print(f"simulated dataset written to {Path(args.out_dir).resolve()}")
     for line in ds.summary_lines():
         print("  " + line)
@@ -178,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ccds", default=None, help="comma-separated CCD names, e.g. S4,N4")
     p.add_argument("--stars-per-ccd", type=int, default=None, help="stars per CCD (crowding)")
     p.add_argument("--drift-rate", default=None, help="drift-rate vector 'EAST,NORTH' in arcsec/s")
+    p.add_argument("--fz-exposures", type=int, default=None, help="write this many exposures as .fits.fz")
+    p.add_argument("--bright-stars", type=int, default=None,
+                   help="saturating bright stars (with bleed trails) per CCD")
+    p.add_argument("--satellite-prob", type=float, default=None,
+                   help="probability of a satellite streak per CCD exposure")
+    p.add_argument("--workers", type=int, default=None, help="processes (results identical for any number)")
     p.set_defaults(func=_cmd_simulate)
 
     p = sub.add_parser("catalogue", help="build the reference catalogue from pointed g and r images")
