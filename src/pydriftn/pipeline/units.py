@@ -96,6 +96,20 @@ def _is_image_name(name: str, img_keyword: str, mask_keyword: str) -> bool:
     return img_keyword == "image" and "_ooi_" in name
 
 
+def _prefer_uncompressed(files):
+    """Drop ``X.fits.fz``/``X.fits.gz`` when ``X.fits`` is present too (same exposure)."""
+    names = {p.name for p in files}
+    keep = []
+    for p in files:
+        for suffix in (".fz", ".gz"):
+            if p.name.endswith(suffix) and p.name[: -len(suffix)] in names:
+                log.info("%s: using the uncompressed copy %s", p, p.name[: -len(suffix)])
+                break
+        else:
+            keep.append(p)
+    return keep
+
+
 def discover_units(drifts_dirs, *, img_keyword="image", mask_keyword="dqmask", read_mask=True,
                    ccds=None, image_glob="*.fits*"):
     """List the (exposure, CCD) units of the given night folders.
@@ -133,6 +147,7 @@ def discover_units(drifts_dirs, *, img_keyword="image", mask_keyword="dqmask", r
         seen_names.add(night)
         files = sorted(p for p in night_dir.glob(image_glob)
                        if p.is_file() and _is_image_name(p.name, img_keyword, mask_keyword))
+        files = _prefer_uncompressed(files)
         if not files:
             skipped.append(Skip(str(night_dir), f"no image files matching {image_glob!r} "
                                                 f"with keyword {img_keyword!r}"))
