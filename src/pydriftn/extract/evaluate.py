@@ -3,8 +3,8 @@
 The truth a sample can see: sample ``k`` of a star is the light deposited in
 the strip ``[k, k+1)`` px along its (jitter-free) trail. At fine time step
 ``t`` the image is at along-track position ``a(t) = speed * t + jitter_along(t)``
-and spreads along-track with the line-spread function (approximated here by a
-Gaussian of the seeing FWHM at that instant), so
+and spreads along-track with the line-spread function (the simulator's PSF
+mixture at the seeing FWHM of that instant), so
 
 ``true_counts[k] = sum_t flux * dt * transparency(t) * rel(t) * frac_k(a(t))``
 
@@ -25,7 +25,7 @@ from scipy.special import erf
 
 from pydriftn.geometry import TrailGeometry
 
-__all__ = ["SimUnit", "load_sim_unit", "geometry_from_trails", "truth_series", "robust_sigma"]
+__all__ = ["SimUnit", "load_sim_unit", "geometry_from_trails", "truth_series", "robust_sigma", "event_time_offset"]
 
 _SQRT2 = math.sqrt(2.0)
 
@@ -64,6 +64,8 @@ class SimUnit:
     expnum: int
     ccd: str
     pixel_scale: float
+    psf_weights: tuple = (1.0,)  # PSF as a Gaussian mixture: weights and sigmas in FWHM units
+    psf_sigmas: tuple = (1.0 / 2.3548,)
 
 
 def load_sim_unit(ds, expnum=None, ccd=None):
@@ -83,9 +85,13 @@ def load_sim_unit(ds, expnum=None, ccd=None):
     lcs = ds.read_truth("lightcurves")
     lcs = lcs[lcs["expnum"] == expnum]
     geo = geometry_from_trails(trails, img.info.exptime, ds.config.drift_rate)
+    from pydriftn.simulate.psf import moffat_mog
+
+    psf = moffat_mog(ds.config.moffat_beta, ds.config.n_gauss)
     return SimUnit(image=img.data, mask=img.mask, info=img.info, trails=trails.reset_index(drop=True),
                    geometry=geo, mjd_obs=float(img.info.mjd), common=common, lightcurves=lcs, expnum=expnum,
-                   ccd=ccd, pixel_scale=float(img.info.pixel_scale))
+                   ccd=ccd, pixel_scale=float(img.info.pixel_scale),
+                   psf_weights=tuple(np.asarray(psf.weights, float)), psf_sigmas=tuple(np.asarray(psf.sigmas, float)))
 
 
 def truth_series(unit, k):
@@ -104,12 +110,16 @@ def truth_series(unit, k):
     T = len(t)
     dtf = geo.exptime_s / T
     a = geo.speed_px_s * t + c["jitter_along_px"].to_numpy()
-    sig = c["seeing_fwhm_arcsec"].to_numpy() / unit.pixel_scale / 2.3548
+    fwhm = c["seeing_fwhm_arcsec"].to_numpy() / unit.pixel_scale
     tr = c["transparency"].to_numpy()
     k = np.asarray(k)
-    lo = (k[None, :] - a[:, None]) / (_SQRT2 * sig[:, None])
-    hi = (k[None, :] + 1 - a[:, None]) / (_SQRT2 * sig[:, None])
-    frac = 0.5 * (erf(hi) - erf(lo))  # (T, K)
+    frac = 0.0
+    # the along-track line-spread function: the PSF's Gaussian mixture (a Moffat)
+    for wgt, sg in zip(unit.psf_weights, unit.psf_sigmas):
+        sig = sg * fwhm
+        lo = (k[None, :] - a[:, None]) / (_SQRT2 * sig[:, None])
+        hi = (k[None, :] + 1 - a[:, None]) / (_SQRT2 * sig[:, None])
+        frac = frac + wgt * 0.5 * (erf(hi) - erf(lo))  # (T, K)
     S = len(unit.trails)
     rel = np.ones((S, T))
     lc = unit.lightcurves
@@ -126,3 +136,27 @@ def truth_series(unit, k):
     true_flux = counts / geo.sample_dt_s
     true_rel = (rel @ w) / w.sum(axis=0)[None, :]
     return true_flux, true_rel
+
+
+def event_time_offset(unit, ext, det, star_index, shifts=None):
+    """Time offset (s) that best aligns the true light curve of a star with its normalised series.
+
+    The star's true relative light curve (``unit.lightcurves``) is shifted by
+    each trial offset, turned into what each sample sees
+    (:func:`truth_series`) and compared with ``det.norm_flux`` (chi-square
+    over the full-illumination samples). A correct time axis gives ~0.
+    """
+    shifts = np.arange(-0.5, 0.5001, 0.01) if shifts is None else np.asarray(shifts)
+    i = int(star_index)
+    sid = unit.trails["star_id"].iloc[i]
+    lc = unit.lightcurves[unit.lightcurves["star_id"] == sid].sort_values("t_s")
+    flat = ~ext.ramp
+    y, yerr = det.norm_flux[i], det.norm_flux_err[i]
+    one = unit.trails.iloc[[i]].reset_index(drop=True)
+    chi2 = []
+    for dt in shifts:
+        u1 = SimUnit(**{**unit.__dict__, "trails": one, "lightcurves": lc.assign(t_s=lc["t_s"] + dt)})
+        _, m = truth_series(u1, ext.sample)
+        m = m[0] / np.median(m[0][flat])
+        chi2.append(np.nansum(((y - m) / yerr)[flat] ** 2))
+    return float(shifts[int(np.argmin(chi2))])
