@@ -136,9 +136,8 @@ def trail_footprint_image(shape, trails, radius, direction=None, length=None, co
     ndarray of shape ``shape``
     """
     ny, nx = shape
-    out = np.zeros(ny * nx, dtype=np.uint16 if counts else bool)
     if len(trails) == 0:
-        return out.reshape(shape)
+        return np.zeros(shape, dtype=np.uint16 if counts else bool)
     x0, y0, x1, y1 = _trail_arrays(trails)
     if direction is None or length is None:
         dx, dy = np.median(x1 - x0), np.median(y1 - y0)
@@ -147,15 +146,34 @@ def trail_footprint_image(shape, trails, radius, direction=None, length=None, co
     ox, oy = stadium_offsets(direction, length, 0.0, radius)
     cx = np.rint(0.5 * (x0 + x1)).astype(np.int64)
     cy = np.rint(0.5 * (y0 + y1)).astype(np.int64)
-    X = cx[:, None] + ox[None, :]
-    Y = cy[:, None] + oy[None, :]
-    ok = (X >= 0) & (X < nx) & (Y >= 0) & (Y < ny)
-    flat = (Y * nx + X)[ok]
-    if counts:
-        np.add.at(out, flat, 1)  # repeated indices (overlapping footprints)
-    else:
-        out[flat] = True
-    return out.reshape(shape)
+    if not counts:
+        # one write per footprint pixel (flat indices; border trails checked)
+        idx = (cy * nx + cx)[:, None] + (oy.astype(np.int64) * nx + ox)[None, :]
+        edge = (cx + ox.min() < 0) | (cx + ox.max() >= nx) | (cy + oy.min() < 0) | (cy + oy.max() >= ny)
+        ok = np.ones(idx.shape, dtype=bool)
+        if edge.any():
+            e = np.flatnonzero(edge)
+            X = cx[e, None] + ox[None, :]
+            Y = cy[e, None] + oy[None, :]
+            ok[e] = (X >= 0) & (X < nx) & (Y >= 0) & (Y < ny)
+        out = np.zeros(ny * nx, dtype=bool)
+        out[idx[ok]] = True
+        return out.reshape(shape)
+    # counts: the stadium is convex, so each of its rows is one run of pixels:
+    # draw the runs of every trail into a difference image and integrate along x
+    rows = np.unique(oy)
+    xlo = np.array([ox[oy == r].min() for r in rows])
+    xhi = np.array([ox[oy == r].max() for r in rows])
+    Y = cy[:, None] + rows[None, :]
+    XL = np.clip(cx[:, None] + xlo[None, :], 0, nx)
+    XH = np.clip(cx[:, None] + xhi[None, :] + 1, 0, nx)
+    ok = (Y >= 0) & (Y < ny) & (XH > XL)
+    diff = np.zeros((ny, nx + 1), dtype=np.int32)
+    np.add.at(diff, (Y[ok], XL[ok]), 1)
+    np.add.at(diff, (Y[ok], XH[ok]), -1)
+    cov = np.cumsum(diff[:, :nx], axis=1, dtype=np.int32)
+    out = np.minimum(cov, np.iinfo(np.uint16).max).astype(np.uint16)
+    return out
 
 
 def clipped_stats_rows(values, sigma=3.0, maxiters=10):
@@ -232,7 +250,7 @@ def local_sky(
     geometry=None,
     *,
     radius=12.0,
-    pad=8.0,
+    pad=5.0,
     length=None,
     mask_radius=None,
     sigma=3.0,
@@ -334,7 +352,14 @@ def local_sky(
         from pydriftn.extract.stamps import per_column
 
         g_col = per_column(gain, nx, "gain").astype(np.float32)
-        vals = vals * g_col[idx % nx]
+        # one gain per trail, except where the annulus straddles the amplifier boundary
+        xmin = np.clip(cx + ox.min(), 0, nx - 1)
+        xmax = np.clip(cx + ox.max(), 0, nx - 1)
+        straddle = g_col[xmin] != g_col[xmax]
+        vals = vals * g_col[np.clip(cx, 0, nx - 1)][:, None]
+        if straddle.any():
+            sidx = np.flatnonzero(straddle)
+            vals[sidx] = img.reshape(-1)[idx[sidx]] * g_col[idx[sidx] % nx]
     # unusable pixels: flagged, or within mask_radius of another trail. The
     # footprints use the same rounded centres and offsets as the annuli, so with
     # mask_radius <= radius a star's own footprint never touches its own

@@ -247,7 +247,7 @@ def _reject_worst(d, M, V, bad, outlier_sigma, sys_frac):
     return bad
 
 
-def _optimal_single(d, var0, q, bad, P, n_iter=3, outlier_sigma=5.0, sys_frac=0.1, subset=None):
+def _optimal_single(d, var0, q, bad, P, n_iter=2, outlier_sigma=5.0, sys_frac=0.1, subset=None):
     """Horne optimal extraction of independent strips.
 
     Returns F, var_F, bad (updated), V, w, sum(w P); with ``subset`` (bool over
@@ -268,30 +268,25 @@ def _optimal_single(d, var0, q, bad, P, n_iter=3, outlier_sigma=5.0, sys_frac=0.
         return F, varF, bad_out, V, w, swp
     good = ~bad
     sP = np.where(good, P, 0).sum(axis=2)
-    F = np.where(sP > 0.05, np.where(good, d, 0).sum(axis=2) / np.maximum(sP, 0.05), 0.0)
+    F = np.where(sP > 0.05, np.where(good, d, 0).sum(axis=2) / np.maximum(sP, 0.05), 0.0).astype(np.float32)
     bad = bad.copy()
-    for it in range(n_iter):
+    for it in range(max(int(n_iter), 1)):
         M = F[:, :, None] * P
         V = var0 + q[:, :, None] * np.maximum(M, 0)
         if outlier_sigma and it >= 1:
             bad = _reject_worst(d, M, V, bad, outlier_sigma, sys_frac)
-        w = np.where(bad, 0.0, P / V)
+        w = np.where(bad, np.float32(0), P / V)
         swp = (w * P).sum(axis=2)
         ok = swp > 0
         swp1 = np.where(ok, swp, 1.0)
-        F = np.where(ok, (w * d).sum(axis=2) / swp1, np.nan)
-        F = np.where(np.isfinite(F), F, 0.0)
-    M = F[:, :, None] * P
-    V = var0 + q[:, :, None] * np.maximum(M, 0)
-    w = np.where(bad, 0.0, P / V)
-    swp = (w * P).sum(axis=2)
-    ok = swp > 0
-    varF = np.where(ok, (w * w * V).sum(axis=2) / np.where(ok, swp, 1.0) ** 2, np.inf)
-    F = np.where(ok, F, np.nan)
+        F = np.where(ok, (w * d).sum(axis=2) / swp1, 0.0).astype(np.float32)
+    # variance of the weighted sum with the last weights (V from the previous estimate)
+    varF = np.where(ok, (w * w * V).sum(axis=2, dtype=np.float64) / swp1.astype(np.float64) ** 2, np.inf)
+    F = np.where(ok, F.astype(np.float64), np.nan)
     return F, varF, bad, V, w, swp
 
 
-def _joint_solve(d, var0, q, bad, A, active, n_iter=2, outlier_sigma=5.0, sys_frac=0.1):
+def _joint_solve(d, var0, q, bad, A, active, n_iter=1, outlier_sigma=5.0, sys_frac=0.1):
     """Weighted LS for the amplitudes of profiles ``A[m]`` per strip (m = 0: the star).
 
     Parameters
@@ -338,8 +333,7 @@ def _joint_solve(d, var0, q, bad, A, active, n_iter=2, outlier_sigma=5.0, sys_fr
         Nmat = Nmat * ~(empty[..., :, None] | empty[..., None, :]) + empty[..., :, None] * eye
         Nmat = Nmat + 1e-6 * np.maximum(diag.max(axis=-1), 1e-30)[..., None, None] * eye
         rhs = np.where(empty, 0.0, rhs)
-        if it < n_iter:
-            amps = np.linalg.solve(Nmat, rhs[..., None])[..., 0]
+        amps = np.linalg.solve(Nmat, rhs[..., None])[..., 0]
     cov00 = np.linalg.inv(Nmat)[..., 0, 0]
     cov00 = np.where(empty[..., 0], np.inf, cov00)
     return amps[..., 0], cov00, bad
@@ -412,7 +406,7 @@ def extract_trails(
     fwhm_px=None,
     ramp_fwhm=1.5,
     profile_halfwindow=2,
-    n_profile_refs=200,
+    n_profile_refs=120,
     ref_snr_min=20.0,
     deblend=True,
     max_neighbours=3,
@@ -561,7 +555,7 @@ def extract_trails(
     if method == "optimal":
         has_nb = (nb >= 0).any(axis=1) if (deblend and nb.shape[1] > 0) else np.zeros(S, bool)
         F, varF, bad2, V, w, swp = _optimal_single(strips.data, strips.var0, strips.q, strips.bad, P,
-                                                   n_iter=3, outlier_sigma=outlier_sigma)
+                                                   n_iter=2, outlier_sigma=outlier_sigma)
         wsum_cells = w.sum(axis=2)
         sky_lever = np.where(swp > 0, wsum_cells / np.where(swp > 0, swp, 1.0), 0.0)
         if has_nb.any():

@@ -143,7 +143,9 @@ def cut_strips(image, mask, x_start, y_start, x_end, y_end, geometry, sky_e, gai
     mflat = None if mask is None else np.asarray(mask).reshape(-1)
     sky = np.asarray(sky_e, dtype=np.float32)[:, None, None]
     data = np.zeros((S, K, C), dtype=np.float32)
-    var0 = np.zeros((S, K, C), dtype=np.float32)
+    # with the drift along x, read noise and sky are the same for every cell of a
+    # strip: keep one value per strip and broadcast (saves passes over the cells)
+    var0 = np.zeros((S, K, 1) if major == "x" else (S, K, C), dtype=np.float32)
     bad = ~inside_c if edge else np.zeros((S, K, C), dtype=bool)
     flags = np.zeros((S, K), dtype=np.int32)
     sat_any = np.zeros((S, K), dtype=bool)
@@ -189,6 +191,7 @@ def cut_strips(image, mask, x_start, y_start, x_end, y_end, geometry, sky_e, gai
     flags |= np.where(sat_any, fb.SATURATED, 0).astype(np.int32)
     flags |= np.where(cr_any, fb.COSMIC_RAY, 0).astype(np.int32)
     data[bad] = 0.0
+    var0 = np.broadcast_to(var0, (S, K, C))
     wsum = (w1 + w2).astype(np.float32)
     q = np.where(wsum > 0, (w1 * w1 + w2 * w2) / np.where(wsum > 0, wsum, 1.0), 1.0).astype(np.float32)
     return Strips(
