@@ -197,12 +197,16 @@ def resolve_mask(mask, shape, *, bad_bits=None, cr_bits=None, where="dq mask"):
         raise MaskError(f"{where}: negative values; an integer bitmask was expected")
     bad_b = _bits(bad_bits, DEFAULT_BAD_PIXEL_FLAGS)
     cr_b = _bits(cr_bits, PixelFlag.COSMIC_RAY)
-    cr = (m & cr_b) != 0
+    present = int(np.bitwise_or.reduce(m, axis=None)) if m.size else 0
+
+    def has(bits):
+        return (m & bits) != 0 if present & bits else zeros
+
     return {
-        "bad": ((m & bad_b) != 0) | cr,
-        "cr": cr,
-        "saturated": (m & int(PixelFlag.SATURATED | PixelFlag.BLEED)) != 0,
-        "streak": (m & int(PixelFlag.STREAK)) != 0,
+        "bad": has(bad_b | cr_b),
+        "cr": has(cr_b),
+        "saturated": has(int(PixelFlag.SATURATED | PixelFlag.BLEED)),
+        "streak": has(int(PixelFlag.STREAK)),
     }
 
 
@@ -435,14 +439,15 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
     else:
         diag["cosmic_rays_from"] = "dq mask"
     timings["cosmic_rays"] = time.perf_counter() - t
-    nonfinite = ~np.isfinite(data)
-    if nonfinite.any():
+    if not np.isfinite(data.sum(dtype=np.float64)):
+        nonfinite = ~np.isfinite(data)
         bad = bad | nonfinite
         data = np.where(nonfinite, 0.0, data)
     sat_pix = dq_sat
-    if saturation is not None:
-        sat_pix = (data >= saturation) if sat_pix is None else (sat_pix | (data >= saturation))
-        bad = bad | sat_pix
+    if saturation is not None and float(data.max()) >= saturation:
+        above = data >= saturation
+        sat_pix = above if sat_pix is None else (sat_pix | above)
+        bad = bad | above
     if bad.all():
         raise AstrometryError("every pixel is masked")
     t_det = time.perf_counter()
@@ -878,14 +883,13 @@ def _pixel_counts(table, cr, masked, sat, streak, geo, sigma):
     X = np.rint(xs + s_off[None, :, None] * ux + c_off[None, None, :] * vx).astype(np.intp)
     Y = np.rint(ys + s_off[None, :, None] * uy + c_off[None, None, :] * vy).astype(np.intp)
     inside = (X >= 0) & (X < nx) & (Y >= 0) & (Y < ny)
-    # one gather of a combined code image instead of one per mask
-    code = cr.view(np.uint8).copy()
-    code |= masked.view(np.uint8) << 1
-    if sat is not None:
-        code |= sat.view(np.uint8) << 2
-    if streak is not None:
-        code |= streak.view(np.uint8) << 3
-    g = code[np.clip(Y, 0, ny - 1), np.clip(X, 0, nx - 1)] * inside
+    # gather each mask at the footprints only (no full-image passes)
+    flat = np.clip(Y, 0, ny - 1) * nx + np.clip(X, 0, nx - 1)
+    g = np.zeros(flat.shape, np.uint8)
+    for bit, img in ((1, cr), (2, masked), (4, sat), (8, streak)):
+        if img is not None:
+            g |= np.take(img.reshape(-1), flat).view(np.uint8) * np.uint8(bit)
+    g *= inside
     crs = (g & 1) > 0
     ncr = crs.sum(axis=(1, 2))
     table["n_cr_pixels"] = ncr.astype(np.int64)

@@ -485,12 +485,18 @@ def _model_on_grid(grid: TrailGrid, xa, ya, x_mid, y_mid, h, length_p=None):
     pb = (pm + 0.5 * Lp)[:, None, None]
     qc = qm[:, None, None] + (P - pm[:, None, None]) * grid.tan_phi
     ws, ss = grid.mixture
-    out = 0.0
+    # float32: the templates are large (stars x samples) and need no more precision
+    P = P.astype(np.float32)
+    Q = Q.astype(np.float32)
+    pa, pb, qc = pa.astype(np.float32), pb.astype(np.float32), qc.astype(np.float32)
+    out = np.zeros((pa.shape[0], P.shape[1], Q.shape[2]), np.float32)
     for w, sk in zip(ws, ss):
-        along = ndtr((P - pa) / sk) - ndtr((P - pb) / sk)
-        cross = np.exp(-0.5 * ((Q - qc) / sk) ** 2) * (_INV_SQRT_2PI / sk)
-        out = out + w * along * cross
-    return np.asarray(h)[:, None, None] * out
+        inv = np.float32(1.0 / sk)
+        along = ndtr((P - pa) * inv) - ndtr((P - pb) * inv)
+        d = (Q - qc) * inv
+        cross = np.exp(np.float32(-0.5) * d * d) * np.float32(w * _INV_SQRT_2PI / sk)
+        out += along * cross
+    return out * np.asarray(h, np.float32)[:, None, None]
 
 
 def render_trails(shape, grid: TrailGrid, x_mid, y_mid, h, dtype=np.float32, templates=None):
