@@ -672,48 +672,65 @@ def _deblend(strips, prof, delta, P, nb, x0, y0, x1, y1, geometry, outlier_sigma
     else:
         a0, ea, c0, ec = y0, (y1 - y0) * frac, x0, (x1 - x0) * frac
     N = len(idx)
-    A = [P[idx]]
-    active = np.zeros((N, K, M + 1), dtype=bool)
-    active[..., 0] = True
     ac = strips.along_centre[idx]
     cc = strips.cross_centre[idx]
     n_tot = geometry.n_samples
     margin = 3.0 * float(np.nanmedian(prof.fwhm_px))
-    phase = strips.phase[idx]
+    # geometry of every neighbour relative to every strip (cheap, (N, K) arrays)
+    geo_m = []
+    on_any = np.zeros((N, K), dtype=bool)
     for m in range(M):
         b = nbi[:, m]
         okb = b >= 0
         bb = np.where(okb, b, 0)
         # neighbour's continuous sample coordinate at the strip's along position
         kb_f = (ac - a0[bb][:, None]) / ea[bb][:, None]
-        ccb = c0[bb][:, None] + ec[bb][:, None] * kb_f
-        D = ccb - cc  # neighbour centre relative to the star's, cross axis
+        D = c0[bb][:, None] + ec[bb][:, None] * kb_f - cc  # its centre relative to the star's, cross axis
         on = okb[:, None] & (kb_f > -margin) & (kb_f < n_tot + margin) & (np.abs(D) < reach)
-        # the strip covers the neighbour's sample coordinates [kb_f - 0.5, kb_f + 0.5]:
-        # parts of two of its samples, each with its own profile and jitter shift
-        m0 = np.floor(kb_f - 0.5)
-        phi = (kb_f - 0.5 - m0).astype(np.float32)[:, :, None]
-        Pb = 0.0
-        for kk, wk in ((m0, 1.0 - phi), (m0 + 1, phi)):
-            kb = np.clip(kk.astype(np.int64), 0, K - 1)
-            psi_b = phase - D - prof.shift[kb] - delta[bb][:, None]
-            Pb = Pb + wk * prof.strip_profile(psi_b, kb, strips.half_width, normalise="total", reach_px=reach + 1.0)
-        Pb = np.where(on[:, :, None], Pb, np.float32(0)).astype(np.float32)
-        A.append(Pb)
-        active[..., m + 1] = on & (Pb.sum(axis=2) > 1e-3)
-    # solve only the strips where a neighbour is active, as a flat list of strips
-    dbl = active[..., 1:].any(axis=2)
-    ni, ki = np.nonzero(dbl)
+        geo_m.append((bb, kb_f, D, on))
+        on_any |= on
+    # profiles only for the strips that have a neighbour, as a flat list of strips
+    ni, ki = np.nonzero(on_any)
+    Q = len(ni)
     F = np.full((N, K), np.nan)
     varF = np.full((N, K), np.inf)
     bad = strips.bad[idx].copy()
-    if len(ni):
-        si = idx[ni]
-        Aq = [a[ni, ki][:, None, :] for a in A]
-        Fq, vq, bq = _joint_solve(strips.data[si, ki][:, None, :], strips.var0[si, ki][:, None, :],
-                                  strips.q[si, ki][:, None], strips.bad[si, ki][:, None, :], Aq,
-                                  active[ni, ki][:, None, :], outlier_sigma=outlier_sigma)
-        F[ni, ki] = Fq[:, 0]
-        varF[ni, ki] = vq[:, 0]
-        bad[ni, ki] = bq[:, 0]
+    dbl = np.zeros((N, K), dtype=bool)
+    if Q == 0:
+        return F, varF, bad, dbl
+    si = idx[ni]
+    phase = strips.phase[si, ki][:, None]
+    A = [P[si, ki][:, None, :]]
+    active = np.zeros((Q, 1, M + 1), dtype=bool)
+    active[..., 0] = True
+    for m, (bb, kb_f, D, on) in enumerate(geo_m):
+        kf = kb_f[ni, ki][:, None]
+        Dq = D[ni, ki][:, None]
+        dq = delta[bb][ni][:, None]
+        # the strip covers the neighbour's sample coordinates [kb_f - 0.5, kb_f + 0.5]:
+        # parts of two of its samples, each with its own profile and jitter shift
+        m0 = np.floor(kf - 0.5)
+        phi = (kf - 0.5 - m0).astype(np.float32)[..., None]
+        Pb = 0.0
+        for kk, wk in ((m0, 1.0 - phi), (m0 + 1, phi)):
+            kb = np.clip(kk.astype(np.int64), 0, K - 1)
+            psi_b = phase - Dq - prof.shift[kb] - dq
+            Pb = Pb + wk * prof.strip_profile(psi_b, kb, strips.half_width, normalise="total", reach_px=reach + 1.0)
+        onq = on[ni, ki][:, None]
+        Pb = np.where(onq[..., None], Pb, np.float32(0)).astype(np.float32)
+        A.append(Pb)
+        active[..., m + 1] = onq & (Pb.sum(axis=2) > 1e-3)
+    dq_any = active[:, 0, 1:].any(axis=1)
+    keep = np.flatnonzero(dq_any)
+    if len(keep) == 0:
+        return F, varF, bad, dbl
+    ni, ki, si = ni[keep], ki[keep], si[keep]
+    A = [a[keep] for a in A]
+    Fq, vq, bq = _joint_solve(strips.data[si, ki][:, None, :], strips.var0[si, ki][:, None, :],
+                              strips.q[si, ki][:, None], strips.bad[si, ki][:, None, :], A, active[keep],
+                              outlier_sigma=outlier_sigma)
+    F[ni, ki] = Fq[:, 0]
+    varF[ni, ki] = vq[:, 0]
+    bad[ni, ki] = bq[:, 0]
+    dbl[ni, ki] = True
     return F, varF, bad, dbl
