@@ -14,6 +14,31 @@ the meta) and ``master_catalogue.csv``, plus ``catalogue_meta.json``.
 Star ids: ``star_id = CCDNUM * 1_000_000 + k`` where ``k`` (1, 2, ...) runs
 over the CCD's stars sorted by (dec, ra) — unique across CCDs, stable for
 identical input and independent of which other CCDs are processed.
+
+Columns (:data:`CATALOGUE_COLUMNS`):
+
+``star_id`` (int64), ``ccd``
+    identity (see above).
+``ra, dec`` (deg, ICRS), ``ra_err_arcsec, dec_err_arcsec``
+    inverse-variance mean of the g and r positions after the Gaia anchor
+    (epoch of the images); errors include the anchor's fit error.
+``x_<b>, y_<b>``
+    0-based pixel position in band ``b`` (g, r) image; NaN if not detected.
+``flux_<b>, flux_err_<b>`` (e-, total, aperture-corrected), ``mag_<b>, mag_err_<b>``
+    instrumental ``-2.5 log10(flux / EXPTIME)``; ``snr_<b>``,
+    ``fwhm_px_<b>``, ``ellipticity_<b>``, ``flags_<b>``.
+``g_r``
+    ``mag_g - mag_r`` (instrumental colour).
+``fwhm_arcsec, ellipticity``
+    mean of the bands / r (g if r missing).
+``nn_dist_arcsec``
+    distance to the nearest other catalogued star.
+``flags``
+    OR of ``flags_g`` and ``flags_r`` (:mod:`.flags`); ``centroid_fallback``.
+``n_bands``
+    1 or 2; ``is_reference`` (bool).
+``gaia_source_id`` (nullable Int64), ``gaia_sep_arcsec``, ``gaia_gmag``
+    mutual nearest Gaia star within ``gaia_match_radius_arcsec``.
 """
 
 from __future__ import annotations
@@ -29,7 +54,7 @@ import pandas as pd
 
 from ..errors import CatalogueError, ConfigError, InputFileError
 from .flags import CATALOGUE_FLAGS, SourceFlag
-from .gaia import mjd_to_julian_year, propagate_to_epoch, query_gaia_tap, read_gaia_file
+from .gaia import mjd_to_julian_year, normalise_gaia_columns, propagate_to_epoch, query_gaia_tap, read_gaia_file
 from .images import PointedCCD, list_ccds, read_pointed_ccd
 from .matching import anchor_to_gaia, mutual_match, tangent_plane, from_tangent_plane
 from .photometry import MeasureOptions, measure_sources
@@ -439,7 +464,8 @@ def build_catalogue(g_path, r_path, ccds=None, out_dir=None, gaia=None, *, confi
     if gaia is None:
         gtab = None
     elif isinstance(gaia, pd.DataFrame):
-        gtab = gaia
+        internal = {"ra", "dec", "source_id", "gmag", "pmra", "pmdec", "ref_epoch"}
+        gtab = gaia if internal <= set(gaia.columns) else normalise_gaia_columns(gaia, source="Gaia table")
         gaia_meta = {"source": "table", "n": int(len(gaia))}
     elif isinstance(gaia, str) and gaia == "tap":
         gtab = "tap"
