@@ -1,0 +1,642 @@
+"""Model image of the catalogued star trails on a drift image.
+
+Each trail is modelled as ``F_i * T(s - da_i, c - dc_i)`` in trail coordinates
+(``s`` along the motion from the trail start, ``c`` across it), where the
+template ``T(s, c) = f(s) * g(c - delta(s))`` is COMMON to all stars of the
+CCD: sample ``k`` of every star refers to the same instant, so tracking
+jitter along the track (brightness ripples), jitter across it (wiggles) and
+transparency changes are the same function of ``s`` for every trail. ``f``,
+``delta`` and the cross profile ``g`` are measured as medians over the bright
+isolated stars (robust to a flash or a cosmic ray on one of them); with too
+few bright stars the analytic moving-Gaussian template is used. Per star only
+the flux and a sub-pixel along/cross offset are fitted (linearised least
+squares, vectorised over all stars with ``np.bincount``), then once more
+with the neighbours' models subtracted (blends).
+
+Subtracting this model leaves, on top of a trail, only what does not belong
+to the star's smooth trail: a millisecond flash is a PSF-shaped bump there.
+The model amplitude is deliberately not free per sample: a per-sample fit
+would absorb the flash.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.sparse.linalg import spsolve
+from scipy.ndimage import gaussian_filter1d as _gf1
+from scipy.special import ndtr
+
+__all__ = ["TrailPixels", "TrailTemplate", "trail_pixels", "fit_trails"]
+
+log = logging.getLogger(__name__)
+
+FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+
+
+def ndi_gaussian(a, sigma):
+    return _gf1(a, sigma, mode="nearest")
+
+
+@dataclass
+class TrailPixels:
+    """Pixels of the stamps of all trails (flattened, one entry per pixel and trail)."""
+
+    star: np.ndarray  # int64 index of the trail
+    pix: np.ndarray  # flat image index
+    s: np.ndarray  # along-track coordinate from the trail start (px)
+    c: np.ndarray  # cross-track coordinate (px)
+    n: int  # number of trails
+
+
+def trail_pixels(x0, y0, ux, uy, length, shape, half_width, *, chunk=1500):
+    """Collect the pixels within ``half_width`` of each trail segment.
+
+    Parameters
+    ----------
+    x0, y0 : ndarray
+        Trail starts (0-based px).
+    ux, uy : ndarray
+        Unit direction of each trail.
+    length : ndarray
+        Trail lengths (px).
+    shape : (ny, nx)
+    half_width : float
+        Half-width of the stadium around the segment (px).
+
+    Returns
+    -------
+    TrailPixels
+        Entries sorted by trail; ``s``/``c`` in float32.
+    """
+    ny, nx = shape
+    n = len(x0)
+    hw = float(half_width)
+    x1 = x0 + ux * length
+    y1 = y0 + uy * length
+    bx0 = np.floor(np.minimum(x0, x1) - hw).astype(np.int64)
+    bx1 = np.ceil(np.maximum(x0, x1) + hw).astype(np.int64)
+    by0 = np.floor(np.minimum(y0, y1) - hw).astype(np.int64)
+    by1 = np.ceil(np.maximum(y0, y1) + hw).astype(np.int64)
+    if n == 0:
+        e = np.zeros(0, np.float32)
+        return TrailPixels(e.astype(np.int64), e.astype(np.int64), e, e, 0)
+    W = int((bx1 - bx0).max()) + 1
+    H = int((by1 - by0).max()) + 1
+    gx = np.arange(W)
+    gy = np.arange(H)
+    out = {k: [] for k in ("star", "pix", "s", "c")}
+    f32 = np.float32
+    for a in range(0, n, chunk):
+        b = min(n, a + chunk)
+        X = bx0[a:b, None] + gx[None, :]  # (m, W)
+        Y = by0[a:b, None] + gy[None, :]  # (m, H)
+        dx = (X - x0[a:b, None]).astype(f32)[:, None, :]
+        dy = (Y - y0[a:b, None]).astype(f32)[:, :, None]
+        uxx = ux[a:b, None, None].astype(f32)
+        uyy = uy[a:b, None, None].astype(f32)
+        s = dx * uxx + dy * uyy
+        c = dy * uxx - dx * uyy
+        ok = np.abs(c) <= hw
+        ok &= s >= -hw
+        ok &= s <= (length[a:b, None, None] + hw).astype(f32)
+        ok &= ((X >= 0) & (X < nx))[:, None, :]
+        ok &= ((Y >= 0) & (Y < ny))[:, :, None]
+        i, j, k = np.nonzero(ok)
+        out["star"].append(i + a)
+        out["pix"].append((by0[a:b][i] + j) * nx + (bx0[a:b][i] + k))
+        out["s"].append(s[ok])
+        out["c"].append(c[ok])
+    return TrailPixels(
+        np.concatenate(out["star"]).astype(np.int64),
+        np.concatenate(out["pix"]).astype(np.int64),
+        np.concatenate(out["s"]),
+        np.concatenate(out["c"]),
+        n,
+    )
+
+
+class TrailTemplate:
+    """Common unit-flux trail template on tabulated grids.
+
+    ``T(s, c) = f(s) * g((c - delta(s)) * k(s)) * k(s)`` with ``k = 1/(1 + eps(s))``:
+    along-track profile ``f`` (unit integral), cross offset ``delta`` and
+    cross-width scale ``1 + eps`` as functions of the along-track position
+    (i.e. of time), and the cross profile ``g`` (unit integral).
+    """
+
+    def __init__(self, s0, ds, f, delta, c0, dc, g, eps=None):
+        self.s0, self.ds = float(s0), float(ds)
+        self.f = np.array(f, float)
+        self.delta = np.array(delta, float)
+        self.c0, self.dc = float(c0), float(dc)
+        self.g = np.array(g, float)
+        for t in (self.f, self.delta, self.g):
+            t[0] = t[-1] = 0.0
+        eps = np.zeros_like(self.f) if eps is None else np.clip(np.array(eps, float), -0.5, 0.5)
+        self.eps = eps
+        self.k = 1.0 / (1.0 + eps)
+        self.fp = np.gradient(self.f, self.ds)
+        self.gp = np.gradient(self.g, self.dc)
+        self.has_width = bool(np.any(eps != 0))
+        self.cap = None
+
+    def set_caps(self, s0, ds, c0, dc, table, s_in_lo, s_in_hi):
+        """2-D correction (unit-flux) at the trail ends: used where s < s_in_lo or s > s_in_hi."""
+        self.cap = (float(s0), float(ds), float(c0), float(dc), np.asarray(table, np.float32), float(s_in_lo),
+                    float(s_in_hi))
+
+    def _cap(self, s, c):
+        s0, ds, c0, dc, tab, lo, hi = self.cap
+        out = np.zeros(s.shape, np.float32)
+        m = np.flatnonzero((s < lo) | (s > hi))
+        if len(m) == 0:
+            return out
+        ns, nc = tab.shape
+        u = np.clip((s[m] - s0) / ds, 0.0, ns - 1.000001)
+        v = np.clip((c[m] - c0) / dc, 0.0, nc - 1.000001)
+        i = u.astype(np.int32)
+        j = v.astype(np.int32)
+        fu = (u - i).astype(np.float32)
+        fv = (v - j).astype(np.float32)
+        out[m] = (tab[i, j] * (1 - fu) * (1 - fv) + tab[i + 1, j] * fu * (1 - fv) + tab[i, j + 1] * (1 - fu) * fv
+                  + tab[i + 1, j + 1] * fu * fv)
+        return out
+
+    @property
+    def c_max(self):
+        """Largest |c| where the cross profile is tabulated."""
+        return -self.c0
+
+    @classmethod
+    def analytic(cls, length, sigma, half_width, ds=0.25, dc=0.1):
+        """Uniformly moving Gaussian: erf ramps along, Gaussian across."""
+        s = np.arange(-half_width - 2, length + half_width + 2 + ds, ds)
+        f = (ndtr(s / sigma) - ndtr((s - length) / sigma)) / length
+        c = np.arange(-half_width - 2, half_width + 2 + dc, dc)
+        g = np.exp(-0.5 * (c / sigma) ** 2) / (math.sqrt(2 * math.pi) * sigma)
+        return cls(s[0], ds, f, np.zeros_like(f), c[0], dc, g)
+
+    def _lookup(self, table, x0, dx, x):
+        # tables are zero at both ends (f, delta, g), so clipping the index gives 0 outside
+        n = len(table)
+        u = np.clip((x - x0) / dx, 0.0, n - 1.000001)
+        i = u.astype(np.int32)
+        w = u - i
+        t = table.astype(u.dtype, copy=False)
+        return t[i] * (1 - w) + t[i + 1] * w
+
+    def evaluate(self, s, c, derivatives=False):
+        """Template value (and d/ds, d/dc) at trail coordinates."""
+        f = self._lookup(self.f, self.s0, self.ds, s)
+        dl = self._lookup(self.delta, self.s0, self.ds, s)
+        if self.has_width:
+            k = self._lookup(self.k, self.s0, self.ds, s)
+            cc = (c - dl) * k
+        else:
+            k = 1.0
+            cc = c - dl
+        g = self._lookup(self.g, self.c0, self.dc, cc) * k
+        T = f * g
+        if self.cap is not None:
+            T = T + self._cap(s, c - dl)
+        if not derivatives:
+            return T
+        fp = self._lookup(self.fp, self.s0, self.ds, s)
+        gp = self._lookup(self.gp, self.c0, self.dc, cc) * (k * k)
+        return T, fp * g, f * gp
+
+
+def _sums(star, n, *cols):
+    return [np.bincount(star, weights=c, minlength=n) for c in cols]
+
+
+def _fit(tp, d, w, tmpl, F, da, dc, fit_off, n_iter=2, max_off=1.0):
+    """Linearised least squares of (F, da, dc) per star; offsets only where ``fit_off``.
+
+    ``d`` must already have the neighbours' models subtracted.
+    """
+    n = tp.n
+    st = tp.star
+    for _ in range(n_iter):
+        s = tp.s - da[st]
+        c = tp.c - dc[st]
+        T, Ts, Tc = tmpl.evaluate(s, c, derivatives=True)
+        Fi = F[st]
+        r = d - Fi * T
+        J1 = -Fi * Ts
+        J2 = -Fi * Tc
+        a00, a01, a02, a11, a12, a22, b0, b1, b2 = _sums(
+            st, n, w * T * T, w * T * J1, w * T * J2, w * J1 * J1, w * J1 * J2, w * J2 * J2,
+            w * T * r, w * J1 * r, w * J2 * r,
+        )
+        A = np.empty((n, 3, 3))
+        A[:, 0, 0], A[:, 0, 1], A[:, 0, 2] = a00, a01, a02
+        A[:, 1, 0], A[:, 1, 1], A[:, 1, 2] = a01, a11, a12
+        A[:, 2, 0], A[:, 2, 1], A[:, 2, 2] = a02, a12, a22
+        b = np.stack([b0, b1, b2], axis=1)
+        step = np.zeros((n, 3))
+        ok3 = fit_off & (a00 > 0) & (a11 > 0) & (a22 > 0)
+        if ok3.any():
+            Aa = A[ok3] + np.eye(3)[None] * 1e-9 * np.maximum(A[ok3].max(axis=(1, 2)), 1e-30)[:, None, None]
+            try:
+                step[ok3] = np.linalg.solve(Aa, b[ok3][..., None])[..., 0]
+            except np.linalg.LinAlgError:
+                ok3 = np.zeros(n, bool)
+        ok1 = ~ok3 & (a00 > 0)
+        step[ok1, 0] = b0[ok1] / a00[ok1]
+        F = F + step[:, 0]
+        da = np.clip(da + np.clip(step[:, 1], -0.5, 0.5), -max_off, max_off)
+        dc = np.clip(dc + np.clip(step[:, 2], -0.5, 0.5), -max_off, max_off)
+        da[~fit_off] = 0.0
+        dc[~fit_off] = 0.0
+    return F, da, dc
+
+
+def _solve_fluxes(star, rep, ne, n, w, T, d):
+    """Simultaneous linear least-squares fluxes of all trails (sparse normal equations; blends)."""
+    v = (T * w).astype(np.float64)
+    A = sp.csr_matrix((v, (rep, star)), shape=(ne, n))
+    AtA = (A.T @ A).tocsc()
+    b = np.bincount(star, weights=v * d, minlength=n)
+    diag = AtA.diagonal()
+    dead = diag <= 0
+    if dead.any():
+        AtA = AtA + sp.diags(dead.astype(float), format="csc")
+    F = spsolve(AtA, b)
+    F = np.where(dead, 0.0, F)
+    return F, diag
+
+
+def _subset(tp, idx):
+    return TrailPixels(tp.star[idx], tp.pix[idx], tp.s[idx], tp.c[idx], tp.n)
+
+
+def _robust_median(a, axis=0):
+    """Median over ``axis`` ignoring NaN, and its standard error (1.25 * 1.4826 MAD / sqrt(n))."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        med = np.nanmedian(a, axis=axis)
+        mad = np.nanmedian(np.abs(a - np.expand_dims(med, axis)), axis=axis)
+    n = np.sum(np.isfinite(a), axis=axis)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        err = 1.25 * 1.4826 * mad / np.sqrt(n)
+    err = np.where(n >= 3, err, np.inf)
+    return med, err
+
+
+def _shrink(value, err, smooth_px, step):
+    """Smooth a noisy correction on the scale the PSF already imposes, then shrink it towards 0 by its noise.
+
+    ``value * max(0, 1 - (err/|value|)^2)`` after Gaussian smoothing (of both value
+    and error, the error reduced by the number of bins averaged): corrections
+    that the data do not demand vanish, so an exact base template is not
+    degraded by noise.
+    """
+    v = np.where(np.isfinite(value), value, 0.0)
+    fin = np.isfinite(err) & (err > 0)
+    if not fin.any():
+        return np.zeros_like(v)
+    e = np.where(fin, np.maximum(err, 0.1 * np.median(err[fin])), 1e30)
+    wgt = 1.0 / e**2
+    sig = max(smooth_px / step, 1e-3)
+    vs = ndi_gaussian(v * wgt, sig) / np.maximum(ndi_gaussian(wgt, sig), 1e-300)
+    neff = max(1.0, math.sqrt(2 * math.pi) * sig)
+    es = 1.0 / np.sqrt(np.maximum(ndi_gaussian(wgt, sig), 1e-300) * neff)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        f = np.clip(1.0 - (es / np.abs(vs)) ** 2, 0.0, 1.0)
+    return np.nan_to_num(vs * f)
+
+
+def _empirical_template(tp, d, w, F, da, dc, bright, base, half_width, sigma_psf, ds=0.5, dcbin=0.25):
+    """Correct the analytic template with medians over bright stars.
+
+    Works on the residuals from the analytic template (``d - F*T``), which are
+    smooth, so binning them does not bias the steep parts of the profile
+    (binning the raw column sums would, at the trail ends). Along-track:
+    ``df(s) = median_i sum(r)/(F_i sum(g))``; cross offset:
+    ``delta(s) = -median_i sum(r g')/(F_i sum(f g'^2))``; cross profile:
+    ``dg(c) = median of r / (F f)`` over the interior of the trails.
+    """
+    bright = bright & (F > 0) & np.isfinite(F)
+    sel = bright[tp.star] & (w > 0)
+    if bright.sum() < 3 or not sel.any():
+        return base
+    ib = np.cumsum(bright) - 1
+    stg = tp.star[sel]
+    st = ib[stg]
+    nb = int(bright.sum())
+    s = (tp.s[sel] - da[stg]).astype(np.float64)
+    c = (tp.c[sel] - dc[stg]).astype(np.float64)
+    Fi = F[stg]
+    fb = base._lookup(base.f, base.s0, base.ds, s)
+    gb = base._lookup(base.g, base.c0, base.dc, c)
+    gpb = base._lookup(base.gp, base.c0, base.dc, c)
+    r = d[sel] - Fi * fb * gb
+    h = gb + c * gpb  # -d g_eps / d eps
+    s_lo = base.s0
+    s_hi = base.s0 + base.ds * (len(base.f) - 1)
+    nsb = int(np.ceil((s_hi - s_lo) / ds)) + 1
+    sb = np.clip(np.rint((s - s_lo) / ds).astype(np.int64), 0, nsb - 1)
+    key = st * nsb + sb
+    tot = nb * nsb
+    rF = r / Fi
+
+    def bc(wt):
+        return np.bincount(key, weights=wt, minlength=tot).reshape(nb, nsb)
+
+    a11, a12, a22 = bc(gb * gb), bc(-fb * gb * h), bc((fb * h) ** 2)
+    r1, r2 = bc(gb * rF), bc(-fb * h * rF)
+    num2 = bc(rF * gpb)
+    den2 = bc(fb * gpb**2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        det = a11 * a22 - a12 * a12
+        okd = det > 1e-6 * np.maximum(a11 * a22, 1e-300)
+        dfi = np.where(okd, (a22 * r1 - a12 * r2) / det, r1 / a11)
+        epi = np.where(okd, (a11 * r2 - a12 * r1) / det, np.nan)
+        # rows with too little weight (partly off the CCD)
+        full = a11 > 0.3 * np.max(a11, axis=1, keepdims=True)
+        dfi[~full] = np.nan
+        epi[~full] = np.nan
+        dli = np.where(den2 > 0.2 * np.max(den2, axis=1, keepdims=True), -num2 / den2, np.nan)
+    df, df_err = _robust_median(dfi)
+    ep, ep_err = _robust_median(epi)
+    dl, dl_err = _robust_median(dli)
+    sgrid = s_lo + ds * np.arange(nsb)
+    fgrid_b = base._lookup(base.f, base.s0, base.ds, sgrid)
+    # real structure is smoothed by the PSF along the track: smooth on ~0.6 sigma, shrink by the noise
+    sm = 0.6 * sigma_psf
+    df = _shrink(df, df_err, sm, ds)
+    df[:2] = 0.0
+    df[-2:] = 0.0
+    strong = fgrid_b > 0.3 * fgrid_b.max()
+    dl = np.where(strong, np.clip(_shrink(np.where(strong, dl, np.nan), np.where(strong, dl_err, np.inf), sm, ds),
+                                  -1.0, 1.0), 0.0)
+    ep = np.where(strong, np.clip(_shrink(np.where(strong, ep, np.nan), np.where(strong, ep_err, np.inf), sm, ds),
+                                  -0.3, 0.3), 0.0)
+    # extend eps flat into the ramps (width does not change at the trail ends)
+    if strong.any():
+        i0, i1 = np.flatnonzero(strong)[[0, -1]]
+        ep[:i0] = ep[i0]
+        ep[i1 + 1:] = ep[i1]
+    df = np.clip(df, -0.5 * base.f.max(), 0.5 * base.f.max())
+    sfine = base.s0 + base.ds * np.arange(len(base.f))
+    f_new = base.f + np.interp(sfine, sgrid, df)
+    delta = np.interp(sfine, sgrid, dl)
+    eps = np.interp(sfine, sgrid, ep)
+    # cross profile: interior pixels, with the corrected f and delta
+    fs = np.interp(s, sfine, f_new)
+    dls = np.interp(s, sfine, delta)
+    ks = 1.0 / (1.0 + np.interp(s, sfine, eps))
+    interior = fb > 0.6 * fgrid_b.max()
+    cc = (c[interior] - dls[interior]) * ks[interior]
+    gbi = base._lookup(base.g, base.c0, base.dc, cc)
+    # residual in the frame scaled to the mean width: r/(F f k) is a sample of dg(cc)
+    q = (d[sel][interior] / ks[interior] - Fi[interior] * fs[interior] * gbi) / (Fi[interior] * fs[interior])
+    c_lo = base.c0
+    nc = len(base.g)
+    nbin = int(np.ceil((nc - 1) * base.dc / dcbin)) + 1
+    cb2 = np.clip(np.rint((cc - c_lo) / dcbin).astype(np.int64), 0, nbin - 1)
+    order = np.argsort(cb2, kind="stable")
+    cb2s = cb2[order]
+    qs = q[order]
+    edges = np.searchsorted(cb2s, np.arange(nbin + 1))
+    dg = np.full(nbin, np.nan)
+    dg_err = np.full(nbin, np.inf)
+    for k in range(nbin):
+        if edges[k + 1] - edges[k] >= 20:
+            v = qs[edges[k]:edges[k + 1]]
+            dg[k] = np.median(v)
+            dg_err[k] = 1.25 * 1.4826 * np.median(np.abs(v - dg[k])) / math.sqrt(len(v))
+    dg = np.where(np.isfinite(dg), _shrink(dg, dg_err, 0.3 * sigma_psf, dcbin), np.nan)
+    cgrid2 = c_lo + dcbin * np.arange(nbin)
+    cgrid = base.c0 + base.dc * np.arange(nc)
+    okg = np.isfinite(dg)
+    if okg.sum() > 10:
+        dgi = np.clip(np.interp(cgrid, cgrid2[okg], dg[okg], left=0.0, right=0.0), -0.5 * base.g.max(),
+                      0.5 * base.g.max())
+        g = base.g + dgi
+        g = np.where(np.abs(cgrid) <= half_width, g, 0.0)
+    else:
+        g = base.g
+    return TrailTemplate(base.s0, base.ds, f_new, delta, base.c0, base.dc, g, eps)
+
+
+def _cap_correction(tp, d, w, F, da, dc, bright, tmpl, length, half_width, cap_px, ds=0.5, dcb=0.5):
+    """Median residual (per unit flux) of bright stars near the trail ends, on an (s, c) grid.
+
+    The separable template ``f(s) g(c)`` is exact in the interior of a trail but
+    not at its ends for a non-Gaussian PSF (the end cap is the PSF's own 2-D
+    shape, whose wings a product of marginals does not reproduce).
+    """
+    bright = bright & (F > 0) & np.isfinite(F)
+    sel = np.flatnonzero(bright[tp.star] & (w > 0))
+    if bright.sum() < 3 or len(sel) == 0:
+        return
+    st = tp.star[sel]
+    s = (tp.s[sel] - da[st]).astype(np.float64)
+    c = (tp.c[sel] - dc[st]).astype(np.float64)
+    lo, hi = cap_px, length - cap_px
+    m = (s < lo + 1.0) | (s > hi - 1.0)
+    if not m.any():
+        return
+    sub = TrailPixels(st[m], tp.pix[sel][m], s[m].astype(np.float32), c[m].astype(np.float32), tp.n)
+    T = tmpl.evaluate(sub.s, sub.c)
+    r = (d[sel][m] - F[st[m]] * T) / F[st[m]]
+    dl = tmpl._lookup(tmpl.delta, tmpl.s0, tmpl.ds, s[m])
+    s0 = tmpl.s0
+    s1 = tmpl.s0 + tmpl.ds * (len(tmpl.f) - 1)
+    c0 = -half_width - 1.0
+    ns = int(np.ceil((s1 - s0) / ds)) + 1
+    nc = int(np.ceil(2 * (half_width + 1.0) / dcb)) + 1
+    ib = np.clip(np.rint((s[m] - s0) / ds).astype(np.int64), 0, ns - 1)
+    jb = np.clip(np.rint((c[m] - dl - c0) / dcb).astype(np.int64), 0, nc - 1)
+    key = ib * nc + jb
+    order = np.argsort(key, kind="stable")
+    ks = key[order]
+    rs = r[order]
+    uniq, start, cnt = np.unique(ks, return_index=True, return_counts=True)
+    tab = np.zeros(ns * nc)
+    err = np.full(ns * nc, np.inf)
+    good = cnt >= 5
+    # median per bin (bins are few thousand: loop over the populated ones with enough samples)
+    for u, a, n_ in zip(uniq[good], start[good], cnt[good]):
+        v = rs[a:a + n_]
+        tab[u] = np.median(v)
+        err[u] = 1.25 * 1.4826 * np.median(np.abs(v - tab[u])) / math.sqrt(n_)
+    tab = tab.reshape(ns, nc)
+    err = err.reshape(ns, nc)
+    # smooth over 3x3 bins (error / 3), keep only what is significant
+    from scipy.ndimage import uniform_filter as _uf
+
+    fin = np.isfinite(err) & (err > 0)
+    if not fin.any():
+        return
+    err = np.maximum(err, 0.1 * np.median(err[fin]))  # bins of identical values (masked pixels) get no weight boost
+    wgt = np.where(np.isfinite(err), 1.0 / err**2, 0.0)
+    tw = _uf(tab * wgt, size=3, mode="constant")
+    ww = _uf(wgt, size=3, mode="constant")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tab = np.where(ww > 0, tw / ww, 0.0)
+        es = np.where(ww > 0, 1.0 / np.sqrt(ww * 9.0), np.inf)
+        tab = tab * np.clip(1.0 - (es / np.abs(tab)) ** 2, 0.0, 1.0)
+    tab = np.clip(np.nan_to_num(tab), -0.3 * tmpl.g.max() * tmpl.f.max(), 0.3 * tmpl.g.max() * tmpl.f.max())
+    sg = s0 + ds * np.arange(ns)
+    tab[(sg >= lo) & (sg <= hi), :] = 0.0
+    tab[:, [0, -1]] = 0.0
+    tab[[0, -1], :] = 0.0
+    tmpl.set_caps(s0, ds, c0, dcb, tab, lo, hi)
+
+
+@dataclass
+class TrailFit:
+    """Result of :func:`fit_trails`."""
+
+    model: np.ndarray  # float32 image
+    flux: np.ndarray  # per trail, ADU
+    flux_err: np.ndarray
+    d_along: np.ndarray
+    d_cross: np.ndarray
+    n_masked: np.ndarray  # masked pixels in each trail's core
+    template: TrailTemplate
+    pixels: TrailPixels
+    empirical: bool
+    bright: np.ndarray
+    half_width_px: float = 0.0
+
+
+def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=None, min_bright=6,
+               bright_snr=50.0, max_bright=300, wide_snr=150.0, offset_snr=150.0, analytic_length=None):
+    """Fit and render the common-template model of all trails.
+
+    Parameters
+    ----------
+    resid0 : ndarray float32 (ny, nx)
+        Sky-subtracted image (ADU).
+    bad : ndarray bool or None
+        Pixels excluded from fits (saturated, bad, cosmic rays, streaks).
+    x0, y0, x1, y1 : ndarray
+        Trail start and end (px).
+    sigma_psf : float
+        Gaussian sigma of the PSF (px).
+    sky_sigma : float
+        Sky noise per pixel (ADU).
+    bright_snr : float
+        Stars above this S/N get sub-pixel offsets and build the template.
+
+    Returns
+    -------
+    TrailFit
+    """
+    ny, nx = resid0.shape
+    x0 = np.asarray(x0, float)
+    y0 = np.asarray(y0, float)
+    dxv = np.asarray(x1, float) - x0
+    dyv = np.asarray(y1, float) - y0
+    L = np.hypot(dxv, dyv)
+    Lref = float(np.median(L)) if analytic_length is None else float(analytic_length)
+    ok_len = L > 0
+    ux = np.where(ok_len, dxv / np.where(ok_len, L, 1), 1.0)
+    uy = np.where(ok_len, dyv / np.where(ok_len, L, 1), 0.0)
+    L = np.where(ok_len, L, Lref)
+    hw = float(half_width if half_width is not None else math.ceil(3.0 * sigma_psf) + 1.0)
+    hw_big = max(hw, math.ceil(3.0 * FWHM_PER_SIGMA * sigma_psf))
+    tp = trail_pixels(x0, y0, ux, uy, L, (ny, nx), hw)
+    n = tp.n
+    base = TrailTemplate.analytic(Lref, sigma_psf, hw_big)
+    if n == 0 or len(tp.pix) == 0:
+        return TrailFit(np.zeros((ny, nx), np.float32), np.zeros(n), np.full(n, np.inf), np.zeros(n), np.zeros(n),
+                        np.zeros(n, int), base, tp, False, np.zeros(n, bool))
+    flat_bad = None if bad is None else bad.ravel()
+    flat = resid0.ravel()
+
+    def prepare(tp):
+        ne = len(tp.pix)
+        d = flat[tp.pix].astype(np.float64)
+        w = np.ones(ne, np.float32) if flat_bad is None else (~flat_bad[tp.pix]).astype(np.float32)
+        lookup = np.empty(ny * nx, np.int32)
+        lookup[tp.pix] = np.arange(ne, dtype=np.int32)
+        rep = lookup[tp.pix].astype(np.int64)
+        return ne, d, w, rep
+
+    ne, d, w, rep = prepare(tp)
+    # pass 1: analytic template, simultaneous fluxes
+    T = base.evaluate(tp.s, tp.c).astype(np.float32)
+    F, sumT2 = _solve_fluxes(tp.star, rep, ne, n, w, T, d)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        snr = np.nan_to_num(F * np.sqrt(sumT2) / sky_sigma)
+    # bright stars: wider stamps (PSF wings beyond 3 sigma are significant)
+    wide = snr > wide_snr
+    if wide.any() and hw_big > hw:
+        iw = np.flatnonzero(wide)
+        tpw = trail_pixels(x0[iw], y0[iw], ux[iw], uy[iw], L[iw], (ny, nx), hw_big)
+        keep = ~wide[tp.star]
+        tp = TrailPixels(np.concatenate([tp.star[keep], iw[tpw.star]]), np.concatenate([tp.pix[keep], tpw.pix]),
+                         np.concatenate([tp.s[keep], tpw.s]), np.concatenate([tp.c[keep], tpw.c]), n)
+        ne, d, w, rep = prepare(tp)
+        T = base.evaluate(tp.s, tp.c).astype(np.float32)
+        F, sumT2 = _solve_fluxes(tp.star, rep, ne, n, w, T, d)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            snr = np.nan_to_num(F * np.sqrt(sumT2) / sky_sigma)
+    core = np.abs(tp.c) <= 2.0 * sigma_psf
+    n_masked = np.bincount(tp.star, weights=(w == 0) & core, minlength=n)
+    # local background of each trail from its own wings (the global sky is biased by the sources)
+    own = F[tp.star] * T
+    r = d - np.bincount(rep, weights=own, minlength=ne)[rep]
+    wing = (np.abs(tp.c) > 2.5 * sigma_psf) & (w > 0) & (np.abs(r) < 4.0 * sky_sigma)
+    nw = np.bincount(tp.star, weights=wing, minlength=n)
+    bkg = np.where(nw >= 20, np.bincount(tp.star, weights=r * wing, minlength=n) / np.maximum(nw, 1), 0.0)
+    d = d - bkg[tp.star]
+    da = np.zeros(n)
+    dc = np.zeros(n)
+    npx = np.bincount(tp.star, minlength=n)
+    full = npx >= 0.9 * np.median(npx[npx > 0])
+    bright = (snr > bright_snr) & (n_masked == 0) & full
+    if bright.sum() > max_bright:
+        thr = np.sort(snr[bright])[-max_bright]
+        bright &= snr >= thr
+    tmpl = base
+    empirical = False
+    fit_off = snr > offset_snr
+    cap_px = 2.0 * FWHM_PER_SIGMA * sigma_psf
+    use = fit_off | bright
+    if use.any():
+        eb = np.flatnonzero(use[tp.star])
+        sub = _subset(tp, eb)
+        wb = w[eb]
+
+        def neighbours_removed(T):
+            own = F[tp.star] * T
+            msum = np.bincount(rep, weights=own, minlength=ne)
+            return d[eb] - (msum[rep[eb]] - own[eb])
+
+        db = neighbours_removed(T)
+        F, da, dc = _fit(sub, db, wb, base, F, da, dc, fit_off, n_iter=2)
+        if bright.sum() >= min_bright:
+            tmpl = _empirical_template(sub, db, wb, F, da, dc, bright, base, hw_big, sigma_psf)
+            _cap_correction(sub, db, wb, F, da, dc, bright, tmpl, Lref, hw_big, cap_px=cap_px)
+            empirical = True
+            # neighbours again with the empirical template, then offsets and template once more
+            T = tmpl.evaluate(tp.s - da[tp.star], tp.c - dc[tp.star]).astype(np.float32)
+            F, sumT2 = _solve_fluxes(tp.star, rep, ne, n, w, T, d)
+            db = neighbours_removed(T)
+            F, da, dc = _fit(sub, db, wb, tmpl, F, da, dc, fit_off, n_iter=2)
+            tmpl = _empirical_template(sub, db, wb, F, da, dc, bright, base, hw_big, sigma_psf)
+            _cap_correction(sub, db, wb, F, da, dc, bright, tmpl, Lref, hw_big, cap_px=cap_px)
+    # final: template with offsets, simultaneous fluxes
+    if use.any():
+        T = tmpl.evaluate(tp.s - da[tp.star], tp.c - dc[tp.star]).astype(np.float32)
+        F, sumT2 = _solve_fluxes(tp.star, rep, ne, n, w, T, d)
+    own = (F[tp.star] * T).astype(np.float64)
+    msum = np.bincount(rep, weights=own, minlength=ne)
+    isrep = rep == np.arange(ne)
+    model = np.zeros(ny * nx, np.float32)
+    model[tp.pix[isrep]] = msum[isrep]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ferr = sky_sigma / np.sqrt(sumT2)
+    return TrailFit(model.reshape(ny, nx), F, ferr, da, dc, n_masked.astype(int), tmpl, tp, empirical, bright, hw_big)

@@ -1,0 +1,924 @@
+"""Classification of every significant source on one CCD of a drift exposure.
+
+A drift image separates phenomena by shape. With the drift geometry known
+(:mod:`pydriftn.geometry`):
+
+* ``star_trail`` — a segment of the drift length along the drift direction,
+  convolved with the PSF (catalogued: from the trail table; uncatalogued
+  "new" stars: found in the residual with that shape);
+* ``flash`` — a PSF-shaped point: a source shorter than the PSF crossing
+  time (~2 s at 1"/0.5"/s; a millisecond optical transient) does not trail;
+* ``satellite`` — a straight streak much longer than a trail, at any angle;
+* ``cosmic_ray`` — sharper than the PSF (or flagged in the dq mask);
+* ``other_trail`` — elongated, but with a length or angle inconsistent with
+  the drift (a moving object, an artefact).
+
+Method (per CCD): separable sky; model image of all catalogued trails with a
+template common to the CCD (:mod:`._trailmodel`), subtracted; streaks found
+by a binned Hough transform of the residual and masked (:mod:`._streaks`);
+point-like excesses found with a PSF matched filter (on a 2x2-binned residual
+for speed, refined at full resolution), plus single pixels far above the
+noise (cosmic-ray hits). Each candidate is classified from likelihood
+comparisons and moments:
+
+* ``sharp_ratio`` = (chi2 gain of up to 4 free pixels) / (chi2 gain of the
+  PSF): about 0.35-0.6 for a PSF, > 1 for a cosmic ray;
+* ``trail_ratio`` = S/N of the drift-trail matched filter / S/N of the PSF
+  matched filter at the candidate: ~0.4 for a point, > 1.5 for a trail;
+* second moments of the footprint in the smoothed residual: length, width,
+  angle relative to the drift.
+
+A flash on a catalogued star's trail is timed by its position along the
+trail: ``t_s = along-track distance from the trail start / speed``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage as ndi
+
+from ..errors import MaskError
+from ._background import estimate_sky, residual_mesh
+from ._streaks import Streak, bin_image, find_streaks, rasterize_streak
+from ._streaks import _refine as _refine_streak
+from ._trailmodel import fit_trails
+
+__all__ = [
+    "CLASSES",
+    "COLUMNS",
+    "ClassificationResult",
+    "classify_exposure_ccd",
+    "decode_mask",
+]
+
+log = logging.getLogger(__name__)
+
+SECONDS_PER_DAY = 86400.0
+FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+
+#: Class names, in the order used for counts.
+CLASSES = ("star_trail", "flash", "satellite", "cosmic_ray", "other_trail")
+
+#: Columns of the classification table (one row per object), in order.
+COLUMNS = [
+    "class",  # one of CLASSES
+    "subclass",  # star_trail: catalogued/new; cosmic_ray: dqmask/sharp; satellite: hough/fragment
+    "score",  # 0..1 confidence of the class
+    "star_id",  # catalogued trails (Int64, <NA> otherwise)
+    "x", "y",  # position (px): trail midpoint, flash centroid, streak midpoint, CR centroid
+    "ra", "dec",  # sky position (deg): flashes at their instant (mid-exposure if unknown)
+    "flux_e", "flux_err_e", "snr",
+    "psf_snr",  # S/N of the PSF matched filter
+    "trail_snr",  # S/N of the drift-trail matched filter (binned residual)
+    "trail_ratio",  # trail_snr / point S/N on the same binned map
+    "sharp_ratio",  # chi2(<=4 free pixels) / chi2(PSF)
+    "peak_sigma",  # brightest pixel in units of its noise
+    "length_px", "width_px",  # moments (streaks: line fit)
+    "angle_deg",  # image position angle of the major axis, deg from +x towards +y
+    "angle_rel_drift_deg",  # major axis relative to the drift direction, -90..90
+    "npix",
+    "x0", "y0", "x1", "y1",  # trail start/end, streak ends
+    "rho_px", "theta_deg",  # streaks: x cos(theta) + y sin(theta) = rho
+    "surface_brightness_e",  # streaks: e- per pixel of length
+    "mjd_start", "mjd_end",  # exposure window (UTC MJD)
+    "t_s", "t_mjd",  # instant of a flash on a catalogued trail (NaN otherwise)
+    "on_star_id", "sample_index",  # the star whose trail the flash lies on, and the sample
+    "pos_err_arcsec",  # flashes: sky-position uncertainty from the unknown instant
+    "flags",  # bitmask, see FLAG_*
+]
+
+FLAG_SATURATED = 1  # saturated / masked pixels in the core
+FLAG_STREAK_CROSSED = 2  # a satellite streak crosses the object (pixels masked)
+FLAG_EDGE = 4  # near the CCD edge
+FLAG_MASKED = 8  # dq-masked pixels nearby
+FLAG_ON_TRAIL = 16  # flash on a catalogued trail
+FLAG_DQ_CR = 32  # dq mask says cosmic ray
+
+_CP_CODES = {"bad": (1, 2, 6), "sat": (3, 4), "cr": (5,), "streak": (8,)}
+
+
+@dataclass
+class ClassificationResult:
+    """Classification of one exposure x CCD.
+
+    Attributes
+    ----------
+    table : DataFrame
+        One row per object, columns :data:`COLUMNS`.
+    streak_mask : ndarray of bool
+        Pixels of satellite streaks (to be masked by later stages).
+    counts : dict
+        Number of objects per class (all of :data:`CLASSES`).
+    model : ndarray float32
+        Model image of the catalogued star trails (ADU, sky not included).
+    sky_sigma : float
+        Sky noise per pixel (ADU).
+    streaks : list of Streak
+    meta : dict
+        Knobs and diagnostics (template kind, timings).
+    """
+
+    table: pd.DataFrame
+    streak_mask: np.ndarray
+    counts: dict
+    model: np.ndarray | None = None
+    sky_sigma: float = float("nan")
+    streaks: list = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+
+def decode_mask(mask, shape, convention="flags"):
+    """Split a data-quality mask into bad, saturated, cosmic-ray and streak pixels.
+
+    Parameters
+    ----------
+    mask : ndarray or None
+        Boolean (True = bad), or integer: decoded
+        :class:`pydriftn.flags.PixelFlag` bitmask as read by
+        :func:`pydriftn.io.read_ccd` (``convention="flags"``) or raw CP codes (``"cp"``: 1 bad,
+        2 hot, 3 saturated, 4 bleed, 5 cosmic ray, 6 low weight, 7
+        transient, 8 streak).
+    shape : tuple
+        Image shape.
+
+    Returns
+    -------
+    dict of bool arrays (or None): ``bad``, ``sat``, ``cr``, ``streak``.
+    """
+    out = dict(bad=None, sat=None, cr=None, streak=None)
+    if mask is None:
+        return out
+    m = np.asarray(mask)
+    if m.shape != tuple(shape):
+        raise MaskError(f"dq mask shape {m.shape} does not match image shape {tuple(shape)}")
+    if m.dtype == bool:
+        out["bad"] = m
+        return out
+    if not np.issubdtype(m.dtype, np.integer):
+        raise MaskError(f"dq mask dtype {m.dtype}: expected bool or integer codes/bits")
+    if convention == "cp":
+        for k, codes in _CP_CODES.items():
+            out[k] = np.isin(m, codes)
+        return out
+    if convention != "flags":
+        raise ValueError(f"mask convention must be 'flags' or 'cp', got {convention!r}")
+    from ..flags import PixelFlag as P
+
+    groups = dict(bad=P.BAD_PIXEL | P.LOW_WEIGHT | P.EDGE | P.INTERPOLATED, sat=P.SATURATED | P.BLEED,
+                  cr=P.COSMIC_RAY, streak=P.STREAK)
+    for k, b in groups.items():
+        out[k] = (m & int(b)) != 0
+    return out
+
+
+def _gauss_kernel(sigma, truncate=3.0):
+    r = max(1, int(math.ceil(truncate * sigma)))
+    x = np.arange(-r, r + 1, dtype=float)
+    k1 = np.exp(-0.5 * (x / sigma) ** 2)
+    k1 /= k1.sum()
+    return np.outer(k1, k1), r
+
+
+def _trail_norm(sigma_b, ux, uy, length_px, step=0.5):
+    """sqrt(sum E^2) of the effective kernel of a line sum of samples of a Gaussian-smoothed binned map."""
+    n = int(round(length_px))
+    t = (np.arange(n) - (n - 1) / 2.0) * step  # binned units, one sample per full px
+    px, py = t * ux, t * uy
+    R = int(math.ceil(abs(t).max() + 4 * sigma_b)) + 1
+    g = np.arange(-R, R + 1, dtype=float)
+    X, Y = np.meshgrid(g, g)
+    E = np.zeros_like(X)
+    for a, b in zip(px, py):
+        E += np.exp(-0.5 * ((X - a) ** 2 + (Y - b) ** 2) / sigma_b**2)
+    E /= 2 * math.pi * sigma_b**2
+    return float(math.sqrt(np.sum(E**2))), n
+
+
+def _dead_columns(r0, sigma, block=64, nsig=8.0):
+    """Column segments far below the sky (dead column parts) when no dq mask is given."""
+    ny, nx = r0.shape
+    nb = max(1, ny // block)
+    sub = r0[: nb * block : 2].reshape(nb, -1, nx)
+    med = np.median(sub, axis=1)  # (nb, nx)
+    thr = nsig * sigma / math.sqrt(sub.shape[1]) * 1.25
+    lowc = med < -max(thr, 3 * sigma)
+    if not lowc.any():
+        return None
+    m = np.zeros((ny, nx), bool)
+    jb, ic = np.nonzero(lowc)
+    for j, i in zip(jb, ic):
+        y1 = ny if j == nb - 1 else (j + 1) * block
+        m[j * block:y1, i] = True
+    return m
+
+
+def _empty_table():
+    df = pd.DataFrame({c: pd.Series(dtype="float64") for c in COLUMNS})
+    df["class"] = df["class"].astype(object)
+    df["subclass"] = df["subclass"].astype(object)
+    df["star_id"] = df["star_id"].astype("Int64")
+    df["on_star_id"] = df["on_star_id"].astype("Int64")
+    df["sample_index"] = df["sample_index"].astype("Int64")
+    df["npix"] = df["npix"].astype("Int64")
+    df["flags"] = df["flags"].astype("int64")
+    return df
+
+
+def _finish_table(rows):
+    base = _empty_table()
+    if not rows:
+        return base
+    df = pd.DataFrame(rows)
+    for c in COLUMNS:
+        if c not in df:
+            df[c] = np.nan
+    df = df[COLUMNS]
+    for c in ("star_id", "on_star_id", "sample_index", "npix"):
+        df[c] = pd.array(pd.to_numeric(df[c], errors="coerce").round(), dtype="Int64")
+    df["flags"] = pd.to_numeric(df["flags"], errors="coerce").fillna(0).astype("int64")
+    for c in COLUMNS:
+        if c not in ("class", "subclass", "star_id", "on_star_id", "sample_index", "npix", "flags"):
+            df[c] = pd.to_numeric(df[c], errors="coerce").astype("float64")
+    return df.reset_index(drop=True)
+
+
+def _gather(img, ys, xs):
+    ny, nx = img.shape
+    ys, xs = np.broadcast_arrays(ys, xs)
+    ok = (ys >= 0) & (ys < ny) & (xs >= 0) & (xs < nx)
+    v = np.zeros(ys.shape, dtype=np.float64)
+    v[ok] = img[ys[ok], xs[ok]]
+    return v, ok
+
+
+def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_noise=None, wcs=None,
+                          mjd_obs=None, exptime=None, saturation_adu=None, mask_convention="flags",
+                          flash_sigma=5.5, cr_sigma=6.0, sharp_threshold=1.3, trail_ratio_threshold=1.2,
+                          model_error_frac=0.015, position_error_px=0.05, angle_tol_deg=15.0, streak_detect_sigma=8.0,
+                          streak_bin_px=16, max_streaks=5, detect_streaks=True, amp_boundary="half"):
+    """Classify every significant source on one CCD of a drift exposure.
+
+    Parameters
+    ----------
+    image : ndarray (ny, nx)
+        Image in ADU with the sky.
+    mask : ndarray or None
+        dq mask (see :func:`decode_mask`); None when no mask was read.
+    trails : DataFrame
+        Catalogued (and predicted) trails with ``star_id, x_start, y_start,
+        x_end, y_end`` (0-based px).
+    geometry : TrailGeometry
+        Drift geometry of the CCD (direction, length, speed, sample_dt_s).
+    fwhm_px : float
+        PSF FWHM (px).
+    gain : float
+        e-/ADU.
+    read_noise : float, optional
+        e-; only used if the sky noise cannot be measured.
+    wcs : astropy.wcs.WCS, optional
+        Shutter-open WCS for sky coordinates.
+    mjd_obs, exptime : float, optional
+        Shutter-open MJD and exposure time (s); default exptime from geometry.
+    saturation_adu : float, optional
+        Pixels at or above 98 % of this are treated as saturated.
+    mask_convention : {'flags', 'cp'}
+        Meaning of an integer mask.
+    flash_sigma : float
+        Detection threshold of the PSF matched filter (sigma).
+    cr_sigma : float
+        A cosmic ray needs a pixel this many sigma above the model.
+    sharp_threshold : float
+        ``sharp_ratio`` above which a source is sharper than the PSF.
+    trail_ratio_threshold : float
+        ``trail_ratio`` above which a source is trail-like.
+    model_error_frac : float
+        Fractional error of the trail model added to the noise (keeps
+        bright-trail residuals from becoming detections).
+    position_error_px : float
+        Position error of the trail model (px) times the model's gradient, added to the noise.
+    angle_tol_deg : float
+        Largest angle between an uncatalogued trail and the drift.
+    streak_detect_sigma, streak_bin_px, max_streaks, detect_streaks
+        Satellite search (see :func:`pydriftn.classify._streaks.find_streaks`).
+    amp_boundary : int, 'half' or None
+        First column of the second amplifier (``'half'``: NAXIS1/2, DECam).
+
+    Returns
+    -------
+    ClassificationResult
+    """
+    import time
+
+    t_start = time.perf_counter()
+    data = np.asarray(image, dtype=np.float32)
+    if data.ndim != 2:
+        raise ValueError(f"image must be 2-D, got shape {data.shape}")
+    if not (fwhm_px and fwhm_px > 0):
+        raise ValueError(f"fwhm_px must be positive, got {fwhm_px}")
+    if not (gain and gain > 0):
+        raise ValueError(f"gain must be positive (e-/ADU), got {gain}")
+    for col in ("star_id", "x_start", "y_start", "x_end", "y_end"):
+        if trails is not None and len(trails) and col not in trails:
+            raise ValueError(f"trail table: column {col!r} missing (need star_id, x_start, y_start, x_end, y_end)")
+    ny, nx = data.shape
+    exptime = float(exptime if exptime is not None else geometry.exptime_s)
+    mjd_start = float(mjd_obs) if mjd_obs is not None else float("nan")
+    mjd_end = mjd_start + exptime / SECONDS_PER_DAY
+    sigma_psf = float(fwhm_px) / FWHM_PER_SIGMA
+    ux, uy = (float(v) for v in geometry.direction)
+    L = float(geometry.length_px)
+    timings = {}
+
+    # ---------------------------------------------------------------- masks
+    dq = decode_mask(mask, data.shape, mask_convention)
+    bad = ~np.isfinite(data)
+    if dq["bad"] is not None:
+        bad |= dq["bad"]
+    sat = np.zeros_like(bad) if dq["sat"] is None else dq["sat"].copy()
+    if saturation_adu is not None and np.isfinite(saturation_adu):
+        sat |= data >= 0.98 * float(saturation_adu)
+    crm = dq["cr"]
+    excl = bad | sat
+    if crm is not None:
+        excl = excl | crm
+    if not np.isfinite(data).all():
+        data = np.where(np.isfinite(data), data, 0.0).astype(np.float32)
+
+    # ---------------------------------------------------------------- sky
+    if amp_boundary == "half":
+        amp_boundary = nx // 2 if nx >= 64 else None
+    rows, cols, sigma, level = estimate_sky(data, excl, amp_boundary=amp_boundary)
+    if not sigma > 0:
+        sigma = float(read_noise or 1.0) / gain
+    r0 = data - rows.astype(np.float32)[:, None] - cols.astype(np.float32)[None, :]
+    if mask is None:
+        dead = _dead_columns(r0, sigma)
+        if dead is not None:
+            bad |= dead
+            excl |= dead
+    r0[excl] = 0.0
+    timings["sky"] = time.perf_counter() - t_start
+
+    # ---------------------------------------------------------------- trail model
+    t0 = time.perf_counter()
+    tr = trails if trails is not None else pd.DataFrame(columns=["star_id", "x_start", "y_start", "x_end", "y_end"])
+    tx0 = tr["x_start"].to_numpy(float) if len(tr) else np.zeros(0)
+    ty0 = tr["y_start"].to_numpy(float) if len(tr) else np.zeros(0)
+    tx1 = tr["x_end"].to_numpy(float) if len(tr) else np.zeros(0)
+    ty1 = tr["y_end"].to_numpy(float) if len(tr) else np.zeros(0)
+    fin = np.isfinite(tx0) & np.isfinite(ty0) & np.isfinite(tx1) & np.isfinite(ty1)
+    if not fin.all():
+        # a trail without an end: use the geometry
+        tx1 = np.where(np.isfinite(tx1), tx1, tx0 + ux * L)
+        ty1 = np.where(np.isfinite(ty1), ty1, ty0 + uy * L)
+        fin = np.isfinite(tx0) & np.isfinite(ty0)
+    tidx = np.flatnonzero(fin)
+    fit = fit_trails(r0, excl, tx0[tidx], ty0[tidx], tx1[tidx], ty1[tidx], sigma_psf=sigma_psf, sky_sigma=sigma,
+                     analytic_length=L)
+    model = fit.model
+    resid = r0 - model
+    resid[excl] = 0.0
+    timings["trail_model"] = time.perf_counter() - t0
+
+    # ---------------------------------------------------------------- streaks
+    t0 = time.perf_counter()
+    streak_mask = np.zeros(data.shape, bool)
+    streaks: list[Streak] = []
+    if detect_streaks:
+        mesh0, _ = residual_mesh(bin_image(resid, 2))
+        streaks = find_streaks(resid, sigma, fwhm_px=fwhm_px, bin_px=streak_bin_px, background_binned2=mesh0,
+                               detect_sigma=streak_detect_sigma, max_streaks=max_streaks,
+                               min_length_px=max(4.0 * L, 100.0))
+        for st in streaks:
+            streak_mask |= rasterize_streak(st, data.shape)
+    dq_streaks = []
+    if dq["streak"] is not None and dq["streak"].any():
+        # streaks flagged in the dq mask: one line fit per connected group (binned 4x4 for speed)
+        sb4 = bin_image(dq["streak"].astype(np.float32), 4) > 0
+        lab4, nlab = ndi.label(sb4, structure=np.ones((3, 3)))
+        yy, xx = np.nonzero(dq["streak"])
+        g = lab4[np.minimum(yy // 4, lab4.shape[0] - 1), np.minimum(xx // 4, lab4.shape[1] - 1)]
+        for k in range(1, nlab + 1):
+            sel_k = g == k
+            if sel_k.sum() < 10:
+                continue
+            px_, py_ = xx[sel_k].astype(float), yy[sel_k].astype(float)
+            mx_, my_ = px_.mean(), py_.mean()
+            cov = np.cov(np.stack([px_ - mx_, py_ - my_]))
+            evals, evecs = np.linalg.eigh(cov)
+            vx_, vy_ = evecs[:, 1]
+            if math.sqrt(12.0 * max(evals[1], 0.0)) < 2.0 * L:
+                continue
+            th_n = math.atan2(vy_, vx_) + 0.5 * math.pi
+            rho_n = mx_ * math.cos(th_n) + my_ * math.sin(th_n)
+            dup = False
+            for st in streaks:
+                dth = abs((math.degrees(th_n) - st.theta_deg + 90.0) % 180.0 - 90.0)
+                if dth < 1.0 and abs(abs(rho_n) - abs(st.rho_px)) < 10.0:
+                    dup = True
+            if dup:
+                continue
+            st = _refine_streak(resid, sigma, th_n, rho_n, fwhm_px, nx, ny, band_px=max(3.0 * fwhm_px, 12.0))
+            if st is not None and math.hypot(st.x1 - st.x0, st.y1 - st.y0) >= 2.0 * L:
+                streaks.append(st)
+                dq_streaks.append(st)
+                streak_mask |= rasterize_streak(st, data.shape)
+        streak_mask |= dq["streak"]
+    if streak_mask.any() and len(tidx):
+        # refit the stars under the streak without its pixels
+        fit = fit_trails(r0, excl | streak_mask, tx0[tidx], ty0[tidx], tx1[tidx], ty1[tidx], sigma_psf=sigma_psf,
+                         sky_sigma=sigma, analytic_length=L)
+        model = fit.model
+        resid = r0 - model
+        resid[excl] = 0.0
+    resid[streak_mask] = 0.0
+    timings["streaks"] = time.perf_counter() - t0
+
+    # ---------------------------------------------------------------- candidates
+    t0 = time.perf_counter()
+    rows_out = []
+    K, R = _gauss_kernel(sigma_psf)
+    knorm = float(np.sqrt(np.sum(K**2)))
+    Psum = float(np.sum(K**2))
+    sig_b = 0.5 * sigma_psf
+    B = bin_image(resid, 2).astype(np.float32)
+    mesh, _ = residual_mesh(B)
+    B -= mesh
+    M = ndi.gaussian_filter(B, sig_b, truncate=3.0)
+    Kb, _ = _gauss_kernel(sig_b)
+    knorm_b = float(np.sqrt(np.sum(Kb**2)))
+    Mz = M / np.float32(2.0 * sigma * knorm_b)
+    pre = 0.6 * flash_sigma
+    cand = np.flatnonzero(Mz > pre)
+    nyb, nxb = Mz.shape
+    cy, cx = np.divmod(cand, nxb)
+    if len(cand):
+        v0 = Mz[cy, cx]
+        ismax = np.ones(len(cand), bool)
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                if dx == 0 and dy == 0:
+                    continue
+                v, ok = _gather(Mz, cy + dy, cx + dx)
+                ismax &= ~ok | (v <= v0)
+        cy, cx = cy[ismax], cx[ismax]
+    # full-resolution matched filter around each binned maximum
+    W = 6
+    off = np.arange(-W // 2 - R, W // 2 + R)  # stamp offsets
+    py_list, px_list, fv_list = [], [], []
+    if len(cy):
+        by = 2 * cy
+        bx = 2 * cx
+        oy = off[None, :, None]
+        ox = off[None, None, :]
+        ys = by[:, None, None] + oy
+        xs = bx[:, None, None] + ox
+        st, _ = _gather(resid, np.broadcast_to(ys, (len(cy), len(off), len(off))),
+                        np.broadcast_to(xs, (len(cy), len(off), len(off))))
+        st -= (mesh[np.minimum(cy, nyb - 1), np.minimum(cx, nxb - 1)] / 4.0)[:, None, None]
+        win = np.lib.stride_tricks.sliding_window_view(st, (2 * R + 1, 2 * R + 1), axis=(1, 2))
+        filt = np.einsum("nijab,ab->nij", win, K)  # (n, W, W): positions off[R:R+W]
+        inner = filt[:, 1:-1, 1:-1]
+        k = inner.reshape(len(cy), -1).argmax(axis=1)
+        iy, ix = np.divmod(k, inner.shape[2])
+        iy += 1
+        ix += 1
+        pk_y = by + off[R + iy]
+        pk_x = bx + off[R + ix]
+        fv = filt[np.arange(len(cy)), iy, ix]
+        # sub-pixel: parabola through neighbours
+        n_ = np.arange(len(cy))
+        fxm, fxp = filt[n_, iy, ix - 1], filt[n_, iy, ix + 1]
+        fym, fyp = filt[n_, iy - 1, ix], filt[n_, iy + 1, ix]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            dxs = np.clip(0.5 * (fxm - fxp) / (fxm - 2 * fv + fxp), -0.5, 0.5)
+            dys = np.clip(0.5 * (fym - fyp) / (fym - 2 * fv + fyp), -0.5, 0.5)
+        dxs = np.nan_to_num(dxs)
+        dys = np.nan_to_num(dys)
+        py_list.append(pk_y)
+        px_list.append(pk_x)
+        fv_list.append(np.stack([fv, pk_x + dxs, pk_y + dys], axis=1))
+    # single pixels far above the noise (cosmic-ray hits)
+    hot = np.flatnonzero(resid.ravel() > cr_sigma * sigma)
+    if len(hot):
+        hy, hx = np.divmod(hot, nx)
+        hv = resid[hy, hx]
+        mloc = model[hy, hx]
+        var = sigma**2 + np.clip(mloc, 0, None) / gain + (model_error_frac * mloc) ** 2
+        keep = hv / np.sqrt(var) > cr_sigma
+        hy, hx, hv = hy[keep], hx[keep], hv[keep]
+        ismax = np.ones(len(hy), bool)
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                if dx == 0 and dy == 0:
+                    continue
+                v, ok = _gather(resid, hy + dy, hx + dx)
+                ismax &= ~ok | (v <= hv)
+        hy, hx = hy[ismax], hx[ismax]
+        if len(hy):
+            stp, _ = _gather(resid, hy[:, None, None] + np.arange(-R, R + 1)[None, :, None],
+                             hx[:, None, None] + np.arange(-R, R + 1)[None, None, :])
+            bgh = mesh[np.minimum(hy // 2, nyb - 1), np.minimum(hx // 2, nxb - 1)] / 4.0
+            fvh = np.einsum("nab,ab->n", stp, K) - bgh
+            py_list.append(hy)
+            px_list.append(hx)
+            fv_list.append(np.stack([fvh, hx.astype(float), hy.astype(float)], axis=1))
+    timings["candidates"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if py_list:
+        PY = np.concatenate(py_list)
+        PX = np.concatenate(px_list)
+        FV = np.concatenate(fv_list)
+        key = PY * nx + PX
+        _, first = np.unique(key, return_index=True)
+        PY, PX, FV = PY[first], PX[first], FV[first]
+        mloc, _ = _gather(model, PY, PX)
+        o7 = np.arange(-3, 4)
+        m7, _ = _gather(model, PY[:, None, None] + o7[None, :, None], PX[:, None, None] + o7[None, None, :])
+        mnear = m7.reshape(len(PY), -1).max(axis=1)
+        gy_, gx_ = np.gradient(m7, axis=(1, 2))
+        gnear = np.sqrt(gx_**2 + gy_**2).reshape(len(PY), -1).max(axis=1)
+        # photon noise of the star light + systematic floors: a fraction of the nearest trail's peak
+        # (the model is never perfect in the wings) and a position error times the model's gradient
+        # (trail ends, where a sub-pixel error in the start or the jitter leaves a dipole)
+        var_pk = sigma**2 + np.clip(mloc, 0, None) / gain + (model_error_frac * mnear) ** 2 + \
+            (position_error_px * gnear) ** 2
+        psf_snr = FV[:, 0] / (knorm * np.sqrt(var_pk))
+        # candidates with masked pixels under the kernel: masked matched filter (weights 0 there)
+        oR = np.arange(-R, R + 1)
+        ysR = PY[:, None, None] + oR[None, :, None]
+        xsR = PX[:, None, None] + oR[None, None, :]
+        mR, inR = _gather(excl, ysR, xsR)
+        wR = (inR & (mR == 0)).astype(float)
+        part = wR.reshape(len(PY), -1).min(axis=1) == 0
+        if part.any():
+            stR, _ = _gather(resid, ysR[part], xsR[part])
+            bgp = (mesh[np.minimum(PY[part] // 2, nyb - 1), np.minimum(PX[part] // 2, nxb - 1)] / 4.0)
+            stR = stR - bgp[:, None, None]
+            wp = wR[part]
+            sKr = np.einsum("nab,ab->n", stR * wp, K)
+            sK2 = np.einsum("nab,ab->n", wp, K * K)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                FV[part, 0] = np.where(sK2 > 0, sKr / sK2 * Psum, 0.0)
+                psf_snr[part] = np.where(sK2 > 0, sKr / np.sqrt(sK2 * var_pk[part]), 0.0)
+        # sharpness: top-4 z^2 in the 5x5 around the peak vs PSF chi2
+        o5 = np.arange(-2, 3)
+        ys5 = PY[:, None, None] + o5[None, :, None]
+        xs5 = PX[:, None, None] + o5[None, None, :]
+        ys5, xs5 = np.broadcast_arrays(ys5, xs5)
+        st5, ok5 = _gather(resid, ys5, xs5)
+        st5 -= (mesh[np.minimum(PY // 2, nyb - 1), np.minimum(PX // 2, nxb - 1)] / 4.0)[:, None, None]
+        m5, _ = _gather(model, ys5, xs5)
+        v5 = sigma**2 + np.clip(m5, 0, None) / gain + (model_error_frac * m5) ** 2
+        z5 = st5 / np.sqrt(v5)
+        zc = z5[:, 1:4, 1:4].reshape(len(PY), -1)
+        peak_sigma = zc.max(axis=1)
+        m5, _ = _gather(excl, ys5, xs5)
+        z5 = np.where(m5 > 0, 0.0, z5)  # masked pixels carry no information
+        zz = np.sort(np.clip(z5.reshape(len(PY), -1), 0, None) ** 2, axis=1)[:, ::-1]
+        s4 = zz[:, :4].sum(axis=1)
+        sharp_ratio = s4 / np.maximum(psf_snr, 1.0) ** 2
+        dq_cr = np.zeros(len(PY), bool)
+        if crm is not None:
+            c3, _ = _gather(crm, ys5[:, 1:4, 1:4], xs5[:, 1:4, 1:4])
+            dq_cr = c3.reshape(len(PY), -1).max(axis=1) > 0
+        near_mask, _ = _gather(excl, ys5, xs5)
+        near_mask = near_mask.reshape(len(PY), -1).max(axis=1) > 0
+        keep = (psf_snr >= flash_sigma) | ((peak_sigma >= cr_sigma) & (sharp_ratio > sharp_threshold))
+        sel = np.flatnonzero(keep)
+    else:
+        sel = np.zeros(0, int)
+    timings["features"] = time.perf_counter() - t0
+
+    # trail matched filter along the drift, on the binned map
+    t0 = time.perf_counter()
+    tnorm, nL = _trail_norm(sig_b, ux, uy, L)
+    if len(sel):
+        xb = (FV[sel, 1] - 0.5) / 2.0
+        yb = (FV[sel, 2] - 0.5) / 2.0
+        tt = np.arange(-nL, nL + 1) * 0.5  # binned units
+        XS = xb[:, None] + tt[None, :] * ux
+        YS = yb[:, None] + tt[None, :] * uy
+        prof = ndi.map_coordinates(Mz, [YS.ravel(), XS.ravel()], order=1, mode="constant", cval=0.0)
+        prof = prof.reshape(len(sel), -1)
+        cs = np.concatenate([np.zeros((len(sel), 1)), np.cumsum(prof, axis=1)], axis=1)
+        wins = cs[:, nL:] - cs[:, : cs.shape[1] - nL]  # windows of nL samples
+        # windows that contain the centre sample (index nL)
+        start = np.arange(wins.shape[1])
+        contain = (start <= nL) & (start + nL - 1 >= nL)
+        wbest = np.where(contain[None, :], wins, -np.inf).max(axis=1)
+        trail_snr_b = wbest * knorm_b * 2.0 * sigma / (2.0 * sigma * tnorm)
+        point_b = ndi.map_coordinates(Mz, [yb, xb], order=1, mode="constant", cval=0.0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            trail_ratio = trail_snr_b / np.maximum(point_b, 1e-3)
+        trail_snr = trail_snr_b
+    timings["trail_filter"] = time.perf_counter() - t0
+
+    # catalogued trail geometry for membership tests
+    t0 = time.perf_counter()
+    n_tr = len(tidx)
+    if n_tr:
+        Lc = np.hypot(tx1[tidx] - tx0[tidx], ty1[tidx] - ty0[tidx])
+        Lc = np.where(Lc > 0, Lc, L)
+        uxc = np.where(Lc > 0, (tx1[tidx] - tx0[tidx]) / Lc, ux)
+        uyc = np.where(Lc > 0, (ty1[tidx] - ty0[tidx]) / Lc, uy)
+        sx0 = tx0[tidx] + fit.d_along * uxc - fit.d_cross * uyc
+        sy0 = ty0[tidx] + fit.d_along * uyc + fit.d_cross * uxc
+        order_y = np.argsort(np.minimum(sy0, sy0 + uyc * Lc))
+        ymin_sorted = np.minimum(sy0, sy0 + uyc * Lc)[order_y]
+        span = float(np.max(np.abs(uyc * Lc))) if n_tr else 0.0
+
+    def on_trails(x, y, cmax, smargin):
+        """Indices (into tidx) of catalogued trails whose stadium contains (x, y), sorted by |c|."""
+        if not n_tr:
+            return np.zeros(0, int), np.zeros(0), np.zeros(0)
+        lo = np.searchsorted(ymin_sorted, y - span - cmax - smargin - 1, side="left")
+        hi = np.searchsorted(ymin_sorted, y + cmax + smargin + 1, side="right")
+        j = order_y[lo:hi]
+        dx = x - sx0[j]
+        dy = y - sy0[j]
+        s = dx * uxc[j] + dy * uyc[j]
+        c = dy * uxc[j] - dx * uyc[j]
+        ok = (np.abs(c) <= cmax) & (s >= -smargin) & (s <= Lc[j] + smargin)
+        j, s, c = j[ok], s[ok], c[ok]
+        o = np.argsort(np.abs(c))
+        return j[o], s[o], c[o]
+
+    # ---------------------------------------------------------------- classify candidates
+    claimed = np.zeros((nyb, nxb), bool)
+    point_claims = []  # (x, y, r)
+    gain_e = float(gain)
+    ang_drift = math.degrees(math.atan2(uy, ux))
+    hw_tr = math.ceil(3.0 * sigma_psf) + 1.0
+    Psum = float(np.sum(K**2))
+    order = sel[np.argsort(-np.nan_to_num(psf_snr[sel]))] if len(sel) else sel
+    pos_in_sel = {int(s): i for i, s in enumerate(sel)}
+    rb = int(math.ceil(0.5 * L / 2.0 + 6))
+    edge_px = 2 * R
+    cr_rows = []
+    segment_streaks = []
+    for ci in order:
+        i = pos_in_sel[int(ci)]
+        x, y = float(FV[ci, 1]), float(FV[ci, 2])
+        pyi, pxi = int(PY[ci]), int(PX[ci])
+        byi, bxi = min(pyi // 2, nyb - 1), min(pxi // 2, nxb - 1)
+        if claimed[byi, bxi] or streak_mask[pyi, pxi]:
+            continue
+        if any((x - a) ** 2 + (y - b) ** 2 < r * r for a, b, r in point_claims):
+            continue
+        flags = 0
+        if near_mask[ci]:
+            flags |= FLAG_MASKED
+        if x < edge_px or y < edge_px or x > nx - 1 - edge_px or y > ny - 1 - edge_px:
+            flags |= FLAG_EDGE
+        flux_adu = FV[ci, 0] / Psum
+        ferr = math.sqrt(var_pk[ci] / Psum + max(flux_adu, 0) / gain_e * 1.0)
+        base = dict(x=x, y=y, flux_e=flux_adu * gain_e, flux_err_e=ferr * gain_e,
+                    snr=flux_adu / ferr if ferr > 0 else np.nan, psf_snr=float(psf_snr[ci]),
+                    trail_snr=float(trail_snr[i]), trail_ratio=float(trail_ratio[i]),
+                    sharp_ratio=float(sharp_ratio[ci]), peak_sigma=float(peak_sigma[ci]),
+                    mjd_start=mjd_start, mjd_end=mjd_end)
+        # --- cosmic ray
+        sharp = sharp_ratio[ci] > sharp_threshold
+        is_sharp = sharp and peak_sigma[ci] >= cr_sigma
+        if dq_cr[ci] or is_sharp:
+            zc5 = z5[ci]
+            npx = int(np.sum(zc5 > 3.0))
+            sub = "dqmask" if dq_cr[ci] else "sharp"
+            score = 1.0 if dq_cr[ci] else float(min(1.0, sharp_ratio[ci] / (2 * sharp_threshold)))
+            cr_rows.append(dict(base, **{"class": "cosmic_ray", "subclass": sub, "score": score, "npix": npx,
+                                         "flags": flags | (FLAG_DQ_CR if dq_cr[ci] else 0)}))
+            point_claims.append((x, y, 2.0))
+            continue
+        if psf_snr[ci] < flash_sigma or sharp:
+            continue  # too faint, or sharper than the PSF but too faint for a cosmic ray
+        # --- footprint moments on the binned map
+        y0s, y1s = max(0, byi - rb), min(nyb, byi + rb + 1)
+        x0s, x1s = max(0, bxi - rb), min(nxb, bxi + rb + 1)
+        stamp = Mz[y0s:y1s, x0s:x1s]
+        thr_fp = max(2.5, 0.15 * float(Mz[byi, bxi]))
+        lab, _ = ndi.label(stamp > thr_fp)
+        lid = lab[byi - y0s, bxi - x0s]
+        if lid == 0:
+            fp = np.zeros_like(stamp, bool)
+            fp[byi - y0s, bxi - x0s] = True
+        else:
+            fp = lab == lid
+        yy, xx = np.nonzero(fp)
+        wv = stamp[yy, xx].astype(float)
+        wv = np.clip(wv, 1e-6, None)
+        mx = float(np.sum(wv * xx) / wv.sum())
+        my = float(np.sum(wv * yy) / wv.sum())
+        cxx = float(np.sum(wv * (xx - mx) ** 2) / wv.sum()) * 4.0
+        cyy = float(np.sum(wv * (yy - my) ** 2) / wv.sum()) * 4.0
+        cxy = float(np.sum(wv * (xx - mx) * (yy - my)) / wv.sum()) * 4.0
+        tr_ = 0.5 * (cxx + cyy)
+        dd = math.sqrt(max(0.25 * (cxx - cyy) ** 2 + cxy**2, 0.0))
+        l1, l2 = tr_ + dd, max(tr_ - dd, 0.0)
+        ang = 0.5 * math.degrees(math.atan2(2 * cxy, cxx - cyy))
+        length_m = math.sqrt(12.0 * max(l1 - l2, 0.0))
+        width_m = FWHM_PER_SIGMA * math.sqrt(max(l2, 0.0))
+        rel = (ang - ang_drift + 90.0) % 180.0 - 90.0
+        # the footprint reaches the stamp border (not where the stamp is cut by the CCD edge)
+        touches = (bool(fp[0, :].any()) and y0s > 0) or (bool(fp[-1, :].any()) and y1s < nyb) or \
+                  (bool(fp[:, 0].any()) and x0s > 0) or (bool(fp[:, -1].any()) and x1s < nxb)
+        shape = dict(length_px=length_m, width_px=width_m, angle_deg=ang, angle_rel_drift_deg=rel,
+                     npix=int(fp.sum()) * 4)
+        elongated = length_m > max(2.0 * fwhm_px, 0.35 * L) or touches
+        trail_like = trail_ratio[i] > trail_ratio_threshold
+        fx_full = (x0s + mx) * 2 + 0.5
+        fy_full = (y0s + my) * 2 + 0.5
+        if elongated or trail_like:
+            drift_ok = abs(rel) <= angle_tol_deg
+            len_ok = 0.5 * L <= length_m <= 1.6 * L
+            claimed[y0s:y1s, x0s:x1s] |= fp
+            # a drift-aligned residual on a catalogued trail is that star's, not a new object
+            if (drift_ok or not elongated) and not touches:
+                j, s_, c_ = on_trails(fx_full, fy_full, fit.half_width_px + fwhm_px, fit.half_width_px)
+                if len(j):
+                    continue
+            if not drift_ok and (length_m > 2.0 * L or touches):
+                # a straight streak too short for the Hough search (e.g. a CCD corner): fit it here
+                th_n = math.radians(ang) + 0.5 * math.pi
+                rho_n = fx_full * math.cos(th_n) + fy_full * math.sin(th_n)
+                st = _refine_streak(resid, sigma, th_n, rho_n, fwhm_px, nx, ny, band_px=max(3.0 * fwhm_px, 12.0))
+                if st is not None and math.hypot(st.x1 - st.x0, st.y1 - st.y0) >= 2.0 * L and st.coverage >= 0.6:
+                    st.snr = max(st.snr, float(psf_snr[ci]))
+                    streaks.append(st)
+                    new_mask = rasterize_streak(st, data.shape)
+                    streak_mask |= new_mask
+                    segment_streaks.append(st)
+                    bm = bin_image(new_mask.astype(np.float32), 2) > 0
+                    claimed |= bm[:nyb, :nxb]
+                    continue
+            if (elongated and drift_ok and len_ok) or (trail_like and not elongated) or (
+                    trail_like and drift_ok and not touches):
+                cls, sub = "star_trail", "new"
+                score = float(min(1.0, trail_ratio[i] / (2 * trail_ratio_threshold)))
+                e = dict(x0=fx_full - 0.5 * L * ux, y0=fy_full - 0.5 * L * uy, x1=fx_full + 0.5 * L * ux,
+                         y1=fy_full + 0.5 * L * uy)
+            elif length_m > 4.0 * L or touches:
+                cls, sub, score = "satellite", "fragment", 0.5
+                e = {}
+            else:
+                cls, sub = "other_trail", "moving"
+                score = float(min(1.0, abs(rel) / 45.0 + abs(length_m - L) / L))
+                e = {}
+            rows_out.append(dict(base, x=fx_full, y=fy_full, **shape, **e,
+                                 **{"class": cls, "subclass": sub, "score": score, "flags": flags}))
+            continue
+        # --- flash
+        j, s_, c_ = on_trails(x, y, 1.5 * fwhm_px, fwhm_px)
+        extra = {}
+        t_s = np.nan
+        if len(j):
+            jj = j[0]
+            speed = Lc[jj] / exptime
+            t_s = float(s_[0] / speed)
+            k = int(math.floor(max(0.0, t_s) / geometry.sample_dt_s))
+            extra = dict(on_star_id=tr["star_id"].iloc[tidx[jj]], sample_index=k, t_s=t_s,
+                         t_mjd=mjd_start + t_s / SECONDS_PER_DAY)
+            flags |= FLAG_ON_TRAIL
+        score = float(min(1.0, (1.0 - trail_ratio[i] / trail_ratio_threshold) * 2.0 + 0.5)) \
+            if trail_ratio[i] < trail_ratio_threshold else 0.1
+        rows_out.append(dict(base, **shape, **extra, **{"class": "flash", "subclass": "point",
+                                                        "score": max(score, 0.0), "flags": flags}))
+        point_claims.append((x, y, 1.5 * fwhm_px))
+
+    # merge cosmic-ray candidates closer than 6 px (tracks give several maxima)
+    if cr_rows:
+        xy = np.array([[r["x"], r["y"]] for r in cr_rows])
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components
+        from scipy.spatial import cKDTree
+
+        pairs = cKDTree(xy).query_pairs(6.0, output_type="ndarray")
+        n = len(cr_rows)
+        g = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])) if len(pairs) else ([], ([], [])),
+                       shape=(n, n))
+        _, labels = connected_components(g, directed=False)
+        for lab_ in np.unique(labels):
+            members = [cr_rows[k] for k in np.flatnonzero(labels == lab_)]
+            best = max(members, key=lambda r: r["peak_sigma"])
+            if len(members) > 1:
+                fl = np.array([max(m["flux_e"], 1e-9) for m in members])
+                best = dict(best, x=float(np.sum(fl * [m["x"] for m in members]) / fl.sum()),
+                            y=float(np.sum(fl * [m["y"] for m in members]) / fl.sum()),
+                            flux_e=float(np.sum([m["flux_e"] for m in members])),
+                            npix=int(np.sum([m["npix"] for m in members])),
+                            flags=int(np.bitwise_or.reduce([m["flags"] for m in members])),
+                            subclass="dqmask" if any(m["subclass"] == "dqmask" for m in members) else "sharp")
+            rows_out.append(best)
+
+    # dq-flagged cosmic rays with no candidate (faint): one row per flagged cluster
+    if crm is not None and crm.any():
+        cy_, cx_ = np.nonzero(crm)
+        xy = np.stack([cx_, cy_], axis=1).astype(float)
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components
+        from scipy.spatial import cKDTree
+
+        pairs = cKDTree(xy).query_pairs(1.5, output_type="ndarray")
+        n = len(xy)
+        g = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])) if len(pairs) else ([], ([], [])),
+                       shape=(n, n))
+        ncomp, labels = connected_components(g, directed=False)
+        vals = data[cy_, cx_] - (rows[cy_] + cols[cx_])
+        cnt = np.bincount(labels, minlength=ncomp)
+        wsum = np.bincount(labels, weights=np.clip(vals, 1e-3, None), minlength=ncomp)
+        mx = np.bincount(labels, weights=np.clip(vals, 1e-3, None) * cx_, minlength=ncomp) / wsum
+        my = np.bincount(labels, weights=np.clip(vals, 1e-3, None) * cy_, minlength=ncomp) / wsum
+        fl = np.bincount(labels, weights=vals, minlength=ncomp)
+        pk = np.zeros(ncomp)
+        np.maximum.at(pk, labels, vals)
+        have = [(r["x"], r["y"]) for r in rows_out if r.get("class") == "cosmic_ray"]
+        tree = cKDTree(np.array(have)) if have else None
+        for k in range(ncomp):
+            if tree is not None and tree.query_ball_point([mx[k], my[k]], 6.0):
+                continue
+            rows_out.append({"class": "cosmic_ray", "subclass": "dqmask", "score": 1.0, "x": float(mx[k]),
+                             "y": float(my[k]), "flux_e": float(fl[k] * gain_e), "npix": int(cnt[k]),
+                             "peak_sigma": float(pk[k] / sigma), "flags": FLAG_DQ_CR,
+                             "mjd_start": mjd_start, "mjd_end": mjd_end})
+
+    # detections inside a streak found later in the loop belong to the streak
+    if segment_streaks and rows_out:
+        rows_out = [r for r in rows_out
+                    if not streak_mask[min(max(int(round(r["y"])), 0), ny - 1), min(max(int(round(r["x"])), 0), nx - 1)]]
+
+    # ---------------------------------------------------------------- satellites
+    for st in streaks:
+        sub = "segment" if st in segment_streaks else ("dqmask" if st in dq_streaks else "hough")
+        rows_out.append({"class": "satellite", "subclass": sub,
+                         "score": float(min(1.0, st.coverage)),
+                         "x": 0.5 * (st.x0 + st.x1), "y": 0.5 * (st.y0 + st.y1), "x0": st.x0, "y0": st.y0,
+                         "x1": st.x1, "y1": st.y1, "rho_px": st.rho_px, "theta_deg": st.theta_deg,
+                         "width_px": st.width_px, "length_px": math.hypot(st.x1 - st.x0, st.y1 - st.y0),
+                         "angle_deg": (st.theta_deg + 90.0 + 90.0) % 180.0 - 90.0,
+                         "angle_rel_drift_deg": ((st.theta_deg + 90.0) - ang_drift + 90.0) % 180.0 - 90.0,
+                         "surface_brightness_e": st.surface_brightness_adu * gain_e, "snr": st.snr,
+                         "flux_e": st.surface_brightness_adu * gain_e * math.hypot(st.x1 - st.x0, st.y1 - st.y0),
+                         "mjd_start": mjd_start, "mjd_end": mjd_end, "flags": 0})
+
+    # ---------------------------------------------------------------- catalogued trails
+    if n_tr:
+        mid_x = sx0 + 0.5 * Lc * uxc
+        mid_y = sy0 + 0.5 * Lc * uyc
+        flags_t = np.where(fit.n_masked > 0, FLAG_SATURATED, 0)
+        if streak_mask.any():
+            tp = fit.pixels
+            hit = np.bincount(tp.star, weights=streak_mask.ravel()[tp.pix], minlength=n_tr)
+            flags_t = flags_t | np.where(hit > 0, FLAG_STREAK_CROSSED, 0)
+        edge = (np.minimum(sx0, sx0 + uxc * Lc) < 0) | (np.maximum(sx0, sx0 + uxc * Lc) > nx - 1) | \
+               (np.minimum(sy0, sy0 + uyc * Lc) < 0) | (np.maximum(sy0, sy0 + uyc * Lc) > ny - 1)
+        flags_t = flags_t | np.where(edge, FLAG_EDGE, 0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            snr_t = fit.flux / fit.flux_err
+        trow = pd.DataFrame({
+            "class": "star_trail", "subclass": "catalogued", "score": 1.0,
+            "star_id": tr["star_id"].to_numpy()[tidx], "x": mid_x, "y": mid_y,
+            "flux_e": fit.flux * gain_e, "flux_err_e": fit.flux_err * gain_e, "snr": snr_t,
+            "length_px": Lc, "width_px": np.full(n_tr, float(fwhm_px)),
+            "angle_deg": np.degrees(np.arctan2(uyc, uxc)),
+            "angle_rel_drift_deg": (np.degrees(np.arctan2(uyc, uxc)) - ang_drift + 90.0) % 180.0 - 90.0,
+            "x0": sx0, "y0": sy0, "x1": sx0 + Lc * uxc, "y1": sy0 + Lc * uyc,
+            "mjd_start": mjd_start, "mjd_end": mjd_end, "flags": flags_t.astype(np.int64),
+        })
+    else:
+        trow = None
+    table = _finish_table(rows_out)
+    if trow is not None:
+        trow = trow.reindex(columns=COLUMNS)
+        table = _finish_table(trow.to_dict("records") + table.to_dict("records")) if len(table) else \
+            _finish_table(trow.to_dict("records"))
+
+    # ---------------------------------------------------------------- sky coordinates
+    if wcs is not None and len(table):
+        tt_ = table["t_s"].to_numpy(float)
+        is_fl = (table["class"] == "flash").to_numpy()
+        t_use = np.where(np.isfinite(tt_), tt_, np.where(is_fl, 0.5 * exptime, 0.0))
+        rate = geometry.drift_rate_arcsec_s
+        ra, dec = wcs.pixel_to_world_values(table["x"].to_numpy(float), table["y"].to_numpy(float))
+        from ..geometry import offset_sky
+
+        ra2, dec2 = offset_sky(ra, dec, -rate[0] * t_use, -rate[1] * t_use)
+        # catalogued trails: the star is where the trail starts (t=0)
+        is_tr = (table["class"] == "star_trail").to_numpy()
+        ra_t, dec_t = wcs.pixel_to_world_values(table["x0"].to_numpy(float), table["y0"].to_numpy(float))
+        table["ra"] = np.where(is_tr & np.isfinite(table["x0"].to_numpy(float)), ra_t, ra2)
+        table["dec"] = np.where(is_tr & np.isfinite(table["x0"].to_numpy(float)), dec_t, dec2)
+        rate_abs = math.hypot(*rate)
+        table["pos_err_arcsec"] = np.where(is_fl & ~np.isfinite(tt_), 0.5 * exptime * rate_abs,
+                                           np.where(is_fl, 0.0, np.nan))
+    counts = {c: int((table["class"] == c).sum()) for c in CLASSES}
+    timings["total"] = time.perf_counter() - t_start
+    log.info("classified %s", ", ".join(f"{k} {v}" for k, v in counts.items()))
+    meta = dict(empirical_template=fit.empirical, sky_level_adu=level, sky_sigma_adu=sigma, timings=timings,
+                n_streaks=len(streaks))
+    return ClassificationResult(table=table, streak_mask=streak_mask, counts=counts, model=model, sky_sigma=sigma,
+                                streaks=streaks, meta=meta)
