@@ -477,6 +477,18 @@ def test_bad_inputs_skip_ccds_with_reasons(sim, tmp_path):
     assert "MissingExtensionError" in cat.attrs["skipped_ccds"]["N4"]
     assert json.loads((tmp_path / "out" / "catalogue_meta.json").read_text())["skipped_ccds"]["N4"]
 
+    # an all-zero (empty) N4 in g: N4 skipped naming the file, S4 completes
+    g3 = tmp_path / "zero_g-image.fits"
+
+    def zero_n4(h):
+        h["N4"].data = np.zeros_like(h["N4"].data)
+
+    _copy_mef(g, g3, zero_n4)
+    cat3 = build_catalogue(g3, r, ["S4", "N4"], None, stamps=False)
+    assert set(cat3["ccd"]) == {"S4"}
+    why = cat3.attrs["skipped_ccds"]["N4"]
+    assert why.startswith("EmptyDataError") and "zero_g-image.fits[N4]" in why and "empty image" in why
+
     # g and r of different fields: the r WCS moved by 1 degree
     r3 = tmp_path / "far_r-image.fits"
 

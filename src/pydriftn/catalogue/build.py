@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..errors import CatalogueError, ConfigError, InputFileError
+from ..errors import CatalogueError, ConfigError, EmptyDataError, InputFileError
 from .flags import CATALOGUE_FLAGS, SourceFlag
 from .gaia import mjd_to_julian_year, normalise_gaia_columns, propagate_to_epoch, query_gaia_tap, read_gaia_file
 from .images import PointedCCD, list_ccds, read_pointed_ccd
@@ -168,10 +168,15 @@ def _gaia_for(gaia, im: PointedCCD, knobs):
 
 
 def _measure_band(im: PointedCCD, band, gaia, knobs, opts):
-    src, meta = measure_sources(
-        im.data, gain=im.gain, saturation=im.saturation, read_noise=im.read_noise, bad_mask=im.bad_mask,
-        saturated_mask=im.saturated_mask, exptime=im.exptime, options=opts,
-    )
+    try:
+        src, meta = measure_sources(
+            im.data, gain=im.gain, saturation=im.saturation, read_noise=im.read_noise, bad_mask=im.bad_mask,
+            saturated_mask=im.saturated_mask, exptime=im.exptime, options=opts,
+        )
+    except EmptyDataError as exc:
+        raise EmptyDataError(f"{band} image: {exc}", path=im.path, extension=im.ccd) from exc
+    except CatalogueError as exc:
+        raise CatalogueError(f"{im.path}[{im.ccd}] ({band} image): {exc}") from exc
     ra, dec = im.wcs.pixel_to_world_values(src["x"].to_numpy(), src["y"].to_numpy())
     ra, dec = np.asarray(ra, float), np.asarray(dec, float)
     pos_err = src["pos_err_px"].to_numpy() * im.pixscale_arcsec
