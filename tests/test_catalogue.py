@@ -527,3 +527,41 @@ def test_real_decam_cutouts_end_to_end(tmp_path):
     assert row["gaia_sep_arcsec"] < 0.3
     assert not row["is_reference"]
     assert cat.attrs["ccds"]["S4"]["g"]["mask"].endswith("ood_g_ls9.S4.fits")
+
+
+@pytest.mark.slow
+def test_full_size_ccd_against_truth(tmp_path):
+    """Full-size CCDs (2046 x 4094, ~2000 stars, bleeding bright stars): the spec figures (opt-in)."""
+    from pydriftn.simulate import simulate_dataset
+
+    ds = simulate_dataset(tmp_path / "sim", preset="full", seed=5, n_exposures=1, ccds="S4",
+                          n_bright_stars_per_ccd=3)
+    cat = build_catalogue(ds.pointed_images["g"], ds.pointed_images["r"], ["S4"], None, gaia=ds.gaia_reference)
+    stars, pointed, (txi, teta), (cxi, ceta) = _truth_match(ds, cat)
+    ttree = cKDTree(np.c_[txi, teta])
+    d, _ = ttree.query(np.c_[cxi, ceta])
+    det5 = np.fmax(cat["snr_g"].fillna(0), cat["snr_r"].fillna(0)) >= 5
+    assert (det5 & (d > 1.0)).sum() / det5.sum() <= 0.005
+    tr = pointed[(pointed["band"] == "r") & (pointed["on_ccd_fraction"] > 0.999)].merge(
+        stars[["star_id", "ra", "dec", "r"]], on="star_id")
+    xi, eta = tangent_plane(tr["ra"], tr["dec"], float(cat["ra"].median()), float(cat["dec"].median()))
+    rmag, sid = stars["r"].to_numpy(), stars["star_id"].to_numpy()
+    iso = np.array([all(rmag[j] > r + 3 for j in lst if sid[j] != s)
+                    for lst, r, s in zip(ttree.query_ball_point(np.c_[xi, eta], 3.0), tr["r"], tr["star_id"])])
+    dd, ic = cKDTree(np.c_[cxi, ceta]).query(np.c_[xi, eta])
+    sel = iso & (tr["r"].to_numpy() < 21)
+    assert (dd[sel] < 1.0).mean() >= 0.98
+    m = sel & (dd < 1.0) & (tr["r"].to_numpy() < 19) & ~tr["saturated"].to_numpy()
+    keep = (cat["flags"].to_numpy()[ic[m]] & int(SampleFlag.SATURATED | SampleFlag.NEAR_EDGE)) == 0
+    assert np.sqrt(np.mean((cxi[ic[m]] - xi[m])[keep] ** 2 + (ceta[ic[m]] - eta[m])[keep] ** 2)) <= 0.03
+    for band in ("g", "r"):
+        t = pointed[(pointed["band"] == band) & (pointed["ccd"] == "S4")]
+        c = cat[cat[f"x_{band}"].notna()]
+        dist, i = cKDTree(t[["x", "y"]].to_numpy()).query(c[[f"x_{band}", f"y_{band}"]].to_numpy())
+        tt, cc = t.iloc[i[dist < 0.5]], c[dist < 0.5]
+        sat_t = tt["saturated"].to_numpy()
+        f = cc[f"flags_{band}"].to_numpy()
+        assert sat_t.sum() >= 1 and ((f[sat_t] & SAT) != 0).all() and not cc["is_reference"].to_numpy()[sat_t].any()
+        uns = ((f & SAT) == 0) & ~sat_t & (tt["on_ccd_fraction"].to_numpy() > 0.999)
+        pull = (cc[f"flux_{band}"].to_numpy() - tt["counts_e"].to_numpy()) / cc[f"flux_err_{band}"].to_numpy()
+        assert 0.8 <= robust_sigma(pull[uns]) <= 1.2
