@@ -190,7 +190,7 @@ def _basis_grid(ugrid, sigmas=BASIS_SIGMAS_PX):
     return (0.5 * (erf((ugrid[:, None] + 0.5) / s) - erf((ugrid[:, None] - 0.5) / s))).astype(np.float64)
 
 
-def measure_profile(strips, ref, *, halfwindow=2, bin_px=0.05, n_iter=3, prior_offset_px=0.15,
+def measure_profile(strips, ref, *, halfwindow=2, bin_px=0.05, n_iter=2, prior_offset_px=0.15,
                     sigmas=BASIS_SIGMAS_PX):
     """Measure the common cross-track profile, shifts and per-star offsets.
 
