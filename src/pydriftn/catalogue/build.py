@@ -171,7 +171,7 @@ def _measure_band(im: PointedCCD, band, gaia, knobs, opts):
     try:
         src, meta = measure_sources(
             im.data, gain=im.gain, saturation=im.saturation, read_noise=im.read_noise, bad_mask=im.bad_mask,
-            saturated_mask=im.saturated_mask, exptime=im.exptime, options=opts,
+            saturated_mask=im.saturated_mask, exptime=im.exptime, fwhm_hint_px=im.fwhm_hint_px, options=opts,
         )
     except EmptyDataError as exc:
         raise EmptyDataError(f"{band} image: {exc}", path=im.path, extension=im.ccd) from exc

@@ -49,6 +49,7 @@ class PointedCCD:
     bad_mask: np.ndarray | None = None
     saturated_mask: np.ndarray | None = None
     mask_path: str | None = None
+    fwhm_hint_px: float | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -112,5 +113,5 @@ def read_pointed_ccd(path, ccd, *, mask=True):
         saturation=_amp(info.saturation, shape), exptime=float(info.exptime),
         mjd=float(info.mjd) if info.mjd is not None else float("nan"), band=str(info.band),
         pixscale_arcsec=float(info.pixel_scale), ccdnum=int(info.ccdnum or 0),
-        bad_mask=bad, saturated_mask=sat, mask_path=img.mask_path,
+        bad_mask=bad, saturated_mask=sat, mask_path=img.mask_path, fwhm_hint_px=info.fwhm_px,
     )

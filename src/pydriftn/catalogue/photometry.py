@@ -72,6 +72,8 @@ __all__ = ["MeasureOptions", "measure_sources", "noise_map", "moffat_growth"]
 log = logging.getLogger(__name__)
 
 _GAUSS_FWHM = 2.0 * np.sqrt(2.0 * np.log(2.0))
+#: half-light diameter / FWHM of a Moffat profile with beta = 3
+_HLD_PER_FWHM_MOFFAT3 = np.sqrt(np.sqrt(2.0) - 1.0) / np.sqrt(2.0 ** (1.0 / 3.0) - 1.0)
 
 
 @dataclass
@@ -424,6 +426,7 @@ def measure_sources(
     bad_mask=None,
     saturated_mask=None,
     exptime=1.0,
+    fwhm_hint_px=None,
     options: MeasureOptions | None = None,
 ):
     """Detect and measure the sources of one CCD image.
@@ -445,6 +448,9 @@ def measure_sources(
         Pixels flagged saturated or bleed in the dq mask.
     exptime : float
         Exposure time (s) for the instrumental magnitudes.
+    fwhm_hint_px : float, optional
+        Seeing FWHM from the header (CP ``FWHM``), used only when fewer than
+        three clean stars measure the PSF size (e.g. small cutouts).
     options : MeasureOptions, optional
 
     Returns
@@ -585,8 +591,11 @@ def measure_sources(
     # --- preliminary image FWHM from bright, clean, isolated objects
     snr_iso = objs["flux"] / np.sqrt(np.maximum(objs["npix"], 1))  # objs are in S/N units
     clean0 = (~obj_sat) & (objs["flag"] == 0) & (snr_iso > 30)
+    hint_ok = fwhm_hint_px is not None and np.isfinite(fwhm_hint_px) and fwhm_hint_px > 0
     if clean0.sum() >= 3:
         fwhm0 = float(np.median(_GAUSS_FWHM * np.sqrt(a[clean0] * b[clean0])))
+    elif hint_ok:
+        fwhm0 = float(fwhm_hint_px)
     else:
         fwhm0 = float(np.median(_GAUSS_FWHM * np.sqrt(a * b)))
     fwhm0 = float(np.clip(fwhm0, 1.5, 30.0))
@@ -607,7 +616,13 @@ def measure_sources(
     rhalf, _ = sep.flux_radius(sub, x0, y0, rmax, 0.5, mask=bad_eff, subpix=5)
     fwhm_src = 2.0 * np.asarray(rhalf, float)
     ok_shape = (~obj_sat) & (objs["flag"] == 0) & (snr_iso > 30) & np.isfinite(fwhm_src)
-    fwhm_img = float(np.median(fwhm_src[ok_shape])) if ok_shape.sum() >= 3 else fwhm0
+    if ok_shape.sum() >= 3:
+        fwhm_img = float(np.median(fwhm_src[ok_shape]))
+    elif hint_ok:  # half-light diameter of a Moffat(beta=3) of the header FWHM
+        fwhm_img = _HLD_PER_FWHM_MOFFAT3 * float(fwhm_hint_px)
+        log.info("fewer than 3 clean stars to measure the PSF: using the header FWHM %.2f px", fwhm_hint_px)
+    else:
+        fwhm_img = fwhm0
     if not np.isfinite(fwhm_img) or fwhm_img <= 0:
         fwhm_img = fwhm0
 
