@@ -327,7 +327,8 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
                        max_rotation_deg=0.2, sip_order=None, max_sip_order=3, bad_bits=None, cr_bits=None,
                        detect_cosmics_without_mask=True, n_bright=200, expnum=None, ccd=None,
                        wcs=None, exptime_s=None, fwhm_px=None, gain=None, saturation=None,
-                       max_forced_err_px=0.3, min_snr_position=20.0, max_position_fits=400):
+                       max_forced_err_px=0.3, min_snr_position=20.0, max_position_fits=400,
+                       position_estimator="moment"):
     """Find every trail on a drift CCD, identify its star and re-fit the WCS.
 
     Parameters
@@ -362,6 +363,11 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
         position (``x_meas``, ``y_meas``) and may enter the WCS fit ...
     max_position_fits : int
         ... at most this many, the most significant.
+    position_estimator : {'moment', 'edges'}
+        Along-track position of a measured trail: the first moment of its line
+        density (the image position averaged over the exposure) or halfway
+        between its fitted ends (sensitive to the image jitter at shutter
+        open and close).
     max_forced_err_px : float
         A catalogue star's measured position is reported when its error is
         below this; otherwise the position predicted by the fitted WCS is
@@ -619,7 +625,7 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
                                                               "h": np.maximum(hj[pos_sel], 0.0),
                                                               "model": templ[pos_sel] * np.maximum(
                                                                   hj[pos_sel], 0.0)[:, None, None]},
-                                 use_moment=True, n_iter=3)
+                                 use_moment=position_estimator == "moment", n_iter=3)
         moved = np.hypot(pf["x_mid"] - fx[pos_sel], pf["y_mid"] - fy[pos_sel])
         perr = np.hypot(pf["x_err"], pf["y_err"])
         pos_ok = pf["ok"] & (moved < np.maximum(1.0, 5 * perr))

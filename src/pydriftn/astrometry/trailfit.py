@@ -329,17 +329,38 @@ def _fit_along(vals, valid, var, grid, qm, pa, pb, s, *, n_iter, length_prior_px
     # first moment of the line density along the trail (the image position
     # averaged over the exposure): insensitive to the jitter at the two ends.
     # Samples without coverage are filled with the fitted model.
+    # The density is the plain (unweighted) sum across the window, so that a change of
+    # seeing along the trail (which changes the PSF-weighted sum) does not move it.
     lo = pa - 3.0 * s
     hi = pb + 3.0 * s
     win = (P >= lo[:, None]) & (P <= hi[:, None])
-    have = cov_q > 0.2 * cov_q.max(axis=1, keepdims=True)
-    dens = np.where(have, (prof - b[:, None] * nq) / np.where(have, cov_q, 1.0), h[:, None] * shape)
-    dvar = np.where(have, pvar / np.where(have, cov_q, 1.0) ** 2, 0.0)
+    frac = (g * valid).sum(axis=2)  # fraction of the line-spread function on valid samples
+    nval = valid.sum(axis=2)
+    have = frac > 0.8
+    prof_u = vals.sum(axis=2)
+    pvar_u = (var * valid).sum(axis=2)
+    dens = np.where(have, (prof_u - b[:, None] * nval) / np.where(have, frac, 1.0), h[:, None] * shape)
+    dvar = np.where(have, pvar_u / np.where(have, frac, 1.0) ** 2, 0.0)
+    # relative brightness slope along the plateau (per unit fraction of the trail):
+    # the line density on tau = (p - pa) / (pb - pa) in [0.15, 0.85], fitted as c0 + c1 (tau - 0.5)
+    tau = (P - pa[:, None]) / np.maximum(pb - pa, 1.0)[:, None]
+    plat = (tau >= 0.15) & (tau <= 0.85) & have
+    wv = np.where(plat, 1.0 / np.maximum(dvar, 1e-30), 0.0)
+    tt = tau - 0.5
+    sw, st, stt = wv.sum(axis=1), (wv * tt).sum(axis=1), (wv * tt * tt).sum(axis=1)
+    sd, std_ = (wv * dens).sum(axis=1), (wv * tt * dens).sum(axis=1)
+    det = sw * stt - st * st
+    ok_det = det > 0
+    c0 = np.where(ok_det, (stt * sd - st * std_) / np.where(ok_det, det, 1.0), np.nan)
+    c1 = np.where(ok_det, (sw * std_ - st * sd) / np.where(ok_det, det, 1.0), np.nan)
+    c1_err = np.where(ok_det, np.sqrt(np.abs(sw / np.where(ok_det, det, 1.0))), np.nan)
+    rel_slope = c1 / np.where(c0 > 0, c0, np.nan)
+    rel_slope_err = c1_err / np.where(c0 > 0, c0, np.nan)
     dens = np.where(win, dens, 0.0)
     tot = dens.sum(axis=1)
     pm_mom = (dens * P).sum(axis=1) / np.where(tot != 0, tot, np.nan)
     pm_err = np.sqrt((np.where(win, dvar, 0.0) * (P - pm_mom[:, None]) ** 2).sum(axis=1)) / np.abs(tot)
-    return pa, pb, h, b, _cov(JtWJ), chi2, cov_q, pm_mom, pm_err
+    return pa, pb, h, b, _cov(JtWJ), chi2, cov_q, pm_mom, pm_err, rel_slope, rel_slope_err
 
 
 def fit_trails(image, x_mid, y_mid, grid: TrailGrid, *, rms, gain=1.0, bad=None, model_image=None,
@@ -384,7 +405,8 @@ def fit_trails(image, x_mid, y_mid, grid: TrailGrid, *, rms, gain=1.0, bad=None,
         ``x_err, y_err``, ``flux`` (ADU of the full trail), ``flux_err``,
         ``h`` (ADU per pixel of length), ``length_px`` (fitted), ``length_err``,
         ``sigma_px``, ``start_visible, end_visible`` (bool), ``ok`` (bool),
-        ``chi2_along, chi2_cross``.
+        ``chi2_along, chi2_cross``, ``rel_slope`` (relative brightness change
+        from start to end along the plateau) and its error, ``moment_used``.
     """
     x_mid = np.atleast_1d(np.asarray(x_mid, dtype=float))
     y_mid = np.atleast_1d(np.asarray(y_mid, dtype=float))
@@ -420,15 +442,16 @@ def fit_trails(image, x_mid, y_mid, grid: TrailGrid, *, rms, gain=1.0, bad=None,
     qm, s_fit, _, _, _ = _fit_cross(vals, valid, var, grid, pm, pa, pb, qm, s, fit_sigma=fit_sigma, n_iter=3)
     if fit_sigma:
         s = s_fit
-    pa, pb, h, b, cov, chi2a, cov_q, _, _ = _fit_along(vals, valid, var, grid, qm, pa, pb, s, n_iter=n_iter,
-                                                       length_prior_px=length_prior_px)
+    pa, pb, h, b, cov, chi2a, cov_q, _, _, _, _ = _fit_along(vals, valid, var, grid, qm, pa, pb, s,
+                                                             n_iter=n_iter, length_prior_px=length_prior_px)
     pm = 0.5 * (pa + pb)
     qm, s_fit, _, qvar, chi2c = _fit_cross(vals, valid, var, grid, pm, pa, pb, qm, s,
                                            fit_sigma=fit_sigma, n_iter=2)
     if fit_sigma:
         s = s_fit
-    pa, pb, h, b, cov, chi2a, cov_q, pm_mom, pm_mom_err = _fit_along(vals, valid, var, grid, qm, pa, pb, s,
-                                                                     n_iter=2, length_prior_px=length_prior_px)
+    (pa, pb, h, b, cov, chi2a, cov_q, pm_mom, pm_mom_err,
+     rel_slope, rel_slope_err) = _fit_along(vals, valid, var, grid, qm, pa, pb, s, n_iter=2,
+                                            length_prior_px=length_prior_px)
     # edge visibility: the samples within 2 sigma of an edge must lie on the CCD
     P = grid.p_off[None, :]
     in_any = inside.any(axis=2)
@@ -468,6 +491,7 @@ def fit_trails(image, x_mid, y_mid, grid: TrailGrid, *, rms, gain=1.0, bad=None,
         "flux": flux, "flux_err": flux_err, "h": h, "length_px": length, "length_err": length_err,
         "sigma_px": s, "start_visible": start_visible, "end_visible": end_visible, "ok": ok,
         "chi2_along": chi2a, "chi2_cross": chi2c, "cov_q": cov_q,
+        "rel_slope": rel_slope, "rel_slope_err": rel_slope_err, "moment_used": both & mom_ok,
     }
 
 
