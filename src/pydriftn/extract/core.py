@@ -725,12 +725,24 @@ def _deblend(strips, prof, delta, P, nb, x0, y0, x1, y1, geometry, outlier_sigma
     if len(keep) == 0:
         return F, varF, bad, dbl
     ni, ki, si = ni[keep], ki[keep], si[keep]
-    A = [a[keep] for a in A]
-    Fq, vq, bq = _joint_solve(strips.data[si, ki][:, None, :], strips.var0[si, ki][:, None, :],
-                              strips.q[si, ki][:, None], strips.bad[si, ki][:, None, :], A, active[keep],
-                              outlier_sigma=outlier_sigma)
-    F[ni, ki] = Fq[:, 0]
-    varF[ni, ki] = vq[:, 0]
-    bad[ni, ki] = bq[:, 0]
+    act = active[keep, 0, 1:]  # (Q, M)
+    Ab = np.stack(A[1:], axis=-1)[keep]  # (Q, 1, C, M)
+    # most strips have one active neighbour: solve each group with only its active
+    # columns (a 2x2 system for most), not with M + 1 columns everywhere
+    n_act = act.sum(axis=1)
+    order = np.argsort(~act, axis=1, kind="stable")  # active neighbours first
+    for g in np.unique(n_act):
+        sel = np.flatnonzero(n_act == g)
+        cols = order[sel, :g]
+        Ag = [A[0][keep][sel]] + [np.take_along_axis(Ab[sel], cols[:, None, None, j:j + 1], axis=-1)[..., 0]
+                                  for j in range(g)]
+        actg = np.ones((len(sel), 1, g + 1), dtype=bool)
+        q_s, q_k = si[sel], ki[sel]
+        Fq, vq, bq = _joint_solve(strips.data[q_s, q_k][:, None, :], strips.var0[q_s, q_k][:, None, :],
+                                  strips.q[q_s, q_k][:, None], strips.bad[q_s, q_k][:, None, :], Ag, actg,
+                                  outlier_sigma=outlier_sigma)
+        F[ni[sel], ki[sel]] = Fq[:, 0]
+        varF[ni[sel], ki[sel]] = vq[:, 0]
+        bad[ni[sel], ki[sel]] = bq[:, 0]
     dbl[ni, ki] = True
     return F, varF, bad, dbl
