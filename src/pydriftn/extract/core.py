@@ -406,7 +406,7 @@ def extract_trails(
     fwhm_px=None,
     ramp_fwhm=1.5,
     profile_halfwindow=2,
-    n_profile_refs=120,
+    n_profile_refs=80,
     ref_snr_min=20.0,
     deblend=True,
     max_neighbours=3,
