@@ -384,6 +384,14 @@ def _write_atomic(path, writer):
         writer(tmp)
 
 
+def _without_timings(obj):
+    if isinstance(obj, dict):
+        return {k: _without_timings(v) for k, v in obj.items() if k != "seconds"}
+    if isinstance(obj, list):
+        return [_without_timings(v) for v in obj]
+    return obj
+
+
 def write_catalogue(cat, out_dir, *, write_csv=True):
     """Write ``master_catalogue.parquet`` (+ ``.csv``) and ``catalogue_meta.json`` atomically."""
     out_dir = Path(out_dir)
@@ -396,7 +404,8 @@ def write_catalogue(cat, out_dir, *, write_csv=True):
 
     table = pa.Table.from_pandas(tab, preserve_index=False)
     md = dict(table.schema.metadata or {})
-    md[b"pydriftn_catalogue"] = json.dumps(meta).encode()
+    # timings stay in catalogue_meta.json only: identical inputs give a byte-identical Parquet file
+    md[b"pydriftn_catalogue"] = json.dumps(_without_timings(meta)).encode()
     table = table.replace_schema_metadata(md)
     _write_atomic(out_dir / "master_catalogue.parquet", lambda p: pq.write_table(table, p))
     if write_csv:
