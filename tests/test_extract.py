@@ -298,3 +298,24 @@ def test_simulator_truth_small(sim_small):
     valid = det.star_flags == 0
     assert np.all(det.level[valid] > 0)
     assert np.all(np.abs(np.nanmedian(det.norm_flux[valid][:, flat], axis=1) - 1) < 0.05)
+
+
+def test_trails_off_image_or_without_position_are_kept_and_flagged(noisy_pair):
+    from pydriftn.detrend import normalise
+
+    f, _ = noisy_pair
+    extra = pd.DataFrame({"star_id": [900, 901], "x_start": [-200.0, np.nan], "y_start": [50.0, 60.0],
+                          "x_end": [-237.0, np.nan], "y_end": [50.0, 60.0], "mag": [18.0, 18.0],
+                          "counts_e": [1.0, 1.0], "flags": [0, 0]})
+    trails = pd.concat([f.trails, extra], ignore_index=True)
+    sky = local_sky(f.image, f.mask, trails, f.geometry, gain=f.gain)
+    assert not sky["sky_ok"].iloc[-2:].any()
+    r = extract_trails(f.image, f.mask, trails, f.geometry, sky, gain=f.gain, read_noise_e=f.read_noise_e,
+                       saturation_adu=f.saturation_adu, fwhm_px=3.7)
+    assert ((r.flags[-2:] & fb.NO_DATA) != 0).all() and ((r.flags[-2:] & fb.OFF_IMAGE) != 0).all()
+    det = normalise(r)
+    assert (det.star_flags[-2:] & fb.FEW_VALID_SAMPLES).all()
+    assert np.isnan(det.norm_flux[-2:]).all()
+    # the other stars are unaffected
+    valid = det.star_flags == 0
+    assert valid[:-2].mean() > 0.9 and np.all(det.level[valid] > 0)

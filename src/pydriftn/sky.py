@@ -111,6 +111,10 @@ def _trail_arrays(trails):
     y0 = trails["y_start"].to_numpy(float)
     x1 = trails["x_end"].to_numpy(float)
     y1 = trails["y_end"].to_numpy(float)
+    # trails without a position are treated as far off the image (no pixels)
+    bad = ~(np.isfinite(x0) & np.isfinite(y0) & np.isfinite(x1) & np.isfinite(y1))
+    if bad.any():
+        x0, y0, x1, y1 = (np.where(bad, v, a) for a, v in ((x0, -1e6), (y0, -1e6), (x1, -1e6 + 1.0), (y1, -1e6)))
     return x0, y0, x1, y1
 
 

@@ -479,10 +479,9 @@ def extract_trails(
     trails = trails.reset_index(drop=True)
     S = len(trails)
     star_id = trails["star_id"].to_numpy()
-    x0 = trails["x_start"].to_numpy(float)
-    y0 = trails["y_start"].to_numpy(float)
-    x1 = trails["x_end"].to_numpy(float)
-    y1 = trails["y_end"].to_numpy(float)
+    from pydriftn.sky import _trail_arrays
+
+    x0, y0, x1, y1 = _trail_arrays(trails)  # non-finite positions: far off the image
     dt = float(geometry.sample_dt_s)
     k = np.arange(geometry.n_samples) if samples is None else np.asarray(samples, dtype=np.int64)
     K = len(k)
