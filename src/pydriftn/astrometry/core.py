@@ -13,11 +13,22 @@
    rotations, then refinement with a magnitude-consistency term; :mod:`.match`);
 5. a first TAN(-SIP) fit of the shutter-open WCS (:mod:`.wcsfit`) from the
    trail middles against the sky positions moved by half the drift;
-6. a joint fit of every catalogue star predicted on the CCD, seeded at the
-   predicted positions, where overlapping trails are separated by subtracting
-   a rendered model of their neighbours; the final WCS is fitted to these;
-7. candidates left unexplained by the catalogue model become UNMATCHED trails
-   (star_id -1): new, variable or transient sources for classification.
+6. a joint linear flux solve of every catalogue star predicted on the CCD
+   (overlapping trails separated exactly, with a line-spread function measured
+   on bright trails), then sub-pixel positions of the clean bright trails with
+   their neighbours' models subtracted; the final WCS (SIP order by BIC) is
+   fitted to these;
+7. the trail table: every catalogue star whose flux is significant (or whose
+   unresolved blend is), at the positions the fitted WCS predicts (better than
+   any single-trail measurement, and jitter-free; the measured middles are in
+   ``x_meas``/``y_meas``); candidates the catalogue model does not explain
+   become UNMATCHED rows (star_id -1): new, variable or transient sources.
+
+Trail middles are measured as the first moment of the along-track line
+density (the image position averaged over the exposure) rather than halfway
+between the ends, so the WCS carries the exposure's mean tracking jitter
+(~0.03" rms in the simulator) rather than the jitter at shutter open and
+close (~0.05").
 
 :func:`predict_trails` gives start/end positions of all catalogue stars with
 a (fitted) WCS, for forced extraction of faint stars, with a TRUNCATED flag
@@ -327,7 +338,7 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
                        max_rotation_deg=0.2, sip_order=None, max_sip_order=3, bad_bits=None, cr_bits=None,
                        detect_cosmics_without_mask=True, n_bright=200, expnum=None, ccd=None,
                        wcs=None, exptime_s=None, fwhm_px=None, gain=None, saturation=None,
-                       max_forced_err_px=0.3, min_snr_position=20.0, max_position_fits=400,
+                       min_snr_position=20.0, max_position_fits=400,
                        position_estimator="moment"):
     """Find every trail on a drift CCD, identify its star and re-fit the WCS.
 
@@ -350,8 +361,17 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
     anchor : {'start', 'middle', 'end'}
         Trail point reported as ``x, y``.
     detect_sigma : float
-        Matched-filter threshold (S/N) for candidates, and S/N a catalogue
-        star's fitted trail must reach to be reported.
+        Matched-filter threshold (S/N) for candidates and for UNMATCHED rows.
+    keep_sigma : float, optional
+        S/N of its joint-fit flux a catalogue star needs to be reported
+        (default ``detect_sigma``).
+    bad_bits, cr_bits : int or list of str, optional
+        Pixel flags (:class:`pydriftn.flags.PixelFlag` bits or names) that make
+        a pixel unusable / mean "cosmic ray" (defaults:
+        ``DEFAULT_BAD_PIXEL_FLAGS``, ``COSMIC_RAY``); see :func:`resolve_mask`.
+    detect_cosmics_without_mask : bool
+        Without a dq mask, find cosmic rays with astroscrappy (slow: ~1 s per
+        small CCD) and dead/hot column segments from the image.
     max_pointing_error_arcsec, max_rotation_deg : float
         Search range of the matching.
     sip_order : int, optional
@@ -368,10 +388,6 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
         density (the image position averaged over the exposure) or halfway
         between its fitted ends (sensitive to the image jitter at shutter
         open and close).
-    max_forced_err_px : float
-        A catalogue star's measured position is reported when its error is
-        below this; otherwise the position predicted by the fitted WCS is
-        reported (flag FORCED), which is better for faint trails.
     expnum, ccd, wcs, exptime_s, fwhm_px, gain, saturation : optional
         Override values read from ``image``.
 

@@ -195,12 +195,20 @@ def matched_filter_snr(sub, rms, direction, length_px, sigma_px):
 
 
 def find_streaks(snr, direction, length_px, *, threshold=3.0, min_length_factor=5.0, max_angle_deg=15.0):
-    """Find streaks: long, thin connected regions of the S/N map not along the drift.
+    """Find satellite/aircraft streaks: long straight lines in the S/N map not along the drift.
+
+    Each connected region above ``threshold`` whose extent exceeds
+    ``min_length_factor`` trail lengths gets a robust line fit (principal axis
+    refitted on the pixels within 3 binned px of it). It is a streak when the
+    line is at least that long, more than ``max_angle_deg`` from the drift
+    direction, and continuous (its pixels fill >= 85 % of its length; a chain of
+    overlapping star trails has gaps).
 
     Returns
     -------
     mask : ndarray of bool (binned grid) or None
-        Streak pixels (dilated a little), or ``None`` when there are none.
+        Pixels of the band about each streak's line (not the trails merged into
+        its connected region), or ``None`` when there are none.
     streaks : list of dict
         ``x0, y0, x1, y1`` (unbinned pixels), ``length_px``, ``angle_deg``.
     """
@@ -223,37 +231,48 @@ def find_streaks(snr, direction, length_px, *, threshold=3.0, min_length_factor=
             continue
         xx = xx + sl[1].start
         yy = yy + sl[0].start
-        cx, cy = xx.mean(), yy.mean()
-        cov = np.cov(np.vstack([xx - cx, yy - cy]))
-        evals, evecs = np.linalg.eigh(cov)
-        major = evecs[:, 1]
-        ext = 4.0 * math.sqrt(max(evals[1], 0))
-        width = 4.0 * math.sqrt(max(evals[0], 0))
-        angle = math.degrees(math.acos(min(1.0, abs(major[0] * ux + major[1] * uy))))
-        if ext < min_length_factor * Lb or width > 0.25 * ext or angle < max_angle_deg:
+        # robust line: principal axis, then refit on the pixels within 3 px of it
+        inl = np.ones(xx.size, bool)
+        for _ in range(4):
+            cx, cy = xx[inl].mean(), yy[inl].mean()
+            cov = np.cov(np.vstack([xx[inl] - cx, yy[inl] - cy]))
+            evals, evecs = np.linalg.eigh(cov)
+            major = evecs[:, 1]
+            perp = -(xx - cx) * major[1] + (yy - cy) * major[0]
+            new_inl = np.abs(perp) <= 3.0
+            if new_inl.sum() < 10 or np.array_equal(new_inl, inl):
+                break
+            inl = new_inl
+        if inl.sum() < 10:
             continue
-        # straight and continuous: most pixels within a narrow band about the axis, and
-        # the band filled along its length (a chain of star trails has gaps and offsets)
         along = (xx - cx) * major[0] + (yy - cy) * major[1]
-        perp = -(xx - cx) * major[1] + (yy - cy) * major[0]
-        band = np.abs(perp - np.median(perp)) <= max(3.0, 0.05 * ext)
-        if band.mean() < 0.85:
+        a_in = along[inl]
+        ext = float(a_in.max() - a_in.min())
+        angle = math.degrees(math.acos(min(1.0, abs(major[0] * ux + major[1] * uy))))
+        if ext < min_length_factor * Lb or angle < max_angle_deg:
             continue
-        bins = np.floor((along[band] - along.min()) / 2.0).astype(int)
-        nbin = int((along.max() - along.min()) / 2.0) + 1
+        # continuous: the inliers fill the line along its length (a chain of trails has gaps)
+        bins = np.floor((a_in - a_in.min()) / 2.0).astype(int)
+        nbin = int(ext / 2.0) + 1
         if np.unique(bins).size < 0.85 * nbin:
             continue
         if out_mask is None:
             out_mask = np.zeros(snr.shape, bool)
-        out_mask[lab == i] = True
-        x0 = 2 * (cx - 0.5 * ext * major[0]) + 0.5
-        y0 = 2 * (cy - 0.5 * ext * major[1]) + 0.5
-        x1 = 2 * (cx + 0.5 * ext * major[0]) + 0.5
-        y1 = 2 * (cy + 0.5 * ext * major[1]) + 0.5
+        # mask the band about the streak's line only (not the trails merged into its component)
+        half_w = float(np.percentile(np.abs(perp[inl]), 95)) + 1.0
+        a0, a1 = a_in.min() - 2, a_in.max() + 2
+        gy, gx = np.mgrid[0:snr.shape[0], 0:snr.shape[1]]
+        ga = (gx - cx) * major[0] + (gy - cy) * major[1]
+        gp = -(gx - cx) * major[1] + (gy - cy) * major[0]
+        out_mask |= (np.abs(gp) <= half_w) & (ga >= a0) & (ga <= a1)
+        # end points in unbinned pixels (binned pixel i covers 2i..2i+1, centre 2i + 0.5)
+        x0 = 2 * (cx + a0 * major[0]) + 0.5
+        y0 = 2 * (cy + a0 * major[1]) + 0.5
+        x1 = 2 * (cx + a1 * major[0]) + 0.5
+        y1 = 2 * (cy + a1 * major[1]) + 0.5
+        ext = a1 - a0
         streaks.append(dict(x0=x0, y0=y0, x1=x1, y1=y1, length_px=2 * ext,
                             angle_deg=math.degrees(math.atan2(major[1], major[0]))))
-    if out_mask is not None:
-        out_mask = ndimage.binary_dilation(out_mask, iterations=3)
     return out_mask, streaks
 
 
