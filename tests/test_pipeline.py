@@ -159,3 +159,23 @@ def test_demo_chain_on_tiny_preset(tmp_path):
     assert list((out / "night_1").glob("driftextract-exp_*.csv"))
     assert (out / "demo-extractions.pdf").is_file()
     assert (tmp_path / "demo" / "demo.yaml").is_file()
+
+
+def test_target_list_restricts_extraction_csv(two_nights, reference_run, tmp_path):
+    out_ref, _ = reference_run
+    cat = pd.read_parquet(out_ref / "catalogue" / "master_catalogue.parquet")
+    wide = pd.read_csv(next((out_ref / "night_1").glob("driftextract-exp_*.csv")))
+    chosen = cat[cat["star_id"].isin(wide["star_id"])].head(3)
+    targets = tmp_path / "targets.csv"
+    # targets given 0.3" off the catalogue position, as from another survey
+    pd.DataFrame({"name": ["a", "b", "c"], "ra": chosen["ra"] + 0.3 / 3600 / np.cos(np.radians(chosen["dec"])),
+                  "dec": chosen["dec"]}).to_csv(targets, index=False)
+    out = tmp_path / "targets_run"
+    shutil.copytree(out_ref / "catalogue", out / "catalogue")
+    cfg = config_from_dict(_config(two_nights, out, read_targets=True, targets=str(targets)))
+    result = run_pipeline(cfg, progress=False)
+    assert result.n_done == 6
+    files = sorted((out / "night_1").glob("target-driftextract-exp_*.csv"))
+    assert len(files) == 3 and not list((out / "night_1").glob("driftextract-exp_*.csv"))
+    got = pd.read_csv(files[0])
+    assert set(got["star_id"]) == set(chosen["star_id"])
