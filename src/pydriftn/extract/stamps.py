@@ -171,20 +171,28 @@ def cut_strips(image, mask, x_start, y_start, x_end, y_end, geometry, sky_e, gai
         wa32 = wa.astype(np.float32)[:, :, None]
         data += wa32 * (vals * g - sky)
         var0 += (wa32 * wa32) * (rn2 + np.maximum(sky, np.float32(0)))
-        use3 = used[:, :, None]
         badc = ~np.isfinite(vals)
         if sat_lvl is not None:
-            s_ = vals >= sat_lvl
-            badc |= s_
-            sat_any |= (s_ & use3).any(axis=2)
+            badc |= vals >= sat_lvl
         if mflat is not None:
             mv = mflat[idx]
             badc |= mv != 0
-            if fb.PIXEL_COSMIC_RAY:
-                cr_any |= (((mv & fb.PIXEL_COSMIC_RAY) != 0) & use3).any(axis=2)
-            if fb.PIXEL_SATURATED:
-                sat_any |= (((mv & fb.PIXEL_SATURATED) != 0) & use3).any(axis=2)
-        bad |= badc & use3
+        badc &= used[:, :, None]
+        bad |= badc
+        # which flags: only for the (few) strips with a bad pixel
+        hit = badc.any(axis=2)
+        if hit.any():
+            hs, hk = np.nonzero(hit)
+            vh = vals[hs, hk]
+            if sat_lvl is not None:
+                sl = sat_lvl[hs, hk] if sat_lvl.shape[-1] != 1 else sat_lvl[hs, hk][:, :1]
+                sat_any[hs, hk] |= (vh >= sl).any(axis=1)
+            if mflat is not None:
+                mh = mv[hs, hk]
+                if fb.PIXEL_COSMIC_RAY:
+                    cr_any[hs, hk] |= ((mh & fb.PIXEL_COSMIC_RAY) != 0).any(axis=1)
+                if fb.PIXEL_SATURATED:
+                    sat_any[hs, hk] |= ((mh & fb.PIXEL_SATURATED) != 0).any(axis=1)
     bad |= off_along[:, :, None]
     off_image = off_along | (~inside_c).any(axis=2) if edge else off_along
     flags |= np.where(off_image, fb.OFF_IMAGE, 0).astype(np.int32)
