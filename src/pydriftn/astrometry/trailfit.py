@@ -548,14 +548,20 @@ def render_trails(shape, grid: TrailGrid, x_mid, y_mid, h, dtype=np.float32, tem
         model = templates * np.atleast_1d(h)[:, None, None]
     else:
         model = _model_on_grid(grid, xa, ya, x_mid, y_mid, np.atleast_1d(h))
-    P = grid.p_off[None, :, None]
-    Q = grid.q_off[None, None, :]
-    X = np.rint(xa[:, None, None] + P * grid.ep[0] + Q * grid.eq[0]).astype(np.intp)
-    Y = np.rint(ya[:, None, None] + P * grid.ep[1] + Q * grid.eq[1]).astype(np.intp)
     ny, nx = shape
+    if grid.snapped:
+        Pi = grid.p_off.astype(np.int64)[None, :, None]
+        Qi = grid.q_off.astype(np.int64)[None, None, :]
+        X = xa.astype(np.int64)[:, None, None] + Pi * int(grid.ep[0]) + Qi * int(grid.eq[0])
+        Y = ya.astype(np.int64)[:, None, None] + Pi * int(grid.ep[1]) + Qi * int(grid.eq[1])
+    else:
+        P = grid.p_off[None, :, None]
+        Q = grid.q_off[None, None, :]
+        X = np.rint(xa[:, None, None] + P * grid.ep[0] + Q * grid.eq[0]).astype(np.int64)
+        Y = np.rint(ya[:, None, None] + P * grid.ep[1] + Q * grid.eq[1]).astype(np.int64)
     ok = (X >= 0) & (X < nx) & (Y >= 0) & (Y < ny)
     img = np.zeros(shape, dtype=dtype)
-    np.add.at(img.reshape(-1), (Y[ok] * nx + X[ok]).ravel(), model[ok].astype(dtype).ravel())
+    np.add.at(img.reshape(-1), (Y * nx + X)[ok], model[ok].astype(dtype, copy=False))
     return img
 
 
