@@ -380,6 +380,11 @@ def normalise(ext, *, method="ensemble", n_ref_max=150, ref_snr_min=20.0, min_cl
     )
 
 
+def best_star_normalise(ext, **kwargs):
+    """The original pydriftn method: :func:`normalise` with ``method='best_star'``."""
+    return normalise(ext, method="best_star", **kwargs)
+
+
 def _best_star_pattern(flux, err, flags, flat, level0, refs):
     """Original method: divide by the best-correlated reference (CR-affected refs skipped)."""
     S, K = flux.shape
