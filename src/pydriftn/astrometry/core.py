@@ -244,11 +244,22 @@ def _select_catalogue(catalogue, wcs, shape, exptime, rate, margin_px):
     missing = needed - set(catalogue.columns)
     if missing:
         raise AstrometryError(f"catalogue: missing column(s) {sorted(missing)}; expected star_id, ra, dec, mag_r")
+    rate = geometry.parse_drift_rate(rate)
     ra = catalogue["ra"].to_numpy(float)
     dec = catalogue["dec"].to_numpy(float)
     ok = np.isfinite(ra) & np.isfinite(dec)
-    x0, y0, x1, y1 = geometry.trail_endpoints(wcs, ra, dec, exptime, rate)
     ny, nx = shape
+    # cheap cone around the CCD first (a field catalogue may hold 10^5 stars of many CCDs)
+    rc, dc = wcs.pixel_to_world_values((nx - 1) / 2.0, (ny - 1) / 2.0)
+    scale_deg = float(np.sqrt(abs(np.linalg.det(wcs.pixel_scale_matrix))))
+    radius = (0.5 * math.hypot(nx, ny) + margin_px) * scale_deg * 1.2 + 2.0 * math.hypot(*rate) * exptime / 3600.0
+    d1, d2 = np.radians(dec), math.radians(float(dc))
+    cosd = np.sin(d1) * math.sin(d2) + np.cos(d1) * math.cos(d2) * np.cos(np.radians(ra - float(rc)))
+    ok &= cosd >= math.cos(math.radians(radius))
+    x0 = np.full(ra.size, np.nan)
+    y0, x1, y1 = x0.copy(), x0.copy(), x0.copy()
+    if ok.any():
+        x0[ok], y0[ok], x1[ok], y1[ok] = geometry.trail_endpoints(wcs, ra[ok], dec[ok], exptime, rate)
     xmin, xmax = np.minimum(x0, x1), np.maximum(x0, x1)
     ymin, ymax = np.minimum(y0, y1), np.maximum(y0, y1)
     inside = ok & (xmax > -margin_px) & (xmin < nx - 1 + margin_px) & (ymax > -margin_px) & (ymin < ny - 1 + margin_px)
