@@ -161,6 +161,9 @@ def main():
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     np.seterr(all="ignore")
+    import warnings
+
+    warnings.simplefilter("ignore", RuntimeWarning)
     OUT.mkdir(parents=True, exist_ok=True)
     print(f"threads: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, cpus={os.cpu_count()}, "
           f"load average {os.getloadavg()[0]:.1f}")

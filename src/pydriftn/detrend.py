@@ -35,6 +35,7 @@ long table for Parquet, per-star summary).
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -124,8 +125,6 @@ def _nanmedian_rows(a, m):
     """Median of each row over mask ``m`` (NaN when empty), vectorised."""
     x = np.where(m, a, np.nan)
     with np.errstate(all="ignore"):
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             return np.nanmedian(x, axis=1)
@@ -393,8 +392,10 @@ def _best_star_pattern(flux, err, flags, flat, level0, refs):
     with np.errstate(all="ignore"):
         rel = flux / level0[:, None]
     z = np.where(flat, rel, np.nan)
-    mu = np.nanmean(z, axis=1, keepdims=True)
-    sd = np.nanstd(z, axis=1, keepdims=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # stars without valid samples: NaN rows
+        mu = np.nanmean(z, axis=1, keepdims=True)
+        sd = np.nanstd(z, axis=1, keepdims=True)
     zz = np.where(flat, (rel - mu) / np.where(sd > 0, sd, np.inf), 0.0)
     zz = np.nan_to_num(zz)
     zc = zz[cand]
