@@ -533,8 +533,8 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
     # more); the rest are either catalogue stars (fitted jointly later) or unmatched
     cx_all, cy_all = cx, cy
     order_pk = np.argsort(-cpk, kind="stable")
-    top = order_pk[: max(int(1.5 * n_bright), 300)]
-    bright = order_pk[:100]
+    top = order_pk[: max(int(1.25 * n_bright), 250)]
+    bright = order_pk[:80]
     if bright.size >= 5:
         bfit = trailfit.fit_trails(sub, cx[bright], cy[bright], grid, rms=rms_at(cx[bright], cy[bright]),
                                    gain=gain, bad=fit_bad, fit_sigma=True, n_iter=4)
@@ -682,11 +682,13 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
 
     # -- unmatched candidates: what the catalogue model does not explain
     t = time.perf_counter()
-    resid = sub - model
     near = _near_catalogue(cx_all, cy_all, fx[j_snr >= 1], fy[j_snr >= 1], grid)
     ucand = np.nonzero(~near)[0]
-    ufit = trailfit.fit_trails(resid, cx_all[ucand], cy_all[ucand], grid,
-                               rms=rms_at(cx_all[ucand], cy_all[ucand]), gain=gain, bad=fit_bad)
+    # fitted on the data minus the model of all catalogue trails
+    ufit = trailfit.fit_trails(sub, cx_all[ucand], cy_all[ucand], grid,
+                               rms=rms_at(cx_all[ucand], cy_all[ucand]), gain=gain, bad=fit_bad,
+                               model_image=model, own_flux={"x_mid": cx_all[ucand], "y_mid": cy_all[ucand],
+                                                            "h": np.zeros(ucand.size)})
     u_snr = ufit["flux"] / np.maximum(ufit["flux_err"], 1e-12)
     ukeep = ufit["ok"] & (u_snr >= detect_sigma)
     ukeep &= ~_dedup(ufit["x_mid"], ufit["y_mid"], u_snr, grid)
