@@ -122,3 +122,13 @@ def test_verbose_save_and_filename(field):
     assert ann["values"].shape == (5, len(ox))
     assert np.array_equal(np.isfinite(ann["values"]).sum(axis=1) >= sky["n_sky_pixels"], np.ones(5, bool))
     assert sky_table_filename(1000001) == "driftskysub-exp_1000001.csv"
+
+
+def test_bad_bits_select_which_mask_bits_count(field):
+    f = field
+    mask = f.mask.astype(np.uint16).copy()
+    mask[:, :] |= 256  # e.g. PixelFlag.INTERPOLATED everywhere: not bad by choice
+    assert not local_sky(f.image, mask, f.trails.iloc[:5], f.geometry)["sky_ok"].any()
+    ok = local_sky(f.image, mask, f.trails.iloc[:5], f.geometry, bad_bits=0xFF)
+    ref = local_sky(f.image, f.mask, f.trails.iloc[:5], f.geometry)
+    np.testing.assert_allclose(ok["sky_adu"], ref["sky_adu"])

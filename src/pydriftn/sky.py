@@ -261,6 +261,7 @@ def local_sky(
     maxiters=10,
     min_pixels=20,
     gain=None,
+    bad_bits=None,
     verbose_save=False,
 ):
     """Local sky of every trail in a stadium annulus, other trails masked.
@@ -303,6 +304,9 @@ def local_sky(
         different ADU levels of the two amplifiers; ``sky_e``/``sky_err_e``
         are then the electron values and ``sky_adu`` etc. are in the ADU of
         the amplifier of the trail midpoint. Without it ``sky_e`` is NaN.
+    bad_bits : int, optional
+        Mask bits that make a pixel unusable (default: any nonzero value), e.g.
+        :data:`pydriftn.flags.DEFAULT_BAD_PIXEL_FLAGS` for a decoded bitmask.
     verbose_save : bool
         If True also return the annulus pixels: a dict with ``offsets``
         (dx, dy arrays), ``values`` (n_stars, n_pixels) ADU with NaN where
@@ -372,7 +376,8 @@ def local_sky(
     if mask_radius <= radius:
         unusable = trail_footprint_image(img.shape, trails, mask_radius, direction, length, counts=False)
         if mask is not None:
-            unusable |= np.asarray(mask) != 0
+            m = np.asarray(mask)
+            unusable |= (m != 0) if bad_bits is None else ((m & bad_bits) != 0)
         good = inside & ~unusable.reshape(-1)[idx]
     else:
         fp = trail_footprint_image(img.shape, trails, mask_radius, direction, length, counts=True)
@@ -380,7 +385,8 @@ def local_sky(
         own = segment_distance(ox, oy, -hx, -hy, hx, hy) < mask_radius
         good = inside & ((fp.reshape(-1)[idx].astype(np.int32) - own[None, :]) == 0)
         if mask is not None:
-            good &= np.asarray(mask).reshape(-1)[idx] == 0
+            mv = np.asarray(mask).reshape(-1)[idx]
+            good &= (mv == 0) if bad_bits is None else ((mv & bad_bits) == 0)
     good &= np.isfinite(vals)
     n_annulus = inside.sum(axis=1)
     vals = np.where(good, vals, np.float32(np.nan))

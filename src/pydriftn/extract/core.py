@@ -414,6 +414,7 @@ def extract_trails(
     max_bridged_fraction=0.5,
     bridge_sys=0.05,
     min_separation_fwhm=0.6,
+    bad_bits=None,
     samples=None,
 ):
     """Extract per-sample fluxes of every trail of a CCD exposure.
@@ -462,6 +463,9 @@ def extract_trails(
     bridge_sys : float
         Relative uncertainty of the profile under masked pixels, added to the
         variance of bridged samples as ``(bridge_sys * F * sum(P_masked))**2``.
+    bad_bits : int, optional
+        Mask bits that make a pixel unusable (default: any nonzero value), e.g.
+        :data:`pydriftn.flags.DEFAULT_BAD_PIXEL_FLAGS` for a decoded bitmask.
     samples : array of int, optional
         Sample indices (default the whole trail, ``0 .. n_samples-1``).
 
@@ -497,11 +501,11 @@ def extract_trails(
     if half_width is None:
         if fwhm_px is None:
             fwhm_px = _estimate_fwhm(img, mask, x0, y0, x1, y1, geometry, sky_e, gain, read_noise_e,
-                                     saturation_adu, k, in_flags)
+                                     saturation_adu, k, in_flags, bad_bits=bad_bits)
         half_width = int(math.ceil(half_width_fwhm * fwhm_px))
     W = int(half_width)
     strips = cut_strips(img, mask, x0, y0, x1, y1, geometry, sky_e, gain, read_noise_e,
-                        saturation_adu, half_width=W, k=k)
+                        saturation_adu, half_width=W, k=k, bad_bits=bad_bits)
     star_flags = np.where(sky_ok, 0, fb.BAD_SKY).astype(np.int32)
 
     # ---- neighbours and profile references
@@ -633,14 +637,14 @@ def extract_trails(
 
 
 def _estimate_fwhm(img, mask, x0, y0, x1, y1, geometry, sky_e, gain, read_noise_e, saturation_adu, k, in_flags,
-                   n_max=300):
+                   n_max=300, bad_bits=None):
     """Seeing FWHM (px) from a wide-window profile of the brightest trails."""
     S = len(x0)
     W0 = 12
     # brightness proxy: sum along the trail centre line at a few samples
     kk = k[len(k) // 4: 3 * len(k) // 4: max(1, len(k) // 8)]
     strips = cut_strips(img, mask, x0, y0, x1, y1, geometry, sky_e, gain, read_noise_e, saturation_adu,
-                        half_width=W0, k=kk)
+                        half_width=W0, k=kk, bad_bits=bad_bits)
     snr = _snr_per_sample(strips)
     sat = (strips.sample_flags & (fb.SATURATED | fb.OFF_IMAGE)).any(axis=1)
     snr = np.where(sat | (in_flags != 0), -np.inf, snr)

@@ -65,7 +65,7 @@ class Strips:
 
 
 def cut_strips(image, mask, x_start, y_start, x_end, y_end, geometry, sky_e, gain, read_noise_e,
-               saturation_adu=None, half_width=8, k=None):
+               saturation_adu=None, half_width=8, k=None, bad_bits=None):
     """Cut trails into per-sample strips (see module docstring).
 
     Parameters
@@ -86,6 +86,9 @@ def cut_strips(image, mask, x_start, y_start, x_end, y_end, geometry, sky_e, gai
         Cross-track half-width (pixels).
     k : array of int, optional
         Sample indices (default ``0 .. n_samples-1``).
+    bad_bits : int, optional
+        Mask bits that make a pixel unusable (default: any nonzero value), e.g.
+        :data:`pydriftn.flags.DEFAULT_BAD_PIXEL_FLAGS` for a decoded bitmask.
 
     Returns
     -------
@@ -176,7 +179,7 @@ def cut_strips(image, mask, x_start, y_start, x_end, y_end, geometry, sky_e, gai
             badc |= vals >= sat_lvl
         if mflat is not None:
             mv = mflat[idx]
-            badc |= mv != 0
+            badc |= (mv != 0) if bad_bits is None else ((mv & bad_bits) != 0)
         badc &= used[:, :, None]
         bad |= badc
         # which flags: only for the (few) strips with a bad pixel
