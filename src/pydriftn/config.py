@@ -79,7 +79,8 @@ class AstrometryConfig(_Section):
 class SkyConfig(_Section):
     """Local sky in a stadium-shaped annulus around each trail."""
 
-    radius: float = Field(7.0, gt=0, description="inner radius of the stadium annulus (px)")
+    radius: float = Field(12.0, gt=0, description="inner radius of the stadium annulus (px); "
+                          "0.1.4 used 7, which takes in the star's own PSF wings (-2 % flux bias)")
     pad: float = Field(5.0, gt=0, description="annulus width (px)")
     length: float | None = Field(None, gt=0, description="stadium length (px); null = trail length")
     verbose_save: int = Field(0, ge=0, le=2, description="0: none, 1: save annulus mask, 2: mask and data")
@@ -90,6 +91,7 @@ class ExtractConfig(_Section):
 
     method: Literal["optimal", "box", "l3"] = Field("optimal", description="extraction method")
     half_width_fwhm: float = Field(2.0, gt=0, description="cross-track half-width in units of FWHM")
+    deblend: bool = Field(True, description="model overlapping trails of neighbours jointly")
     full_trail: bool = Field(False, description="write the shutter-ramp samples too")
 
 
@@ -97,7 +99,8 @@ class DetrendConfig(_Section):
     """Removal of the common tracking/atmosphere pattern."""
 
     method: Literal["ensemble", "best_star"] = Field("ensemble", description="normalisation method")
-    max_reference_stars: int = Field(200, ge=1, description="reference stars used per CCD")
+    max_reference_stars: int = Field(150, ge=1, description="reference stars used per CCD")
+    ref_snr_min: float = Field(20.0, gt=0, description="minimum median per-sample S/N of a reference star")
     clip_sigma: float = Field(4.0, gt=0, description="outlier clipping threshold")
 
 

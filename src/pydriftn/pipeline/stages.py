@@ -114,15 +114,16 @@ def process_exposure_ccd(unit, catalogue: pd.DataFrame, cfg, *, targets=None) ->
             pixmask[classification.streak_mask] |= np.uint16(PixelFlag.STREAK)
 
     s = cfg.sky
-    sky = local_sky(img.data, pixmask, forced, geometry, radius=s.radius, pad=s.pad, length=s.length)
+    sky = local_sky(img.data, pixmask, forced, geometry, radius=s.radius, pad=s.pad, length=s.length,
+                    gain=info.gain)
     ext = extract_trails(
         img.data, pixmask, forced, geometry, sky,
         gain=info.gain, read_noise_e=info.read_noise, saturation_adu=info.saturation,
         mjd_obs=info.mjd, method=cfg.extract.method, half_width_fwhm=cfg.extract.half_width_fwhm,
-        fwhm_px=fwhm_px,
+        fwhm_px=fwhm_px, deblend=cfg.extract.deblend,
     )
     det = normalise(ext, method=cfg.detrend.method, n_ref_max=cfg.detrend.max_reference_stars,
-                    clip_sigma=cfg.detrend.clip_sigma)
+                    ref_snr_min=cfg.detrend.ref_snr_min, clip_sigma=cfg.detrend.clip_sigma)
     samples = long_table(ext, det, unit.expnum, unit.ccd, full_trail=cfg.extract.full_trail)
     samples.insert(0, "night", unit.night)
     stars = star_table(ext, det)
