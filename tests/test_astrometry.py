@@ -514,3 +514,32 @@ def test_blended_pair_fluxes_separated():
     assert np.all(np.abs(ratio.mean(axis=0) - 1) < 0.03)
     assert np.all(np.abs(ratio - 1) < 5 * err)
     assert fluxes[0][2][1] > 0.3 and fluxes[0][2][2] < 0.01
+
+
+def test_oblique_drift_direction():
+    """A CCD rotated by 30 deg: trails at 150 deg use the interpolated grid and explicit filter kernel."""
+    nx, ny = 400, 600
+    rng = np.random.default_rng(4)
+    tw = make_wcs(nx, ny, rot_deg=30.0)
+    n = 120
+    x = rng.uniform(-30, nx + 30, n)
+    y = rng.uniform(-30, ny + 30, n)
+    ra, dec = tw.pixel_to_world_values(x, y)
+    mag = rng.uniform(15, 20.5, n)
+    counts = 10 ** (0.4 * (27.6 - mag)) * 20
+    data = render((ny, nx), tw, ra, dec, counts, seed=4)
+    hdr = make_wcs(nx, ny, rot_deg=30.1)
+    r0, d0 = geometry.offset_sky(269.5, -29.0, 20, 10)
+    hdr.wcs.crval = [float(r0), float(d0)]
+    cat = pd.DataFrame({"star_id": np.arange(n), "ra": ra, "dec": dec, "mag_r": mag})
+    res = solve_exposure_ccd(Img(data, hdr), cat, (0.0, 0.5))
+    assert res.diagnostics["geometry"]["angle_deg"] == pytest.approx(150.0, abs=0.05)
+    x0, y0, x1, y1 = geometry.trail_endpoints(tw, ra, dec, 20.0, (0.0, 0.5))
+    inside = (np.minimum(x0, x1) > 5) & (np.maximum(x0, x1) < nx - 6) & (np.minimum(y0, y1) > 5) \
+        & (np.maximum(y0, y1) < ny - 6)
+    s10 = inside & (snr_true(counts) >= 10)
+    assert np.isin(np.arange(n)[s10], res.trails.star_id).mean() >= 0.99
+    b = s10 & (snr_true(counts) >= 50)
+    xw, yw = res.wcs.world_to_pixel_values(ra[b], dec[b])
+    assert np.sqrt(np.mean((xw - x0[b]) ** 2 + (yw - y0[b]) ** 2)) * PIXSCALE < 0.05
+    assert (res.trails.star_id < 0).sum() == 0

@@ -692,6 +692,9 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
     u_snr = ufit["flux"] / np.maximum(ufit["flux_err"], 1e-12)
     ukeep = ufit["ok"] & (u_snr >= detect_sigma)
     ukeep &= ~_dedup(ufit["x_mid"], ufit["y_mid"], u_snr, grid)
+    # a fit that slid onto a catalogue trail (e.g. the residual of a trail cut by the CCD edge,
+    # whose matched-filter peak lies off its middle) is not a new source
+    ukeep &= ~_near_catalogue(ufit["x_mid"], ufit["y_mid"], fx[j_snr >= 1], fy[j_snr >= 1], grid)
     timings["unmatched"] = time.perf_counter() - t
 
     # -- assemble the table: catalogue stars with a significant flux
