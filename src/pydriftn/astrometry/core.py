@@ -66,7 +66,22 @@ __all__ = [
     "TRAIL_COLUMNS",
 ]
 
-#: Columns of the trail table, in order.
+#: Columns of the trail table, in order:
+#:
+#: * ``expnum, ccd, star_id`` (catalogue ID, -1 for UNMATCHED), ``ra, dec`` (catalogue
+#:   position; for UNMATCHED rows the fitted WCS at the trail start);
+#: * ``x_start, y_start, x_end, y_end`` (0-based pixels at t = 0 and EXPTIME) and
+#:   ``x, y`` (the ``anchor`` point): for catalogue stars as predicted by the fitted
+#:   WCS, with errors ``x_err, y_err`` of that prediction; ``x_meas, y_meas`` (anchor
+#:   point measured on the trail itself, NaN when not measured) and their errors;
+#: * ``flux_adu, flux_err_adu, snr`` (joint linear fit, full trail even when truncated),
+#:   ``mag_cat``;
+#: * ``matched``, ``match_sep_arcsec`` (measured minus predicted middle);
+#: * ``flags`` (:class:`pydriftn.flags.SampleFlag` bits), ``n_cr_pixels``,
+#:   ``n_cr_samples`` (samples k, covering pixel steps k..k+1 from the start, touched
+#:   by a cosmic-ray pixel), ``n_masked_pixels``;
+#: * ``truncated, blended, position_measured, in_wcs_fit, bad_length`` (bool),
+#:   ``length_px, length_err_px`` (fitted start-to-end length).
 TRAIL_COLUMNS = [
     "expnum", "ccd", "star_id", "ra", "dec", "x_start", "y_start", "x_end", "y_end", "x", "y",
     "x_err", "y_err", "flux_adu", "flux_err_adu", "snr", "mag_cat", "matched", "match_sep_arcsec",
