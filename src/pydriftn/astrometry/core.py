@@ -460,9 +460,12 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
     saturation = _min_scalar(saturation if saturation is not None else
                              _info(image, "saturation", header.get("SATURATE")), None)
     pixscale = float(np.sqrt(abs(np.linalg.det(hwcs.pixel_scale_matrix)))) * 3600.0
+    fwhm_from_header = True
     if fwhm_px is None:
-        fwhm_px = _info(image, "fwhm_px", header.get("FWHM"))
-        fwhm_px = _scalar(fwhm_px, 1.0 / pixscale)
+        fwhm_px = _scalar(_info(image, "fwhm_px", header.get("FWHM")), None)
+        if fwhm_px is None or not fwhm_px > 0:
+            fwhm_from_header = False
+            fwhm_px = 1.0 / pixscale
     fwhm_px = float(fwhm_px) if fwhm_px and fwhm_px > 0 else 1.0 / pixscale
     sigma0 = fwhm_px / trailfit.FWHM_PER_SIGMA
 
@@ -550,7 +553,7 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
     order_pk = np.argsort(-cpk, kind="stable")
     top = order_pk[: max(int(1.25 * n_bright), 250)]
     bright = order_pk[:80]
-    if bright.size >= 5:
+    if bright.size >= 5 and not fwhm_from_header:  # no seeing in the header: measure it first
         bfit = trailfit.fit_trails(sub, cx[bright], cy[bright], grid, rms=rms_at(cx[bright], cy[bright]),
                                    gain=gain, bad=fit_bad, fit_sigma=True, n_iter=4)
         okb = bfit["ok"] & bfit["start_visible"] & bfit["end_visible"]
@@ -572,6 +575,13 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
         lsf = trailfit.measure_lsf(sub, grid, cand["x_mid"][lb], cand["y_mid"][lb], bad=fit_bad)
     diag["lsf"] = None if lsf is None else {"weights": [float(v) for v in lsf[0]],
                                             "sigmas_px": [float(v) for v in lsf[1]]}
+    if lsf is not None:
+        # the Gaussian width used by the position fits: that of the measured profile's FWHM
+        qq = np.linspace(0.0, 6.0 * float(np.max(lsf[1])), 2001)
+        prof = sum(w * np.exp(-0.5 * (qq / sk) ** 2) / sk for w, sk in zip(*lsf))
+        half = qq[np.argmax(prof <= 0.5 * prof[0])]
+        if half > 0:
+            sigma0 = float(2.0 * half / trailfit.FWHM_PER_SIGMA)
     diag["psf_sigma_px"] = sigma0
     diag["fwhm_px"] = sigma0 * trailfit.FWHM_PER_SIGMA
     good_c = cand["ok"] & (c_snr >= detect_sigma)
