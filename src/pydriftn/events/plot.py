@@ -76,7 +76,7 @@ def plot_candidate(lc: pd.DataFrame, candidate, ax=None, *, bad_flag_mask: int |
         y = flare_model(tf, t0, c["flare_amplitude"], c["rise_s"], c["decay_s"], c.get("flare_base", 1.0))
         y[gap] = np.nan
         ax.plot(tf, y, color="tab:green", ls="--", label=f"flare dchi2={c.get('delta_chi2_flare', np.nan):.0f}")
-    ax.set_xlabel(f"t - {t_ref:.6f} (s, MJD)")
+    ax.set_xlabel(f"seconds from MJD {t_ref:.6f}")
     ax.set_ylabel("norm_flux")
     veto = c.get("veto_reasons", "") or "none"
     ax.set_title(f"star {c['star_id']} night {c.get('night', '')} ccd {c.get('ccd', '')}: {c.get('model', '')}, "
