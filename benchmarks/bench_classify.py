@@ -48,7 +48,7 @@ def load_units(data_dir):
             yield ds, expnum, ccd, ds.drift_images[expnum]
 
 
-def classify_unit(ds, expnum, ccd, path, with_mask, trails_all):
+def classify_unit(ds, expnum, ccd, path, with_mask, trails_all, **knobs):
     from pydriftn.classify import classify_exposure_ccd
     from pydriftn.geometry import trail_geometry
     from pydriftn.io import read_ccd
@@ -60,7 +60,7 @@ def classify_unit(ds, expnum, ccd, path, with_mask, trails_all):
     t0 = time.perf_counter()
     res = classify_exposure_ccd(img.data, img.mask, tr, geo, fwhm_px=info.fwhm_px, gain=float(np.mean(info.gain)),
                                 read_noise=float(np.mean(info.read_noise)), wcs=img.wcs, mjd_obs=info.mjd,
-                                exptime=info.exptime, saturation_adu=float(min(info.saturation)))
+                                exptime=info.exptime, saturation_adu=float(min(info.saturation)), **knobs)
     dt = time.perf_counter() - t0
     return res, dt, info, geo
 
@@ -73,7 +73,7 @@ def _nearest(tab, x, y):
     return float(d[k]), tab.index[k]
 
 
-def evaluate(data_dir, with_mask, max_units=None, verbose=False):
+def evaluate(data_dir, with_mask, max_units=None, verbose=False, **knobs):
     from pydriftn.simulate import load_dataset
 
     ds = load_dataset(data_dir)
@@ -85,7 +85,7 @@ def evaluate(data_dir, with_mask, max_units=None, verbose=False):
     for k, (ds_, expnum, ccd, path) in enumerate(load_units(data_dir)):
         if max_units is not None and k >= max_units:
             break
-        res, dt, info, geo = classify_unit(ds_, expnum, ccd, path, with_mask, T["trails"])
+        res, dt, info, geo = classify_unit(ds_, expnum, ccd, path, with_mask, T["trails"], **knobs)
         stats["units"] += 1
         stats["times"].append(dt)
         for c, v in res.counts.items():

@@ -158,8 +158,8 @@ class TrailTemplate:
         if len(m) == 0:
             return out
         ns, nc = tab.shape
-        u = np.clip((s[m] - s0) / ds, 0.0, ns - 1.000001)
-        v = np.clip((c[m] - c0) / dc, 0.0, nc - 1.000001)
+        u = np.clip((s[m] - s0) / ds, 0.0, ns - 1.001)
+        v = np.clip((c[m] - c0) / dc, 0.0, nc - 1.001)
         i = u.astype(np.int32)
         j = v.astype(np.int32)
         fu = (u - i).astype(np.float32)
@@ -185,11 +185,18 @@ class TrailTemplate:
     def _lookup(self, table, x0, dx, x):
         # tables are zero at both ends (f, delta, g), so clipping the index gives 0 outside
         n = len(table)
-        u = np.clip((x - x0) / dx, 0.0, n - 1.000001)
+        dt = x.dtype if x.dtype in (np.float32, np.float64) else np.float64
+        u = (np.asarray(x, dt) - dt.type(x0)) * dt.type(1.0 / dx)
+        np.clip(u, 0.0, n - 1.001, out=u)
         i = u.astype(np.int32)
-        w = u - i
-        t = table.astype(u.dtype, copy=False)
-        return t[i] * (1 - w) + t[i + 1] * w
+        u -= i
+        t = table.astype(dt, copy=False)
+        a = t[i]
+        b = t[i + 1]
+        b -= a
+        b *= u
+        b += a
+        return b
 
     def evaluate(self, s, c, derivatives=False):
         """Template value (and d/ds, d/dc) at trail coordinates."""
@@ -216,19 +223,28 @@ def _sums(star, n, *cols):
     return [np.bincount(star, weights=c, minlength=n) for c in cols]
 
 
-def _fit(tp, d, w, tmpl, F, da, dc, fit_off, n_iter=2, max_off=1.0):
+def _fit(tp, d, w, tmpl, F, da, dc, fit_off, n_iter=2, max_off=1.0, noise=None):
     """Linearised least squares of (F, da, dc) per star; offsets only where ``fit_off``.
 
-    ``d`` must already have the neighbours' models subtracted.
+    ``d`` must already have the neighbours' models subtracted. With ``noise =
+    (sky_sigma, gain)``, pixels more than 5 sigma from the current model (a
+    flash or a cosmic ray on the trail) are left out, so they do not pull the
+    offsets.
     """
     n = tp.n
     st = tp.star
+    w0 = w
     for _ in range(n_iter):
         s = tp.s - da[st]
         c = tp.c - dc[st]
         T, Ts, Tc = tmpl.evaluate(s, c, derivatives=True)
         Fi = F[st]
         r = d - Fi * T
+        if noise is not None:
+            sky_sigma, gain = noise
+            m = np.abs(Fi * T)
+            sig = np.sqrt(sky_sigma**2 + m / gain + (0.03 * m) ** 2)
+            w = w0 * (np.abs(r) < 5.0 * sig)
         J1 = -Fi * Ts
         J2 = -Fi * Tc
         a00, a01, a02, a11, a12, a22, b0, b1, b2 = _sums(
@@ -275,6 +291,38 @@ def _solve_fluxes(star, rep, ne, n, w, T, d):
 
 def _subset(tp, idx):
     return TrailPixels(tp.star[idx], tp.pix[idx], tp.s[idx], tp.c[idx], tp.n)
+
+
+def _grouped_median(key, values, n_groups, min_count=5):
+    """Median and its standard error (1.25 * 1.4826 MAD / sqrt(n)) of ``values`` grouped by integer ``key``.
+
+    Vectorised with two sorts (no Python loop over groups); groups with fewer
+    than ``min_count`` members get median 0 and error inf.
+    """
+    med = np.zeros(n_groups)
+    err = np.full(n_groups, np.inf)
+    if len(key) == 0:
+        return med, err
+    order = np.lexsort((values, key))
+    ks = key[order]
+    vs = values[order]
+    uniq, start, cnt = np.unique(ks, return_index=True, return_counts=True)
+    good = cnt >= min_count
+    uniq, start, cnt = uniq[good], start[good], cnt[good]
+    m = 0.5 * (vs[start + (cnt - 1) // 2] + vs[start + cnt // 2])
+    med[uniq] = m
+    # MAD: same trick on |v - median of its group|
+    gm = np.zeros(n_groups)
+    gm[uniq] = m
+    dev = np.abs(values - gm[key])
+    order2 = np.lexsort((dev, key))
+    ds_ = dev[order2]
+    ks2 = key[order2]
+    u2, st2, c2 = np.unique(ks2, return_index=True, return_counts=True)
+    mad = np.zeros(n_groups)
+    mad[u2] = 0.5 * (ds_[st2 + (c2 - 1) // 2] + ds_[st2 + c2 // 2])
+    err[uniq] = 1.25 * 1.4826 * mad[uniq] / np.sqrt(cnt)
+    return med, err
 
 
 def _robust_median(a, axis=0):
@@ -457,18 +505,7 @@ def _cap_correction(tp, d, w, F, da, dc, bright, tmpl, length, half_width, cap_p
     ib = np.clip(np.rint((s[m] - s0) / ds).astype(np.int64), 0, ns - 1)
     jb = np.clip(np.rint((c[m] - dl - c0) / dcb).astype(np.int64), 0, nc - 1)
     key = ib * nc + jb
-    order = np.argsort(key, kind="stable")
-    ks = key[order]
-    rs = r[order]
-    uniq, start, cnt = np.unique(ks, return_index=True, return_counts=True)
-    tab = np.zeros(ns * nc)
-    err = np.full(ns * nc, np.inf)
-    good = cnt >= 5
-    # median per bin (bins are few thousand: loop over the populated ones with enough samples)
-    for u, a, n_ in zip(uniq[good], start[good], cnt[good]):
-        v = rs[a:a + n_]
-        tab[u] = np.median(v)
-        err[u] = 1.25 * 1.4826 * np.median(np.abs(v - tab[u])) / math.sqrt(n_)
+    tab, err = _grouped_median(key, r, ns * nc, min_count=5)
     tab = tab.reshape(ns, nc)
     err = err.reshape(ns, nc)
     # smooth over 3x3 bins (error / 3), keep only what is significant
@@ -511,7 +548,7 @@ class TrailFit:
 
 
 def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=None, min_bright=6,
-               bright_snr=50.0, max_bright=300, wide_snr=150.0, offset_snr=150.0, analytic_length=None):
+               bright_snr=50.0, max_bright=300, wide_snr=150.0, offset_snr=150.0, analytic_length=None, gain=None):
     """Fit and render the common-template model of all trails.
 
     Parameters
@@ -534,6 +571,7 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
     TrailFit
     """
     ny, nx = resid0.shape
+    noise = (float(sky_sigma), float(gain) if gain else 1e30)
     x0 = np.asarray(x0, float)
     y0 = np.asarray(y0, float)
     dxv = np.asarray(x1, float) - x0
@@ -564,12 +602,17 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
         rep = lookup[tp.pix].astype(np.int64)
         return ne, d, w, rep
 
+    def aperture(tp, d, w):
+        """Flux and S/N from a box of half-width 1.5 sigma across the trail (no template needed)."""
+        core = (np.abs(tp.c) <= 1.5 * sigma_psf) & (w > 0)
+        ncore = np.bincount(tp.star, weights=core, minlength=n)
+        F = np.bincount(tp.star, weights=d * core, minlength=n) / 0.866
+        with np.errstate(divide="ignore", invalid="ignore"):
+            snr = np.nan_to_num(F * 0.866 / (sky_sigma * np.sqrt(ncore)))
+        return F, snr
+
     ne, d, w, rep = prepare(tp)
-    # pass 1: analytic template, simultaneous fluxes
-    T = base.evaluate(tp.s, tp.c).astype(np.float32)
-    F, sumT2 = _solve_fluxes(tp.star, rep, ne, n, w, T, d)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        snr = np.nan_to_num(F * np.sqrt(sumT2) / sky_sigma)
+    F, snr = aperture(tp, d, w)
     # bright stars: wider stamps (PSF wings beyond 3 sigma are significant)
     wide = snr > wide_snr
     if wide.any() and hw_big > hw:
@@ -579,19 +622,8 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
         tp = TrailPixels(np.concatenate([tp.star[keep], iw[tpw.star]]), np.concatenate([tp.pix[keep], tpw.pix]),
                          np.concatenate([tp.s[keep], tpw.s]), np.concatenate([tp.c[keep], tpw.c]), n)
         ne, d, w, rep = prepare(tp)
-        T = base.evaluate(tp.s, tp.c).astype(np.float32)
-        F, sumT2 = _solve_fluxes(tp.star, rep, ne, n, w, T, d)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            snr = np.nan_to_num(F * np.sqrt(sumT2) / sky_sigma)
     core = np.abs(tp.c) <= 2.0 * sigma_psf
     n_masked = np.bincount(tp.star, weights=(w == 0) & core, minlength=n)
-    # local background of each trail from its own wings (the global sky is biased by the sources)
-    own = F[tp.star] * T
-    r = d - np.bincount(rep, weights=own, minlength=ne)[rep]
-    wing = (np.abs(tp.c) > 2.5 * sigma_psf) & (w > 0) & (np.abs(r) < 4.0 * sky_sigma)
-    nw = np.bincount(tp.star, weights=wing, minlength=n)
-    bkg = np.where(nw >= 20, np.bincount(tp.star, weights=r * wing, minlength=n) / np.maximum(nw, 1), 0.0)
-    d = d - bkg[tp.star]
     da = np.zeros(n)
     dc = np.zeros(n)
     npx = np.bincount(tp.star, minlength=n)
@@ -606,32 +638,49 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
     cap_px = 2.0 * FWHM_PER_SIGMA * sigma_psf
     use = fit_off | bright
     if use.any():
+        # the bright stars' entries, and the neighbours' light on their pixels (analytic model, aperture fluxes)
         eb = np.flatnonzero(use[tp.star])
         sub = _subset(tp, eb)
         wb = w[eb]
-
-        def neighbours_removed(T):
-            own = F[tp.star] * T
-            msum = np.bincount(rep, weights=own, minlength=ne)
-            return d[eb] - (msum[rep[eb]] - own[eb])
-
-        db = neighbours_removed(T)
-        F, da, dc = _fit(sub, db, wb, base, F, da, dc, fit_off, n_iter=2)
+        mark = np.zeros(ny * nx, bool)
+        mark[sub.pix] = True
+        en = np.flatnonzero(mark[tp.pix] & ~use[tp.star])
+        del mark
+        Tb = base.evaluate(sub.s, sub.c)
+        # joint fluxes of the bright stars on their own pixels (blends among them)
+        Fb, _ = _solve_fluxes(sub.star, rep[eb], ne, n, wb, Tb, d[eb])
+        F = np.where(use, Fb, F)
+        Tn = base.evaluate(tp.s[en], tp.c[en])
+        other_n = np.bincount(rep[en], weights=F[tp.star[en]] * Tn, minlength=ne)
+        own_b = F[sub.star] * Tb
+        tot_b = np.bincount(rep[eb], weights=own_b, minlength=ne)
+        db = d[eb] - (tot_b[rep[eb]] - own_b) - other_n[rep[eb]]
+        # local background of each bright trail from its own wings (the global sky is biased by the sources)
+        r = db - own_b
+        wing = (np.abs(sub.c) > 2.5 * sigma_psf) & (wb > 0) & (np.abs(r) < 4.0 * sky_sigma)
+        nw = np.bincount(sub.star, weights=wing, minlength=n)
+        bkg = np.where(nw >= 20, np.bincount(sub.star, weights=r * wing, minlength=n) / np.maximum(nw, 1), 0.0)
+        db = db - bkg[sub.star]
+        F, da, dc = _fit(sub, db, wb, base, F, da, dc, fit_off, n_iter=2, noise=noise)
         if bright.sum() >= min_bright:
             tmpl = _empirical_template(sub, db, wb, F, da, dc, bright, base, hw_big, sigma_psf)
             _cap_correction(sub, db, wb, F, da, dc, bright, tmpl, Lref, hw_big, cap_px=cap_px)
-            empirical = True
-            # neighbours again with the empirical template, then offsets and template once more
-            T = tmpl.evaluate(tp.s - da[tp.star], tp.c - dc[tp.star]).astype(np.float32)
-            F, sumT2 = _solve_fluxes(tp.star, rep, ne, n, w, T, d)
-            db = neighbours_removed(T)
-            F, da, dc = _fit(sub, db, wb, tmpl, F, da, dc, fit_off, n_iter=2)
+            # neighbours' light again, with the empirical template (Moffat-like wings of bright neighbours)
+            Tb = tmpl.evaluate(sub.s - da[sub.star].astype(np.float32), sub.c - dc[sub.star].astype(np.float32))
+            Tn = tmpl.evaluate(tp.s[en], tp.c[en])
+            other_n = np.bincount(rep[en], weights=F[tp.star[en]] * Tn, minlength=ne)
+            own_b = F[sub.star] * Tb
+            tot_b = np.bincount(rep[eb], weights=own_b, minlength=ne)
+            db = d[eb] - (tot_b[rep[eb]] - own_b) - other_n[rep[eb]] - bkg[sub.star]
+            F, da, dc = _fit(sub, db, wb, tmpl, F, da, dc, fit_off, n_iter=2, noise=noise)
             tmpl = _empirical_template(sub, db, wb, F, da, dc, bright, base, hw_big, sigma_psf)
             _cap_correction(sub, db, wb, F, da, dc, bright, tmpl, Lref, hw_big, cap_px=cap_px)
-    # final: template with offsets, simultaneous fluxes
-    if use.any():
-        T = tmpl.evaluate(tp.s - da[tp.star], tp.c - dc[tp.star]).astype(np.float32)
-        F, sumT2 = _solve_fluxes(tp.star, rep, ne, n, w, T, d)
+            empirical = True
+        # subtract each bright trail's local background from its pixels for the final joint fit
+        d = d - np.where(use, bkg, 0.0)[tp.star]
+    # final: template with offsets, simultaneous fluxes of all trails (blends)
+    T = tmpl.evaluate(tp.s - da[tp.star].astype(np.float32), tp.c - dc[tp.star].astype(np.float32))
+    F, sumT2 = _solve_fluxes(tp.star, rep, ne, n, w, T, d)
     own = (F[tp.star] * T).astype(np.float64)
     msum = np.bincount(rep, weights=own, minlength=ne)
     isrep = rep == np.arange(ne)

@@ -258,7 +258,7 @@ def _gather(img, ys, xs):
 
 def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_noise=None, wcs=None,
                           mjd_obs=None, exptime=None, saturation_adu=None, mask_convention="flags",
-                          flash_sigma=5.5, cr_sigma=6.0, sharp_threshold=1.3, trail_ratio_threshold=1.2,
+                          flash_sigma=7.0, cr_sigma=6.0, sharp_threshold=1.3, trail_ratio_threshold=1.2,
                           model_error_frac=0.015, position_error_px=0.05, angle_tol_deg=15.0, streak_detect_sigma=8.0,
                           streak_bin_px=16, max_streaks=5, detect_streaks=True, amp_boundary="half"):
     """Classify every significant source on one CCD of a drift exposure.
@@ -379,7 +379,7 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
         fin = np.isfinite(tx0) & np.isfinite(ty0)
     tidx = np.flatnonzero(fin)
     fit = fit_trails(r0, excl, tx0[tidx], ty0[tidx], tx1[tidx], ty1[tidx], sigma_psf=sigma_psf, sky_sigma=sigma,
-                     analytic_length=L)
+                     analytic_length=L, gain=gain)
     model = fit.model
     resid = r0 - model
     resid[excl] = 0.0
@@ -432,7 +432,7 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
     if streak_mask.any() and len(tidx):
         # refit the stars under the streak without its pixels
         fit = fit_trails(r0, excl | streak_mask, tx0[tidx], ty0[tidx], tx1[tidx], ty1[tidx], sigma_psf=sigma_psf,
-                         sky_sigma=sigma, analytic_length=L)
+                         sky_sigma=sigma, analytic_length=L, gain=gain)
         model = fit.model
         resid = r0 - model
         resid[excl] = 0.0
@@ -659,7 +659,7 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
     order = sel[np.argsort(-np.nan_to_num(psf_snr[sel]))] if len(sel) else sel
     pos_in_sel = {int(s): i for i, s in enumerate(sel)}
     rb = int(math.ceil(0.5 * L / 2.0 + 6))
-    edge_px = 2 * R
+    edge_px = max(2 * R, int(math.ceil(2.0 * fwhm_px)))
     cr_rows = []
     segment_streaks = []
     for ci in order:
@@ -701,7 +701,7 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
         y0s, y1s = max(0, byi - rb), min(nyb, byi + rb + 1)
         x0s, x1s = max(0, bxi - rb), min(nxb, bxi + rb + 1)
         stamp = Mz[y0s:y1s, x0s:x1s]
-        thr_fp = max(2.5, 0.15 * float(Mz[byi, bxi]))
+        thr_fp = max(2.5, 0.3 * float(Mz[byi, bxi]))
         lab, _ = ndi.label(stamp > thr_fp)
         lid = lab[byi - y0s, bxi - x0s]
         if lid == 0:
@@ -773,6 +773,8 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
                                  **{"class": cls, "subclass": sub, "score": score, "flags": flags}))
             continue
         # --- flash
+        if flags & FLAG_EDGE:
+            continue  # within 2 FWHM of the CCD edge: partial PSFs and cut trails, not classified as flashes
         j, s_, c_ = on_trails(x, y, 1.5 * fwhm_px, fwhm_px)
         extra = {}
         t_s = np.nan
