@@ -671,7 +671,12 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
                & (np.minimum(fys, fye) >= fwhm_px) & (np.maximum(fys, fye) <= ny - 1 - fwhm_px))
         pos_sel = np.nonzero((j_snr >= min_snr_position) & (blend < 0.1) & ins)[0]
         pos_sel = np.sort(pos_sel[np.argsort(-j_snr[pos_sel], kind="stable")[:max_position_fits]])
-        model = trailfit.render_trails(shape, grid, fx, fy, np.maximum(hj, 0.0), templates=templ)
+        # render only the trails that reach a trail to be fitted (position fits, unmatched candidates)
+        near = _near_catalogue(cx_all, cy_all, fx[j_snr >= 1], fy[j_snr >= 1], grid)
+        ucand = np.nonzero(~near)[0]
+        need = _reaching(fx, fy, np.r_[fx[pos_sel], cx_all[ucand]], np.r_[fy[pos_sel], cy_all[ucand]], grid)
+        model = trailfit.render_trails(shape, grid, fx[need], fy[need], np.maximum(hj[need], 0.0),
+                                       templates=templ[need])
         pf = trailfit.fit_trails(sub, fx[pos_sel], fy[pos_sel], grid, rms=rms_f[pos_sel], gain=gain, bad=fit_bad,
                                  model_image=model, own_flux={"x_mid": fx[pos_sel], "y_mid": fy[pos_sel],
                                                               "h": np.maximum(hj[pos_sel], 0.0),
@@ -707,8 +712,6 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
 
     # -- unmatched candidates: what the catalogue model does not explain
     t = time.perf_counter()
-    near = _near_catalogue(cx_all, cy_all, fx[j_snr >= 1], fy[j_snr >= 1], grid)
-    ucand = np.nonzero(~near)[0]
     # fitted on the data minus the model of all catalogue trails
     ufit = trailfit.fit_trails(sub, cx_all[ucand], cy_all[ucand], grid,
                                rms=rms_at(cx_all[ucand], cy_all[ucand]), gain=gain, bad=fit_bad,
@@ -868,6 +871,22 @@ def _near_catalogue(x, y, cx, cy, grid, *, exclude_self=False, scale=1.0):
                       distance_upper_bound=1.0)
     if exclude_self:
         d = d[:, 1]
+    return np.isfinite(d)
+
+
+def _reaching(x, y, tx, ty, grid):
+    """True for trails at (x, y) whose model reaches the fit window of any target at (tx, ty)."""
+    from scipy.spatial import cKDTree
+
+    out = np.zeros(np.size(x), bool)
+    if np.size(x) == 0 or np.size(tx) == 0:
+        return out
+    ux, uy = grid.u
+    smax = float(np.max(grid.mixture[1]))
+    rp = grid.length_px + 2 * (grid.p_off[-1] - 0.5 * grid.length_p) + 4 * smax
+    rq = 2 * grid.q_off[-1] + 4 * smax
+    a = lambda xx, yy: np.c_[(xx * ux + yy * uy) / rp, (-xx * uy + yy * ux) / rq]  # noqa: E731
+    d, _ = cKDTree(a(tx, ty)).query(a(x, y), p=np.inf, distance_upper_bound=1.0)
     return np.isfinite(d)
 
 
