@@ -386,7 +386,7 @@ def _write_atomic(path, writer):
 
 def _without_timings(obj):
     if isinstance(obj, dict):
-        return {k: _without_timings(v) for k, v in obj.items() if k != "seconds"}
+        return {k: _without_timings(v) for k, v in obj.items() if k not in ("seconds", "timing_s")}
     if isinstance(obj, list):
         return [_without_timings(v) for v in obj]
     return obj

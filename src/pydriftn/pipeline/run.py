@@ -175,6 +175,7 @@ def run_unit(unit: Unit, catalogue_path: str, unit_config: dict, output_dir: str
             outputs.append(str(path.relative_to(out)))
         for name, data in products.files.items():
             path = udir / name
+            path.parent.mkdir(parents=True, exist_ok=True)
             write_bytes_atomic(data, path)
             outputs.append(str(path.relative_to(out)))
         record = _unit_record(unit, content_fingerprint(catalogue_path), unit_config)

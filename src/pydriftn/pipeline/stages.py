@@ -100,16 +100,20 @@ def process_exposure_ccd(unit, catalogue: pd.DataFrame, cfg, *, targets=None) ->
 
     classification = None
     counts = {}
+    products_files = {}
     if cfg.classify.enabled:
         from ..classify import classify_exposure_ccd
 
+        dq = pixmask if img.mask is None else (img.mask | pixmask)
         classification = classify_exposure_ccd(
-            img.data, pixmask, forced, geometry, fwhm_px=float(fwhm_px or 4.0),
+            img.data, dq, forced, geometry, fwhm_px=float(fwhm_px or 4.0),
             gain=float(np.mean(info.gain)), read_noise=float(np.mean(info.read_noise)), wcs=astro.wcs,
             mjd_obs=info.mjd, exptime=info.exptime, saturation_adu=float(min(info.saturation)),
             flash_sigma=cfg.classify.flash_sigma,
         )
         counts = {k: int(v) for k, v in classification.counts.items()}
+        if cfg.classify.save_cutouts:
+            products_files = _cutout_pngs(classification, img.data, unit)
         if classification.streak_mask is not None and classification.streak_mask.any():
             pixmask[classification.streak_mask] |= np.uint16(PixelFlag.STREAK)
 
@@ -142,7 +146,7 @@ def process_exposure_ccd(unit, catalogue: pd.DataFrame, cfg, *, targets=None) ->
         if col not in sky_table.columns:
             sky_table.insert(0, col, val)
 
-    products = UnitProducts(n_stars=int(len(stars)), counts=counts)
+    products = UnitProducts(n_stars=int(len(stars)), counts=counts, files=dict(products_files))
     products.tables["trails"] = trails
     products.tables["forced"] = forced
     products.tables["sky"] = sky_table
@@ -158,6 +162,17 @@ def process_exposure_ccd(unit, catalogue: pd.DataFrame, cfg, *, targets=None) ->
             "n_trails": int(len(trails)), "n_forced": int(len(forced))}
     products.files["diagnostics.json"] = json.dumps(diag, sort_keys=True).encode()
     return products
+
+
+def _cutout_pngs(classification, data, unit) -> dict:
+    """PNG cutouts of every non-star detection, as ``{"cutouts/NAME.png": bytes}``."""
+    import tempfile
+
+    from ..classify import save_cutouts
+
+    with tempfile.TemporaryDirectory(prefix="pydriftn-cutouts-") as tmp:
+        save_cutouts(classification, data, tmp, prefix=f"exp_{unit.expnum}-{unit.ccd}-")
+        return {f"cutouts/{p.name}": p.read_bytes() for p in sorted(Path(tmp).glob("*.png"))}
 
 
 # ------------------------------------------------------------------ catalogue
