@@ -136,7 +136,6 @@ def test_bad_file_is_skipped_and_reported(two_nights, tmp_path):
     assert "skipped" in text and victim.name in text
 
 
-@pytest.mark.slow
 def test_dask_local_cluster_gives_the_same_store(two_nights, reference_run, tmp_path):
     pytest.importorskip("distributed")
     out_ref, _ = reference_run
