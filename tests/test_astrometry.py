@@ -543,3 +543,48 @@ def test_oblique_drift_direction():
     xw, yw = res.wcs.world_to_pixel_values(ra[b], dec[b])
     assert np.sqrt(np.mean((xw - x0[b]) ** 2 + (yw - y0[b]) ** 2)) * PIXSCALE < 0.05
     assert (res.trails.star_id < 0).sum() == 0
+
+
+def test_stars_missing_from_catalogue_become_unmatched_trails():
+    img, cat, truth, true_wcs = synthetic_field(n=150, seed=12)
+    t = truth.copy()
+    t["snr"] = snr_true(t.counts_e)
+    inside = t.x_end.between(10, 500) & t.x_start.between(10, 500) & t.y_start.between(10, 1013)
+    # three bright, isolated stars are left out of the catalogue
+    cand = t[inside & (t.snr > 40)]
+    mids = np.c_[0.5 * (t.x_start + t.x_end), t.y_start]
+    iso = [sid for sid, (xm, ym) in zip(cand.star_id, mids[cand.index])
+           if (np.hypot((mids[:, 0] - xm) / 40, (mids[:, 1] - ym) / 8) < 1).sum() == 1]
+    gone = iso[:3]
+    assert len(gone) == 3
+    res = solve_exposure_ccd(img, cat[~cat.star_id.isin(gone)], (0.0, 0.5))
+    u = res.trails[res.trails.star_id == -1]
+    assert (u["flags"] & int(TrailFlag.UNMATCHED)).all() and not u.matched.any()
+    for sid in gone:
+        r = t.set_index("star_id").loc[sid]
+        d = np.hypot(u.x_start - r.x_start, u.y_start - r.y_start)
+        assert d.min() < 0.5, (sid, d.min())
+    assert len(u) == 3
+
+
+def test_write_exposure_products(sim, sim_results, tmp_path):
+    from astropy.io import fits
+
+    from pydriftn.astrometry import write_exposure_products
+
+    ds = sim[0]
+    expnum = sorted(ds.drift_images)[0]
+    results = {ccd: r for (e, ccd), r in sim_results.items() if e == expnum}
+    paths = write_exposure_products(results, tmp_path, expnum)
+    assert [p.name for p in paths] == [f"driftastrom-exp_{expnum}.csv", f"driftastrom-exp_{expnum}.parquet",
+                                       f"wcs-exp_{expnum}.fits"]
+    tab = pd.read_parquet(paths[1])
+    assert len(tab) == sum(len(r.trails) for r in results.values())
+    assert set(tab.ccd) == set(results)
+    with fits.open(paths[2]) as hdul:
+        assert hdul[0].header["EXPNUM"] == expnum
+        for ccd, r in results.items():
+            w = WCS(hdul[ccd].header)
+            x, y = w.world_to_pixel_values(r.trails.ra.to_numpy(), r.trails.dec.to_numpy())
+            x2, y2 = r.wcs.world_to_pixel_values(r.trails.ra.to_numpy(), r.trails.dec.to_numpy())
+            assert np.allclose(x, x2, atol=1e-4) and np.allclose(y, y2, atol=1e-4)
