@@ -67,9 +67,9 @@ class AstrometryConfig(_Section):
     max_pointing_error_arcsec: float = Field(60.0, gt=0, description="largest pointing error searched")
     max_rotation_deg: float = Field(0.2, ge=0, description="largest field rotation searched")
     sip_order: int | None = Field(None, ge=0, le=5, description="SIP order; null chooses by residuals")
-    mask_bits: list[str] = Field(
-        default_factory=lambda: ["BAD_PIXEL", "SATURATED", "BLEED", "COSMIC_RAY"],
-        description="dq-mask flags treated as bad pixels",
+    mask_bits: list[str] | None = Field(
+        None, description="dq-mask flags treated as bad pixels (names of pydriftn.flags.PixelFlag); "
+        "null = all but TRANSIENT, EDGE, INTERPOLATED"
     )
     detect_cosmics_without_mask: bool = Field(
         True, description="find cosmic rays with astroscrappy when no dq mask is read"

@@ -106,6 +106,9 @@ def assemble_outputs(cfg, output_dir, units, targets=None) -> list[Path]:
             written.append(_write_csv(wide, night_dir / f"{prefix}driftextract-exp_{expnum}.csv"))
             med = samples.groupby("sample")["norm_flux"].median()
             medians.append((night, expnum, med))
+        wcs_file = _write_exposure_wcs(output_dir, us, night_dir / f"wcs-exp_{expnum}.fits")
+        if wcs_file is not None:
+            written.append(wcs_file)
         classes = _read_unit_tables(output_dir, us, "classify")
         if not classes.empty:
             written.append(_write_csv(_with_compat_columns(classes), night_dir / f"classify-exp_{expnum}.csv"))
@@ -114,6 +117,28 @@ def assemble_outputs(cfg, output_dir, units, targets=None) -> list[Path]:
     if db is not None:
         written.append(db)
     return written
+
+
+def _write_exposure_wcs(output_dir: Path, units, path: Path):
+    """One FITS file per exposure with the re-fitted WCS of each CCD as a header extension."""
+    from astropy.io import fits
+
+    from ..io import write_fits_atomic
+    from .run import unit_dir
+
+    hdus = [fits.PrimaryHDU()]
+    for u in sorted(units, key=lambda u: u.ccd):
+        p = unit_dir(output_dir, u) / "wcs.fits"
+        if (unit_dir(output_dir, u) / "done.json").is_file() and p.is_file():
+            hdr = fits.getheader(p, 0)
+            ext = fits.ImageHDU(header=hdr, name=u.ccd)
+            hdus.append(ext)
+    if len(hdus) == 1:
+        return None
+    hdus[0].header["EXPNUM"] = units[0].expnum
+    hdus[0].header["COMMENT"] = "WCS at shutter open of each CCD, re-fitted by pydriftn"
+    write_fits_atomic(fits.HDUList(hdus), path)
+    return path
 
 
 def _write_pdfs(cfg, output_dir: Path, by_exposure, medians, targets) -> list[Path]:

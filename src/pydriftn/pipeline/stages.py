@@ -81,7 +81,7 @@ def process_exposure_ccd(unit, catalogue: pd.DataFrame, cfg, *, targets=None) ->
     astro = solve_exposure_ccd(
         img, catalogue, cfg.drift_rate_arcsec_s, mask=img.mask, anchor=a.anchor,
         detect_sigma=a.detect_sigma, max_pointing_error_arcsec=a.max_pointing_error_arcsec,
-        max_rotation_deg=a.max_rotation_deg, sip_order=a.sip_order,
+        max_rotation_deg=a.max_rotation_deg, sip_order=a.sip_order, bad_bits=a.mask_bits,
         detect_cosmics_without_mask=a.detect_cosmics_without_mask,
         expnum=unit.expnum, ccd=unit.ccd,
     )
