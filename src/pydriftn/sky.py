@@ -118,6 +118,27 @@ def _trail_arrays(trails):
     return x0, y0, x1, y1
 
 
+def _covered(shape, cx, cy, ox, oy):
+    """Boolean image (ny, nx) of the pixels ``(cx + ox, cy + oy)`` of every trail.
+
+    Written into a buffer padded by ``2 R + 1`` pixels (``R`` the largest
+    offset), so every write lands in it without per-pixel bounds checks;
+    centres farther out than ``R`` are clamped to ``R + 1`` outside, where
+    their footprint still cannot reach the image. Returns a view.
+    """
+    ny, nx = shape
+    rx = int(np.abs(ox).max(initial=0))
+    ry = int(np.abs(oy).max(initial=0))
+    bx, by = 2 * rx + 1, 2 * ry + 1
+    nxp = nx + 2 * bx
+    buf = np.zeros((ny + 2 * by) * nxp, dtype=bool)
+    cxc = np.clip(cx, -rx - 1, nx + rx).astype(np.intp)
+    cyc = np.clip(cy, -ry - 1, ny + ry).astype(np.intp)
+    idx = ((cyc + by) * nxp + (cxc + bx))[:, None] + (oy.astype(np.intp) * nxp + ox)[None, :]
+    buf[idx] = True
+    return buf.reshape(ny + 2 * by, nxp)[by : by + ny, bx : bx + nx]
+
+
 def trail_footprint_image(shape, trails, radius, direction=None, length=None, counts=True):
     """Trail footprints (stadia of half-width ``radius``) on the image grid.
 
@@ -151,18 +172,7 @@ def trail_footprint_image(shape, trails, radius, direction=None, length=None, co
     cx = np.rint(0.5 * (x0 + x1)).astype(np.int64)
     cy = np.rint(0.5 * (y0 + y1)).astype(np.int64)
     if not counts:
-        # one write per footprint pixel (flat indices; border trails checked)
-        idx = (cy * nx + cx)[:, None] + (oy.astype(np.int64) * nx + ox)[None, :]
-        edge = (cx + ox.min() < 0) | (cx + ox.max() >= nx) | (cy + oy.min() < 0) | (cy + oy.max() >= ny)
-        ok = np.ones(idx.shape, dtype=bool)
-        if edge.any():
-            e = np.flatnonzero(edge)
-            X = cx[e, None] + ox[None, :]
-            Y = cy[e, None] + oy[None, :]
-            ok[e] = (X >= 0) & (X < nx) & (Y >= 0) & (Y < ny)
-        out = np.zeros(ny * nx, dtype=bool)
-        out[idx[ok]] = True
-        return out.reshape(shape)
+        return np.ascontiguousarray(_covered(shape, cx, cy, ox, oy))
     # counts: the stadium is convex, so each of its rows is one run of pixels:
     # draw the runs of every trail into a difference image and integrate along x
     rows = np.unique(oy)
@@ -180,12 +190,42 @@ def trail_footprint_image(shape, trails, radius, direction=None, length=None, co
     return out
 
 
+def _row_search(v, thr, n, side):
+    """Per-row ``searchsorted`` of ``thr`` in the first ``n`` (sorted) values of each row of ``v``.
+
+    A vectorised binary search over all rows at once (``log2(m)`` gathers of
+    one value per row), for thresholds that change every clipping iteration.
+    ``side='left'``: number of values ``< thr``; ``'right'``: number ``<= thr``.
+    ``thr`` and ``n`` may have a leading axis of searches: shape ``(q, n_rows)``.
+    """
+    n_rows, m = v.shape
+    thr = np.asarray(thr, dtype=v.dtype)
+    hi = np.array(np.broadcast_to(n, np.broadcast_shapes(np.shape(n), thr.shape)), dtype=np.intp)
+    thr = np.broadcast_to(thr, hi.shape)
+    lo = np.zeros_like(hi)
+    flat = v.reshape(-1)
+    base = np.arange(n_rows, dtype=np.intp) * m
+    for _ in range(max(int(m).bit_length(), 1)):
+        mid = (lo + hi) >> 1
+        val = flat[base + np.minimum(mid, m - 1)]
+        right = (val < thr) if side == "left" else (val <= thr)
+        right &= lo < hi
+        lo = np.where(right, mid + 1, lo)
+        hi = np.where(right | (lo >= hi), hi, mid)
+    return lo
+
+
 def clipped_stats_rows(values, sigma=3.0, maxiters=10):
     """Sigma-clipped median, standard deviation and count of each row.
 
     Equivalent to :func:`astropy.stats.sigma_clipped_stats` with its defaults
     (``cenfunc='median'``, ``stdfunc='std'``) applied to every row, with
     ``NaN`` marking missing values; vectorised over rows.
+
+    Each row is sorted once; the kept values of a row are then always one
+    contiguous run ``[lo, hi)`` of the sorted row, so an iteration needs only
+    a binary search of the two thresholds per row (no pass over the values)
+    and cumulative-sum lookups for the mean and variance.
 
     Parameters
     ----------
@@ -206,37 +246,48 @@ def clipped_stats_rows(values, sigma=3.0, maxiters=10):
     # keeps ~1e-6 relative precision on the standard deviation.
     v = np.sort(np.asarray(values, dtype=np.float32), axis=1)  # NaN sort last
     n_rows, m = v.shape
-    nfin = np.count_nonzero(np.isfinite(v), axis=1)
+    if m == 0:
+        nan = np.full(n_rows, np.nan)
+        return nan, nan.copy(), np.zeros(n_rows, dtype=np.intp)
     rows = np.arange(n_rows)
-    mid = v[rows, np.clip((nfin - 1) // 2, 0, max(m - 1, 0))]
+    nfin = _row_search(v, np.float32(np.inf), np.full(n_rows, m), "right")  # non-NaN values
+    if np.isinf(v[rows, 0]).any() or np.isinf(v[rows, np.maximum(nfin - 1, 0)]).any():
+        # infinities count as missing too (rare: sort again with them as NaN)
+        v = np.where(np.isinf(v), np.float32(np.nan), v)
+        v.sort(axis=1)
+        nfin = _row_search(v, np.float32(np.inf), np.full(n_rows, m), "right")
+    mid = v[rows, np.clip((nfin - 1) // 2, 0, m - 1)]
     mid = np.where(nfin > 0, mid, 0.0).astype(np.float32)
-    w = v - mid[:, None]
-    w[~np.isfinite(w)] = 0.0
-    c1 = np.zeros((n_rows, m + 1), dtype=np.float32)
-    c2 = np.zeros((n_rows, m + 1), dtype=np.float32)
-    np.cumsum(w, axis=1, out=c1[:, 1:])
-    np.cumsum(w * w, axis=1, out=c2[:, 1:])
+    # NaN sort last, so they only reach the cumulative sums beyond each row's
+    # ``nfin``, which are never looked up (``hi <= nfin``)
+    c1 = v - mid[:, None]
+    c2 = np.square(c1)
+    np.cumsum(c1, axis=1, out=c1)
+    np.cumsum(c2, axis=1, out=c2)
     lo = np.zeros(n_rows, dtype=np.intp)
     hi = nfin.astype(np.intp)
+
+    def csum(c, i):  # sum of the first i values of each row
+        return np.where(i > 0, c[rows, np.maximum(i - 1, 0)].astype(np.float64), 0.0)
+
     def stats(lo, hi):
         cnt = hi - lo
         safe = cnt > 0
-        i1 = np.clip(lo + (cnt - 1) // 2, 0, max(m - 1, 0))
-        i2 = np.clip(lo + cnt // 2, 0, max(m - 1, 0))
+        i1 = np.clip(lo + (cnt - 1) // 2, 0, m - 1)
+        i2 = np.clip(lo + cnt // 2, 0, m - 1)
         med = 0.5 * (v[rows, i1].astype(np.float64) + v[rows, i2])
-        s1 = c1[rows, hi].astype(np.float64) - c1[rows, lo]
-        s2 = c2[rows, hi].astype(np.float64) - c2[rows, lo]
+        s1 = csum(c1, hi) - csum(c1, lo)
+        s2 = csum(c2, hi) - csum(c2, lo)
         cn = np.where(safe, cnt, 1)
         var = np.maximum(s2 / cn - (s1 / cn) ** 2, 0.0)
         return np.where(safe, med, np.nan), np.where(safe, np.sqrt(var), np.nan), cnt
 
     med, std, cnt = stats(lo, hi)
     for _ in range(int(maxiters)):
-        lo_thr = med - sigma * std
-        hi_thr = med + sigma * std
-        new_lo = np.count_nonzero(v < lo_thr[:, None].astype(np.float32), axis=1)
-        new_hi = np.count_nonzero(v <= hi_thr[:, None].astype(np.float32), axis=1)
-        new_hi = np.minimum(new_hi, nfin)
+        lo_thr = (med - sigma * std).astype(np.float32)
+        hi_thr = (med + sigma * std).astype(np.float32)
+        new_lo = _row_search(v, lo_thr, nfin, "left")
+        new_hi = _row_search(v, hi_thr, nfin, "right")
         bad = ~np.isfinite(med) | (new_hi <= new_lo)
         new_lo = np.where(bad, lo, new_lo)
         new_hi = np.where(bad, hi, new_hi)
@@ -346,16 +397,22 @@ def local_sky(
     cx = np.rint(0.5 * (x0 + x1)).astype(np.int64)
     cy = np.rint(0.5 * (y0 + y1)).astype(np.int64)
     # flat pixel indices; only trails whose annulus box crosses the border need per-pixel checks
-    idx = (cy * nx + cx)[:, None] + (oy.astype(np.int64) * nx + ox)[None, :]
+    cxc = np.clip(cx, -(10 * nx), 11 * nx)  # far-off (position-less) trails: no index overflow
+    cyc = np.clip(cy, -(10 * ny), 11 * ny)
+    idx = (cyc * nx + cxc).astype(np.intp)[:, None] + (oy.astype(np.intp) * nx + ox)[None, :]
     edge = (cx + ox.min() < 0) | (cx + ox.max() >= nx) | (cy + oy.min() < 0) | (cy + oy.max() >= ny)
-    inside = np.ones(idx.shape, dtype=bool)
-    if edge.any():
-        e = np.flatnonzero(edge)
-        X = cx[e, None] + ox[None, :]
-        Y = cy[e, None] + oy[None, :]
-        inside[e] = (X >= 0) & (X < nx) & (Y >= 0) & (Y < ny)
+    e = np.flatnonzero(edge)
+    n_annulus = np.full(n, len(ox), dtype=np.int64)
+    if len(e):
+        X = cxc[e, None] + ox[None, :]
+        Y = cyc[e, None] + oy[None, :]
+        inside_e = (X >= 0) & (X < nx) & (Y >= 0) & (Y < ny)
         idx[e] = np.clip(Y, 0, ny - 1) * nx + np.clip(X, 0, nx - 1)
-    vals = img.reshape(-1)[idx]
+        n_annulus[e] = inside_e.sum(axis=1)
+    flat = img.reshape(-1)
+    vals = flat[idx]  # the one gather of the annulus pixels
+    if vals.dtype != np.float32 and vals.dtype != np.float64:
+        vals = vals.astype(np.float32)
     if gain is not None:
         from pydriftn.extract.stamps import per_column
 
@@ -364,32 +421,38 @@ def local_sky(
         xmin = np.clip(cx + ox.min(), 0, nx - 1)
         xmax = np.clip(cx + ox.max(), 0, nx - 1)
         straddle = g_col[xmin] != g_col[xmax]
-        vals = vals * g_col[np.clip(cx, 0, nx - 1)][:, None]
+        vals *= g_col[np.clip(cx, 0, nx - 1)][:, None].astype(vals.dtype)
         if straddle.any():
             sidx = np.flatnonzero(straddle)
-            vals[sidx] = img.reshape(-1)[idx[sidx]] * g_col[idx[sidx] % nx]
+            vals[sidx] = flat[idx[sidx]] * g_col[idx[sidx] % nx]
     # unusable pixels: flagged, or within mask_radius of another trail. The
     # footprints use the same rounded centres and offsets as the annuli, so with
     # mask_radius <= radius a star's own footprint never touches its own
     # annulus and one boolean image suffices; otherwise footprints are counted
     # and the star's own is subtracted.
     if mask_radius <= radius:
-        unusable = trail_footprint_image(img.shape, trails, mask_radius, direction, length, counts=False)
+        fox, foy = stadium_offsets(direction, length, 0.0, mask_radius)
+        covered = _covered(img.shape, cx, cy, fox, foy)
         if mask is not None:
             m = np.asarray(mask)
-            unusable |= (m != 0) if bad_bits is None else ((m & bad_bits) != 0)
-        good = inside & ~unusable.reshape(-1)[idx]
+            unusable = (m != 0) if bad_bits is None else ((m & bad_bits) != 0)
+            unusable |= covered
+        else:
+            unusable = np.ascontiguousarray(covered)
+        good = unusable.reshape(-1)[idx]
+        np.logical_not(good, out=good)
     else:
         fp = trail_footprint_image(img.shape, trails, mask_radius, direction, length, counts=True)
         hx, hy = 0.5 * length * direction[0], 0.5 * length * direction[1]
         own = segment_distance(ox, oy, -hx, -hy, hx, hy) < mask_radius
-        good = inside & ((fp.reshape(-1)[idx].astype(np.int32) - own[None, :]) == 0)
+        good = (fp.reshape(-1)[idx].astype(np.int32) - own[None, :]) == 0
         if mask is not None:
             mv = np.asarray(mask).reshape(-1)[idx]
             good &= (mv == 0) if bad_bits is None else ((mv & bad_bits) == 0)
+    if len(e):
+        good[e] &= inside_e
     good &= np.isfinite(vals)
-    n_annulus = inside.sum(axis=1)
-    vals = np.where(good, vals, np.float32(np.nan))
+    np.copyto(vals, np.nan, where=~good)
     med, std, cnt = clipped_stats_rows(vals, sigma=sigma, maxiters=maxiters)
     with np.errstate(invalid="ignore", divide="ignore"):
         err = _MEDIAN_EFFICIENCY * std / np.sqrt(np.where(cnt > 0, cnt, np.nan))
