@@ -342,7 +342,8 @@ def evaluate(ds, out_dir, *, search=True, search_kwargs=None) -> dict:
         ay = tr_m["y_start"].to_numpy() + fa * (tr_m["y_end"] - tr_m["y_start"]).to_numpy()
         dd = np.hypot(mm["x_meas"].to_numpy() - ax, mm["y_meas"].to_numpy() - ay)
         # right star: the nearest true trail (anchor point) to the measured one is the star the ID maps to
-        anc = np.c_[tt["x_start"] + fa * (tt["x_end"] - tt["x_start"]), tt["y_start"] + fa * (tt["y_end"] - tt["y_start"])]
+        anc = np.c_[tt["x_start"] + fa * (tt["x_end"] - tt["x_start"]),
+                    tt["y_start"] + fa * (tt["y_end"] - tt["y_start"])]
         dn, jn = cKDTree(anc).query(np.c_[mm["x_meas"], mm["y_meas"]]) if len(mm) else (np.array([]), np.array([], int))
         right = tt["star_id"].to_numpy()[jn] == sim[on_unit].to_numpy()
         id_ok += int(right.sum())
@@ -371,7 +372,8 @@ def evaluate(ds, out_dir, *, search=True, search_kwargs=None) -> dict:
         d_mjd = (mjd_k - mjd0) * 86400.0 - t_true
         d_ts = ts_k - t_true
         timeaxis.append(dict(expnum=expnum, ccd=ccd, mjd_offset_s=float(np.mean(d_mjd)),
-                             mjd_offset_max_s=float(np.max(np.abs(d_mjd))), t_s_offset_max_s=float(np.max(np.abs(d_ts))),
+                             mjd_offset_max_s=float(np.max(np.abs(d_mjd))),
+                             t_s_offset_max_s=float(np.max(np.abs(d_ts))),
                              dt_store=float(np.median(np.diff(ts_k))), dt_true=float(geo.sample_dt_s)))
         urow["time_axis_offset_s"] = float(np.mean(d_mjd))
 
@@ -466,11 +468,11 @@ def evaluate(ds, out_dir, *, search=True, search_kwargs=None) -> dict:
                 cls_rows["fl_ok"] += ok
                 if not ok:
                     near = cl.iloc[[int(np.argmin(np.hypot(cl["x"] - fr["x"], cl["y"] - fr["y"])))]] if len(cl) else cl
+                    dn_ = float(np.hypot(near["x"].iloc[0] - fr["x"], near["y"].iloc[0] - fr["y"])) if len(near) else 0
                     missed_flashes.append(dict(expnum=expnum, ccd=ccd, x=round(fr["x"], 1), y=round(fr["y"], 1),
                                                snr=round(snr, 1), host=int(fr["host_star_id"]),
                                                nearest=(None if not len(near) else
-                                                        f"{near['class'].iloc[0]} at "
-                                                        f"{np.hypot(near['x'].iloc[0] - fr['x'], near['y'].iloc[0] - fr['y']):.1f} px")))
+                                                        f"{near['class'].iloc[0]} at {dn_:.1f} px")))
         ev_tr = tt[tt["star_id"].isin(ev_stars)]
         for _, r in fl_rows.iterrows():
             if len(tfl) and np.min(np.hypot(tfl["x"] - r["x"], tfl["y"] - r["y"])) < 3.0:
@@ -503,7 +505,8 @@ def evaluate(ds, out_dir, *, search=True, search_kwargs=None) -> dict:
             cls_rows["cr_n"] += 1
             tol = 3.0 + (math.sqrt(cr["npix"]) + 10.0 if cr["kind"] == "track" else 0.0)
             d = np.min(np.hypot(crs["x"] - cr["x"], crs["y"] - cr["y"])) if len(crs) else np.inf
-            under = len(tsat) and np.any(_point_line_dist(cr["x"], cr["y"], tsat["x0"].to_numpy(), tsat["y0"].to_numpy(),
+            under = len(tsat) and np.any(_point_line_dist(cr["x"], cr["y"], tsat["x0"].to_numpy(),
+                                                          tsat["y0"].to_numpy(),
                                                           tsat["x1"].to_numpy(), tsat["y1"].to_numpy()) < 2 * fwhm_true)
             cls_rows["cr_ok"] += bool(d < tol or under)
         nonstar = cl[cl["class"].isin(["flash", "cosmic_ray", "other_trail"])]
@@ -514,10 +517,12 @@ def evaluate(ds, out_dir, *, search=True, search_kwargs=None) -> dict:
             nx_, ny_ = nonstar["x"].to_numpy(), nonstar["y"].to_numpy()
             expl = np.zeros(len(nonstar), bool)
             if len(tfl):
-                expl |= np.min(np.hypot(nx_[:, None] - tfl["x"].to_numpy()[None], ny_[:, None] - tfl["y"].to_numpy()[None]),
+                expl |= np.min(np.hypot(nx_[:, None] - tfl["x"].to_numpy()[None],
+                                        ny_[:, None] - tfl["y"].to_numpy()[None]),
                                axis=1) < 3
             if len(tcr):
-                expl |= np.min(np.hypot(nx_[:, None] - tcr["x"].to_numpy()[None], ny_[:, None] - tcr["y"].to_numpy()[None]),
+                expl |= np.min(np.hypot(nx_[:, None] - tcr["x"].to_numpy()[None],
+                                        ny_[:, None] - tcr["y"].to_numpy()[None]),
                                axis=1) < 12
             ev_col = ttn["star_id"].isin(ev_stars).to_numpy()
             bad = (onm & ~expl[:, None] & ~ev_col[None, :]).any(axis=0)
@@ -589,11 +594,14 @@ def evaluate(ds, out_dir, *, search=True, search_kwargs=None) -> dict:
     return fig
 
 
-def evaluate_search(ds, out_dir, cat, cmap, rmap, ext_table, *, variants=("default", "deblended_ok"), **kwargs) -> dict:
+def evaluate_search(ds, out_dir, cat, cmap, rmap, ext_table, *, variants=("default", "deblended_ok", "as_user"),
+                    **kwargs) -> dict:
     """The event search on the store, with the run's catalogue and classified flashes wired in.
 
-    ``variants``: ``default`` = :func:`pydriftn.events.search_store` defaults; ``deblended_ok`` = the same
-    with DEBLENDED samples kept (the default flag mask drops them).
+    ``variants``: ``default`` = :func:`pydriftn.events.search_store` defaults with the run's catalogue
+    (``star_id, ra, dec, r`` = ``mag_r``) and classified flashes passed; ``deblended_ok`` = the same with
+    DEBLENDED samples kept (the default flag mask drops them); ``as_user`` = ``search_store(OUT)`` exactly
+    as a user calls it (it finds neither the catalogue nor the flashes of a pipeline run).
     """
     from pydriftn.events import search_store
     from pydriftn.events.series import default_bad_flag_mask
@@ -623,9 +631,9 @@ def evaluate_search(ds, out_dir, cat, cmap, rmap, ext_table, *, variants=("defau
         kw = dict(kwargs)
         if variant == "deblended_ok":
             kw["bad_flag_mask"] = int(default_bad_flag_mask()) & ~int(fb.DEBLENDED)
+        wired = dict(stars=stars, flashes=flashes) if variant != "as_user" else {}
         t0 = time.perf_counter()
-        res = search_store(out_dir, out_dir=out_dir / f"search_endtoend_{variant}", stars=stars, flashes=flashes,
-                           plots=0, **kw)
+        res = search_store(out_dir, out_dir=out_dir / f"search_endtoend_{variant}", plots=0, **wired, **kw)
         seconds = time.perf_counter() - t0
         cand, dets = res.candidates, res.detections
         rows = []
@@ -685,7 +693,8 @@ def report(fig, run_seconds=None, unit_seconds=None):
         p(f"  exp {u['expnum']} {u['ccd']}: reported {u['rms_reported']:.4f}\" ({u['n_wcs_stars']} stars), "
           f"true {u['rms_true']:.4f}\" ({u['n_true_stars']} stars), true minus mean jitter "
           f"{u['rms_true_minus_jitter']:.4f}\"   (target <= {t['wcs_rms_arcsec']}\")")
-    p(f"\nforced trail starts vs truth (r<20, {fig['n_forced_checked']} trails): median {fig['forced_median_px']:.3f} px, "
+    p(f"\nforced trail starts vs truth (r<20, {fig['n_forced_checked']} trails): "
+      f"median {fig['forced_median_px']:.3f} px, "
       f"95% {fig['forced_p95_px']:.3f} px, max {fig['forced_max_px']:.3f} px; along-track mean "
       f"{fig['forced_along_mean_px']:+.3f} px rms {fig['forced_along_rms_px']:.3f} px, across rms "
       f"{fig['forced_cross_rms_px']:.3f} px")
@@ -709,7 +718,8 @@ def report(fig, run_seconds=None, unit_seconds=None):
     p("\nextraction through the chain (store vs truth)")
     p(f"  bias median(sum flux / sum true flux) r<20 unsaturated ({fig['n_bias']} star-exposures): "
       f"{100 * fig['bias']:+.2f} %   (target within +-{100 * t['bias']:.0f} %)")
-    p(f"     cross-check vs exposure total: median(mean flux x EXPTIME / counts_e) - 1 = {100 * fig['bias_total']:+.2f} %")
+    p("     cross-check vs exposure total: median(mean flux x EXPTIME / counts_e) - 1 = "
+      f"{100 * fig['bias_total']:+.2f} %")
     p(f"  precision scatter/expected, isolated r<19 ({fig['n_iso']}): {fig['scatter_ratio']:.3f}   "
       f"(target <= {t['scatter_ratio']})")
     p(f"  pulls (robust sigma) r<20: {fig['pulls']:.3f}   (target {t['pulls'][0]}-{t['pulls'][1]})")
