@@ -5,8 +5,10 @@ Per night folder, the files users of pydriftn 0.1.4 know:
 ``driftextract-exp_{N}.csv`` (or ``target-driftextract-exp_{N}.csv`` with a
 target list), plus ``classify-exp_{N}.csv``; at the top of the output folder
 ``{pdf_output}.pdf`` (one page of extractions per night) and
-``{pdf_output}-median.pdf`` (median series per exposure and night), and
-``lightcurves.duckdb`` with a ``lightcurves`` view over the Parquet store.
+``{pdf_output}-median.pdf`` (median series per exposure and night),
+``flashes.parquet`` (every source classified as a flash, for the event
+search's veto and for transient follow-up), and ``lightcurves.duckdb`` with a
+``lightcurves`` view over the Parquet store.
 
 Assembly is deterministic (rows sorted by CCD and star ID), so a resumed run
 writes byte-identical files.
@@ -112,6 +114,10 @@ def assemble_outputs(cfg, output_dir, units, targets=None) -> list[Path]:
         classes = _read_unit_tables(output_dir, us, "classify")
         if not classes.empty:
             written.append(_write_csv(_with_compat_columns(classes), night_dir / f"classify-exp_{expnum}.csv"))
+    flashes = _read_unit_tables(output_dir, units, "classify")
+    if not flashes.empty and "class" in flashes.columns:
+        flashes = flashes[flashes["class"] == "flash"].reset_index(drop=True)
+        written.append(_write_csv(flashes, output_dir / "flashes.parquet"))
     written.extend(_write_pdfs(cfg, output_dir, by_exposure, medians, targets))
     db = _write_duckdb(output_dir)
     if db is not None:
