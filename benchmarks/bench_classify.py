@@ -88,6 +88,7 @@ def evaluate(data_dir, with_mask, max_units=None, verbose=False, **knobs):
         res, dt, info, geo = classify_unit(ds_, expnum, ccd, path, with_mask, T["trails"], **knobs)
         stats["units"] += 1
         stats["times"].append(dt)
+        stats.setdefault("stage_times", []).append(res.meta.get("timings", {}))
         for c, v in res.counts.items():
             stats["counts"][c] = stats["counts"].get(c, 0) + v
         tab = res.table
@@ -220,7 +221,9 @@ def evaluate(data_dir, with_mask, max_units=None, verbose=False, **knobs):
                     bad = True
                     stats["tr_bad_list"].append(dict(expnum=expnum, ccd=ccd, star_id=trl.star_id,
                                                      cls=nonstar["class"].iloc[j], x=round(x, 1), y=round(y, 1),
-                                                     counts_e=round(trl.counts_e)))
+                                                     s=round(float(s_[j]), 1), c=round(float(c_[j]), 1),
+                                                     counts_e=round(trl.counts_e), sat=bool(trl.saturated),
+                                                     peak_adu=round(trl.peak_adu)))
             stats["tr_bad"] += bad
         if verbose:
             print(f"  exp {expnum} {ccd}: {res.counts}  {dt:.3f} s", flush=True)
@@ -254,13 +257,19 @@ def report(stats, label):
           f"   (target <= 0.1 %)")
     t = np.array(stats["times"])
     print(f"time per CCD                     : median {np.median(t):.3f} s, max {t.max():.3f} s   (target <= 0.3 s)")
+    if stats.get("stage_times"):
+        stg = pd.DataFrame(stats["stage_times"]).median()
+        print("  median per stage (s)           : " + ", ".join(f"{k} {v:.3f}" for k, v in stg.items()))
     print(f"counts: {stats['counts']}")
     if stats["missed"]:
-        print("missed flashes:", stats["missed"][:10])
+        print("missed flashes:")
+        print(pd.DataFrame(stats["missed"]).to_string())
     if stats["false"]:
-        print("false flashes:", stats["false"][:10])
+        print("false flashes:")
+        print(pd.DataFrame(stats["false"]).round(3).to_string())
     if stats["tr_bad_list"]:
-        print("detections on trails:", stats["tr_bad_list"][:10])
+        print("unexplained detections on catalogued trails (s, c: along/across the trail from its start, px):")
+        print(pd.DataFrame(stats["tr_bad_list"]).to_string())
 
 
 def main(argv=None):

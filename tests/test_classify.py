@@ -480,8 +480,6 @@ def test_simulator_flashes_satellite_cosmic_rays(sim_small, with_mask):
     _simulator_checks(sim_small, with_mask)
 
 
-@pytest.mark.xfail(reason="known gap: residuals at the ends of bright trails still give ~1 false flash per "
-                          "CCD-exposure (target 0.1); see benchmarks/bench_classify.py", strict=False)
 def test_simulator_false_flash_rate(sim_small):
     # false flashes (not injected, not on a star with a microlensing event): <= 1 per 10 CCD-exposures
     # is the target; 4 CCD-exposures here allow at most 1

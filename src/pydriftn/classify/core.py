@@ -44,6 +44,7 @@ from scipy import ndimage as ndi
 
 from ..errors import MaskError
 from ._background import estimate_sky, residual_mesh
+from ._local import local_point_fit
 from ._streaks import Streak, bin_image, find_streaks, rasterize_streak
 from ._streaks import _refine as _refine_streak
 from ._trailmodel import fit_trails
@@ -260,7 +261,8 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
                           mjd_obs=None, exptime=None, saturation_adu=None, mask_convention="flags",
                           flash_sigma=7.0, cr_sigma=6.0, sharp_threshold=1.3, trail_ratio_threshold=1.2,
                           model_error_frac=0.015, position_error_px=0.05, angle_tol_deg=15.0, streak_detect_sigma=8.0,
-                          streak_bin_px=16, max_streaks=5, detect_streaks=True, amp_boundary="half"):
+                          streak_bin_px=16, max_streaks=5, detect_streaks=True, amp_boundary="half",
+                          model_pos_err_px=(0.5, 0.3), model_flux_err=0.03, broad_ratio_max=1.0):
     """Classify every significant source on one CCD of a drift exposure.
 
     Parameters
@@ -307,6 +309,15 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
         Satellite search (see :func:`pydriftn.classify._streaks.find_streaks`).
     amp_boundary : int, 'half' or None
         First column of the second amplifier (``'half'``: NAXIS1/2, DECam).
+    model_pos_err_px : (float, float)
+        Prior rms position error of the trail model along / across the drift
+        (px): a flash must stay above ``flash_sigma`` when the local model is
+        allowed to shift by this much (see :mod:`pydriftn.classify._local`).
+    model_flux_err : float
+        Prior rms fractional error of the local trail model, same use.
+    broad_ratio_max : float
+        A flash must be PSF-shaped: the S/N of a Gaussian twice the PSF's
+        width over the PSF's S/N (0.8 for a point source) must stay below this.
 
     Returns
     -------
@@ -441,6 +452,7 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
 
     # ---------------------------------------------------------------- candidates
     t0 = time.perf_counter()
+    weak_frac = 0.8
     rows_out = []
     K, R = _gauss_kernel(sigma_psf)
     knorm = float(np.sqrt(np.sum(K**2)))
@@ -589,7 +601,9 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
             dq_cr = c3.reshape(len(PY), -1).max(axis=1) > 0
         near_mask, _ = _gather(excl, ys5, xs5)
         near_mask = near_mask.reshape(len(PY), -1).max(axis=1) > 0
-        keep = (psf_snr >= flash_sigma) | ((peak_sigma >= cr_sigma) & (sharp_ratio > sharp_threshold))
+        # candidates below flash_sigma on the matched filter (whose variance includes a crude model-error floor)
+        # get a second chance from the local fit, which treats the model error honestly (flashes only)
+        keep = (psf_snr >= weak_frac * flash_sigma) | ((peak_sigma >= cr_sigma) & (sharp_ratio > sharp_threshold))
         sel = np.flatnonzero(keep)
     else:
         sel = np.zeros(0, int)
@@ -618,6 +632,25 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
             trail_ratio = trail_snr_b / np.maximum(point_b, 1e-3)
         trail_snr = trail_snr_b
     timings["trail_filter"] = time.perf_counter() - t0
+
+    # honest local significance (model error modes as nuisances) and shape test of the point candidates
+    t0 = time.perf_counter()
+    point_diag = None
+    loc_snr = np.full(len(PY) if py_list else 0, np.inf)
+    broad = np.zeros(len(loc_snr))
+    if len(sel):
+        cand_fl = sel[psf_snr[sel] >= weak_frac * flash_sigma]
+        if len(cand_fl):
+            bkg_c = mesh[np.minimum(PY[cand_fl] // 2, nyb - 1), np.minimum(PX[cand_fl] // 2, nxb - 1)] / 4.0
+            ls, _, br = local_point_fit(resid, model, excl, FV[cand_fl, 1], FV[cand_fl, 2], sigma_psf=sigma_psf,
+                                        sky_sigma=sigma, gain=gain, direction=(ux, uy), bkg=bkg_c,
+                                        pos_err_along=model_pos_err_px[0], pos_err_cross=model_pos_err_px[1],
+                                        flux_err=model_flux_err)
+            loc_snr[cand_fl] = ls
+            broad[cand_fl] = br
+            point_diag = pd.DataFrame(dict(x=FV[cand_fl, 1], y=FV[cand_fl, 2], psf_snr=psf_snr[cand_fl],
+                                           local_snr=ls, broad_ratio=br))
+    timings["local_fit"] = time.perf_counter() - t0
 
     # catalogued trail geometry for membership tests
     t0 = time.perf_counter()
@@ -695,7 +728,8 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
                                          "flags": flags | (FLAG_DQ_CR if dq_cr[ci] else 0)}))
             point_claims.append((x, y, 2.0))
             continue
-        if psf_snr[ci] < flash_sigma or sharp:
+        weak = psf_snr[ci] < flash_sigma
+        if (weak and loc_snr[ci] < flash_sigma) or sharp:
             continue  # too faint, or sharper than the PSF but too faint for a cosmic ray
         # --- footprint moments on the binned map
         y0s, y1s = max(0, byi - rb), min(nyb, byi + rb + 1)
@@ -734,6 +768,8 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
         fx_full = (x0s + mx) * 2 + 0.5
         fy_full = (y0s + my) * 2 + 0.5
         if elongated or trail_like:
+            if weak:
+                continue  # only a flash may rest on the local fit alone
             drift_ok = abs(rel) <= angle_tol_deg
             len_ok = 0.5 * L <= length_m <= 1.6 * L
             claimed[y0s:y1s, x0s:x1s] |= fp
@@ -775,6 +811,8 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
         # --- flash
         if flags & FLAG_EDGE:
             continue  # within 2 FWHM of the CCD edge: partial PSFs and cut trails, not classified as flashes
+        if loc_snr[ci] < flash_sigma or broad[ci] > broad_ratio_max:
+            continue  # explained by an error of the local trail model, or broader than the PSF
         j, s_, c_ = on_trails(x, y, 1.5 * fwhm_px, fwhm_px)
         extra = {}
         t_s = np.nan
@@ -921,6 +959,6 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
     timings["total"] = time.perf_counter() - t_start
     log.info("classified %s", ", ".join(f"{k} {v}" for k, v in counts.items()))
     meta = dict(empirical_template=fit.empirical, sky_level_adu=level, sky_sigma_adu=sigma, timings=timings,
-                n_streaks=len(streaks))
+                n_streaks=len(streaks), point_candidates=point_diag)
     return ClassificationResult(table=table, streak_mask=streak_mask, counts=counts, model=model, sky_sigma=sigma,
                                 streaks=streaks, meta=meta)
