@@ -586,7 +586,10 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
         st5, ok5 = _gather(resid, ys5, xs5)
         st5 -= (mesh[np.minimum(PY // 2, nyb - 1), np.minimum(PX // 2, nxb - 1)] / 4.0)[:, None, None]
         m5, _ = _gather(model, ys5, xs5)
-        v5 = sigma**2 + np.clip(m5, 0, None) / gain + (model_error_frac * m5) ** 2
+        # the same systematic floors as the matched filter's variance: otherwise near a bright trail end the
+        # PSF S/N is deflated by them and the pixel z-scores are not, and a residual looks "sharp"
+        v5 = sigma**2 + np.clip(m5, 0, None) / gain + ((model_error_frac * mnear) ** 2
+                                                      + (position_error_px * gnear) ** 2)[:, None, None]
         z5 = st5 / np.sqrt(v5)
         zc = z5[:, 1:4, 1:4].reshape(len(PY), -1)
         peak_sigma = zc.max(axis=1)
