@@ -136,6 +136,7 @@ def process_exposure_ccd(unit, catalogue: pd.DataFrame, cfg, *, targets=None) ->
             stars.insert(0, col, val)
     if targets is not None:
         stars["is_target"] = stars["star_id"].isin(targets)
+    samples = _with_star_columns(samples, stars)
 
     trails = astro.trails.copy()
     for col, val in (("expnum", unit.expnum), ("ccd", unit.ccd)):
@@ -162,6 +163,27 @@ def process_exposure_ccd(unit, catalogue: pd.DataFrame, cfg, *, targets=None) ->
             "n_trails": int(len(trails)), "n_forced": int(len(forced))}
     products.files["diagnostics.json"] = json.dumps(diag, sort_keys=True).encode()
     return products
+
+
+def _with_star_columns(samples: pd.DataFrame, stars: pd.DataFrame) -> pd.DataFrame:
+    """Give every sample its star's level (e-/s) and the star-level BLENDED flag.
+
+    ``level_e_s`` lets the event search normalise across the exposures of a
+    night (``norm_flux`` has median 1 within each exposure); BLENDED marks
+    stars whose trail overlaps a neighbour too closely to be de-blended.
+    """
+    from ..flags import SampleFlag
+
+    per_star = stars.set_index("star_id")
+    level = per_star["level_e_s"] if "level_e_s" in per_star else None
+    samples = samples.copy()
+    if level is not None:
+        samples["level_e_s"] = samples["star_id"].map(level).astype("float64")
+    if "star_flags" in per_star:
+        blended = (per_star["star_flags"].astype("int64") & int(SampleFlag.BLENDED)) != 0
+        hit = samples["star_id"].map(blended).fillna(False).to_numpy(bool)
+        samples.loc[hit, "flags"] = samples.loc[hit, "flags"].to_numpy() | int(SampleFlag.BLENDED)
+    return samples
 
 
 def _cutout_pngs(classification, data, unit) -> dict:
