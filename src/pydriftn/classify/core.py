@@ -586,10 +586,7 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
         st5, ok5 = _gather(resid, ys5, xs5)
         st5 -= (mesh[np.minimum(PY // 2, nyb - 1), np.minimum(PX // 2, nxb - 1)] / 4.0)[:, None, None]
         m5, _ = _gather(model, ys5, xs5)
-        # the same systematic floors as the matched filter's variance: otherwise near a bright trail end the
-        # PSF S/N is deflated by them and the pixel z-scores are not, and a residual looks "sharp"
-        v5 = sigma**2 + np.clip(m5, 0, None) / gain + ((model_error_frac * mnear) ** 2
-                                                      + (position_error_px * gnear) ** 2)[:, None, None]
+        v5 = sigma**2 + np.clip(m5, 0, None) / gain + (model_error_frac * m5) ** 2
         z5 = st5 / np.sqrt(v5)
         zc = z5[:, 1:4, 1:4].reshape(len(PY), -1)
         peak_sigma = zc.max(axis=1)
@@ -597,7 +594,11 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
         z5 = np.where(m5 > 0, 0.0, z5)  # masked pixels carry no information
         zz = np.sort(np.clip(z5.reshape(len(PY), -1), 0, None) ** 2, axis=1)[:, ::-1]
         s4 = zz[:, :4].sum(axis=1)
-        sharp_ratio = s4 / np.maximum(psf_snr, 1.0) ** 2
+        # compare with the PSF S/N on the same per-pixel noise as z5 (without the floors of var_pk that
+        # deflate psf_snr next to bright trail ends: a smooth residual there must not look "sharp")
+        var_c = sigma**2 + np.clip(mloc, 0, None) / gain + (model_error_frac * mloc) ** 2
+        psf_snr_c = psf_snr * np.sqrt(var_pk / var_c)
+        sharp_ratio = s4 / np.maximum(psf_snr_c, 1.0) ** 2
         dq_cr = np.zeros(len(PY), bool)
         if crm is not None:
             c3, _ = _gather(crm, ys5[:, 1:4, 1:4], xs5[:, 1:4, 1:4])
