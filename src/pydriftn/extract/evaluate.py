@@ -152,25 +152,53 @@ def truth_series(unit, k, response="marginal"):
     return true_flux, true_rel
 
 
-def event_time_offset(unit, ext, det, star_index, shifts=None, response="marginal"):
+def event_time_offset(unit, ext, det, star_index, shifts=None, response="marginal", scale="fit"):
     """Time offset (s) that best aligns the true light curve of a star with its normalised series.
 
     The star's true relative light curve (``unit.lightcurves``) is shifted by
     each trial offset, turned into what each sample sees
     (:func:`truth_series`) and compared with ``det.norm_flux`` (chi-square
-    over the full-illumination samples). A correct time axis gives ~0.
+    over the full-illumination samples); the minimum is refined by a
+    parabola through the three best grid points. A correct time axis gives ~0.
+
+    ``scale``: ``'fit'`` (default) fits the model's amplitude at every trial
+    shift (weighted linear least squares). ``'median'`` divides the model by
+    its median over the full-illumination samples instead, as the
+    normalisation does to the data: the data's median is noisy and, for a star
+    whose event covers most of the exposure, sits on the event's slope, so the
+    fixed scale is off by up to a few per cent and the chi-square trades that
+    mismatch for a time shift (errors of ~0.05 s rms on simulated events, of
+    either sign, against ~0.015 s with the fitted amplitude).
     """
-    shifts = np.arange(-0.5, 0.5001, 0.01) if shifts is None else np.asarray(shifts)
+    if scale not in ("fit", "median"):
+        raise ValueError(f"scale must be 'fit' or 'median', got {scale!r}")
+    shifts = np.arange(-0.5, 0.5001, 0.01) if shifts is None else np.asarray(shifts, dtype=float)
     i = int(star_index)
     sid = unit.trails["star_id"].iloc[i]
     lc = unit.lightcurves[unit.lightcurves["star_id"] == sid].sort_values("t_s")
     flat = ~ext.ramp
     y, yerr = det.norm_flux[i], det.norm_flux_err[i]
+    use = flat & np.isfinite(y) & np.isfinite(yerr) & (yerr > 0)
+    w = np.where(use, 1.0 / np.where(use, yerr, 1.0) ** 2, 0.0)
+    y0 = np.where(use, y, 0.0)
     one = unit.trails.iloc[[i]].reset_index(drop=True)
     chi2 = []
     for dt in shifts:
         u1 = SimUnit(**{**unit.__dict__, "trails": one, "lightcurves": lc.assign(t_s=lc["t_s"] + dt)})
         _, m = truth_series(u1, ext.sample, response=response)
-        m = m[0] / np.median(m[0][flat])
-        chi2.append(np.nansum(((y - m) / yerr)[flat] ** 2))
-    return float(shifts[int(np.argmin(chi2))])
+        m = m[0]
+        if scale == "fit":
+            a = float((w * y0 * m).sum() / max((w * m * m).sum(), 1e-300))
+        else:
+            a = 1.0 / float(np.median(m[flat]))
+        chi2.append(float((w * (y0 - a * m) ** 2).sum()))
+    chi2 = np.asarray(chi2)
+    j = int(np.argmin(chi2))
+    best = float(shifts[j])
+    if 0 < j < len(shifts) - 1:
+        c0, c1, c2 = chi2[j - 1], chi2[j], chi2[j + 1]
+        den = c0 - 2.0 * c1 + c2
+        h = shifts[j + 1] - shifts[j]
+        if den > 0 and np.isclose(shifts[j] - shifts[j - 1], h):
+            best += float(np.clip(0.5 * (c0 - c2) / den, -0.5, 0.5)) * h
+    return best
