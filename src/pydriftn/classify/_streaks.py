@@ -50,11 +50,19 @@ class Streak:
 
 
 def bin_image(a, b):
-    """Sum ``a`` in ``b`` x ``b`` blocks (the ragged edge is dropped)."""
+    """Sum ``a`` in ``b`` x ``b`` blocks (the ragged edge is dropped); float32 unless ``a`` is float64."""
     ny, nx = a.shape
     nyb, nxb = ny // b, nx // b
     v = a[: nyb * b, : nxb * b]
-    return v.reshape(nyb, b, nxb * b).sum(axis=1, dtype=np.float64).reshape(nyb, nxb, b).sum(axis=2)
+    # strided adds (b + b passes over contiguous rows) are ~5x faster than reshape + sum(axis)
+    dt = np.float64 if v.dtype == np.float64 else np.float32
+    r = v[0::b].astype(dt)
+    for k in range(1, b):
+        r += v[k::b]
+    out = np.ascontiguousarray(r[:, 0::b])
+    for k in range(1, b):
+        out += r[:, k::b]
+    return out
 
 
 @functools.lru_cache(maxsize=8)

@@ -293,35 +293,43 @@ def _subset(tp, idx):
     return TrailPixels(tp.star[idx], tp.pix[idx], tp.s[idx], tp.c[idx], tp.n)
 
 
+def _sorted_by_group(key, values):
+    """Order that sorts by ``key`` and, within a key, by ``values`` (one float64 argsort instead of a lexsort)."""
+    v = np.asarray(values, np.float64)
+    lo, hi = float(np.min(v)), float(np.max(v))
+    scale = 0.5 / (hi - lo) if hi > lo else 0.0
+    return np.argsort(key.astype(np.float64) + (v - lo) * scale, kind="stable")
+
+
 def _grouped_median(key, values, n_groups, min_count=5):
     """Median and its standard error (1.25 * 1.4826 MAD / sqrt(n)) of ``values`` grouped by integer ``key``.
 
     Vectorised with two sorts (no Python loop over groups); groups with fewer
-    than ``min_count`` members get median 0 and error inf.
+    than ``min_count`` members get median 0 and error inf. Each sort is one
+    argsort of ``key + scaled value`` (keys < 2**20 leave ~30 bits for the
+    value order).
     """
     med = np.zeros(n_groups)
     err = np.full(n_groups, np.inf)
     if len(key) == 0:
         return med, err
-    order = np.lexsort((values, key))
+    order = _sorted_by_group(key, values)
     ks = key[order]
     vs = values[order]
-    uniq, start, cnt = np.unique(ks, return_index=True, return_counts=True)
-    good = cnt >= min_count
-    uniq, start, cnt = uniq[good], start[good], cnt[good]
-    m = 0.5 * (vs[start + (cnt - 1) // 2] + vs[start + cnt // 2])
+    cnt = np.bincount(ks, minlength=n_groups)
+    start = np.concatenate([[0], np.cumsum(cnt)[:-1]])
+    uniq = np.flatnonzero(cnt >= min_count)
+    st, cn = start[uniq], cnt[uniq]
+    m = 0.5 * (vs[st + (cn - 1) // 2] + vs[st + cn // 2])
     med[uniq] = m
     # MAD: same trick on |v - median of its group|
     gm = np.zeros(n_groups)
     gm[uniq] = m
     dev = np.abs(values - gm[key])
-    order2 = np.lexsort((dev, key))
+    order2 = _sorted_by_group(key, dev)
     ds_ = dev[order2]
-    ks2 = key[order2]
-    u2, st2, c2 = np.unique(ks2, return_index=True, return_counts=True)
-    mad = np.zeros(n_groups)
-    mad[u2] = 0.5 * (ds_[st2 + (c2 - 1) // 2] + ds_[st2 + c2 // 2])
-    err[uniq] = 1.25 * 1.4826 * mad[uniq] / np.sqrt(cnt)
+    mad = 0.5 * (ds_[st + (cn - 1) // 2] + ds_[st + cn // 2])
+    err[uniq] = 1.25 * 1.4826 * mad / np.sqrt(cn)
     return med, err
 
 

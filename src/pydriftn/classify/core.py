@@ -231,10 +231,11 @@ def _empty_table():
 
 
 def _finish_table(rows):
+    """Table with COLUMNS and their dtypes from a list of row dicts or a DataFrame."""
     base = _empty_table()
-    if not rows:
+    if rows is None or len(rows) == 0:
         return base
-    df = pd.DataFrame(rows)
+    df = rows.copy() if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
     for c in COLUMNS:
         if c not in df:
             df[c] = np.nan
@@ -400,8 +401,10 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
     t0 = time.perf_counter()
     streak_mask = np.zeros(data.shape, bool)
     streaks: list[Streak] = []
+    B0 = None
     if detect_streaks:
-        mesh0, _ = residual_mesh(bin_image(resid, 2))
+        B0 = bin_image(resid, 2)
+        mesh0, _ = residual_mesh(B0)
         streaks = find_streaks(resid, sigma, fwhm_px=fwhm_px, bin_px=streak_bin_px, background_binned2=mesh0,
                                detect_sigma=streak_detect_sigma, max_streaks=max_streaks,
                                min_length_px=max(4.0 * L, 100.0))
@@ -440,6 +443,8 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
                 dq_streaks.append(st)
                 streak_mask |= rasterize_streak(st, data.shape)
         streak_mask |= dq["streak"]
+    if streak_mask.any():
+        B0 = None  # residual changes below
     if streak_mask.any() and len(tidx):
         # refit the stars under the streak without its pixels
         fit = fit_trails(r0, excl | streak_mask, tx0[tidx], ty0[tidx], tx1[tidx], ty1[tidx], sigma_psf=sigma_psf,
@@ -458,9 +463,12 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
     knorm = float(np.sqrt(np.sum(K**2)))
     Psum = float(np.sum(K**2))
     sig_b = 0.5 * sigma_psf
-    B = bin_image(resid, 2).astype(np.float32)
-    mesh, _ = residual_mesh(B)
-    B -= mesh
+    if B0 is not None:
+        B, mesh = B0, mesh0  # no streak: the residual is the one the streak search binned
+    else:
+        B = bin_image(resid, 2)
+        mesh, _ = residual_mesh(B)
+    B = B - mesh
     M = ndi.gaussian_filter(B, sig_b, truncate=3.0)
     Kb, _ = _gauss_kernel(sig_b)
     knorm_b = float(np.sqrt(np.sum(Kb**2)))
@@ -935,11 +943,8 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
         })
     else:
         trow = None
-    table = _finish_table(rows_out)
-    if trow is not None:
-        trow = trow.reindex(columns=COLUMNS)
-        table = _finish_table(trow.to_dict("records") + table.to_dict("records")) if len(table) else \
-            _finish_table(trow.to_dict("records"))
+    parts = [p for p in (trow, pd.DataFrame(rows_out) if rows_out else None) if p is not None]
+    table = _finish_table(pd.concat(parts, ignore_index=True) if len(parts) > 1 else (parts[0] if parts else None))
 
     # ---------------------------------------------------------------- sky coordinates
     if wcs is not None and len(table):
