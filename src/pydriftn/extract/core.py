@@ -222,11 +222,34 @@ def _sky_columns(sky, star_id, g_star):
     return val * g_star, np.zeros(S), val, np.zeros(S), np.isfinite(val)
 
 
+def _rowsum(a):
+    """Sum over the last axis (cells of a strip); einsum is several times faster than
+    ``sum(axis=-1)`` for such short rows."""
+    return np.einsum("...c->...", a)
+
+
+def _rowdot(a, b):
+    """``(a * b).sum(axis=-1)`` without the temporary."""
+    return np.einsum("...c,...c->...", a, b)
+
+
+def _rowcount(mask):
+    """Number of True cells per strip (boolean ``(..., C)`` array, ``C < 256``)."""
+    m = np.ascontiguousarray(mask)
+    if m.shape[-1] > 255:
+        return m.sum(axis=-1)
+    return np.einsum("...c->...", m.view(np.uint8)).astype(np.int64)
+
+
 def _snr_per_sample(strips, return_flux=False):
     """Median over samples of a box-sum signal-to-noise (per star) [and of the box sum]."""
-    good = ~strips.bad
-    B = np.where(good, strips.data, 0).sum(axis=2)
-    V = np.where(good, strips.var0, 0).sum(axis=2) + np.maximum(B, 0) * strips.q
+    # strips.data is zero at bad cells
+    B = _rowsum(strips.data)
+    if strips.var0.strides[-1] == 0:  # one variance per strip (drift along x)
+        V = strips.var0[..., 0] * (strips.data.shape[-1] - _rowcount(strips.bad))
+    else:
+        V = _rowsum(np.where(strips.bad, np.float32(0), strips.var0))
+    V = V + np.maximum(B, 0) * strips.q
     snr = np.median(B / np.sqrt(np.maximum(V, 1e-9)), axis=1)
     return (snr, np.median(B, axis=1)) if return_flux else snr
 
@@ -235,55 +258,76 @@ def _reject_worst(d, M, V, bad, outlier_sigma, sys_frac):
     """Mask, per strip, the most deviant *positive* outlier above ``outlier_sigma``
     (Horne's one-pixel-at-a-time rejection; cosmic rays missed by the mask are
     positive, and rejecting negatives or several pixels at once lets a poor
-    profile eat a strip)."""
-    z = np.where(bad, -np.inf, (d - M) / np.sqrt(V + (sys_frac * np.abs(M)) ** 2))
-    j = np.argmax(z, axis=2)
-    zmax = np.take_along_axis(z, j[..., None], axis=2)[..., 0]
-    hit = zmax > outlier_sigma
-    if hit.any():
-        bad = bad.copy()
-        s_i, k_i = np.nonzero(hit)
-        bad[s_i, k_i, j[hit]] = True
-    return bad
+    profile eat a strip).
+
+    Works with the signed square ``z |z|`` of the normalised residual (no
+    square root) and looks for the worst cell only in strips that have one
+    above the threshold. Returns the updated mask (a copy only if it changed)
+    and the strips that changed ``(s, k)`` (or None).
+    """
+    r = d - M
+    den = M * M
+    den *= np.float32(sys_frac * sys_frac)
+    den += V
+    z2 = np.abs(r)
+    z2 *= r
+    z2 /= den
+    if bad.any():
+        np.copyto(z2, -np.inf, where=bad)
+    cand = _rowcount(z2 > np.float32(outlier_sigma) ** 2) > 0
+    if not cand.any():
+        return bad, None
+    s_i, k_i = np.nonzero(cand)
+    j = np.argmax(z2[s_i, k_i], axis=-1)
+    bad = bad.copy()
+    bad[s_i, k_i, j] = True
+    return bad, (s_i, k_i)
 
 
 def _optimal_single(d, var0, q, bad, P, n_iter=2, outlier_sigma=5.0, sys_frac=0.1, subset=None):
     """Horne optimal extraction of independent strips.
 
-    Returns F, var_F, bad (updated), V, w, sum(w P); with ``subset`` (bool over
-    stars) only those stars are computed (others: F NaN, w 0).
+    ``d`` must be zero at the cells flagged in ``bad`` (as :func:`cut_strips`
+    gives it). Returns F, var_F, bad (updated), w, sum(w P); with ``subset``
+    (bool over stars) only those stars are computed (others: F NaN, w 0).
+    The variance of the weighted sum ``sum(w^2 V) / sum(w P)^2`` with
+    ``w = P / V`` is ``1 / sum(w P)``.
     """
     if subset is not None and not np.all(subset):
         S, K, C = d.shape
         F = np.full((S, K), np.nan)
         varF = np.full((S, K), np.inf)
         bad_out = bad.copy()
-        V = var0.copy()
         w = np.zeros_like(P)
-        swp = np.zeros((S, K))
+        swp = np.zeros((S, K), dtype=np.float32)
         if np.any(subset):
             i = np.flatnonzero(subset)
             r = _optimal_single(d[i], var0[i], q[i], bad[i], P[i], n_iter, outlier_sigma, sys_frac)
-            F[i], varF[i], bad_out[i], V[i], w[i], swp[i] = r
-        return F, varF, bad_out, V, w, swp
-    good = ~bad
-    sP = np.where(good, P, 0).sum(axis=2)
-    F = np.where(sP > 0.05, np.where(good, d, 0).sum(axis=2) / np.maximum(sP, 0.05), 0.0).astype(np.float32)
-    bad = bad.copy()
+            F[i], varF[i], bad_out[i], w[i], swp[i] = r
+        return F, varF, bad_out, w, swp
+    Pg = P
+    if bad.any():
+        Pg = P.copy()
+        np.copyto(Pg, np.float32(0), where=bad)
+    sP = _rowsum(Pg)
+    F = np.where(sP > 0.05, _rowsum(d) / np.maximum(sP, 0.05), 0.0).astype(np.float32)
     for it in range(max(int(n_iter), 1)):
-        M = F[:, :, None] * P
-        V = var0 + q[:, :, None] * np.maximum(M, 0)
+        V = (np.maximum(F, np.float32(0)) * q)[:, :, None] * P
+        V += var0
         if outlier_sigma and it >= 1:
-            bad = _reject_worst(d, M, V, bad, outlier_sigma, sys_frac)
-        w = np.where(bad, np.float32(0), P / V)
-        swp = (w * P).sum(axis=2)
+            bad, changed = _reject_worst(d, F[:, :, None] * P, V, bad, outlier_sigma, sys_frac)
+            if changed is not None:
+                if Pg is P:
+                    Pg = P.copy()
+                Pg[changed] = np.where(bad[changed], np.float32(0), P[changed])
+        w = Pg / V
+        swp = _rowdot(w, P)
         ok = swp > 0
         swp1 = np.where(ok, swp, 1.0)
-        F = np.where(ok, (w * d).sum(axis=2) / swp1, 0.0).astype(np.float32)
-    # variance of the weighted sum with the last weights (V from the previous estimate)
-    varF = np.where(ok, (w * w * V).sum(axis=2, dtype=np.float64) / swp1.astype(np.float64) ** 2, np.inf)
+        F = np.where(ok, _rowdot(w, d) / swp1, 0.0).astype(np.float32)
+    varF = np.where(ok, 1.0 / swp1.astype(np.float64), np.inf)
     F = np.where(ok, F.astype(np.float64), np.nan)
-    return F, varF, bad, V, w, swp
+    return F, varF, bad, w, swp
 
 
 def _joint_solve(d, var0, q, bad, A, active, n_iter=1, outlier_sigma=5.0, sys_frac=0.1):
@@ -307,26 +351,27 @@ def _joint_solve(d, var0, q, bad, A, active, n_iter=1, outlier_sigma=5.0, sys_fr
     M1 = len(A)
     N, K, C = d.shape
     P = A[0]
-    good = ~bad
-    sP = np.where(good, P, 0).sum(axis=2)
+    # d is zero at the cells flagged in bad (cut_strips)
+    sP = _rowsum(np.where(bad, np.float32(0), P))
     amps = np.zeros((N, K, M1), dtype=np.float64)
-    amps[..., 0] = np.where(sP > 0.05, np.where(good, d, 0).sum(axis=2) / np.maximum(sP, 0.05), 0.0)
-    bad = bad.copy()
+    amps[..., 0] = np.where(sP > 0.05, _rowsum(d) / np.maximum(sP, 0.05), 0.0)
     eye = np.eye(M1)
     iu = [(m, l) for m in range(M1) for l in range(m, M1)]
     for it in range(n_iter + 1):
         M = A[0] * amps[..., 0:1].astype(np.float32)
         for m in range(1, M1):
-            M = M + A[m] * amps[..., m : m + 1].astype(np.float32)
-        V = var0 + q[:, :, None] * np.maximum(M, 0)
+            M += A[m] * amps[..., m : m + 1].astype(np.float32)
+        V = q[:, :, None] * np.maximum(M, np.float32(0))
+        V += var0
         if outlier_sigma and it >= 1:
-            bad = _reject_worst(d, M, V, bad, outlier_sigma, sys_frac)
-        w = np.where(bad, np.float32(0), 1.0 / V).astype(np.float32)
+            bad, _ = _reject_worst(d, M, V, bad, outlier_sigma, sys_frac)
+        w = np.reciprocal(V)
+        np.copyto(w, np.float32(0), where=bad)
         wA = [w * a for a in A]
         Nmat = np.empty((N, K, M1, M1))
         for m, l in iu:
-            Nmat[..., m, l] = Nmat[..., l, m] = (wA[m] * A[l]).sum(axis=2)
-        rhs = np.stack([(wa * d).sum(axis=2) for wa in wA], axis=-1).astype(np.float64)
+            Nmat[..., m, l] = Nmat[..., l, m] = _rowdot(wA[m], A[l])
+        rhs = np.stack([_rowdot(wa, d) for wa in wA], axis=-1).astype(np.float64)
         # inactive neighbours and empty strips: decouple; tiny ridge against coincident trails
         diag = np.diagonal(Nmat, axis1=-2, axis2=-1)
         empty = ~(diag > 0) | ~active
@@ -557,15 +602,17 @@ def extract_trails(
 
     if method == "optimal":
         has_nb = (nb >= 0).any(axis=1) if (deblend and nb.shape[1] > 0) else np.zeros(S, bool)
-        F, varF, bad2, V, w, swp = _optimal_single(strips.data, strips.var0, strips.q, strips.bad, P,
-                                                   n_iter=2, outlier_sigma=outlier_sigma)
-        wsum_cells = w.sum(axis=2)
+        F, varF, bad2, w, swp = _optimal_single(strips.data, strips.var0, strips.q, strips.bad, P,
+                                                n_iter=2, outlier_sigma=outlier_sigma)
+        wsum_cells = _rowsum(w)
         sky_lever = np.where(swp > 0, wsum_cells / np.where(swp > 0, swp, 1.0), 0.0)
         if has_nb.any():
             idx = np.flatnonzero(has_nb)
             Fj, varj, badj, dbl_sub = _deblend(strips, prof, delta, P, nb, x0, y0, x1, y1, geometry,
                                                outlier_sigma, reach=W + 2.0 * fwhm_guess + 2.0, idx=idx)
             ni, ki = np.nonzero(dbl_sub)
+            if bad2 is strips.bad:
+                bad2 = bad2.copy()
             F[idx[ni], ki] = Fj[ni, ki]
             varF[idx[ni], ki] = varj[ni, ki]
             bad2[idx[ni], ki] = badj[ni, ki]

@@ -64,6 +64,7 @@ class CrossProfile:
     total: np.ndarray | None = None  # (K,) integral of each row (flux normalisation)
     _padded: np.ndarray | None = None
     _pad: int = 0
+    _cplx: dict | None = None
 
     def __post_init__(self):
         self.table = np.ascontiguousarray(self.table, dtype=np.float32)
@@ -80,14 +81,31 @@ class CrossProfile:
             self._padded, self._pad = tp, pad
         return self._padded, self._pad
 
+    def _complex_table(self, pad, scaled):
+        """Padded table as complex64 ``value + 1j * (next value - value)`` (one gather
+        per cell gives both interpolation nodes), rows scaled by ``1 / total`` if ``scaled``."""
+        key = (pad, bool(scaled))
+        if self._cplx is None:
+            self._cplx = {}
+        if key not in self._cplx:
+            tp = np.maximum(self._padded, np.float32(0))  # non-negative: so is every interpolate
+            if scaled:
+                tp = (tp / self.total[:, None]).astype(np.float32)
+            tc = np.zeros(tp.shape, dtype=np.complex64)
+            tc.real = tp
+            tc.imag[:, :-1] = tp[:, 1:] - tp[:, :-1]
+            self._cplx[key] = tc
+        return self._cplx[key]
+
     def strip_profile(self, psi, k_rows, half_width, *, normalise="total", derivative=False, reach_px=None):
         """Profile on the cells ``c = -W..W`` of strips whose star sits at ``-psi``.
 
         The profile of cell ``c`` is the table at ``u = c + psi``, where
         ``psi = phase - shift[k] - delta - extra`` (``phase`` = the cell grid's
         offset from the nominal position). The cell grid is a whole number of
-        table steps, so only ``psi`` needs interpolating: one floor per strip
-        and two gathers per cell.
+        table steps, so only ``psi`` needs interpolating: one floor per strip,
+        and the ``2W + 1`` cells of a strip are one strided read of a complex
+        table holding each node and its difference to the next.
 
         Parameters
         ----------
@@ -110,36 +128,40 @@ class CrossProfile:
         P (S, K, C) float32 [, dP]
         """
         W = int(half_width)
+        C = 2 * W + 1
         h = self.bin_px
         step = int(round(1.0 / h))
         reach = 3.0 * W if reach_px is None else float(reach_px)
-        tp, pad = self._padded_table(reach + W)
-        K, nbp = tp.shape
+        _, pad = self._padded_table(reach + W)
+        tc = self._complex_table(pad, normalise == "total")
+        K, nbp = tc.shape
         psi = np.asarray(psi, dtype=np.float64)
         k_rows = np.broadcast_to(np.asarray(k_rows, dtype=np.int64), psi.shape)
         far = ~(np.abs(psi) <= reach)
         g = (np.where(far, 0.0, psi) - self.u0) / h + pad
         i0 = np.floor(g)
         fr = (g - i0).astype(np.float32)[..., None]
-        base = (k_rows * nbp + i0.astype(np.int64))[..., None]
-        cells = (step * np.arange(-W, W + 1, dtype=np.int64))[None, None, :]
-        idx = base + cells
-        flat = tp.reshape(-1)
-        a = flat[idx]
-        b = flat[idx + 1]
-        p = a + (b - a) * fr
-        if far.any():
-            p[far] = 0.0
-        if normalise == "total":
-            nrm = (1.0 / self.total[k_rows]).astype(np.float32)[..., None]
-        elif normalise == "window":
+        # view: cells[k, i, c] = table[k, i + step * c]; strip (s, k) reads row i0 - step*W
+        n_start = nbp - step * (C - 1) - 1
+        cells = np.lib.stride_tricks.as_strided(tc, shape=(K, n_start, C),
+                                                strides=(tc.strides[0], tc.strides[1], tc.strides[1] * step),
+                                                writeable=False)
+        start = np.clip(i0.astype(np.int64) - step * W, 0, n_start - 1)
+        v = cells[k_rows, start]
+        p = v.imag * fr
+        p += v.real
+        if normalise == "window":
             ssum = p.sum(axis=-1, keepdims=True)
             nrm = np.where(ssum > 0, 1.0 / np.where(ssum > 0, ssum, 1.0), 0.0).astype(np.float32)
+            p *= nrm
         else:
-            nrm = np.float32(1.0)
-        p = np.maximum(p, 0.0) * nrm
+            nrm = None
+        if far.any():
+            p[far] = 0.0
         if derivative:
-            dp = (b - a) * np.float32(1.0 / h) * nrm
+            dp = v.imag * np.float32(1.0 / h)
+            if nrm is not None:
+                dp *= nrm
             if far.any():
                 dp[far] = 0.0
             return p, dp
