@@ -32,7 +32,7 @@ from scipy.sparse.linalg import spsolve
 from scipy.ndimage import gaussian_filter1d as _gf1
 from scipy.special import ndtr
 
-__all__ = ["TrailPixels", "TrailTemplate", "trail_pixels", "fit_trails"]
+__all__ = ["TrailPixels", "TrailTemplate", "trail_pixels", "fit_trails", "refit_fluxes"]
 
 log = logging.getLogger(__name__)
 
@@ -553,6 +553,9 @@ class TrailFit:
     empirical: bool
     bright: np.ndarray
     half_width_px: float = 0.0
+    sigma_psf: float = 0.0
+    T: np.ndarray | None = None  # template value of each entry of ``pixels`` (offsets applied)
+    bkg: np.ndarray | None = None  # local background subtracted from each trail's pixels (ADU)
 
 
 def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=None, min_bright=6,
@@ -686,14 +689,49 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
             empirical = True
         # subtract each bright trail's local background from its pixels for the final joint fit
         d = d - np.where(use, bkg, 0.0)[tp.star]
+        bkg_used = np.where(use, bkg, 0.0)
+    else:
+        bkg_used = np.zeros(n)
     # final: template with offsets, simultaneous fluxes of all trails (blends)
     T = tmpl.evaluate(tp.s - da[tp.star].astype(np.float32), tp.c - dc[tp.star].astype(np.float32))
+    model, F, ferr = _final(tp, rep, ne, n, w, T, d, sky_sigma, (ny, nx))
+    return TrailFit(model, F, ferr, da, dc, n_masked.astype(int), tmpl, tp, empirical, bright, hw_big,
+                    float(sigma_psf), T, bkg_used)
+
+
+def _final(tp, rep, ne, n, w, T, d, sky_sigma, shape):
+    """Joint fluxes of all trails and the model image."""
     F, sumT2 = _solve_fluxes(tp.star, rep, ne, n, w, T, d)
     own = (F[tp.star] * T).astype(np.float64)
     msum = np.bincount(rep, weights=own, minlength=ne)
     isrep = rep == np.arange(ne)
-    model = np.zeros(ny * nx, np.float32)
+    model = np.zeros(shape[0] * shape[1], np.float32)
     model[tp.pix[isrep]] = msum[isrep]
     with np.errstate(divide="ignore", invalid="ignore"):
         ferr = sky_sigma / np.sqrt(sumT2)
-    return TrailFit(model.reshape(ny, nx), F, ferr, da, dc, n_masked.astype(int), tmpl, tp, empirical, bright, hw_big)
+    return model.reshape(shape), F, ferr
+
+
+def refit_fluxes(fit, resid0, bad, *, sky_sigma):
+    """Joint fluxes again with more pixels excluded (e.g. a satellite streak), template and offsets kept.
+
+    Costs one sparse solve instead of a full :func:`fit_trails` (the
+    template, the sub-pixel offsets and the bright trails' local
+    backgrounds do not depend on the few pixels a streak removes).
+    """
+    tp = fit.pixels
+    if fit.T is None or tp.n == 0 or len(tp.pix) == 0:
+        return fit
+    ny, nx = resid0.shape
+    ne = len(tp.pix)
+    lookup = np.empty(ny * nx, np.int32)
+    lookup[tp.pix] = np.arange(ne, dtype=np.int32)
+    rep = lookup[tp.pix].astype(np.int64)
+    del lookup
+    d = resid0.ravel()[tp.pix].astype(np.float64) - fit.bkg[tp.star]
+    w = np.ones(ne, np.float32) if bad is None else (~bad.ravel()[tp.pix]).astype(np.float32)
+    model, F, ferr = _final(tp, rep, ne, tp.n, w, fit.T, d, sky_sigma, (ny, nx))
+    core = np.abs(tp.c) <= 2.0 * fit.sigma_psf
+    n_masked = np.bincount(tp.star, weights=(w == 0) & core, minlength=tp.n).astype(int)
+    return TrailFit(model, F, ferr, fit.d_along, fit.d_cross, n_masked, fit.template, tp, fit.empirical, fit.bright,
+                    fit.half_width_px, fit.sigma_psf, fit.T, fit.bkg)

@@ -47,7 +47,7 @@ from ._background import estimate_sky, residual_mesh
 from ._local import local_point_fit
 from ._streaks import Streak, bin_image, find_streaks, rasterize_streak
 from ._streaks import _refine as _refine_streak
-from ._trailmodel import fit_trails
+from ._trailmodel import fit_trails, refit_fluxes
 
 __all__ = [
     "CLASSES",
@@ -446,9 +446,8 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
     if streak_mask.any():
         B0 = None  # residual changes below
     if streak_mask.any() and len(tidx):
-        # refit the stars under the streak without its pixels
-        fit = fit_trails(r0, excl | streak_mask, tx0[tidx], ty0[tidx], tx1[tidx], ty1[tidx], sigma_psf=sigma_psf,
-                         sky_sigma=sigma, analytic_length=L, gain=gain)
+        # refit the fluxes without the streak's pixels (template and offsets kept)
+        fit = refit_fluxes(fit, r0, excl | streak_mask, sky_sigma=sigma)
         model = fit.model
         resid = r0 - model
         resid[excl] = 0.0
