@@ -122,12 +122,26 @@ class DetrendResult:
 
 
 def _nanmedian_rows(a, m):
-    """Median of each row over mask ``m`` (NaN when empty), vectorised."""
-    x = np.where(m, a, np.nan)
+    """Median of each row over mask ``m`` (NaN when empty), vectorised.
+
+    The same values as ``np.nanmedian(np.where(m, a, nan), axis=1)``, by one
+    sort of the rows (NaN sort last) instead of numpy's masked-array path for
+    short rows, which is several times slower.
+    """
+    x = np.where(m, a, np.nan).astype(np.float64, copy=False)
+    if x.ndim != 2:
+        raise ValueError(f"_nanmedian_rows: expected a 2-d array, got shape {x.shape}")
+    x.sort(axis=1)
+    n = x.shape[1] - np.count_nonzero(np.isnan(x), axis=1)
+    rows = np.arange(x.shape[0])
+    if x.shape[1] == 0:
+        return np.full(x.shape[0], np.nan)
+    lo = x[rows, np.maximum((n - 1) // 2, 0)]
+    hi = x[rows, np.maximum(n // 2, 0)]
     with np.errstate(all="ignore"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return np.nanmedian(x, axis=1)
+        med = 0.5 * (lo + hi)
+        med = np.where(lo == hi, lo, med)  # exact for equal halves (and infinities)
+    return np.where(n > 0, med, np.nan)
 
 
 def _robust_std_rows(a, m):
