@@ -373,15 +373,54 @@ def _joint_solve(d, var0, q, bad, A, active, n_iter=1, outlier_sigma=5.0, sys_fr
             Nmat[..., m, l] = Nmat[..., l, m] = _rowdot(wA[m], A[l])
         rhs = np.stack([_rowdot(wa, d) for wa in wA], axis=-1).astype(np.float64)
         # inactive neighbours and empty strips: decouple; tiny ridge against coincident trails
-        diag = np.diagonal(Nmat, axis1=-2, axis2=-1)
+        diag = np.diagonal(Nmat, axis1=-2, axis2=-1).copy()
         empty = ~(diag > 0) | ~active
-        Nmat = Nmat * ~(empty[..., :, None] | empty[..., None, :]) + empty[..., :, None] * eye
-        Nmat = Nmat + 1e-6 * np.maximum(diag.max(axis=-1), 1e-30)[..., None, None] * eye
+        if empty.any():
+            Nmat = Nmat * ~(empty[..., :, None] | empty[..., None, :]) + empty[..., :, None] * eye
+        ridge = 1e-6 * np.maximum(diag.max(axis=-1), 1e-30)
+        for m in range(M1):
+            Nmat[..., m, m] += ridge
         rhs = np.where(empty, 0.0, rhs)
-        amps = np.linalg.solve(Nmat, rhs[..., None])[..., 0]
-    cov00 = np.linalg.inv(Nmat)[..., 0, 0]
+        amps, cov00 = _solve_spd_small(Nmat, rhs)
     cov00 = np.where(empty[..., 0], np.inf, cov00)
     return amps[..., 0], cov00, bad
+
+
+def _solve_spd_small(Nmat, rhs):
+    """Solve batched small symmetric systems ``Nmat x = rhs``; also ``inv(Nmat)[0, 0]``.
+
+    Closed form (adjugate) for 1x1 to 3x3, which is what almost every
+    de-blended strip needs (the star and one or two neighbours) and is far
+    faster than batched LAPACK calls on tiny matrices; LAPACK otherwise.
+    """
+    n = Nmat.shape[-1]
+    if n == 1:
+        a = Nmat[..., 0, 0]
+        return rhs / a[..., None], 1.0 / a
+    if n == 2:
+        a, b, d = Nmat[..., 0, 0], Nmat[..., 0, 1], Nmat[..., 1, 1]
+        det = a * d - b * b
+        r0, r1 = rhs[..., 0], rhs[..., 1]
+        x = np.stack([(d * r0 - b * r1) / det, (a * r1 - b * r0) / det], axis=-1)
+        return x, d / det
+    if n == 3:
+        a, b, c = Nmat[..., 0, 0], Nmat[..., 0, 1], Nmat[..., 0, 2]
+        e, f, i = Nmat[..., 1, 1], Nmat[..., 1, 2], Nmat[..., 2, 2]
+        # cofactors of the symmetric matrix [[a b c] [b e f] [c f i]]
+        A00 = e * i - f * f
+        A01 = c * f - b * i
+        A02 = b * f - c * e
+        A11 = a * i - c * c
+        A12 = b * c - a * f
+        A22 = a * e - b * b
+        det = a * A00 + b * A01 + c * A02
+        r0, r1, r2 = rhs[..., 0], rhs[..., 1], rhs[..., 2]
+        x = np.stack([(A00 * r0 + A01 * r1 + A02 * r2) / det,
+                      (A01 * r0 + A11 * r1 + A12 * r2) / det,
+                      (A02 * r0 + A12 * r1 + A22 * r2) / det], axis=-1)
+        return x, A00 / det
+    x = np.linalg.solve(Nmat, rhs[..., None])[..., 0]
+    return x, np.linalg.inv(Nmat)[..., 0, 0]
 
 
 def _l3_fit(d, bad, offset, fwhm_px, beta=2.5, n_iter=12):
@@ -754,38 +793,40 @@ def _deblend(strips, prof, delta, P, nb, x0, y0, x1, y1, geometry, outlier_sigma
     active = np.zeros((Q, 1, M + 1), dtype=bool)
     active[..., 0] = True
     for m, (bb, kb_f, D, on) in enumerate(geo_m):
-        kf = kb_f[ni, ki][:, None]
-        Dq = D[ni, ki][:, None]
-        dq = delta[bb][ni][:, None]
+        onq = on[ni, ki]
+        r = np.flatnonzero(onq)  # profiles only where this neighbour is near
+        kf = kb_f[ni[r], ki[r]][:, None]
+        Dq = D[ni[r], ki[r]][:, None]
+        dq = delta[bb][ni[r]][:, None]
         # the strip covers the neighbour's sample coordinates [kb_f - 0.5, kb_f + 0.5]:
         # parts of two of its samples, each with its own profile and jitter shift
         m0 = np.floor(kf - 0.5)
         phi = (kf - 0.5 - m0).astype(np.float32)[..., None]
-        Pb = 0.0
+        Pr = 0.0
         for kk, wk in ((m0, 1.0 - phi), (m0 + 1, phi)):
             kb = np.clip(kk.astype(np.int64), 0, K - 1)
-            psi_b = phase - Dq - prof.shift[kb] - dq
-            Pb = Pb + wk * prof.strip_profile(psi_b, kb, strips.half_width, normalise="total", reach_px=reach + 1.0)
-        onq = on[ni, ki][:, None]
-        Pb = np.where(onq[..., None], Pb, np.float32(0)).astype(np.float32)
+            psi_b = phase[r] - Dq - prof.shift[kb] - dq
+            Pr = Pr + wk * prof.strip_profile(psi_b, kb, strips.half_width, normalise="total", reach_px=reach + 1.0)
+        Pb = np.zeros((Q, 1, C), dtype=np.float32)
+        Pb[r] = Pr
         A.append(Pb)
-        active[..., m + 1] = onq & (Pb.sum(axis=2) > 1e-3)
+        active[r, 0, m + 1] = _rowsum(Pb[r, 0]) > 1e-3
     dq_any = active[:, 0, 1:].any(axis=1)
     keep = np.flatnonzero(dq_any)
     if len(keep) == 0:
         return F, varF, bad, dbl
     ni, ki, si = ni[keep], ki[keep], si[keep]
     act = active[keep, 0, 1:]  # (Q, M)
-    Ab = np.stack(A[1:], axis=-1)[keep]  # (Q, 1, C, M)
+    Ab = np.stack([a[:, 0, :] for a in A[1:]], axis=1)  # (Q, M, C)
     # most strips have one active neighbour: solve each group with only its active
     # columns (a 2x2 system for most), not with M + 1 columns everywhere
     n_act = act.sum(axis=1)
     order = np.argsort(~act, axis=1, kind="stable")  # active neighbours first
     for g in np.unique(n_act):
         sel = np.flatnonzero(n_act == g)
+        rows = keep[sel]
         cols = order[sel, :g]
-        Ag = [A[0][keep][sel]] + [np.take_along_axis(Ab[sel], cols[:, None, None, j:j + 1], axis=-1)[..., 0]
-                                  for j in range(g)]
+        Ag = [A[0][rows]] + [Ab[rows, cols[:, j]][:, None, :] for j in range(g)]
         actg = np.ones((len(sel), 1, g + 1), dtype=bool)
         q_s, q_k = si[sel], ki[sel]
         Fq, vq, bq = _joint_solve(strips.data[q_s, q_k][:, None, :], strips.var0[q_s, q_k][:, None, :],
