@@ -676,14 +676,21 @@ def extract_trails(
         sky_lever = good.sum(axis=2).astype(float)
 
     # ---- masked pixels, bridging, flags
-    sig = P > 0.01
-    n_masked = (bad2 & sig).sum(axis=2).astype(np.int16)
-    bridged = np.where(bad2, P, 0).sum(axis=2)
-    sample_flags |= np.where((strips.bad & sig).any(axis=2), fb.MASKED_PIXELS, 0).astype(np.int32)
-    sample_flags |= np.where(((bad2 & ~strips.bad) & sig).any(axis=2), fb.OUTLIER_PIXELS, 0).astype(np.int32)
+    # (only strips with a masked or rejected cell: bad2 contains strips.bad)
+    n_masked = np.zeros((S, K), dtype=np.int16)
+    bridged = np.zeros((S, K))
+    hit = _rowcount(bad2) > 0
+    if hit.any():
+        hs, hk = np.nonzero(hit)
+        Ph, b2, b1 = P[hs, hk], bad2[hs, hk], strips.bad[hs, hk]
+        sig = Ph > 0.01
+        n_masked[hs, hk] = (b2 & sig).sum(axis=1)
+        bridged[hs, hk] = np.where(b2, Ph, 0).sum(axis=1)
+        sample_flags[hs, hk] |= np.where((b1 & sig).any(axis=1), fb.MASKED_PIXELS, 0).astype(np.int32)
+        sample_flags[hs, hk] |= np.where((b2 & ~b1 & sig).any(axis=1), fb.OUTLIER_PIXELS, 0).astype(np.int32)
     # bridging uncertainty: the profile fraction under masked/rejected pixels is
     # taken from the measured profile, which is good to a few per cent only
-    varF = varF + (bridge_sys * np.nan_to_num(F) * np.where(bad2, P, 0).sum(axis=2)) ** 2
+    varF = varF + (bridge_sys * np.nan_to_num(F) * bridged) ** 2
     nodata = (bridged > max_bridged_fraction) | ~np.isfinite(F) | ~np.isfinite(varF)
     sample_flags |= np.where(nodata, fb.NO_DATA, 0).astype(np.int32)
     F = np.where(nodata, np.nan, F)
