@@ -559,7 +559,8 @@ class TrailFit:
 
 
 def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=None, min_bright=6,
-               bright_snr=50.0, max_bright=300, wide_snr=150.0, offset_snr=150.0, analytic_length=None, gain=None):
+               bright_snr=50.0, max_bright=300, wide_snr=150.0, offset_snr=150.0, analytic_length=None, gain=None,
+               template_passes=1):
     """Fit and render the common-template model of all trails.
 
     Parameters
@@ -676,6 +677,12 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
         if bright.sum() >= min_bright:
             tmpl = _empirical_template(sub, db, wb, F, da, dc, bright, base, hw_big, sigma_psf)
             _cap_correction(sub, db, wb, F, da, dc, bright, tmpl, Lref, hw_big, cap_px=cap_px)
+            if template_passes < 2:
+                # offsets relative to the empirical template (the analytic one misses the common along-track
+                # shift of the jitter: the instants of flashes on trails are read from these offsets)
+                F, da, dc = _fit(sub, db, wb, tmpl, F, da, dc, fit_off, n_iter=1, noise=noise)
+                empirical = True
+        if bright.sum() >= min_bright and template_passes >= 2:
             # neighbours' light again, with the empirical template (Moffat-like wings of bright neighbours)
             Tb = tmpl.evaluate(sub.s - da[sub.star].astype(np.float32), sub.c - dc[sub.star].astype(np.float32))
             Tn = tmpl.evaluate(tp.s[en], tp.c[en])
