@@ -254,6 +254,9 @@ def measure_profile(strips, ref, *, halfwindow=2, bin_px=0.05, n_iter=2, prior_o
     ugrid = u0 + bin_px * np.arange(nb)
     bgrid = _basis_grid(ugrid, sigmas)
     nbas = bgrid.shape[1]
+    bcplx = np.zeros(bgrid.shape, dtype=np.complex128)
+    bcplx.real = bgrid
+    bcplx.imag[:-1] = bgrid[1:] - bgrid[:-1]
     shift = np.zeros(K, dtype=np.float32)
     delta = np.zeros(S, dtype=np.float32)
     delta_err = np.full(S, np.inf, dtype=np.float32)
@@ -281,9 +284,14 @@ def measure_profile(strips, ref, *, halfwindow=2, bin_px=0.05, n_iter=2, prior_o
         f = np.clip((u.astype(np.float64) - u0) / bin_px, 0, nb - 1 - 1e-6)
         i0 = np.floor(f).astype(np.int64)
         fr = (f - i0)[..., None]
-        X = bgrid[i0] * (1 - fr) + bgrid[i0 + 1] * fr  # (R, K, C, nbas)
-        Nk = np.einsum("rkci,rkc,rkcj->kij", X, wy, X)
-        bk = np.einsum("rkci,rkc,rkc->ki", X, wy, y)
+        Xc = bcplx[i0]  # one gather: node values (real) and differences to the next (imag)
+        X = Xc.real + Xc.imag * fr  # (R, K, C, nbas)
+        # normal equations per sample, as batched matrix products over (ref, cell)
+        Xk = np.ascontiguousarray(X.transpose(1, 0, 2, 3)).reshape(K, -1, nbas)
+        wk = wy.transpose(1, 0, 2).reshape(K, -1, 1)
+        XkT_w = np.swapaxes(Xk * wk, 1, 2)
+        Nk = XkT_w @ Xk
+        bk = (XkT_w @ y.transpose(1, 0, 2).reshape(K, -1, 1))[..., 0]
         Nk = _running_sum(Nk, halfwindow)
         bk = _running_sum(bk, halfwindow)
         ridge = 1e-8 * np.trace(Nk, axis1=1, axis2=2)[:, None, None] * np.eye(nbas)[None]
