@@ -254,7 +254,7 @@ def _snr_per_sample(strips, return_flux=False):
     return (snr, np.median(B, axis=1)) if return_flux else snr
 
 
-def _reject_worst(d, M, V, bad, outlier_sigma, sys_frac):
+def _reject_worst(d, M, V, bad, outlier_sigma, sys_frac, overwrite=False):
     """Mask, per strip, the most deviant *positive* outlier above ``outlier_sigma``
     (Horne's one-pixel-at-a-time rejection; cosmic rays missed by the mask are
     positive, and rejecting negatives or several pixels at once lets a poor
@@ -262,16 +262,17 @@ def _reject_worst(d, M, V, bad, outlier_sigma, sys_frac):
 
     Works with the signed square ``z |z|`` of the normalised residual (no
     square root) and looks for the worst cell only in strips that have one
-    above the threshold. Returns the updated mask (a copy only if it changed)
-    and the strips that changed ``(s, k)`` (or None).
+    above the threshold. ``overwrite=True`` lets it use ``M`` as scratch
+    space. Returns the updated mask (a copy only if it changed) and the
+    strips that changed ``(s, k)`` (or None).
     """
-    r = d - M
-    den = M * M
-    den *= np.float32(sys_frac * sys_frac)
-    den += V
-    z2 = np.abs(r)
-    z2 *= r
-    z2 /= den
+    z2 = np.multiply(M, M)
+    z2 *= np.float32(sys_frac * sys_frac)
+    z2 += V  # variance of the residual
+    r = np.subtract(d, M, out=M if overwrite else None)
+    np.divide(r, z2, out=z2)
+    np.abs(r, out=r)
+    z2 *= r  # z |z|
     if bad.any():
         np.copyto(z2, -np.inf, where=bad)
     cand = _rowcount(z2 > np.float32(outlier_sigma) ** 2) > 0
@@ -311,16 +312,17 @@ def _optimal_single(d, var0, q, bad, P, n_iter=2, outlier_sigma=5.0, sys_frac=0.
         np.copyto(Pg, np.float32(0), where=bad)
     sP = _rowsum(Pg)
     F = np.where(sP > 0.05, _rowsum(d) / np.maximum(sP, 0.05), 0.0).astype(np.float32)
+    V = np.empty(P.shape, dtype=np.float32)  # V, then the weights w in the same buffer
     for it in range(max(int(n_iter), 1)):
-        V = (np.maximum(F, np.float32(0)) * q)[:, :, None] * P
+        np.multiply((np.maximum(F, np.float32(0)) * q)[:, :, None], P, out=V)
         V += var0
         if outlier_sigma and it >= 1:
-            bad, changed = _reject_worst(d, F[:, :, None] * P, V, bad, outlier_sigma, sys_frac)
+            bad, changed = _reject_worst(d, F[:, :, None] * P, V, bad, outlier_sigma, sys_frac, overwrite=True)
             if changed is not None:
                 if Pg is P:
                     Pg = P.copy()
                 Pg[changed] = np.where(bad[changed], np.float32(0), P[changed])
-        w = Pg / V
+        w = np.divide(Pg, V, out=V)
         swp = _rowdot(w, P)
         ok = swp > 0
         swp1 = np.where(ok, swp, 1.0)
