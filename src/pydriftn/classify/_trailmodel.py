@@ -611,7 +611,7 @@ class TrailFit:
 
 
 def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=None, min_bright=6,
-               bright_snr=50.0, max_bright=300, wide_snr=150.0, offset_snr=150.0, analytic_length=None, gain=None,
+               bright_snr=50.0, max_bright=150, wide_snr=150.0, offset_snr=250.0, analytic_length=None, gain=None,
                template_passes=1):
     """Fit and render the common-template model of all trails.
 
