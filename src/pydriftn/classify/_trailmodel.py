@@ -7,11 +7,14 @@ CCD: sample ``k`` of every star refers to the same instant, so tracking
 jitter along the track (brightness ripples), jitter across it (wiggles) and
 transparency changes are the same function of ``s`` for every trail. ``f``,
 ``delta`` and the cross profile ``g`` are measured as medians over the bright
-isolated stars (robust to a flash or a cosmic ray on one of them); with too
-few bright stars the analytic moving-Gaussian template is used. Per star only
-the flux and a sub-pixel along/cross offset are fitted (linearised least
-squares, vectorised over all stars with ``np.bincount``), then once more
-with the neighbours' models subtracted (blends).
+isolated stars (robust to a flash or a cosmic ray on one of them), after a
+fit of those stars with the analytic moving-Gaussian template (used alone
+when there are too few bright stars), and tabulated once on a 2-D (s, c)
+grid (one bilinear look-up per stamp pixel). Per star only the flux and a
+sub-pixel along/cross offset are fitted (linearised least squares,
+vectorised over all stars with ``np.bincount``; offsets only for trails
+bright on their own in the joint fit), then the fluxes of all trails jointly
+(sparse normal equations: blends).
 
 Subtracting this model leaves, on top of a trail, only what does not belong
 to the star's smooth trail: a millisecond flash is a PSF-shaped bump there.

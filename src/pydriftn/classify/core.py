@@ -28,6 +28,15 @@ comparisons and moments:
 * second moments of the footprint in the smoothed residual: length, width,
   angle relative to the drift.
 
+A point candidate becomes a ``flash`` only if it stays above ``flash_sigma``
+in a local generalised least-squares fit in which the trail model may be
+wrong in the ways it is wrong in practice (sub-pixel shift along and across
+the drift, flux and width errors, local background; Gaussian priors), and if
+it is PSF-shaped (a Gaussian twice as wide does not fit better):
+:mod:`._local`. Residuals at the ends of bright trails and in blends are
+explained by those error modes; a flash in a trail's interior or off the
+trails keeps its matched-filter S/N.
+
 A flash on a catalogued star's trail is timed by its position along the
 trail: ``t_s = along-track distance from the trail start / speed``.
 """
