@@ -132,3 +132,18 @@ def test_bad_bits_select_which_mask_bits_count(field):
     ok = local_sky(f.image, mask, f.trails.iloc[:5], f.geometry, bad_bits=0xFF)
     ref = local_sky(f.image, f.mask, f.trails.iloc[:5], f.geometry)
     np.testing.assert_allclose(ok["sky_adu"], ref["sky_adu"])
+
+
+def test_few_sky_pixels_are_logged_not_warned(field, caplog):
+    """A data condition (annuli without enough sky) is a log record, not a Python warning."""
+    import logging
+    import warnings
+
+    f = field
+    mask = np.ones(f.image.shape, dtype=np.int32)  # everything flagged
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with caplog.at_level(logging.WARNING, logger="pydriftn.sky"):
+            sky = local_sky(f.image, mask, f.trails.iloc[:4], f.geometry, gain=f.gain)
+    assert not sky["sky_ok"].any() and sky["n_sky_pixels"].eq(0).all() and sky["sky_adu"].isna().all()
+    assert any("fewer than 20 usable sky pixels" in r.getMessage() for r in caplog.records)
