@@ -201,7 +201,7 @@ def main():
         rows = np.flatnonzero(u.trails["star_id"].to_numpy() == e["star_id"])
         if len(rows) and 3.0 < t_peak < u.geometry.exptime_s - 3.0:
             offs.append((e["star_id"], e["te_s"], float(u.trails["r"].iloc[rows[0]]),
-                         event_time_offset(u, ext, det, rows[0])))
+                         *event_time_offset(u, ext, det, rows[0], return_sigma=True)))
 
     print()
     print("optimal extraction + ensemble normalisation (forced truth positions)")
@@ -213,8 +213,17 @@ def main():
           f"   [best star chosen in-sample: {sc_bi:.4f}]")
     print(f"  de-blended / isolated precision ratio ({f['n_blend']} de-blended r<19): {f['blend_ratio']:.3f}"
           f"   target <= 1.5")
-    for sid, te, rr, off in offs:
-        print(f"  event on star {sid} (r={rr:.1f}, tE={te:.1f} s): peak time offset {off:+.2f} s   target |.| <= 0.1")
+    for sid, te, rr, off, sig in offs:
+        print(f"  event on star {sid} (r={rr:.1f}, tE={te:.1f} s): peak time offset {off:+.3f} +- {sig:.3f} s"
+              f"   target |.| <= 0.1")
+    if offs:
+        o = np.array([x[3] for x in offs])
+        w = 1.0 / np.array([x[4] for x in offs]) ** 2
+        ok_w = np.isfinite(w)
+        if ok_w.any():
+            m = float((o[ok_w] * w[ok_w]).sum() / w[ok_w].sum())
+            print(f"  events: weighted mean offset {m:+.3f} +- {1.0 / np.sqrt(w[ok_w].sum()):.3f} s"
+                  f" (statistical; model mismatch not included)")
     if not offs:
         print("  (no short event with its peak inside this exposure)")
     print(f"  valid stars {f['n_valid']}, of which with NaN/zero/negative level: {f['bad_levels']}   target 0;"
