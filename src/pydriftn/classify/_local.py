@@ -43,7 +43,7 @@ def _gather(img, ys, xs):
 
 def local_point_fit(resid, model, bad, x, y, *, sigma_psf, sky_sigma, gain, direction, bkg=None,
                     pos_err_along=0.5, pos_err_cross=0.3, flux_err=0.05, width_err=0.03, bkg_err=None,
-                    half_size=None):
+                    half_size=None, star_modes=None):
     """GLS point-source fit with the trail model's error modes as nuisances.
 
     Parameters
@@ -76,6 +76,14 @@ def local_point_fit(resid, model, bad, x, y, *, sigma_psf, sky_sigma, gain, dire
     bkg_err : float, optional
         Prior rms of the local background after the mesh (ADU); default 0.1
         sky sigma.
+    half_size : int, optional
+        Stamp half-size (px); default ``ceil(4 sigma_psf)``.
+    star_modes : ndarray (n, K, 3, S, S), optional
+        Per-trail model stamps ``F T``, ``F dT/ds``, ``F dT/dc`` of the K
+        trails with the most light at each candidate (zeros where none), on
+        the stamp of size ``S = 2 half_size + 1``: each trail's flux and
+        position error becomes its own nuisance (blends of independently
+        wrong trails). Without them the total model's modes are used.
 
     Returns
     -------
@@ -92,7 +100,7 @@ def local_point_fit(resid, model, bad, x, y, *, sigma_psf, sky_sigma, gain, dire
     if n == 0:
         e = np.zeros(0)
         return e, e, e
-    R = int(half_size if half_size is not None else np.ceil(5.0 * sigma_psf))
+    R = int(half_size if half_size is not None else np.ceil(4.0 * sigma_psf))
     o = np.arange(-R, R + 1)
     xi = np.rint(x).astype(np.int64)
     yi = np.rint(y).astype(np.int64)
@@ -128,8 +136,18 @@ def local_point_fit(resid, model, bad, x, y, *, sigma_psf, sky_sigma, gain, dire
 
     bkg_err = 0.1 * sky_sigma if bkg_err is None else float(bkg_err)
     # width error: M(sigma (1 + e)) - M(sigma) = e sigma^2 laplacian(M) for a Gaussian-smoothed model
-    nuis = [np.ones_like(M), gs, gc, M, sigma_psf**2 * lap]
-    tau = np.array([bkg_err, pos_err_along, pos_err_cross, flux_err, width_err])
+    if star_modes is None:
+        nuis = [np.ones_like(M), gs, gc, M, sigma_psf**2 * lap]
+        tau = np.array([bkg_err, pos_err_along, pos_err_cross, flux_err, width_err])
+    else:
+        # the total model's width mode, and per trail: flux, along shift, cross shift
+        sm = np.asarray(star_modes, float)
+        nuis = [np.ones_like(M), sigma_psf**2 * lap]
+        tau = [bkg_err, width_err]
+        for kk in range(sm.shape[1]):
+            nuis += [sm[:, kk, 0], sm[:, kk, 1], sm[:, kk, 2]]
+            tau += [flux_err, pos_err_along, pos_err_cross]
+        tau = np.array(tau)
     out = []
     for s in (sigma_psf, 2.0 * sigma_psf):
         cols = [gauss(s)] + nuis

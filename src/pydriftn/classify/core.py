@@ -653,25 +653,6 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
         trail_snr = trail_snr_b
     timings["trail_filter"] = time.perf_counter() - t0
 
-    # honest local significance (model error modes as nuisances) and shape test of the point candidates
-    t0 = time.perf_counter()
-    point_diag = None
-    loc_snr = np.full(len(PY) if py_list else 0, np.inf)
-    broad = np.zeros(len(loc_snr))
-    if len(sel):
-        cand_fl = sel[psf_snr[sel] >= weak_frac * flash_sigma]
-        if len(cand_fl):
-            bkg_c = mesh[np.minimum(PY[cand_fl] // 2, nyb - 1), np.minimum(PX[cand_fl] // 2, nxb - 1)] / 4.0
-            ls, _, br = local_point_fit(resid, model, excl, FV[cand_fl, 1], FV[cand_fl, 2], sigma_psf=sigma_psf,
-                                        sky_sigma=sigma, gain=gain, direction=(ux, uy), bkg=bkg_c,
-                                        pos_err_along=model_pos_err_px[0], pos_err_cross=model_pos_err_px[1],
-                                        flux_err=model_flux_err)
-            loc_snr[cand_fl] = ls
-            broad[cand_fl] = br
-            point_diag = pd.DataFrame(dict(x=FV[cand_fl, 1], y=FV[cand_fl, 2], psf_snr=psf_snr[cand_fl],
-                                           local_snr=ls, broad_ratio=br))
-    timings["local_fit"] = time.perf_counter() - t0
-
     # catalogued trail geometry for membership tests
     t0 = time.perf_counter()
     n_tr = len(tidx)
@@ -701,6 +682,59 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
         j, s, c = j[ok], s[ok], c[ok]
         o = np.argsort(np.abs(c))
         return j[o], s[o], c[o]
+
+    # honest local significance (model error modes as nuisances) and shape test of the point candidates
+    t0 = time.perf_counter()
+    point_diag = None
+    loc_snr = np.full(len(PY) if py_list else 0, np.inf)
+    broad = np.zeros(len(loc_snr))
+    if len(sel):
+        # only candidates that can become flashes: not sharper than the PSF, not at the CCD edge
+        e_px = max(2 * R, int(math.ceil(2.0 * fwhm_px)))
+        xs_, ys_ = FV[sel, 1], FV[sel, 2]
+        cand_fl = sel[(psf_snr[sel] >= weak_frac * flash_sigma) & ~(sharp_ratio[sel] > sharp_threshold)
+                      & (xs_ >= e_px) & (ys_ >= e_px) & (xs_ <= nx - 1 - e_px) & (ys_ <= ny - 1 - e_px)]
+        if len(cand_fl):
+            xc_, yc_ = FV[cand_fl, 1], FV[cand_fl, 2]
+            bkg_c = mesh[np.minimum(PY[cand_fl] // 2, nyb - 1), np.minimum(PX[cand_fl] // 2, nxb - 1)] / 4.0
+            # the (up to 3) trails with the most light at the candidate: each may be shifted / scaled on its own
+            K_st = 3
+            jst = np.full((len(cand_fl), K_st), -1, np.int64)
+            if n_tr:
+                reach = fit.half_width_px + 5.0 * sigma_psf
+                for q in np.flatnonzero(mnear[cand_fl] > 0.5 * sigma):  # where trail light is significant
+                    j, s_, c_ = on_trails(xc_[q], yc_[q], reach, reach)
+                    if len(j) == 0:
+                        continue
+                    lt = fit.flux[j] * fit.template.evaluate(s_, c_)
+                    top = j[np.argsort(-np.abs(lt))[:K_st]]
+                    jst[q, :len(top)] = top
+            modes = None
+            Rl = int(np.ceil(4.0 * sigma_psf))
+            if (jst >= 0).any():
+                ol = np.arange(-Rl, Rl + 1)
+                XS = np.rint(xc_).astype(np.int64)[:, None, None] + ol[None, None, :]
+                YS = np.rint(yc_).astype(np.int64)[:, None, None] + ol[None, :, None]
+                XS, YS = np.broadcast_arrays(XS, YS)
+                jj = np.maximum(jst, 0)
+                dxs = XS[:, None] - sx0[jj][:, :, None, None]
+                dys = YS[:, None] - sy0[jj][:, :, None, None]
+                uxj = uxc[jj][:, :, None, None]
+                uyj = uyc[jj][:, :, None, None]
+                Tm, Tsm, Tcm = fit.template.evaluate((dxs * uxj + dys * uyj).astype(np.float32).ravel(),
+                                                     (dys * uxj - dxs * uyj).astype(np.float32).ravel(),
+                                                     derivatives=True)
+                Fj = np.where(jst >= 0, fit.flux[jj], 0.0)[:, :, None, None]
+                shp = dxs.shape
+                modes = np.stack([Fj * Tm.reshape(shp), Fj * Tsm.reshape(shp), Fj * Tcm.reshape(shp)], axis=2)
+            ls, _, br = local_point_fit(resid, model, excl, xc_, yc_, sigma_psf=sigma_psf,
+                                        sky_sigma=sigma, gain=gain, direction=(ux, uy), bkg=bkg_c,
+                                        pos_err_along=model_pos_err_px[0], pos_err_cross=model_pos_err_px[1],
+                                        flux_err=model_flux_err, star_modes=modes, half_size=Rl)
+            loc_snr[cand_fl] = ls
+            broad[cand_fl] = br
+            point_diag = pd.DataFrame(dict(x=xc_, y=yc_, psf_snr=psf_snr[cand_fl], local_snr=ls, broad_ratio=br))
+    timings["local_fit"] = time.perf_counter() - t0
 
     # ---------------------------------------------------------------- classify candidates
     claimed = np.zeros((nyb, nxb), bool)
