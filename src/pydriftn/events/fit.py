@@ -13,6 +13,16 @@ Models (times in seconds from a reference epoch, fluxes normalised to ~1):
 * ``flare``: ``base * (1 + fred_flare(t; t0, amplitude, rise, decay))``,
   fitted in ``t0, amplitude, log10 rise, log10 decay, base``.
 * ``flat``: ``base`` (weighted mean).
+* ``flash``: ``base + amplitude * L(t - t0)``: an instantaneous flash on (or
+  next to) the trail. The flash is static on the sky while the trail drifts by
+  one pixel per sample, so in the series it has the shape of the PSF's
+  line-spread function along the drift, integrated over each sample's
+  one-pixel strip: a Moffat (beta = 3, :data:`FLASH_BETA`) line-spread
+  function of the flash's FWHM in pixels (= samples). Fitted on a grid of
+  ``t0`` and FWHM (within ``fwhm_range`` of the measured one), ``base`` and
+  ``amplitude >= 0`` linear at each grid point; no optimiser. A microlensing
+  event shorter than the seeing crossing time (~2 s) looks the same; a longer
+  one is broader than the PSF, which is what the flash veto tests.
 
 Fits use :func:`scipy.optimize.least_squares` (trust-region reflective with
 bounds) from a few starting points derived from the matched-filter window;
@@ -31,13 +41,15 @@ from scipy.optimize import least_squares
 
 from ..models import fred_flare, microlensing_magnification_curve, point_source_magnification
 
-__all__ = ["FitResult", "fit_flat", "fit_microlensing", "fit_flare", "microlensing_model", "flare_model"]
+__all__ = ["FitResult", "fit_flat", "fit_microlensing", "fit_flare", "fit_flash", "microlensing_model", "flare_model",
+           "flash_profile"]
 
 log = logging.getLogger(__name__)
 
 LOG_TE_BOUNDS = (-2.0, 4.5)   # 0.01 s .. 9 h
 LOG_RHO_BOUNDS = (-4.0, 2.0)  # 1e-4 (point source) .. 100
 U0_MAX = 100.0
+FLASH_BETA = 3.0  # Moffat index of the flash profile (the simulator's and a typical DECam PSF)
 
 
 @dataclass
@@ -256,4 +268,73 @@ def fit_flare(t_s, y, err, *, t_guess, duration_guess, excess_guess, sample_s=0.
                   "decay_s": 10**ld * ln10 * sd[3], "base": sd[4]}
     out.chi2 = chi2
     out.success = bool(r.success)
+    return out
+
+
+def flash_profile(t_s, t0, fwhm_samples, sample_s, supersample=8):
+    """Line-spread function of an instantaneous flash at ``t0`` as seen by drift samples (peak ~1).
+
+    Moffat (:data:`FLASH_BETA`) PSF of FWHM ``fwhm_samples`` pixels
+    integrated across the drift, ``(1 + x^2 / alpha^2)^(1/2 - beta)`` with
+    ``x`` the along-drift offset in pixels (one sample = one pixel), averaged
+    over each sample's one-pixel strip. ``t0`` and ``fwhm_samples`` broadcast
+    against ``t_s`` (e.g. ``t0`` of shape ``(G, 1)`` gives ``(G, n)``).
+    """
+    beta = FLASH_BETA
+    alpha = np.asarray(fwhm_samples, float) / (2.0 * np.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    x = (np.asarray(t_s, float) - np.asarray(t0, float)) / sample_s
+    sub = (np.arange(supersample) + 0.5) / supersample - 0.5
+    xx = x[..., None] + sub
+    return ((1.0 + (xx / alpha[..., None]) ** 2) ** (0.5 - beta)).mean(axis=-1)
+
+
+def fit_flash(t_s, y, err, *, t_lo, t_hi, fwhm_samples, sample_s=0.54, fwhm_range=(0.85, 1.2), t_step_samples=0.1,
+              n_fwhm=5) -> FitResult:
+    """Best flash model (see module docstring) with ``t0`` in ``[t_lo, t_hi]`` (s, same origin as ``t_s``).
+
+    Parameters
+    ----------
+    t_s, y, err : ndarray
+        Sample times (s), normalised fluxes and errors.
+    t_lo, t_hi : float
+        Range of flash instants tried.
+    fwhm_samples : float
+        FWHM of the flash on the image (pixels; one sample per pixel).
+    fwhm_range : (float, float)
+        FWHM tried, as factors of ``fwhm_samples`` (seeing changes over the
+        exposure, measurement error of the width).
+
+    Returns
+    -------
+    FitResult
+        ``params``: ``t0_s, amplitude, fwhm_samples, base``; no errors.
+    """
+    y = np.asarray(y, float)
+    w = 1.0 / np.asarray(err, float) ** 2
+    base0, chi2_flat = fit_flat(y, err)
+    out = FitResult("flash", chi2_flat=chi2_flat, n=len(y))
+    if len(y) < 3 or not np.isfinite(fwhm_samples) or fwhm_samples <= 0:
+        return out
+    step = t_step_samples * sample_s
+    t0 = np.arange(t_lo, t_hi + 0.5 * step, step) if t_hi > t_lo else np.array([0.5 * (t_lo + t_hi)])
+    fw = fwhm_samples * np.linspace(fwhm_range[0], fwhm_range[1], n_fwhm)
+    T0, FW = (a.ravel()[:, None] for a in np.meshgrid(t0, fw, indexing="ij"))
+    p = flash_profile(t_s[None, :], T0, FW, sample_s)  # (G, n)
+    # weighted linear least squares of y = base + amp * p, per grid point
+    sw, sy = w.sum(), (w * y).sum()
+    sp, spp, spy = p @ w, (p * p) @ w, p @ (w * y)
+    det = sw * spp - sp * sp
+    with np.errstate(all="ignore"):
+        amp = (sw * spy - sp * sy) / det
+        base = (sy - amp * sp) / sw
+    neg = ~(amp > 0)
+    amp[neg], base[neg] = 0.0, sy / sw
+    syy = (w * y * y).sum()
+    chi2 = syy - 2 * base * sy - 2 * amp * spy + base**2 * sw + 2 * base * amp * sp + amp**2 * spp
+    k = int(np.nanargmin(chi2))
+    out.params = {"t0_s": float(T0[k, 0]), "amplitude": float(amp[k]), "fwhm_samples": float(FW[k, 0]),
+                  "base": float(base[k])}
+    out.errors = {key: np.nan for key in out.params}
+    out.chi2 = float(max(chi2[k], 0.0))
+    out.success = True
     return out

@@ -19,7 +19,8 @@ Steps (all stars of a CCD-night at once, see :mod:`.series` and :mod:`.scan`):
    samples, brightens/dims in more than ``common_mode_fraction`` of the CCD's
    stars); a brighter neighbour within ``neighbour_radius_arcsec`` varying in
    the same window; a flash (from the classification stage) at the same place
-   and time.
+   and time (or reported on the candidate's star) whose light curve is
+   consistent with that flash (see ``_flash_veto``).
 
 The result is a :class:`SearchResult` with the candidate table, the per
 star-night statistics, the null distributions and thresholds.
@@ -34,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .fit import fit_flare, fit_microlensing
+from .fit import fit_flare, fit_flash, fit_microlensing
 from .scan import DEFAULT_WIDTHS, NullDistribution, scan_block, scramble_block, window_statistic
 from .series import SECONDS_PER_DAY, EventSearchError, build_blocks, check_columns
 
@@ -60,7 +61,14 @@ VETO_FLASH = 8
 VETO_BITS = {VETO_FLAGGED: "flagged_samples", VETO_COMMON_MODE: "common_mode",
              VETO_NEIGHBOUR: "bright_neighbour", VETO_FLASH: "flash"}
 
-MAG_COLUMNS = ("r", "g", "vr", "mag", "i", "z")
+MAG_COLUMNS = ("r", "mag_r", "g", "mag_g", "vr", "mag", "i", "z")
+#: Default FWHM (pixels = samples) of a flash whose table gives no ``width_px`` (1.1" at 0.27"/px).
+DEFAULT_FLASH_FWHM_PX = 4.0
+#: FWHM range (factors of the flash's measured FWHM) of the flash profile in the flash veto: seeing changes
+#: over the exposure and the error of the measured width.
+FLASH_FWHM_RANGE = (0.8, 1.25)
+#: FWHM range of the free-width profile the flash profile is compared with.
+FREE_FWHM_RANGE = (0.5, 4.0)
 
 
 def veto_names(bits: int) -> str:
@@ -201,6 +209,42 @@ def _mag_column(star_tab, mag_column):
     return None
 
 
+def _flash_arrays(flashes) -> dict:
+    """Columns of a flash table as float arrays: ``ra, dec, t`` (instant, NaN if unknown), ``lo, hi``
+    (the instant, or the exposure window ``mjd_start .. mjd_end`` when the instant is unknown), ``star``
+    (``on_star_id``, NaN if none) and ``fwhm`` (``width_px``, NaN if unknown).
+
+    Rows with a ``class`` other than ``flash`` (a whole classification table) are ignored.
+    """
+    keys = ("ra", "dec", "t", "lo", "hi", "star", "fwhm")
+    if flashes is None or len(flashes) == 0:
+        return {k: np.zeros(0) for k in keys}
+    f = flashes
+    if "class" in f.columns:
+        f = f[f["class"].astype(str) == "flash"]
+    tcol = "mjd" if "mjd" in f.columns else ("t_mjd" if "t_mjd" in f.columns else None)
+    has_window = {"mjd_start", "mjd_end"} <= set(f.columns)
+    if tcol is None and not has_window:
+        raise EventSearchError(f"flash table: no time column; expected 'mjd' or 't_mjd' (instant) and/or "
+                               f"'mjd_start', 'mjd_end' (exposure window) (got {list(f.columns)})")
+    check_columns(f, ("ra", "dec"), "flash table")
+
+    def col(name):
+        if name not in f.columns:
+            return np.full(len(f), np.nan)
+        return pd.to_numeric(f[name], errors="coerce").to_numpy(float)
+
+    t = col(tcol) if tcol else np.full(len(f), np.nan)
+    lo = np.where(np.isfinite(t), t, col("mjd_start"))
+    hi = np.where(np.isfinite(t), t, col("mjd_end"))
+    keep = np.isfinite(lo) & np.isfinite(hi)
+    out = {"ra": col("ra"), "dec": col("dec"), "t": t, "lo": lo, "hi": hi, "star": col("on_star_id"),
+           "fwhm": col("width_px")}
+    if not keep.all():
+        log.debug("flash table: %d rows without an instant or exposure window ignored", int((~keep).sum()))
+    return {k: v[keep] for k, v in out.items()}
+
+
 def _sep_arcsec(ra1, dec1, ra2, dec2):
     """Angular separation (haversine), degrees in, arcsec out."""
     r1, d1, r2, d2 = map(np.radians, (ra1, dec1, ra2, dec2))
@@ -215,7 +259,9 @@ def search(lc: pd.DataFrame, stars: pd.DataFrame | None = None, flashes: pd.Data
            fit: bool = True, fit_blend: bool = False, supersample: int = 3, max_fits: int = 2000,
            only_star_ids=None, common_mode_fraction: float = 0.1, common_mode_dchi2: float = 9.0,
            common_mode_min_stars: int = 3, neighbour_radius_arcsec: float = 10.0, neighbour_dchi2: float = 9.0,
-           flash_radius_arcsec: float = 2.0, flash_window_s: float = 1.0, mag_column: str | None = None,
+           flash_radius_arcsec: float = 2.0, flash_window_s: float = 1.0, flash_max_width: int = 2,
+           flash_margin_dchi2: float = 9.0, flash_margin_frac: float = 0.002,
+           flash_fwhm_px: float = DEFAULT_FLASH_FWHM_PX, mag_column: str | None = None,
            null_exclude_sigma: float = 10.0, n_workers: int = 1, blocks=None) -> SearchResult:
     """Search light curves for microlensing events and flares.
 
@@ -229,7 +275,11 @@ def search(lc: pd.DataFrame, stars: pd.DataFrame | None = None, flashes: pd.Data
         ``star_id, ra, dec`` and magnitudes (``r``, ``g``, ...): copied to the
         candidates and used by the neighbour veto.
     flashes : pandas.DataFrame, optional
-        ``ra, dec, mjd`` (or ``t_mjd``) of flashes found on the images.
+        Flashes found on the images (the pipeline's ``flashes.parquet``):
+        ``ra, dec`` and ``mjd`` or ``t_mjd`` (instant, may be NaN) and/or
+        ``mjd_start, mjd_end`` (exposure window); optionally ``on_star_id``
+        (the star whose trail the flash lies on), ``width_px`` (FWHM) and
+        ``class`` (only ``flash`` rows are used).
     widths : sequence of int
         Boxcar widths (samples) of the scan.
     sign : {"positive", "negative", "both"}
@@ -273,7 +323,19 @@ def search(lc: pd.DataFrame, stars: pd.DataFrame | None = None, flashes: pd.Data
         Bright-neighbour veto: a brighter star within this radius with an
         excursion of the same sign above ``neighbour_dchi2`` in the same window.
     flash_radius_arcsec, flash_window_s
-        Flash veto: a flash within this radius and within the window ± this time.
+        Flash veto, matching: a flash within this radius of the star's
+        position (or reported on the star: ``on_star_id``) whose instant lies
+        within the candidate window ± ``max(flash_window_s, 2 samples)``; a
+        flash without an instant (``t_mjd`` NaN: not on a catalogued trail,
+        e.g. at a trail's start in the unstored shutter-ramp samples) matches
+        over its exposure window (``mjd_start .. mjd_end``).
+    flash_max_width, flash_margin_dchi2, flash_margin_frac, flash_fwhm_px
+        Flash veto, test (see ``_flash_veto``): a matched flash vetoes a
+        candidate whose best boxcar is at most ``flash_max_width`` samples, or
+        whose light curve is explained by the flash's profile (line-spread
+        function of FWHM ``width_px`` of the flash row, else ``flash_fwhm_px``)
+        as well as by a broader one, to within ``max(flash_margin_dchi2,
+        flash_margin_frac * delta_chi2_flash)``.
     mag_column : str, optional
         Magnitude used for "brighter" (default: the first of r, g, vr, mag, i, z).
     null_exclude_sigma : float
@@ -301,8 +363,10 @@ def search(lc: pd.DataFrame, stars: pd.DataFrame | None = None, flashes: pd.Data
         delta_chi2, delta_chi2_microlensing, delta_chi2_flare, t0_mjd,
         t0_err_s, te_s, te_err_s, u0, u0_err, rho, rho_err, fs, fs_err,
         peak_magnification, flare_t0_mjd, flare_t0_err_s, flare_amplitude,
-        flare_amplitude_err, rise_s, rise_err_s, decay_s, decay_err_s, vetoes,
-        veto_reasons``.
+        flare_amplitude_err, rise_s, rise_err_s, decay_s, decay_err_s, n_flashes,
+        delta_chi2_flash, delta_chi2_flash_free_width`` (best flash profile
+        with the flash's width and with a free width, if a flash matched),
+        ``vetoes, veto_reasons``.
     """
     if blocks is None:
         blocks = build_blocks(lc, bad_flag_mask=bad_flag_mask, rescale_errors=rescale_errors)
@@ -310,12 +374,7 @@ def search(lc: pd.DataFrame, stars: pd.DataFrame | None = None, flashes: pd.Data
         raise EventSearchError("light-curve table: no rows to search")
     star_tab = _star_table(stars, lc) if (stars is not None or lc is not None) else None
     mcol = _mag_column(star_tab, mag_column)
-    if flashes is not None and len(flashes):
-        tcol = "mjd" if "mjd" in flashes.columns else "t_mjd"
-        check_columns(flashes, ("ra", "dec", tcol), "flash table")
-        fl = flashes[["ra", "dec", tcol]].to_numpy(float)
-    else:
-        fl = np.zeros((0, 3))
+    fl = _flash_arrays(flashes)
     only = None if only_star_ids is None else np.asarray(list(only_star_ids))
 
     # pass 1: scan, scrambles, standardisation (and the pooled null if not given)
@@ -366,7 +425,8 @@ def search(lc: pd.DataFrame, stars: pd.DataFrame | None = None, flashes: pd.Data
             block, sc, scr_p, idx, fap, thr, star_tab, mcol, fl, fit=fit, fit_blend=fit_blend,
             supersample=supersample, max_fits=max_fits - len(cand_rows),
             common_mode=(common_mode_fraction, common_mode_dchi2, common_mode_min_stars),
-            neighbour=(neighbour_radius_arcsec, neighbour_dchi2), flash=(flash_radius_arcsec, flash_window_s)))
+            neighbour=(neighbour_radius_arcsec, neighbour_dchi2), flash=(flash_radius_arcsec, flash_window_s),
+            flash_test=(flash_max_width, flash_margin_dchi2, flash_margin_frac, flash_fwhm_px)))
     star_nights = pd.concat(sn_rows, ignore_index=True)
     cands = pd.DataFrame(cand_rows)
     if cands.empty:
@@ -382,7 +442,7 @@ def search(lc: pd.DataFrame, stars: pd.DataFrame | None = None, flashes: pd.Data
 
 
 def _block_candidates(block, sc, scr_p, idx, fap, thr, star_tab, mcol, fl, *, fit, fit_blend, supersample, max_fits,
-                      common_mode, neighbour, flash):
+                      common_mode, neighbour, flash, flash_test):
     rows = []
     if len(idx) == 0:
         return rows
@@ -395,6 +455,9 @@ def _block_candidates(block, sc, scr_p, idx, fap, thr, star_tab, mcol, fl, *, fi
     nb_radius, nb_dchi2 = neighbour
     fl_radius, fl_window = flash
     window_cache = {}
+    # star columns copied to the candidates: position and magnitudes (not a catalogue's ccd, flags, ...)
+    copy_cols = [] if star_tab is None else [c for c in star_tab.columns
+                                             if c in ("ra", "dec", mcol, *MAG_COLUMNS)]
     have_pos = star_tab is not None and {"ra", "dec"} <= set(star_tab.columns)
     if have_pos:
         pos = star_tab.reindex(block.star_id)
@@ -405,7 +468,7 @@ def _block_candidates(block, sc, scr_p, idx, fap, thr, star_tab, mcol, fl, *, fi
         sid = block.star_id[i]
         row = {"star_id": sid, "night": block.night, "ccd": block.ccd}
         if star_tab is not None and sid in star_tab.index:
-            for c in star_tab.columns:
+            for c in copy_cols:
                 row[c] = star_tab.at[sid, c]
         win_idx = np.arange(j0, j0 + width)
         wm = block.mjd[i, win_idx]
@@ -444,24 +507,110 @@ def _block_candidates(block, sc, scr_p, idx, fap, thr, star_tab, mcol, fl, *, fi
             brighter = mag_all < mag_all[i] if np.isfinite(mag_all[i]) else np.zeros(block.n_stars, bool)
             if np.any(near & brighter & exc):
                 vet |= VETO_NEIGHBOUR
-            if len(fl):
-                dt_ok = (fl[:, 2] >= t_lo - fl_window / SECONDS_PER_DAY) & (fl[:, 2] <= t_hi + fl_window / SECONDS_PER_DAY)
-                if np.any(dt_ok):
-                    fsep = _sep_arcsec(ra_all[i], dec_all[i], fl[dt_ok, 0], fl[dt_ok, 1])
-                    if np.any(fsep <= fl_radius):
-                        vet |= VETO_FLASH
-        row["vetoes"] = vet
-        row["veto_reasons"] = veto_names(vet)
+        # flashes at this time on the star (on_star_id) or within fl_radius of it (its t = 0 position)
+        fl_pad = max(fl_window, 2.0 * sample_s) / SECONDS_PER_DAY
+        fmatch = np.zeros(len(fl["ra"]), bool)
+        if len(fmatch):
+            f_lo, f_hi = _unstored_extension(block, i, j0, width, t_lo, t_hi, sample_s)
+            fmatch = (fl["hi"] >= f_lo - fl_pad) & (fl["lo"] <= f_hi + fl_pad)
+            on_star = fl["star"] == float(sid) if np.issubdtype(np.asarray(sid).dtype, np.number) \
+                else np.zeros(len(fmatch), bool)
+            near_fl = np.zeros(len(fmatch), bool)
+            if have_pos and np.isfinite(ra_all[i]):
+                near_fl = _sep_arcsec(ra_all[i], dec_all[i], fl["ra"], fl["dec"]) <= fl_radius
+            fmatch &= on_star | near_fl
+        row["n_flashes"] = int(fmatch.sum())
         # ---- fits
         if fit and not (vet & VETO_COMMON_MODE):
             row.update(_fit_one(block, i, t_lo, t_hi, sc.amplitude[i] * sg, sample_s, supersample, fit_blend))
         else:
             row["model"] = "none"
+        if fmatch.any():
+            is_flash, d_flash, d_free = _flash_veto(block, i, row, t_lo, t_hi, width, sample_s, fl,
+                                                    np.flatnonzero(fmatch), fl_pad, flash_test,
+                                                    fit_done=row["model"] != "none")
+            row["delta_chi2_flash"] = d_flash
+            row["delta_chi2_flash_free_width"] = d_free
+            if is_flash:
+                vet |= VETO_FLASH
+        row["vetoes"] = vet
+        row["veto_reasons"] = veto_names(vet)
         rows.append(row)
     return rows
 
 
-def _fit_one(block, i, t_lo, t_hi, amp, sample_s, supersample, fit_blend):
+def _unstored_extension(block, i, j0, width, t_lo, t_hi, sample_s):
+    """The candidate window extended over the samples of its exposure that are not in the store.
+
+    A window starting at the star's first stored sample of an exposure also
+    covers, for flash matching, the unstored samples before it (shutter ramp,
+    off-CCD): a flash there lights the first stored samples with its PSF wing
+    only. Likewise at the end. Returns ``(lo, hi)`` in mjd.
+    """
+    k = block.samples_per_exposure
+    e0, e1 = j0 // k, (j0 + width - 1) // k
+    lo, hi = t_lo, t_hi
+    row = block.present[i]
+    first = np.flatnonzero(row[e0 * k:(e0 + 1) * k])
+    if first.size and j0 <= e0 * k + first[0]:
+        lo = t_lo - (first[0] + 0.5) * sample_s / SECONDS_PER_DAY
+    last = np.flatnonzero(row[e1 * k:(e1 + 1) * k])
+    if last.size and j0 + width - 1 >= e1 * k + last[-1]:
+        hi = t_hi + (k - last[-1] + 0.5) * sample_s / SECONDS_PER_DAY
+    return lo, hi
+
+
+def _flash_veto(block, i, row, t_lo, t_hi, width, sample_s, fl, fidx, fl_pad, flash_test, fit_done):
+    """Is the candidate explained by one of the matched flashes ``fidx``?
+
+    A flash lasts ~1 ms: in the series it is the PSF's line-spread function
+    along the drift, a few samples wide (see :func:`~.fit.fit_flash`); a
+    microlensing event lasting longer than the seeing crossing (~2 s) is that
+    profile convolved with its light curve, i.e. broader. The test is a
+    likelihood ratio within the same profile family (so that neither side is
+    favoured by what the event models leave out, e.g. the PSF smoothing): the
+    best flash profile with its FWHM within ``FLASH_FWHM_RANGE`` of the
+    flash's measured FWHM (``width_px``, else ``default_fwhm``) against the
+    best with a free FWHM (``FREE_FWHM_RANGE``). The veto applies when the
+    free width does not improve Delta-chi2 by ``max(margin_dchi2, margin_frac
+    * delta_chi2_flash)``, or when the candidate's best boxcar spans at most
+    ``max_width`` samples (a single-sample spike). Without a fit
+    (``fit=False``) a matched flash always vetoes.
+
+    Returns
+    -------
+    (bool, float, float)
+        Veto, the Delta-chi2 (vs flat) of the best flash-width profile and of
+        the best free-width profile (NaN if not fitted).
+    """
+    max_width, margin_dchi2, margin_frac, default_fwhm = flash_test
+    if not fit_done:
+        return True, np.nan, np.nan
+    t_ref, t_s, yy, ee, _dur = _fit_data(block, i, t_lo, t_hi, sample_s)
+    span = 10.0 * sample_s
+    best, best_free = -np.inf, -np.inf
+    for j in fidx:
+        a = max((fl["lo"][j] - fl_pad - t_ref) * SECONDS_PER_DAY, t_s.min() - span)
+        b = min((fl["hi"][j] + fl_pad - t_ref) * SECONDS_PER_DAY, t_s.max() + span)
+        if b < a:
+            continue
+        fwhm = fl["fwhm"][j] if np.isfinite(fl["fwhm"][j]) and fl["fwhm"][j] > 0 else default_fwhm
+        r = fit_flash(t_s, yy, ee, t_lo=a, t_hi=b, fwhm_samples=fwhm, sample_s=sample_s,
+                      fwhm_range=FLASH_FWHM_RANGE, n_fwhm=5)
+        rf = fit_flash(t_s, yy, ee, t_lo=a, t_hi=b, fwhm_samples=fwhm, sample_s=sample_s,
+                       fwhm_range=FREE_FWHM_RANGE, n_fwhm=22)
+        if r.success and r.delta_chi2 > best:
+            best, best_free = r.delta_chi2, max(rf.delta_chi2, r.delta_chi2)
+    if not np.isfinite(best):
+        return width <= max_width, np.nan, np.nan
+    if width <= max_width:
+        return True, float(best), float(best_free)
+    return bool(best_free - best < max(margin_dchi2, margin_frac * max(best, 0.0))), float(best), float(best_free)
+
+
+def _fit_data(block, i, t_lo, t_hi, sample_s):
+    """Samples fitted for a candidate window: ``t_ref`` (mjd), ``t_s`` (s from ``t_ref``), ``y``, ``err``,
+    window duration (s)."""
     mjd, y, err, _flags, _valid, _idx = block.star_series(i)
     dur_s = (t_hi - t_lo) * SECONDS_PER_DAY + sample_s
     pad = max(2.0 * dur_s, 30.0) / SECONDS_PER_DAY
@@ -469,9 +618,12 @@ def _fit_one(block, i, t_lo, t_hi, amp, sample_s, supersample, fit_blend):
     if m.sum() < 8:
         m = np.ones_like(mjd, bool)
     t_ref = 0.5 * (t_lo + t_hi)
-    t_s = (mjd[m] - t_ref) * SECONDS_PER_DAY
-    yy, ee = y[m], err[m]
-    out = {"n_fit": int(m.sum())}
+    return t_ref, (mjd[m] - t_ref) * SECONDS_PER_DAY, y[m], err[m], dur_s
+
+
+def _fit_one(block, i, t_lo, t_hi, amp, sample_s, supersample, fit_blend):
+    t_ref, t_s, yy, ee, dur_s = _fit_data(block, i, t_lo, t_hi, sample_s)
+    out = {"n_fit": int(len(yy))}
     kw = dict(t_guess=0.0, duration_guess=dur_s, excess_guess=max(float(amp), 1e-4), sample_s=sample_s,
               supersample=supersample)
     ml = fit_microlensing(t_s, yy, ee, fit_blend=fit_blend, **kw)
@@ -568,17 +720,30 @@ def search_store(store, nights=None, out_dir=None, *, stars=None, flashes=None, 
         ``candidates.csv``, ``star_nights.parquet`` and PNG plots of the
         ``plots`` most significant unvetoed candidates.
     stars, flashes : pandas.DataFrame, optional
-        Default: ``STORE/catalogue.parquet`` / ``STORE/flashes.parquet`` if present.
+        Default: the run's catalogue (``STORE/catalogue/master_catalogue.parquet``
+        as ``pydriftn run`` writes it, else ``STORE/catalogue.parquet``,
+        ``STORE/master_catalogue.parquet`` or ``STORE/catalogue.csv``) and flashes
+        (``STORE/flashes.parquet``, else ``STORE/classify/flashes.parquet``)
+        if present. ``STORE`` may also be the run's ``store/`` folder (the
+        tables are then looked up in its parent too).
     **kwargs
         Passed to :func:`search`.
     """
     store = Path(store)
     lc = _read_store(store, nights)
+    roots = [store] + ([store.parent] if store.name in ("store", "lightcurves") else []) \
+        + ([store.parent.parent] if store.name == "lightcurves" and store.parent.name == "store" else [])
     if stars is None:
-        stars = _optional_table([store / "catalogue.parquet", store / "master_catalogue.parquet",
-                                 store / "catalogue.csv"])
+        stars = _optional_table([r / n for r in roots for n in (
+            "catalogue/master_catalogue.parquet", "catalogue.parquet", "master_catalogue.parquet",
+            "catalogue/master_catalogue.csv", "catalogue.csv")])
+        if stars is None:
+            log.warning("%s: no catalogue found: candidates get no ra/dec/magnitudes, the neighbour veto is off",
+                        store)
     if flashes is None:
-        flashes = _optional_table([store / "flashes.parquet", store / "classify" / "flashes.parquet"])
+        flashes = _optional_table([r / n for r in roots for n in ("flashes.parquet", "classify/flashes.parquet")])
+        if flashes is None:
+            log.warning("%s: no flashes.parquet found: the flash veto is off", store)
     res = search(lc, stars=stars, flashes=flashes, **kwargs)
     out = Path(out_dir) if out_dir is not None else store / "search"
     out.mkdir(parents=True, exist_ok=True)

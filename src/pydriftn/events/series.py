@@ -10,6 +10,20 @@ column ``e * K + k`` is sample ``k`` of the ``e``-th exposure of the night
 The true ``mjd`` of every sample is kept, so models are evaluated at the real
 times (the 28 s gaps between exposures are respected); the grid index is only
 used by the matched-filter scan.
+
+Night normalisation. The store's ``norm_flux`` has median 1 within each
+exposure (the detrending divides every star-exposure by its own level), which
+removes any brightening that lasts longer than an exposure. When the table
+also has ``level_e_s`` (the star's flux level in that exposure, e-/s) the
+series of star ``s`` in exposure ``e`` is put back on one scale over the
+night::
+
+    y = norm_flux * R[s, e] / c[e],   R[s, e] = level[s, e] / median_e level[s, e]
+
+where ``c[e]`` is the median of ``R[s, e]`` over the good stars of the CCD in
+that exposure (transparency and other changes common to all stars); the
+errors are scaled by the same factor. Without ``level_e_s`` the per-exposure
+normalisation is used as is.
 """
 
 from __future__ import annotations
@@ -27,6 +41,7 @@ __all__ = [
     "SeriesBlock",
     "build_blocks",
     "default_bad_flag_mask",
+    "night_factors",
     "with_modified_rows",
     "REQUIRED_COLUMNS",
 ]
@@ -45,15 +60,22 @@ class EventSearchError(PydriftnError, ValueError):
 
 
 def default_bad_flag_mask() -> int:
-    """Vetoing flag bits: ``COSMIC_RAY | SATELLITE | DEBLENDED | MASKED_PIXELS`` of
+    """Vetoing flag bits: ``COSMIC_RAY | SATELLITE | BLENDED | MASKED_PIXELS`` of
     :mod:`pydriftn.flags` if that module defines them, else every bit (``~0``:
-    any nonzero flag excludes the sample)."""
+    any nonzero flag excludes the sample).
+
+    ``DEBLENDED`` samples (flux separated from a neighbour by a joint fit) are
+    searched: their errors are honest (scatter/expected ~0.96 end to end).
+    ``BLENDED`` marks every sample of a star too close to a neighbour to be
+    de-blended: its series carries the neighbour's variations (leakage up to
+    100x the star's own flux), so it is not searched.
+    """
     try:
         from .. import flags as _flags  # noqa: PLC0415  (module written by another stage)
     except ImportError:
         return ~0
     mask = 0
-    for name in ("COSMIC_RAY", "SATELLITE", "DEBLENDED", "MASKED_PIXELS"):
+    for name in ("COSMIC_RAY", "SATELLITE", "BLENDED", "MASKED_PIXELS"):
         mask |= int(getattr(_flags, name, 0))
     return mask if mask else ~0
 
@@ -85,7 +107,8 @@ class SeriesBlock:
     mjd : ndarray (S, N)
         True time of each sample (NaN where absent).
     y, err : ndarray (S, N)
-        ``norm_flux`` and ``norm_flux_err`` (0 / inf where absent).
+        ``norm_flux`` and ``norm_flux_err`` (0 / inf where absent), on the
+        night scale if the table has ``level_e_s`` (module docstring).
     present : ndarray (S, N) bool
         The sample is in the table.
     flags : ndarray (S, N) int64
@@ -93,7 +116,11 @@ class SeriesBlock:
     valid : ndarray (S, N) bool
         Present, finite, positive error and no vetoing flag: used by the search.
     err_scale : ndarray (S,)
-        Robust per-star-night error rescaling factor (1 if not rescaled).
+        Robust per-star-night error rescaling factor (1 if not rescaled; see
+        :func:`build_blocks`).
+    diff_ratio : float
+        The block's median ratio of the difference-based to the
+        residual-based scatter (adjacent-sample correlation; 1 if unknown).
     ybar : ndarray (S,)
         Weighted mean of the valid samples (the flat-model fit).
     """
@@ -112,6 +139,7 @@ class SeriesBlock:
     err_scale: np.ndarray = field(default=None)
     ybar: np.ndarray = field(default=None)
     rescale_errors: bool = True
+    diff_ratio: float = 1.0
 
     @property
     def n_stars(self) -> int:
@@ -187,6 +215,47 @@ def _robust_scale(y, err, valid, ybar):
     return s
 
 
+#: The error scale of a star-night is the scatter of its residuals about the flat mean, but at most this
+#: many times its sample-to-sample scatter (see :func:`build_blocks`).
+MAX_SLOW_SCALE = 2.0
+
+
+def _diff_scale(y, err, valid, k, min_pairs: int = 10):
+    """1.4826 × MAD of the normalised differences of consecutive samples of an exposure, per row.
+
+    ``(y[j+1] - y[j]) / sqrt(err[j]^2 + err[j+1]^2)`` for valid neighbours
+    inside one exposure (``k`` samples per exposure): insensitive to anything
+    slower than a sample (a long event, a variable star, a level change
+    between exposures), unlike the residuals about the flat mean. NaN for rows
+    with fewer than ``min_pairs`` pairs.
+    """
+    import warnings
+
+    n = y.shape[1]
+    same = (np.arange(n - 1) % k) != k - 1
+    ok = valid[:, :-1] & valid[:, 1:] & same[None, :]
+    with np.errstate(all="ignore"):
+        d = np.where(ok, (y[:, 1:] - y[:, :-1]) / np.sqrt(err[:, 1:] ** 2 + err[:, :-1] ** 2), np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        med = np.nanmedian(d, axis=1)
+        s = 1.4826 * np.nanmedian(np.abs(d - med[:, None]), axis=1)
+    s[(ok.sum(axis=1) < min_pairs) | ~(s > 0)] = np.nan
+    return s
+
+
+def _error_scale(y, err, valid, ybar, k, diff_ratio=None):
+    """Per-row error scale and the block's ``diff_ratio`` (see :func:`build_blocks`)."""
+    s_res = _robust_scale(y, err, valid, ybar)
+    s_diff = _diff_scale(y, err, valid, k)
+    if diff_ratio is None:
+        both = np.isfinite(s_diff) & valid.any(axis=1)
+        diff_ratio = float(np.median(s_diff[both] / s_res[both])) if both.sum() >= 5 else 1.0
+        diff_ratio = float(np.clip(diff_ratio, 0.5, 1.5)) if np.isfinite(diff_ratio) else 1.0
+    scale = np.where(np.isfinite(s_diff), np.minimum(s_res, MAX_SLOW_SCALE * s_diff / diff_ratio), s_res)
+    return scale, diff_ratio
+
+
 def _weighted_mean(y, err, valid, scale):
     w = np.zeros_like(y)
     e = err * scale[:, None]
@@ -198,6 +267,84 @@ def _weighted_mean(y, err, valid, scale):
     return m
 
 
+def _weighted_median(x, w):
+    """Weighted median of the finite ``x`` (weights ``w`` > 0); NaN if none."""
+    ok = np.isfinite(x) & np.isfinite(w) & (w > 0)
+    if not ok.any():
+        return np.nan
+    x, w = x[ok], w[ok]
+    o = np.argsort(x)
+    cw = np.cumsum(w[o])
+    return float(x[o][np.searchsorted(cw, 0.5 * cw[-1])])
+
+
+def night_factors(level, level_err, good, *, min_stars: int = 3, floor: float = 0.002, n_iter: int = 10):
+    """Per star-exposure factors ``R[s, e] / c[e]`` that put ``norm_flux`` on one scale over the night.
+
+    The common per-exposure factor ``c[e]`` (transparency, anything common to
+    the CCD's stars) comes from the two-way model ``log level[s, e] = a[s] +
+    log c[e]`` over the good star-exposures: ``a[s]`` is the star's mean over
+    its exposures, ``log c[e]`` the weighted median over stars (weights
+    ``1 / (level_err^2 + floor^2)``, so that bright stars dominate but no
+    handful of them alone), iterated. (The plain median over stars of
+    ``level / median-level`` is degenerate with few exposures: each star's
+    median exposure has a ratio of exactly 1, a point mass that pins the median
+    to 1.) Then ``R[s, e] / c[e] = (level / c) / median_e(level / c)``: the
+    median over the night, so a long event in some exposures does not move the
+    star's baseline much.
+
+    Parameters
+    ----------
+    level : ndarray (S, E)
+        ``level_e_s`` per star-exposure (NaN where absent).
+    level_err : ndarray (S, E)
+        Relative 1-sigma uncertainty of each level (NaN where unknown).
+    good : ndarray (S, E) bool
+        Star-exposures with enough valid samples to define ``c[e]``.
+    min_stars : int
+        Exposures with fewer good stars get ``c[e] = 1``.
+    floor : float
+        Relative systematic floor added to ``level_err`` in the weights.
+    n_iter : int
+        Iterations of the two-way fit.
+
+    Returns
+    -------
+    factor : ndarray (S, E)
+        NaN where the star has no positive finite level in that exposure (such
+        samples cannot be placed on the night scale).
+    c : ndarray (E,)
+        The common factors (median 1 over the exposures).
+    """
+    import warnings
+
+    lev = np.where(np.isfinite(level) & (level > 0), level, np.nan)
+    n_s, n_e = lev.shape
+    logl = np.log(lev)
+    multi = (np.isfinite(lev).sum(axis=1) >= 2)[:, None]
+    use = good & multi & np.isfinite(logl)
+    sig = np.where(np.isfinite(level_err) & (level_err >= 0), level_err, np.inf)
+    wt = np.where(use, 1.0 / (sig * sig + floor * floor), 0.0)
+    n_ref = use.sum(axis=0)
+    fit_e = n_ref >= min_stars
+    logc = np.zeros(n_e)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for _ in range(n_iter if fit_e.any() else 0):
+            a = np.nanmean(np.where(use, logl - logc[None, :], np.nan), axis=1)
+            new = np.array([_weighted_median(logl[:, e] - a, wt[:, e]) if fit_e[e] else 0.0 for e in range(n_e)])
+            new = np.where(np.isfinite(new), new, 0.0)
+            new[fit_e] -= np.median(new[fit_e])
+            done = np.max(np.abs(new - logc)) < 1e-7
+            logc = new
+            if done:
+                break
+        c = np.exp(logc)
+        corr = lev / c[None, :]
+        factor = corr / np.nanmedian(corr, axis=1)[:, None]
+    return factor, c
+
+
 def build_blocks(lc: pd.DataFrame, *, bad_flag_mask: int | None = None, rescale_errors: bool = True,
                  table: str = "light-curve table") -> list[SeriesBlock]:
     """Split a long light-curve table into dense per-(night, ccd) :class:`SeriesBlock` s.
@@ -206,15 +353,26 @@ def build_blocks(lc: pd.DataFrame, *, bad_flag_mask: int | None = None, rescale_
     ----------
     lc : pandas.DataFrame
         Columns ``star_id, expnum, sample, mjd, norm_flux, norm_flux_err`` and
-        optionally ``night``, ``ccd`` (group keys) and ``flags`` (int bitmask).
+        optionally ``night``, ``ccd`` (group keys), ``flags`` (int bitmask) and
+        ``level_e_s`` (the star's level in the exposure: night normalisation,
+        see the module docstring).
     bad_flag_mask : int, optional
         Samples with ``flags & bad_flag_mask != 0`` are excluded (default:
         :func:`default_bad_flag_mask`).
     rescale_errors : bool
-        Multiply each star-night's errors by the robust scatter of its
-        normalised residuals (1.4826 × MAD), so that the detection statistic has
-        the same null distribution for every star even if the pipeline errors are
-        mis-estimated. The fits use the same rescaled errors.
+        Multiply each star-night's errors by its robust normalised scatter, so
+        that the detection statistic has the same null distribution for every
+        star even if the pipeline errors are mis-estimated; the fits use the
+        same rescaled errors. The scatter is 1.4826 × MAD of the normalised
+        residuals about the flat mean (it includes the level changes between
+        exposures that the pipeline gets wrong for some stars, e.g. de-blended
+        faint ones), but at most :data:`MAX_SLOW_SCALE` times the
+        sample-to-sample scatter: 1.4826 × MAD of the normalised differences of
+        consecutive samples of an exposure, divided by the block's median ratio
+        of the two (adjacent samples of the pipeline are positively correlated:
+        ratio ~0.83; 1 for white noise). Without the cap a long event, which
+        makes most residuals about the flat mean large, would inflate its own
+        errors ~10-fold and lose ~100x in Delta-chi2.
     table : str
         Name of the table in error messages.
 
@@ -270,18 +428,45 @@ def _one_block(df, night, ccd, bad_flag_mask, rescale_errors, table) -> SeriesBl
     if "flags" in df.columns:
         flags[star_codes, pos] = df["flags"].fillna(0).to_numpy().astype(np.int64)
     valid = present & np.isfinite(y) & np.isfinite(err) & (err > 0) & ((flags & int(bad_flag_mask)) == 0)
+    if "level_e_s" in df.columns:
+        n_e = len(expnums)
+        level = np.full((n_s, n_e), np.nan)
+        level[star_codes, e_codes] = df["level_e_s"].to_numpy(float)
+        v3 = valid.reshape(n_s, n_e, k)
+        n_v = v3.sum(axis=2)
+        with np.errstate(all="ignore"):
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                med_err = np.nanmedian(np.where(v3, err.reshape(n_s, n_e, k), np.nan), axis=2)
+            level_err = 1.2533 * med_err / np.sqrt(np.maximum(n_v, 1))  # error of a median of n_v samples
+        factor, c = night_factors(level, level_err, n_v >= max(3, k // 3))
+        log.debug("block night=%s ccd=%s: common per-exposure factors %s", night, ccd, np.round(c, 4))
+        f = np.repeat(factor, k, axis=1)  # (S, E*K), column e*K + k
+        with np.errstate(invalid="ignore"):
+            y = y * f
+            err = err * f
+        ok = np.isfinite(f)
+        n_lost = int((valid & ~ok).sum())
+        if n_lost:
+            log.debug("block night=%s ccd=%s: %d samples without a usable level_e_s excluded", night, ccd, n_lost)
+        valid &= ok
+        err[~np.isfinite(err)] = np.inf
     y[~np.isfinite(y)] = 0.0
     scale = np.ones(n_s)
     ybar = _weighted_mean(y, err, valid, scale)
+    diff_ratio = 1.0
     if rescale_errors:
-        scale = _robust_scale(y, err, valid, ybar)
+        scale, diff_ratio = _error_scale(y, err, valid, ybar, k)
         ybar = _weighted_mean(y, err, valid, scale)
     n_bad = int((present & ~valid).sum())
     log.debug("block night=%s ccd=%s: %d stars x %d exposures x %d samples, %d samples excluded",
               night, ccd, n_s, len(expnums), k, n_bad)
     return SeriesBlock(night=night, ccd=ccd, star_id=np.asarray(star_ids), expnum=expnums,
                        samples_per_exposure=k, mjd=mjd, y=y, err=err, present=present, flags=flags,
-                       valid=valid, err_scale=scale, ybar=ybar, rescale_errors=rescale_errors)
+                       valid=valid, err_scale=scale, ybar=ybar, rescale_errors=rescale_errors,
+                       diff_ratio=diff_ratio)
 
 
 def with_modified_rows(block: SeriesBlock, rows, y_rows, err_rows) -> SeriesBlock:
@@ -301,7 +486,7 @@ def with_modified_rows(block: SeriesBlock, rows, y_rows, err_rows) -> SeriesBloc
     s1 = np.ones(len(rows))
     yb = _weighted_mean(y[rows], err[rows], sub_valid, s1)
     if block.rescale_errors:
-        s1 = _robust_scale(y[rows], err[rows], sub_valid, yb)
+        s1, _ = _error_scale(y[rows], err[rows], sub_valid, yb, block.samples_per_exposure, block.diff_ratio)
         yb = _weighted_mean(y[rows], err[rows], sub_valid, s1)
     scale[rows] = s1
     ybar[rows] = yb
