@@ -134,8 +134,19 @@ def _covered(shape, cx, cy, ox, oy):
     buf = np.zeros((ny + 2 * by) * nxp, dtype=bool)
     cxc = np.clip(cx, -rx - 1, nx + rx).astype(np.intp)
     cyc = np.clip(cy, -ry - 1, ny + ry).astype(np.intp)
-    idx = ((cyc + by) * nxp + (cxc + bx))[:, None] + (oy.astype(np.intp) * nxp + ox)[None, :]
-    buf[idx] = True
+    base = (cyc + by) * nxp + (cxc + bx)
+    # each row of a (convex) stencil is one run of pixels: write it for every
+    # trail at once through a view of all length-L windows of the buffer
+    # (contiguous writes, no per-pixel index array); other rows pixel by pixel
+    for r in np.unique(oy):
+        xs = ox[oy == r]
+        xlo, xhi = int(xs.min()), int(xs.max())
+        if len(xs) == xhi - xlo + 1:
+            L = xhi - xlo + 1
+            win = np.lib.stride_tricks.as_strided(buf, shape=(buf.size - L + 1, L), strides=(1, 1))
+            win[base + (int(r) * nxp + xlo)] = True
+        else:
+            buf[base[:, None] + (int(r) * nxp + xs.astype(np.intp))[None, :]] = True
     return buf.reshape(ny + 2 * by, nxp)[by : by + ny, bx : bx + nx]
 
 
