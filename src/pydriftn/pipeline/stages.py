@@ -42,7 +42,7 @@ def _wcs_fits_bytes(wcs, unit, astro) -> bytes:
     hdr["EXPNUM"] = unit.expnum
     hdr["WCSRMS"] = (float(astro.rms_arcsec), "[arcsec] rms star residual of fit (not WCS error)")
     hdr["WCSNSTAR"] = (int(astro.n_used), "stars used in the WCS fit")
-    hdr["WCSSRC"] = (Path(unit.image_path).name[:68], "image whose WCS was re-fitted")
+    hdr["WCSSRC"] = Path(unit.image_path).name[:68]  # image whose WCS was re-fitted
     hdr["COMMENT"] = "WCS of the CCD at shutter open, re-fitted by pydriftn"
     buf = _io.BytesIO()
     fits.HDUList([fits.PrimaryHDU(header=hdr)]).writeto(buf)
