@@ -690,7 +690,7 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
     broad = np.zeros(len(loc_snr))
     if len(sel):
         # only candidates that can become flashes: not sharper than the PSF, not at the CCD edge
-        e_px = max(2 * R, int(math.ceil(2.0 * fwhm_px)))
+        e_px = R + 1  # the matched-filter kernel lies on the CCD
         xs_, ys_ = FV[sel, 1], FV[sel, 2]
         cand_fl = sel[(psf_snr[sel] >= weak_frac * flash_sigma) & ~(sharp_ratio[sel] > sharp_threshold)
                       & (xs_ >= e_px) & (ys_ >= e_px) & (xs_ <= nx - 1 - e_px) & (ys_ <= ny - 1 - e_px)]
@@ -863,8 +863,8 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
                                  **{"class": cls, "subclass": sub, "score": score, "flags": flags}))
             continue
         # --- flash
-        if flags & FLAG_EDGE:
-            continue  # within 2 FWHM of the CCD edge: partial PSFs and cut trails, not classified as flashes
+        if x < R + 1 or y < R + 1 or x > nx - 2 - R or y > ny - 2 - R:
+            continue  # the PSF kernel is cut by the CCD edge: not classified as a flash (FLAG_EDGE marks 2 FWHM)
         if loc_snr[ci] < flash_sigma or broad[ci] > broad_ratio_max:
             continue  # explained by an error of the local trail model, or broader than the PSF
         j, s_, c_ = on_trails(x, y, 1.5 * fwhm_px, fwhm_px)
