@@ -378,9 +378,14 @@ def _joint_solve(d, var0, q, bad, A, active, n_iter=1, outlier_sigma=5.0, sys_fr
         # inactive neighbours and empty strips: decouple; tiny ridge against coincident trails
         diag = np.diagonal(Nmat, axis1=-2, axis2=-1).copy()
         empty = ~(diag > 0) | ~active
-        if empty.any():
-            Nmat = Nmat * ~(empty[..., :, None] | empty[..., None, :]) + empty[..., :, None] * eye
-        ridge = 1e-6 * np.maximum(diag.max(axis=-1), 1e-30)
+        er = np.flatnonzero(empty.reshape(-1, M1).any(axis=1))
+        if len(er):  # only the (few) strips with an empty column
+            Nf, ef = Nmat.reshape(-1, M1, M1), empty.reshape(-1, M1)
+            Nf[er] = Nf[er] * ~(ef[er, :, None] | ef[er, None, :]) + ef[er, :, None] * eye
+        dmax = diag[..., 0]
+        for m in range(1, M1):
+            dmax = np.maximum(dmax, diag[..., m])
+        ridge = 1e-6 * np.maximum(dmax, 1e-30)
         for m in range(M1):
             Nmat[..., m, m] += ridge
         rhs = np.where(empty, 0.0, rhs)
