@@ -12,7 +12,8 @@ astropy clips one array at a time; thousands of trails per CCD would need a
 Python loop (or a ragged masked array, which is slow). All annuli here share
 the same pixel offsets (the trail shape is common to the CCD), so the annulus
 values form a dense ``(n_stars, n_pixels)`` array; it is sorted once per row
-and every clipping iteration is then a count and a cumulative-sum lookup. The
+and every clipping iteration is then a per-row binary search of the two
+thresholds and a cumulative-sum lookup (no pass over the values). The
 statistics are those of astropy's default (median centre, standard deviation
 of the kept values, ``sigma`` both sides, iterate to convergence); the test
 suite checks them against astropy.
