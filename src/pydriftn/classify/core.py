@@ -702,13 +702,22 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
             jst = np.full((len(cand_fl), K_st), -1, np.int64)
             if n_tr:
                 reach = fit.half_width_px + 5.0 * sigma_psf
+                pq, pj, ps, pc = [], [], [], []
                 for q in np.flatnonzero(mnear[cand_fl] > 0.5 * sigma):  # where trail light is significant
                     j, s_, c_ = on_trails(xc_[q], yc_[q], reach, reach)
-                    if len(j) == 0:
-                        continue
-                    lt = fit.flux[j] * fit.template.evaluate(s_, c_)
-                    top = j[np.argsort(-np.abs(lt))[:K_st]]
-                    jst[q, :len(top)] = top
+                    pq.append(np.full(len(j), q))
+                    pj.append(j)
+                    ps.append(s_)
+                    pc.append(c_)
+                if pq:
+                    pq, pj = np.concatenate(pq), np.concatenate(pj)
+                    lt = np.abs(fit.flux[pj] * fit.template.evaluate(np.concatenate(ps), np.concatenate(pc)))
+                    o = np.lexsort((-lt, pq))  # by candidate, brightest first
+                    pq, pj = pq[o], pj[o]
+                    first = np.searchsorted(pq, pq, side="left")
+                    rank = np.arange(len(pq)) - first
+                    k_ = rank < K_st
+                    jst[pq[k_], rank[k_]] = pj[k_]
             modes = None
             Rl = int(np.ceil(4.0 * sigma_psf))
             if (jst >= 0).any():
