@@ -522,18 +522,19 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
             sub, rms_map, grms = detect.estimate_background(data, bad, amp_boundary=amp_boundary)
     timings["background"] = time.perf_counter() - t_det
     t = time.perf_counter()
-    snr = detect.matched_filter_snr(sub, rms_map, geo.direction, geo.length_px, sigma0)
+    snr, fbin = detect.matched_filter_snr(sub, rms_map, geo.direction, geo.length_px, sigma0, return_binning=True)
     streak_mask_b, streaks = detect.find_streaks(snr, geo.direction, geo.length_px,
-                                                 threshold=max(3.0, 0.6 * detect_sigma))
+                                                 threshold=max(3.0, 0.6 * detect_sigma), binning=fbin)
     streak_mask = None
     if streak_mask_b is not None:
         streak_mask = np.zeros(shape, bool)
-        up = np.repeat(np.repeat(streak_mask_b, 2, axis=0), 2, axis=1)
+        up = np.repeat(np.repeat(streak_mask_b, fbin[0], axis=0), fbin[1], axis=1)
+        up = up[: shape[0], : shape[1]]
         streak_mask[: up.shape[0], : up.shape[1]] = up
         log.warning("%s: %d satellite/aircraft streak(s) masked", ccd, len(streaks))
     diag["streaks"] = streaks
     cx, cy, cpk = detect.find_candidates(snr, geo.direction, geo.length_px, sigma0, threshold=detect_sigma,
-                                         exclude=streak_mask_b)
+                                         exclude=streak_mask_b, binning=fbin)
     timings["matched_filter"] = time.perf_counter() - t
     diag["n_candidates"] = int(cx.size)
     if dq_streak is not None and dq_streak.any():

@@ -163,8 +163,58 @@ def _bin2(a):
     return out
 
 
-def matched_filter_snr(sub, rms, direction, length_px, sigma_px):
-    """S/N map of the trail matched filter on the 2×2-binned image.
+def _bin(a, fy, fx):
+    """Sum of ``fy x fx`` blocks, the image zero-padded to whole blocks."""
+    ny, nx = a.shape
+    if fy == 2 and fx == 2 and ny % 2 == 0 and nx % 2 == 0:
+        return _bin2(a)
+    py, px = -ny % fy, -nx % fx
+    if py or px:
+        a = np.pad(a, ((0, py), (0, px)))
+    if fy == 2 and fx % 2 == 0:
+        # 2x2 by strided adds, then pairs along x
+        out = _bin2(a)
+        k = fx // 2
+        if k > 1:
+            out = out.reshape(out.shape[0], -1, k).sum(axis=2, dtype=out.dtype)
+        return out
+    if fx == 2 and fy % 2 == 0:
+        out = _bin2(a)
+        k = fy // 2
+        if k > 1:
+            out = out.reshape(-1, k, out.shape[1]).sum(axis=1, dtype=out.dtype)
+        return out
+    return a.reshape(a.shape[0] // fy, fy, a.shape[1] // fx, fx).sum(axis=(1, 3), dtype=a.dtype)
+
+
+def filter_binning(direction, length_px):
+    """Binning ``(fy, fx)`` of the matched-filter grid for a drift direction.
+
+    2 px across the trail (the PSF FWHM is 3-4 px); 4 px along it when the
+    drift is within 3 degrees of a pixel axis (a trail is ~37 px long, so the
+    along-track resolution needed for detection is coarse) and the trail is
+    long enough; 2x2 otherwise.
+    """
+    ux, uy = direction
+    along = 4 if length_px >= 16 else 2
+    if abs(ux) >= math.cos(math.radians(3.0)):
+        return 2, along
+    if abs(uy) >= math.cos(math.radians(3.0)):
+        return along, 2
+    return 2, 2
+
+
+def matched_filter_snr(sub, rms, direction, length_px, sigma_px, *, return_binning=False):
+    """S/N map of the trail matched filter on a binned image.
+
+    When the drift is within 3 degrees of a pixel axis the image is binned
+    2 px across by 4 px along the drift (:func:`filter_binning`) and the filter
+    is separable: a Gaussian of the PSF sigma across
+    (``scipy.ndimage.gaussian_filter1d``) and a running mean over the trail
+    length along (``scipy.ndimage.uniform_filter1d``; the PSF along the trail,
+    sigma < 0.5 binned px, is negligible next to the 37-px segment). Otherwise
+    the image is binned 2x2 and convolved with an explicit kernel
+    (``scipy.signal.oaconvolve``).
 
     Parameters
     ----------
@@ -177,31 +227,42 @@ def matched_filter_snr(sub, rms, direction, length_px, sigma_px):
         Unit drift vector (pixels).
     length_px, sigma_px : float
         Trail length and PSF sigma (pixels).
+    return_binning : bool
+        Also return the binning factors ``(fy, fx)``.
 
     Returns
     -------
     snr : ndarray float32
         S/N map on the binned grid (binned pixel ``(i, j)`` covers unbinned
-        pixels ``2i..2i+1``, ``2j..2j+1``, centre at unbinned ``2j+0.5``).
+        rows ``fy*i .. fy*i+fy-1`` and columns ``fx*j .. fx*j+fx-1``).
+    binning : (int, int)
+        With ``return_binning``.
     """
-    b = _bin2(np.asarray(sub, dtype=np.float32))
-    L = length_px / 2.0
-    s = max(sigma_px / 2.0, 0.5)
+    fy, fx = filter_binning(direction, length_px)
+    b = _bin(np.asarray(sub, dtype=np.float32), fy, fx)
     ux, uy = direction
     axis = None
-    if abs(ux) >= math.cos(math.radians(3.0)):
+    if fx > fy or (fx == fy and abs(ux) >= math.cos(math.radians(3.0))):
         axis = 1
-    elif abs(uy) >= math.cos(math.radians(3.0)):
+    elif fy > fx or abs(uy) >= math.cos(math.radians(3.0)):
         axis = 0
+    f_along = fx if axis == 1 else fy
+    f_across = fy if axis == 1 else fx
+    L = length_px / f_along
     size = max(int(round(L)), 1)
 
     def apply(a):
         if axis is not None:
-            g = ndimage.gaussian_filter(a, s, truncate=3.0)
+            s_across = max(sigma_px / f_across, 0.5)
+            g = ndimage.gaussian_filter1d(a, s_across, axis=1 - axis, truncate=3.0)
+            s_along = sigma_px / f_along
+            if s_along >= 0.5:
+                g = ndimage.gaussian_filter1d(g, s_along, axis=axis, truncate=3.0)
             return ndimage.uniform_filter1d(g, size, axis=axis)
         return signal.oaconvolve(a, kernel, mode="same")
 
     kernel = None
+    s = max(sigma_px / 2.0, 0.5)
     if axis is None:
         half = int(math.ceil(0.5 * L + 3 * s)) + 1
         yy, xx = np.mgrid[-half:half + 1, -half:half + 1].astype(float)
@@ -217,13 +278,24 @@ def matched_filter_snr(sub, rms, direction, length_px, sigma_px):
     gain = float(np.sqrt((apply(delta).astype(float) ** 2).sum()))
     f = apply(b)
     if np.ndim(rms) == 0:
-        rb = 2.0 * float(rms)
+        rb = math.sqrt(fy * fx) * float(rms)
     else:
-        rb = 2.0 * np.asarray(rms, np.float32)[: b.shape[0], : b.shape[1]]
-    return (f / (rb * gain)).astype(np.float32)
+        r2 = np.asarray(rms, np.float32)
+        # the rms map is on the 2x2 grid: one sample per (fy, fx) block
+        r2 = r2[:: max(fy // 2, 1), :: max(fx // 2, 1)]
+        if r2.shape != b.shape:
+            r2 = r2[: b.shape[0], : b.shape[1]]
+            r2 = np.pad(r2, ((0, b.shape[0] - r2.shape[0]), (0, b.shape[1] - r2.shape[1])), mode="edge")
+        rb = np.float32(math.sqrt(fy * fx)) * r2
+    f /= rb * np.float32(gain)
+    snr = f.astype(np.float32, copy=False)
+    if return_binning:
+        return snr, (fy, fx)
+    return snr
 
 
-def find_streaks(snr, direction, length_px, *, threshold=3.0, min_length_factor=5.0, max_angle_deg=15.0):
+def find_streaks(snr, direction, length_px, *, threshold=3.0, min_length_factor=5.0, max_angle_deg=15.0,
+                 binning=(2, 2)):
     """Find satellite/aircraft streaks: long straight lines in the S/N map not along the drift.
 
     Each connected region above ``threshold`` whose extent exceeds
@@ -232,6 +304,9 @@ def find_streaks(snr, direction, length_px, *, threshold=3.0, min_length_factor=
     line is at least that long, more than ``max_angle_deg`` from the drift
     direction, and continuous (its pixels fill >= 85 % of its length; a chain of
     overlapping star trails has gaps).
+
+    ``binning`` ``(fy, fx)`` is that of the S/N map (:func:`matched_filter_snr`);
+    the geometry is done in units of 2 unbinned pixels.
 
     Returns
     -------
@@ -247,19 +322,22 @@ def find_streaks(snr, direction, length_px, *, threshold=3.0, min_length_factor=
         return None, []
     slices = ndimage.find_objects(lab)
     Lb = length_px / 2.0
+    # binned pixel i covers unbinned f*i .. f*i+f-1: centre f*i + (f-1)/2, in units of 2 px
+    sy, sx = binning[0] / 2.0, binning[1] / 2.0
+    oy, ox = (binning[0] - 2) / 4.0, (binning[1] - 2) / 4.0
     ux, uy = direction
     out_mask = None
     streaks = []
     for i, sl in enumerate(slices, start=1):
-        h = sl[0].stop - sl[0].start
-        w = sl[1].stop - sl[1].start
+        h = (sl[0].stop - sl[0].start) * sy
+        w = (sl[1].stop - sl[1].start) * sx
         if math.hypot(h, w) < min_length_factor * Lb:
             continue
         yy, xx = np.nonzero(lab[sl] == i)
         if xx.size < 10:
             continue
-        xx = xx + sl[1].start
-        yy = yy + sl[0].start
+        xx = (xx + sl[1].start) * sx + ox
+        yy = (yy + sl[0].start) * sy + oy
         # robust line: principal axis, then refit on the pixels within 3 px of it
         inl = np.ones(xx.size, bool)
         for _ in range(4):
@@ -290,7 +368,8 @@ def find_streaks(snr, direction, length_px, *, threshold=3.0, min_length_factor=
         # mask the band about the streak's line only (not the trails merged into its component)
         half_w = float(np.percentile(np.abs(perp[inl]), 95)) + 1.0
         a0, a1 = a_in.min() - 2, a_in.max() + 2
-        gy, gx = np.mgrid[0:snr.shape[0], 0:snr.shape[1]]
+        gy, gx = np.mgrid[0:snr.shape[0], 0:snr.shape[1]].astype(float)
+        gy, gx = gy * sy + oy, gx * sx + ox
         ga = (gx - cx) * major[0] + (gy - cy) * major[1]
         gp = -(gx - cx) * major[1] + (gy - cy) * major[0]
         out_mask |= (np.abs(gp) <= half_w) & (ga >= a0) & (ga <= a1)
@@ -305,11 +384,12 @@ def find_streaks(snr, direction, length_px, *, threshold=3.0, min_length_factor=
     return out_mask, streaks
 
 
-def find_candidates(snr, direction, length_px, sigma_px, *, threshold=5.0, exclude=None):
+def find_candidates(snr, direction, length_px, sigma_px, *, threshold=5.0, exclude=None, binning=(2, 2)):
     """Local maxima of the S/N map above ``threshold``.
 
     The maximum filter spans half a trail along the drift and ~1.5 FWHM
-    across, so one trail gives one peak (its middle).
+    across, so one trail gives one peak (its middle). ``binning`` ``(fy, fx)``
+    is that of the S/N map (:func:`matched_filter_snr`).
 
     Returns
     -------
@@ -318,13 +398,14 @@ def find_candidates(snr, direction, length_px, sigma_px, *, threshold=5.0, exclu
     peak_snr : ndarray
     """
     ux, uy = direction
+    fy, fx = binning
     Lb = length_px / 2.0
     fw = max(3, int(round(1.5 * 2.3548 * sigma_px / 2.0)) | 1)
     along = max(3, int(round(0.5 * Lb)) | 1)
     if abs(ux) >= abs(uy) and abs(ux) >= math.cos(math.radians(10.0)):
-        size = (fw, along)
+        size = (max(3, int(round(1.5 * 2.3548 * sigma_px / fy)) | 1), max(3, int(round(0.5 * length_px / fx)) | 1))
     elif abs(uy) >= math.cos(math.radians(10.0)):
-        size = (along, fw)
+        size = (max(3, int(round(0.5 * length_px / fy)) | 1), max(3, int(round(1.5 * 2.3548 * sigma_px / fx)) | 1))
     else:
         e = max(fw, int(round(0.5 * Lb * max(abs(ux), abs(uy)))) | 1)
         size = (e, e)
@@ -371,7 +452,7 @@ def find_candidates(snr, direction, length_px, sigma_px, *, threshold=5.0, exclu
         off = np.where(den < 0, 0.5 * (c0 - c2) / np.where(den < 0, den, -1), 0.0)
         arr += np.clip(off, -0.5, 0.5)
         del lo
-    return 2.0 * xs + 0.5, 2.0 * ys + 0.5, val.astype(float)
+    return fx * xs + 0.5 * (fx - 1), fy * ys + 0.5 * (fy - 1), val.astype(float)
 
 
 def find_bad_columns(sub, rms, *, block=64, zmin=8.0, min_blocks=3):
