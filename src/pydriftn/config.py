@@ -92,6 +92,8 @@ class ExtractConfig(_Section):
     method: Literal["optimal", "box", "l3"] = Field("optimal", description="extraction method")
     half_width_fwhm: float = Field(2.0, gt=0, description="cross-track half-width in units of FWHM")
     deblend: bool = Field(True, description="model overlapping trails of neighbours jointly")
+    profile_sys: float = Field(0.0015, ge=0, description="fractional profile-model error added to each "
+                               "sample's variance (bright stars; calibrated on the simulator)")
     full_trail: bool = Field(False, description="write the shutter-ramp samples too")
 
 

@@ -124,7 +124,7 @@ def process_exposure_ccd(unit, catalogue: pd.DataFrame, cfg, *, targets=None) ->
         img.data, pixmask, forced, geometry, sky,
         gain=info.gain, read_noise_e=info.read_noise, saturation_adu=info.saturation,
         mjd_obs=info.mjd, method=cfg.extract.method, half_width_fwhm=cfg.extract.half_width_fwhm,
-        fwhm_px=fwhm_px, deblend=cfg.extract.deblend,
+        fwhm_px=fwhm_px, deblend=cfg.extract.deblend, profile_sys=cfg.extract.profile_sys,
     )
     det = normalise(ext, method=cfg.detrend.method, n_ref_max=cfg.detrend.max_reference_stars,
                     ref_snr_min=cfg.detrend.ref_snr_min, clip_sigma=cfg.detrend.clip_sigma)
