@@ -9,7 +9,11 @@ Prints, with the targets beside them:
 * cosmic rays: fraction classified as ``cosmic_ray`` (all, and those whose
   mean deposit per pixel is >= 5 sigma of the sky), star trails misclassified;
 * all of it with the dq mask read and without it;
-* time per CCD (one core).
+* time per CCD (one core) and its median split by stage.
+
+Every missed flash, false flash and unexplained detection on a catalogued
+trail (with its along/across-track position on that trail, the star's counts
+and saturation) is listed, so that repeat offenders are visible.
 
 Usage::
 
