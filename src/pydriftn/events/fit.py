@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 LOG_TE_BOUNDS = (-2.0, 4.5)   # 0.01 s .. 9 h
 LOG_RHO_BOUNDS = (-4.0, 2.0)  # 1e-4 (point source) .. 100
 U0_MAX = 100.0
+#: Bounds of the baseline (normalised flux). On the night scale (``level_e_s``, see :mod:`.series`) the
+#: series has median 1 over the night, so a star magnified for most of the night has its baseline well below 1.
+BASE_BOUNDS = (0.05, 5.0)
 FLASH_BETA = 3.0  # Moffat index of the flash profile (the simulator's and a typical DECam PSF)
 
 
@@ -195,8 +198,8 @@ def fit_microlensing(t_s, y, err, *, t_guess, duration_guess, excess_guess, samp
         return (microlensing_model(t_s, t0, te, u0, rho, fs, base, sample_s, supersample) - y) / err
 
     tmin, tmax = float(np.min(t_s)), float(np.max(t_s))
-    lo = [tmin - dur, LOG_TE_BOUNDS[0], 0.0, LOG_RHO_BOUNDS[0], 0.5]
-    hi = [tmax + dur, LOG_TE_BOUNDS[1], U0_MAX, LOG_RHO_BOUNDS[1], 1.5]
+    lo = [tmin - dur, LOG_TE_BOUNDS[0], 0.0, LOG_RHO_BOUNDS[0], BASE_BOUNDS[0]]
+    hi = [tmax + dur, LOG_TE_BOUNDS[1], U0_MAX, LOG_RHO_BOUNDS[1], BASE_BOUNDS[1]]
     if fit_blend:
         lo.append(0.01)
         hi.append(1.0)
@@ -247,8 +250,8 @@ def fit_flare(t_s, y, err, *, t_guess, duration_guess, excess_guess, sample_s=0.
         return (flare_model(t_s, t0, amp, 10**lr, 10**ld, base, sample_s, supersample) - y) / err
 
     tmin, tmax = float(np.min(t_s)), float(np.max(t_s))
-    lo = np.array([tmin - dur, 0.0, -2.0, -2.0, 0.5])
-    hi = np.array([tmax + dur, 100.0, 4.0, 4.5, 1.5])
+    lo = np.array([tmin - dur, 0.0, -2.0, -2.0, BASE_BOUNDS[0]])
+    hi = np.array([tmax + dur, 100.0, 4.0, 4.5, BASE_BOUNDS[1]])
     t_start = t_guess - dur / 2.0
     starts = [
         [t_start + 0.1 * dur, 2.0 * exc, np.log10(max(0.05 * dur, 0.02)), np.log10(0.5 * dur), base0],

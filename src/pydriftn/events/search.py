@@ -62,6 +62,9 @@ VETO_BITS = {VETO_FLAGGED: "flagged_samples", VETO_COMMON_MODE: "common_mode",
              VETO_NEIGHBOUR: "bright_neighbour", VETO_FLASH: "flash"}
 
 MAG_COLUMNS = ("r", "mag_r", "g", "mag_g", "vr", "mag", "i", "z")
+#: The fits use the star's samples within max(3 x window duration, this) seconds of the candidate window:
+#: the neighbouring exposures (48 s cadence) on either side, so a long event's baseline is constrained.
+FIT_PAD_S = 100.0
 #: Default FWHM (pixels = samples) of a flash whose table gives no ``width_px`` (1.1" at 0.27"/px).
 DEFAULT_FLASH_FWHM_PX = 4.0
 #: FWHM range (factors of the flash's measured FWHM) of the flash profile in the flash veto: seeing changes
@@ -613,7 +616,7 @@ def _fit_data(block, i, t_lo, t_hi, sample_s):
     window duration (s)."""
     mjd, y, err, _flags, _valid, _idx = block.star_series(i)
     dur_s = (t_hi - t_lo) * SECONDS_PER_DAY + sample_s
-    pad = max(2.0 * dur_s, 30.0) / SECONDS_PER_DAY
+    pad = max(3.0 * dur_s, FIT_PAD_S) / SECONDS_PER_DAY
     m = (mjd >= t_lo - pad) & (mjd <= t_hi + pad)
     if m.sum() < 8:
         m = np.ones_like(mjd, bool)
