@@ -329,3 +329,135 @@ def test_block_injection_matches_table_injection():
     np.testing.assert_allclose(via_block.ybar, via_table.ybar, rtol=1e-6)
     np.testing.assert_allclose(via_block.err_scale, via_table.err_scale, rtol=1e-6)
     assert via_block.y[4].max() > 1.5 and np.array_equal(blocks[0].y, build_blocks(lc)[0].y)  # original untouched
+
+
+# ------------------------------------------------- the pipeline's store layout
+def _per_exposure_normalised(lc, transparency, seed=0):
+    """The store's form of a table whose ``norm_flux`` is on one scale over the night.
+
+    Every star-exposure is divided by its own median (``norm_flux`` median 1 per exposure, as the
+    detrending writes it) after a common per-exposure factor (transparency) and a star flux scale;
+    ``level_e_s`` = that star-exposure's median in e-/s.
+    """
+    rng = np.random.default_rng(seed)
+    lc = lc.copy()
+    star_scale = dict(zip(lc["star_id"].unique(), 10 ** rng.uniform(2.5, 4.0, lc["star_id"].nunique())))
+    exps = np.sort(lc["expnum"].unique())
+    c = dict(zip(exps, transparency))
+    f = lc["star_id"].map(star_scale).to_numpy() * lc["expnum"].map(c).to_numpy()
+    absolute = lc["norm_flux"].to_numpy() * f
+    lc["norm_flux_err"] = lc["norm_flux_err"].to_numpy() * f
+    level = pd.Series(absolute).groupby([lc["star_id"].to_numpy(), lc["expnum"].to_numpy()]).transform("median")
+    lc["level_e_s"] = level.to_numpy()
+    lc["norm_flux"] = absolute / lc["level_e_s"].to_numpy()
+    lc["norm_flux_err"] = lc["norm_flux_err"] / lc["level_e_s"].to_numpy()
+    return lc
+
+
+def test_long_event_recovered_across_exposures_with_level():
+    """A tE = 60 s event spans the night's exposures: per-exposure normalisation hides most of it; the
+    night scale (level_e_s, common transparency factor removed) recovers it with t0 and tE."""
+    lc, stars = simulate_lightcurves(150, 5, snr=50, seed=121)
+    d = lc[(lc["star_id"] == 11) & (lc["expnum"] == 1002)]
+    t0 = float(d["mjd"].iloc[18])
+    p = {"star_id": 11, "t0_mjd": t0, "te_s": 60.0, "u0": 0.3, "rho": 0.01}
+    lci = _per_exposure_normalised(inject_microlensing(lc, p, seed=2), [1.0, 0.96, 1.03, 0.97, 1.01])
+    res = search(lci, stars, n_scrambles=6, false_alarm_rate=1e-3, seed=1)
+    c = res.candidates.set_index("star_id")
+    assert list(res.detections["star_id"]) == [11]
+    assert abs(c.loc[11, "t0_mjd"] - t0) * DAY <= 0.5
+    assert c.loc[11, "te_s"] == pytest.approx(60.0, rel=0.3)
+    # the transparency steps are common to all stars and removed: no common-mode candidates
+    assert not (res.candidates["vetoes"] & VETO_COMMON_MODE).any()
+    # without level_e_s (per-exposure normalisation) the evidence is far weaker
+    res0 = search(lci.drop(columns=["level_e_s"]), stars, n_scrambles=6, false_alarm_rate=1e-3, seed=1, fit=False)
+    s0 = res0.star_nights.set_index("star_id").loc[11, "statistic"]
+    assert c.loc[11, "statistic"] > 10 * s0
+
+
+def test_blended_stars_excluded_deblended_searched():
+    lc, stars = simulate_lightcurves(80, 4, snr=50, seed=131)
+    lc = lc.copy()
+    t0 = lc.loc[(lc["star_id"] == 3) & (lc["expnum"] == 1001) & (lc["sample"] == 18), "mjd"].iloc[0]
+    lc = inject_microlensing(lc, [{"star_id": 3, "t0_mjd": t0, "te_s": 4.0, "u0": 0.2, "rho": 0.1},
+                                  {"star_id": 4, "t0_mjd": t0, "te_s": 4.0, "u0": 0.2, "rho": 0.1}], seed=1)
+    lc.loc[lc["star_id"] == 3, "flags"] = int(flags.DEBLENDED)  # honest de-blended flux: searched
+    lc.loc[lc["star_id"] == 4, "flags"] = int(flags.DEBLENDED | flags.BLENDED)  # neighbour leakage: not
+    res = search(lc, stars, n_scrambles=6, false_alarm_rate=1e-3)
+    assert list(res.detections["star_id"]) == [3]
+    assert res.star_nights.set_index("star_id").loc[4, "n_samples"] == 0
+
+
+def _flash_on_series(lc, star_id, t_mjd, amplitude, fwhm=4.3):
+    """Add an instantaneous flash as the drift samples see it (PSF line-spread function along the drift)."""
+    from pydriftn.events.fit import flash_profile
+
+    lc = lc.copy()
+    m = lc["star_id"] == star_id
+    t = (lc.loc[m, "mjd"].to_numpy() - t_mjd) * DAY
+    lc.loc[m, "norm_flux"] += amplitude * flash_profile(t, 0.0, fwhm, SAMPLE_S)
+    return lc
+
+
+def test_flash_veto_keeps_short_events_reported_as_flashes():
+    """The classification may report a short event's peak as a flash on its star: the event (broader than
+    the PSF) is kept; a real flash (the PSF's line-spread function) on another star is vetoed, also one in
+    the unstored first samples of a trail (instant unknown: only the exposure window)."""
+    lc, stars = simulate_lightcurves(80, 4, snr=50, seed=141)
+    lc = lc.copy()
+    lc = lc[~((lc["star_id"] == 12) & (lc["sample"] < 4))]  # star 12: first 4 samples of each exposure unstored
+    row = lambda s, e, k: lc[(lc["star_id"] == s) & (lc["expnum"] == e) & (lc["sample"] == k)].iloc[0]  # noqa: E731
+    t_ev = row(5, 1001, 18)["mjd"]
+    # FWHM ~4.6 s = 8.5 samples, twice the flash's 4.3 (an unsmoothed tE = 3 s event would be ~5 samples wide:
+    # in the store the PSF smoothing along the drift broadens it further, not modelled here)
+    lc = inject_microlensing(lc, {"star_id": 5, "t0_mjd": t_ev, "te_s": 6.0, "u0": 0.3, "rho": 0.01}, seed=3)
+    t_fl = row(8, 1002, 20)["mjd"]
+    lc = _flash_on_series(lc, 8, t_fl + 0.1 / DAY, 1.5)
+    t_start = lc.loc[(lc["expnum"] == 1003), "mjd"].min() - 4 * SAMPLE_S / DAY
+    lc = _flash_on_series(lc, 12, t_start + 1.5 * SAMPLE_S / DAY, 3.0)
+    s = stars.set_index("star_id")
+    fl = pd.DataFrame({
+        "class": "flash",
+        "ra": [s.loc[5, "ra"] + 3 / 3600, s.loc[8, "ra"] + 20 / 3600, s.loc[12, "ra"] + 0.5 / 3600],
+        "dec": [s.loc[5, "dec"], s.loc[8, "dec"], s.loc[12, "dec"]],
+        "t_mjd": [t_ev, t_fl, np.nan],
+        "mjd_start": [np.nan, np.nan, t_start - 0.3 / DAY], "mjd_end": [np.nan, np.nan, t_start + 20.3 / DAY],
+        "on_star_id": pd.array([5, 8, pd.NA], dtype="Int64"), "width_px": [4.3, 4.3, 4.3],
+    })
+    res = search(lc, stars, flashes=fl, n_scrambles=6, false_alarm_rate=1e-3)
+    c = res.candidates.set_index("star_id")
+    for sid in (5, 8, 12):
+        assert c.loc[sid, "above_threshold"] and c.loc[sid, "n_flashes"] == 1, sid
+    assert c.loc[5, "vetoes"] == 0 and c.loc[5, "model"] == "microlensing"
+    assert c.loc[8, "veto_reasons"] == "flash" and c.loc[12, "veto_reasons"] == "flash"
+    assert list(res.detections["star_id"]) == [5]
+    # the event beats the flash profile by far more than the margin; the flashes do not
+    assert c.loc[5, "delta_chi2_flash_free_width"] - c.loc[5, "delta_chi2_flash"] > 100
+    assert c.loc[8, "delta_chi2_flash_free_width"] - c.loc[8, "delta_chi2_flash"] < 9
+
+
+def test_search_store_finds_the_pipeline_catalogue_and_flashes(tmp_path):
+    """``search_store(OUT)`` on a run's layout: catalogue/master_catalogue.parquet (mag_r, mag_g) and
+    flashes.parquet (classification rows): candidates get ra/dec/mags and the flash veto works."""
+    lc, stars = simulate_lightcurves(60, 4, snr=50, seed=151)
+    t9 = lc.loc[(lc["star_id"] == 9) & (lc["expnum"] == 1003) & (lc["sample"] == 15), "mjd"].iloc[0]
+    lc = _flash_on_series(lc, 9, t9, 2.0)
+    t2 = lc.loc[(lc["star_id"] == 2) & (lc["expnum"] == 1001) & (lc["sample"] == 20), "mjd"].iloc[0]
+    lc = inject_microlensing(lc, {"star_id": 2, "t0_mjd": t2, "te_s": 3.0, "u0": 0.2, "rho": 0.1}, seed=1)
+    for (night, exp, ccd), d in lc.groupby(["night", "expnum", "ccd"]):
+        p = tmp_path / "store" / "lightcurves" / f"night={night}" / f"expnum={exp}" / f"{ccd}.parquet"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        d.drop(columns=["night", "expnum"]).to_parquet(p, index=False)
+    (tmp_path / "catalogue").mkdir()
+    cat = stars.rename(columns={"r": "mag_r"}).assign(mag_g=lambda t: t["mag_r"] + 0.5, ccd="S4", flags=0)
+    cat.to_parquet(tmp_path / "catalogue" / "master_catalogue.parquet", index=False)
+    s9 = stars.set_index("star_id").loc[9]
+    pd.DataFrame({"expnum": [1003, 1003], "class": ["flash", "cosmic_ray"], "ra": [s9["ra"], s9["ra"]],
+                  "dec": [s9["dec"], s9["dec"]], "t_mjd": [t9, t9], "on_star_id": pd.array([9, pd.NA], "Int64"),
+                  "width_px": [4.3, 2.0]}).to_parquet(tmp_path / "flashes.parquet", index=False)
+    res = search_store(tmp_path, n_scrambles=6, false_alarm_rate=1e-3, plots=0)
+    c = res.candidates.set_index("star_id")
+    assert list(res.detections["star_id"]) == [2]
+    assert c.loc[9, "veto_reasons"] == "flash" and c.loc[9, "n_flashes"] == 1
+    assert {"ra", "dec", "mag_r", "mag_g"} <= set(c.columns) and "flags" not in c.columns
+    assert c.loc[2, "mag_r"] == pytest.approx(stars.set_index("star_id").loc[2, "r"])
