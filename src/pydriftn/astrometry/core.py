@@ -512,17 +512,20 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
         amp_boundary = int(info.amp_boundary)
     elif header.get("GAINB") is not None:
         amp_boundary = nx // 2
-    sub, rms_map, grms = detect.estimate_background(data, bad, amp_boundary=amp_boundary)
+    sub, rms_map, grms, sub_b2 = detect.estimate_background(data, bad, amp_boundary=amp_boundary,
+                                                            return_binned=True)
     if masks is None:
         # no dq mask: dead / hot column segments from the image itself
         bcols = detect.find_bad_columns(sub, grms)
         diag["n_bad_column_pixels"] = int(bcols.sum())
         if bcols.any():
             bad = bad | bcols
-            sub, rms_map, grms = detect.estimate_background(data, bad, amp_boundary=amp_boundary)
+            sub, rms_map, grms, sub_b2 = detect.estimate_background(data, bad, amp_boundary=amp_boundary,
+                                                                    return_binned=True)
     timings["background"] = time.perf_counter() - t_det
     t = time.perf_counter()
-    snr, fbin = detect.matched_filter_snr(sub, rms_map, geo.direction, geo.length_px, sigma0, return_binning=True)
+    snr, fbin = detect.matched_filter_snr(sub, rms_map, geo.direction, geo.length_px, sigma0, return_binning=True,
+                                               binned2=sub_b2)
     streak_mask_b, streaks = detect.find_streaks(snr, geo.direction, geo.length_px,
                                                  threshold=max(3.0, 0.6 * detect_sigma), binning=fbin)
     streak_mask = None

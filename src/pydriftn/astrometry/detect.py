@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 __all__ = ["estimate_background", "matched_filter_snr", "find_candidates", "find_streaks"]
 
 
-def estimate_background(data, bad=None, *, box=128, filter_size=3, amp_boundary=None):
+def estimate_background(data, bad=None, *, box=128, filter_size=3, amp_boundary=None, return_binned=False):
     """Background and rms maps with :class:`sep.Background`.
 
     Parameters
@@ -44,6 +44,10 @@ def estimate_background(data, bad=None, *, box=128, filter_size=3, amp_boundary=
     amp_boundary : int, optional
         First column of the second amplifier: the two halves are estimated
         separately, so a step in level between amplifiers is followed exactly.
+    return_binned : bool
+        Also return ``sub`` summed in 2x2 blocks (for :func:`matched_filter_snr`;
+        on the fast path it comes from the binned image the background was
+        estimated on, corrected only where a block holds a bad pixel).
 
     Returns
     -------
@@ -53,6 +57,8 @@ def estimate_background(data, bad=None, *, box=128, filter_size=3, amp_boundary=
         Background rms per (unbinned) pixel on the 2x2-binned grid: pixel
         ``(x, y)`` has rms ``rms[y // 2, x // 2]``.
     global_rms : float
+    sub_binned : ndarray float32, shape (ceil(ny / 2), ceil(nx / 2))
+        With ``return_binned``.
     """
     d = np.ascontiguousarray(data, dtype=np.float32)
     m = None if bad is None else np.ascontiguousarray(bad, dtype=bool)
@@ -92,7 +98,21 @@ def estimate_background(data, bad=None, *, box=128, filter_size=3, amp_boundary=
         _level_odd_column(sub, m, odd_col)
         if m is not None:
             np.putmask(sub, m, 0.0)
-        return sub, rms.astype(np.float32), float(np.mean(grms))
+        if not return_binned:
+            return sub, rms.astype(np.float32), float(np.mean(grms))
+        b2 = db_all
+        b2 -= back
+        b2 *= np.float32(4.0)
+        # blocks holding a bad pixel (set to 0 in sub) or the levelled column: from sub
+        fix = mb_all if mb_all is not None else np.zeros(b2.shape, bool)
+        if odd_col is not None:
+            fix = fix.copy()
+            fix[:, odd_col // 2] = True
+        jj, ii = np.nonzero(fix)
+        if jj.size:
+            y0, x0 = 2 * jj, 2 * ii
+            b2[jj, ii] = (sub[y0, x0] + sub[y0 + 1, x0]) + sub[y0, x0 + 1] + sub[y0 + 1, x0 + 1]
+        return sub, rms.astype(np.float32), float(np.mean(grms)), b2
     rms_parts = []
     grms = []
     for sl in parts:
@@ -139,6 +159,8 @@ def estimate_background(data, bad=None, *, box=128, filter_size=3, amp_boundary=
     rms = rms[:ty, :tx]
     if rms.shape != (ty, tx):
         rms = np.pad(rms, ((0, ty - rms.shape[0]), (0, tx - rms.shape[1])), mode="edge")
+    if return_binned:
+        return sub, rms.astype(np.float32), float(np.mean(grms)), _bin(sub, 2, 2)
     return sub, rms.astype(np.float32), float(np.mean(grms))
 
 
@@ -173,7 +195,11 @@ def _bin(a, fy, fx):
     ny, nx = a.shape
     if ny % 2 or nx % 2:
         a = np.pad(a, ((0, ny % 2), (0, nx % 2)))
-    out = _bin2(a)
+    return _bin_more(_bin2(a), fy, fx)
+
+
+def _bin_more(out, fy, fx):
+    """Blocks of ``fy x fx`` pixels from the 2x2 block sums ``out``."""
     if fx == 4:
         if out.shape[1] % 2:
             out = np.pad(out, ((0, 0), (0, 1)))
@@ -227,7 +253,7 @@ def filter_binning(direction, length_px):
     return 2, 2
 
 
-def matched_filter_snr(sub, rms, direction, length_px, sigma_px, *, return_binning=False):
+def matched_filter_snr(sub, rms, direction, length_px, sigma_px, *, return_binning=False, binned2=None):
     """S/N map of the trail matched filter on a binned image.
 
     When the drift is within 3 degrees of a pixel axis the image is binned
@@ -252,6 +278,9 @@ def matched_filter_snr(sub, rms, direction, length_px, sigma_px, *, return_binni
         Trail length and PSF sigma (pixels).
     return_binning : bool
         Also return the binning factors ``(fy, fx)``.
+    binned2 : ndarray, optional
+        ``sub`` already summed in 2x2 blocks (:func:`estimate_background` with
+        ``return_binned``).
 
     Returns
     -------
@@ -262,7 +291,10 @@ def matched_filter_snr(sub, rms, direction, length_px, sigma_px, *, return_binni
         With ``return_binning``.
     """
     fy, fx = filter_binning(direction, length_px)
-    b = _bin(np.asarray(sub, dtype=np.float32), fy, fx)
+    if binned2 is not None:
+        b = _bin_more(np.asarray(binned2, dtype=np.float32), fy, fx)
+    else:
+        b = _bin(np.asarray(sub, dtype=np.float32), fy, fx)
     ux, uy = direction
     axis = None
     if fx > fy or (fx == fy and abs(ux) >= math.cos(math.radians(3.0))):
