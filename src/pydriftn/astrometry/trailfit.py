@@ -150,20 +150,33 @@ def _sample(image, grid: TrailGrid, xa, ya, bad=None):
     """Sample ``image`` on each trail's grid. Returns (values, valid) of shape (n, np, nq)."""
     ny, nx = image.shape
     if grid.snapped:
-        # whole-pixel grid: integer arithmetic and one flat gather
-        Pi = grid.p_off.astype(np.int64)[None, :, None]
-        Qi = grid.q_off.astype(np.int64)[None, None, :]
+        # whole-pixel grid: integer arithmetic and one flat gather; the bounds are
+        # checked only for the trails whose window reaches beyond the CCD
+        Pi = grid.p_off.astype(np.int64)[:, None]
+        Qi = grid.q_off.astype(np.int64)[None, :]
         epx, epy = int(grid.ep[0]), int(grid.ep[1])
         eqx, eqy = int(grid.eq[0]), int(grid.eq[1])
-        xi = xa.astype(np.int64)[:, None, None] + Pi * epx + Qi * eqx
-        yi = ya.astype(np.int64)[:, None, None] + Pi * epy + Qi * eqy
-        inside = (xi >= 0) & (xi < nx) & (yi >= 0) & (yi < ny)
-        flat = np.clip(yi, 0, ny - 1) * nx + np.clip(xi, 0, nx - 1)
+        ox = Pi * epx + Qi * eqx  # (np, nq) offsets
+        oy = Pi * epy + Qi * eqy
+        xi0 = xa.astype(np.int64)
+        yi0 = ya.astype(np.int64)
+        edge = ((xi0 + ox.min() < 0) | (xi0 + ox.max() >= nx) | (yi0 + oy.min() < 0) | (yi0 + oy.max() >= ny))
+        flat = (yi0 * nx + xi0)[:, None, None] + (oy * nx + ox)[None]
+        inside = np.ones(flat.shape, bool)
+        ie = np.nonzero(edge)[0]
+        if ie.size:
+            xi = xi0[ie, None, None] + ox[None]
+            yi = yi0[ie, None, None] + oy[None]
+            inside[ie] = (xi >= 0) & (xi < nx) & (yi >= 0) & (yi < ny)
+            flat[ie] = np.clip(yi, 0, ny - 1) * nx + np.clip(xi, 0, nx - 1)
         vals = np.take(image.reshape(-1), flat).astype(float)
-        valid = inside
         if bad is not None:
-            valid = valid & ~np.take(bad.reshape(-1), flat)
-        vals = np.where(valid, vals, 0.0)
+            valid = ~np.take(bad.reshape(-1), flat)
+            if ie.size:
+                valid &= inside
+        else:
+            valid = inside.copy()
+        np.putmask(vals, ~valid, 0.0)
         return vals, valid, inside
     P = grid.p_off[None, :, None]
     Q = grid.q_off[None, None, :]
@@ -223,12 +236,12 @@ def _fit_cross(vals, valid, var, grid, pm, pa, pb, qm, s, *, fit_sigma, n_iter):
     short = hi - lo < 4.0
     lo = np.where(short, pm - 2.0, lo)
     hi = np.where(short, pm + 2.0, hi)
-    inrange = (P >= lo[:, None]) & (P <= hi[:, None])
-    w = valid & inrange[:, :, None]
-    n = w.sum(axis=1)  # (n, nq)
+    inrange = ((P >= lo[:, None]) & (P <= hi[:, None])).astype(float)
+    # valid: float 0/1; vals and var are zero on invalid samples
+    n = np.einsum("npq,np->nq", valid, inrange)  # (n, nq)
     nn = np.maximum(n, 1)
-    prof = (vals * w).sum(axis=1) / nn
-    pvar = (var * w).sum(axis=1) / nn**2
+    prof = np.einsum("npq,np->nq", vals, inrange) / nn
+    pvar = np.einsum("npq,np->nq", var, inrange) / nn**2
     wt = np.where(n > 0, 1.0 / np.maximum(pvar, 1e-12), 0.0)
     pc = 0.5 * (lo + hi)  # p at which the cross centre is measured
     Q = grid.q_off[None, :]
@@ -275,7 +288,7 @@ def _fit_cross(vals, valid, var, grid, pm, pa, pb, qm, s, *, fit_sigma, n_iter):
     return q0 - shift, ss, amp, np.abs(cov[:, 1, 1]), chi2
 
 
-def _fit_along(vals, valid, var, grid, qm, pa, pb, s, *, n_iter, length_prior_px):
+def _fit_along(vals, valid, var, grid, qm, pa, pb, s, *, n_iter, length_prior_px, sums=None):
     """Fit the along-track profile. Returns pa, pb, h, b, covariance (4x4) and chi2."""
     Q = grid.q_off[None, None, :]
     P = grid.p_off[None, :]
@@ -283,11 +296,12 @@ def _fit_along(vals, valid, var, grid, qm, pa, pb, s, *, n_iter, length_prior_px
     qc = qm[:, None, None] + (P[:, :, None] - 0.5 * (pa + pb)[:, None, None]) * grid.tan_phi
     g = np.exp(-0.5 * ((Q - qc) / s[:, None, None]) ** 2) * (_INV_SQRT_2PI / s[:, None, None])
     # optimal weights across the trail: the PSF cross profile
+    # valid: float 0/1; vals and var are zero on invalid samples
     wq = g * valid
-    cov_q = (wq * g).sum(axis=2)
+    cov_q = np.einsum("npq,npq->np", wq, g)
     nq = wq.sum(axis=2)
-    prof = (vals * wq).sum(axis=2)
-    pvar = (var * wq * wq).sum(axis=2)
+    prof = np.einsum("npq,npq->np", vals, wq)
+    pvar = np.einsum("npq,npq,npq->np", var, wq, wq)
     wt = np.where(nq > 0, 1.0 / np.maximum(pvar, 1e-30), 0.0)
     L = grid.length_p
     h = np.maximum(np.median(prof, axis=1) / np.maximum(cov_q.max(axis=1), 1e-3), 1e-3)
@@ -334,11 +348,11 @@ def _fit_along(vals, valid, var, grid, qm, pa, pb, s, *, n_iter, length_prior_px
     lo = pa - 3.0 * s
     hi = pb + 3.0 * s
     win = (P >= lo[:, None]) & (P <= hi[:, None])
-    frac = (g * valid).sum(axis=2)  # fraction of the line-spread function on valid samples
-    nval = valid.sum(axis=2)
+    frac = nq  # fraction of the line-spread function on valid samples
+    if sums is None:
+        sums = _plain_sums(vals, valid, var)
+    nval, prof_u, pvar_u = sums
     have = frac > 0.8
-    prof_u = vals.sum(axis=2)
-    pvar_u = (var * valid).sum(axis=2)
     dens = np.where(have, (prof_u - b[:, None] * nval) / np.where(have, frac, 1.0), h[:, None] * shape)
     dvar = np.where(have, pvar_u / np.where(have, frac, 1.0) ** 2, 0.0)
     # relative brightness slope along the plateau (per unit fraction of the trail):
@@ -361,6 +375,11 @@ def _fit_along(vals, valid, var, grid, qm, pa, pb, s, *, n_iter, length_prior_px
     pm_mom = (dens * P).sum(axis=1) / np.where(tot != 0, tot, np.nan)
     pm_err = np.sqrt((np.where(win, dvar, 0.0) * (P - pm_mom[:, None]) ** 2).sum(axis=1)) / np.abs(tot)
     return pa, pb, h, b, _cov(JtWJ), chi2, cov_q, pm_mom, pm_err, rel_slope, rel_slope_err
+
+
+def _plain_sums(vals, valid, var):
+    """Number of valid samples, data and variance summed across each trail (per ``p``)."""
+    return valid.sum(axis=2), vals.sum(axis=2), var.sum(axis=2)
 
 
 def fit_trails(image, x_mid, y_mid, grid: TrailGrid, *, rms, gain=1.0, bad=None, model_image=None,
@@ -438,12 +457,18 @@ def fit_trails(image, x_mid, y_mid, grid: TrailGrid, *, rms, gain=1.0, bad=None,
     pa = pm - 0.5 * Lp
     pb = pm + 0.5 * Lp
     var = rms[:, None, None] ** 2 + np.maximum(vals, 0.0) / max(float(gain), 1e-6)
+    # the profile fits take validity as 0/1 weights, with var zero on invalid samples
+    vf = valid.astype(float)
+    var *= vf
+    valid = vf
+    sums = _plain_sums(vals, valid, var)
     s = np.full(n, sig)
     qm, s_fit, _, _, _ = _fit_cross(vals, valid, var, grid, pm, pa, pb, qm, s, fit_sigma=fit_sigma, n_iter=3)
     if fit_sigma:
         s = s_fit
     pa, pb, h, b, cov, chi2a, cov_q, _, _, _, _ = _fit_along(vals, valid, var, grid, qm, pa, pb, s,
-                                                             n_iter=n_iter, length_prior_px=length_prior_px)
+                                                             n_iter=n_iter, length_prior_px=length_prior_px,
+                                                             sums=sums)
     pm = 0.5 * (pa + pb)
     qm, s_fit, _, qvar, chi2c = _fit_cross(vals, valid, var, grid, pm, pa, pb, qm, s,
                                            fit_sigma=fit_sigma, n_iter=2)
@@ -451,7 +476,7 @@ def fit_trails(image, x_mid, y_mid, grid: TrailGrid, *, rms, gain=1.0, bad=None,
         s = s_fit
     (pa, pb, h, b, cov, chi2a, cov_q, pm_mom, pm_mom_err,
      rel_slope, rel_slope_err) = _fit_along(vals, valid, var, grid, qm, pa, pb, s, n_iter=2,
-                                            length_prior_px=length_prior_px)
+                                            length_prior_px=length_prior_px, sums=sums)
     # edge visibility: the samples within 2 sigma of an edge must lie on the CCD
     P = grid.p_off[None, :]
     in_any = inside.any(axis=2)
