@@ -610,13 +610,15 @@ def evaluate_search(ds, out_dir, cat, cmap, rmap, ext_table, *, variants=("defau
     out_dir = Path(out_dir)
     # what the search needs from the run: star positions / magnitudes and the classified flashes
     stars = cat[["star_id", "ra", "dec"]].assign(r=cat["mag_r"].to_numpy())
-    fl = []
-    for _, _, _, udir in list_units(out_dir):
-        t = _read(udir, "classify")
-        if len(t):
-            t = t[(t["class"] == "flash") & np.isfinite(t["t_mjd"].astype(float))]
-            fl.append(t[["ra", "dec", "t_mjd"]])
-    flashes = pd.concat(fl, ignore_index=True) if fl else None
+    if (out_dir / "flashes.parquet").is_file():  # the run's flash table (on_star_id, width, exposure window)
+        flashes = pd.read_parquet(out_dir / "flashes.parquet")
+    else:
+        fl = []
+        for _, _, _, udir in list_units(out_dir):
+            t = _read(udir, "classify")
+            if len(t):
+                fl.append(t[t["class"] == "flash"])
+        flashes = pd.concat(fl, ignore_index=True) if fl else None
     ev = ds.read_truth("events")
     host = set(ds.read_truth("flashes")["host_star_id"])
     blended_ids = set()

@@ -178,11 +178,6 @@ def test_satellites(chain):
     assert fig["sat_line"] >= 1
 
 
-@pytest.mark.xfail(strict=False, reason="search_store(OUT) as a user calls it on a pipeline run finds neither the "
-                   "catalogue (it looks for OUT/catalogue.parquet, OUT/master_catalogue.parquet; the pipeline writes "
-                   "OUT/catalogue/master_catalogue.parquet with mag_r, not r) nor any flash table (the pipeline writes "
-                   "classify tables per unit, no OUT/flashes.parquet): the neighbour and flash vetoes are off and the "
-                   "true flashes on stars become detections")
 def test_event_search_as_user_has_no_false_candidates(chain):
     _, fig = chain
     s = fig["search"]["as_user"]
