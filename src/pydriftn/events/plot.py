@@ -1,4 +1,8 @@
-"""Plot of a candidate's light curve with its best-fit models (matplotlib imported lazily)."""
+"""Plot of a candidate's light curve with its best-fit models (matplotlib imported lazily).
+
+With ``level_e_s`` in the table the series is drawn on the night scale the search and the fits use
+(see :mod:`.series`), else as ``norm_flux``.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .fit import flare_model, microlensing_model
-from .series import SECONDS_PER_DAY, default_bad_flag_mask
+from .series import SECONDS_PER_DAY, build_blocks, default_bad_flag_mask
 
 __all__ = ["plot_candidate"]
 
@@ -42,6 +46,10 @@ def plot_candidate(lc: pd.DataFrame, candidate, ax=None, *, bad_flag_mask: int |
         if k in lc.columns and k in c and pd.notna(c[k]):
             sel &= lc[k] == c[k]
     d = lc.loc[sel].sort_values("mjd")
+    ylabel = "norm_flux"
+    if "level_e_s" in lc.columns and len(d):
+        d = _night_scaled(lc, d, c, bad_flag_mask)
+        ylabel = "flux / night level"
     t_lo, t_hi = float(c["window_start_mjd"]), float(c["window_end_mjd"])
     t_ref = 0.5 * (t_lo + t_hi)
     dur = (t_hi - t_lo) * SECONDS_PER_DAY
@@ -77,9 +85,32 @@ def plot_candidate(lc: pd.DataFrame, candidate, ax=None, *, bad_flag_mask: int |
         y[gap] = np.nan
         ax.plot(tf, y, color="tab:green", ls="--", label=f"flare dchi2={c.get('delta_chi2_flare', np.nan):.0f}")
     ax.set_xlabel(f"seconds from MJD {t_ref:.6f}")
-    ax.set_ylabel("norm_flux")
+    ax.set_ylabel(ylabel)
     veto = c.get("veto_reasons", "") or "none"
     ax.set_title(f"star {c['star_id']} night {c.get('night', '')} ccd {c.get('ccd', '')}: {c.get('model', '')}, "
                  f"stat={c['statistic']:.1f}, FAP={c['false_alarm_prob']:.2g}, vetoes: {veto}", fontsize=9)
     ax.legend(fontsize=7, loc="upper right")
     return ax
+
+
+def _night_scaled(lc, d, c, bad_flag_mask):
+    """``d`` (the star's rows) with ``norm_flux``/``norm_flux_err`` on the night scale of its (night, ccd) block."""
+    sub = lc
+    for k in ("night", "ccd"):
+        if k in lc.columns and k in c and pd.notna(c[k]):
+            sub = sub[sub[k] == c[k]]
+    blocks = build_blocks(sub, bad_flag_mask=bad_flag_mask, rescale_errors=False)
+    d = d.copy()
+    for b in blocks:
+        hit = np.flatnonzero(b.star_id == c["star_id"])
+        if not hit.size:
+            continue
+        i = int(hit[0])
+        e_index = pd.Series(np.arange(len(b.expnum)), index=b.expnum)
+        col = e_index.reindex(d["expnum"].to_numpy()).to_numpy() * b.samples_per_exposure + d["sample"].to_numpy()
+        ok = np.isfinite(col)
+        col = np.where(ok, col, 0).astype(np.int64)
+        d["norm_flux"] = np.where(ok & b.present[i, col], b.y[i, col], np.nan)
+        d["norm_flux_err"] = np.where(ok & b.present[i, col], b.err[i, col], np.nan)
+        break
+    return d
