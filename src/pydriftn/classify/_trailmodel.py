@@ -329,18 +329,54 @@ def _fit(tp, d, w, tmpl, F, da, dc, fit_off, n_iter=2, max_off=1.0, noise=None):
     return F, da, dc
 
 
-def _solve_fluxes(star, rep, ne, n, w, T, d):
-    """Simultaneous linear least-squares fluxes of all trails (sparse normal equations; blends)."""
+def _pixel_index(pix, npix):
+    """``rep[e]``: one entry index per distinct pixel (the last entry on it), for every entry ``e``."""
+    ne = len(pix)
+    lookup = np.empty(npix, np.int32)
+    lookup[pix] = np.arange(ne, dtype=np.int32)
+    return lookup[pix].astype(np.int64)
+
+
+def _shared_entries(rep, ne):
+    """Indices of the entries on pixels that two or more stamps share (the only ones coupling trails)."""
+    return np.flatnonzero(np.bincount(rep, minlength=ne)[rep] > 1)
+
+
+def _solve_fluxes(star, rep, ne, n, w, T, d, shared=None):
+    """Simultaneous linear least-squares fluxes of all trails (normal equations; blends).
+
+    Only pixels shared by two or more stamps couple trails: the diagonal of
+    the normal matrix and the right-hand side are plain per-trail sums, the
+    off-diagonal part comes from the (few) shared pixels alone. Trails that
+    share no pixel get the closed-form amplitude ``sum(w T d) / sum(w T^2)``;
+    only the coupled ones (blend groups) go to a small sparse solve.
+    """
     v = (T * w).astype(np.float64)
-    A = sp.csr_matrix((v, (rep, star)), shape=(ne, n))
-    AtA = (A.T @ A).tocsc()
+    diag = np.bincount(star, weights=v * v, minlength=n)
     b = np.bincount(star, weights=v * d, minlength=n)
-    diag = AtA.diagonal()
     dead = diag <= 0
-    if dead.any():
-        AtA = AtA + sp.diags(dead.astype(float), format="csc")
-    F = spsolve(AtA, b)
-    F = np.where(dead, 0.0, F)
+    F = np.zeros(n)
+    live = ~dead
+    F[live] = b[live] / diag[live]
+    es = _shared_entries(rep, ne) if shared is None else shared
+    if len(es):
+        A = sp.csr_matrix((v[es], (rep[es], star[es])), shape=(ne, n))
+        C = (A.T @ A).tocoo()
+        off = (C.row != C.col) & (C.data != 0)
+        if off.any():
+            r_, c_, v_ = C.row[off], C.col[off], C.data[off]
+            grp = np.zeros(n, bool)
+            grp[r_] = True
+            grp &= live
+            gi = np.flatnonzero(grp)
+            if len(gi):
+                pos = np.full(n, -1, np.int64)
+                pos[gi] = np.arange(len(gi))
+                k = (pos[r_] >= 0) & (pos[c_] >= 0)
+                M = sp.csc_matrix((np.concatenate([v_[k], diag[gi]]),
+                                   (np.concatenate([pos[r_[k]], np.arange(len(gi))]),
+                                    np.concatenate([pos[c_[k]], np.arange(len(gi))]))), shape=(len(gi), len(gi)))
+                F[gi] = spsolve(M, b[gi])
     return F, diag
 
 
@@ -611,6 +647,8 @@ class TrailFit:
     sigma_psf: float = 0.0
     T: np.ndarray | None = None  # template value of each entry of ``pixels`` (offsets applied)
     bkg: np.ndarray | None = None  # local background subtracted from each trail's pixels (ADU)
+    rep: np.ndarray | None = None  # per entry of ``pixels``: the entry representing its pixel (see _pixel_index)
+    shared: np.ndarray | None = None  # entries on pixels shared by two or more stamps
 
 
 def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=None, min_bright=6,
@@ -660,14 +698,10 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
     flat_bad = None if bad is None else bad.ravel()
     flat = resid0.ravel()
 
-    def prepare(tp):
-        ne = len(tp.pix)
+    def gather(tp):
         d = flat[tp.pix].astype(np.float64)
-        w = np.ones(ne, np.float32) if flat_bad is None else (~flat_bad[tp.pix]).astype(np.float32)
-        lookup = np.empty(ny * nx, np.int32)
-        lookup[tp.pix] = np.arange(ne, dtype=np.int32)
-        rep = lookup[tp.pix].astype(np.int64)
-        return ne, d, w, rep
+        w = np.ones(len(tp.pix), np.float32) if flat_bad is None else (~flat_bad[tp.pix]).astype(np.float32)
+        return d, w
 
     def aperture(tp, d, w):
         """Flux and S/N from a box of half-width 1.5 sigma across the trail (no template needed)."""
@@ -678,7 +712,7 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
             snr = np.nan_to_num(F * 0.866 / (sky_sigma * np.sqrt(ncore)))
         return F, snr
 
-    ne, d, w, rep = prepare(tp)
+    d, w = gather(tp)
     F, snr = aperture(tp, d, w)
     # bright stars: wider stamps (PSF wings beyond 3 sigma are significant)
     wide = snr > wide_snr
@@ -688,7 +722,12 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
         keep = ~wide[tp.star]
         tp = TrailPixels(np.concatenate([tp.star[keep], iw[tpw.star]]), np.concatenate([tp.pix[keep], tpw.pix]),
                          np.concatenate([tp.s[keep], tpw.s]), np.concatenate([tp.c[keep], tpw.c]), n)
-        ne, d, w, rep = prepare(tp)
+        dw, ww = gather(tpw)
+        d = np.concatenate([d[keep], dw])
+        w = np.concatenate([w[keep], ww])
+    ne = len(tp.pix)
+    rep = _pixel_index(tp.pix, ny * nx)
+    shared = _shared_entries(rep, ne)
     core = np.abs(tp.c) <= 2.0 * sigma_psf
     n_masked = np.bincount(tp.star, weights=(w == 0) & core, minlength=n)
     da = np.zeros(n)
@@ -762,19 +801,23 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
         bkg_used = np.zeros(n)
     # final: template with offsets, simultaneous fluxes of all trails (blends)
     T = tmpl.evaluate(tp.s - da[tp.star].astype(np.float32), tp.c - dc[tp.star].astype(np.float32))
-    model, F, ferr = _final(tp, rep, ne, n, w, T, d, sky_sigma, (ny, nx))
+    model, F, ferr = _final(tp, rep, ne, n, w, T, d, sky_sigma, (ny, nx), shared)
     return TrailFit(model, F, ferr, da, dc, n_masked.astype(int), tmpl, tp, empirical, bright, hw_big,
-                    float(sigma_psf), T, bkg_used)
+                    float(sigma_psf), T, bkg_used, rep, shared)
 
 
-def _final(tp, rep, ne, n, w, T, d, sky_sigma, shape):
+def _final(tp, rep, ne, n, w, T, d, sky_sigma, shape, shared=None):
     """Joint fluxes of all trails and the model image."""
-    F, sumT2 = _solve_fluxes(tp.star, rep, ne, n, w, T, d)
+    if shared is None:
+        shared = _shared_entries(rep, ne)
+    F, sumT2 = _solve_fluxes(tp.star, rep, ne, n, w, T, d, shared)
     own = (F[tp.star] * T).astype(np.float64)
-    msum = np.bincount(rep, weights=own, minlength=ne)
-    isrep = rep == np.arange(ne)
     model = np.zeros(shape[0] * shape[1], np.float32)
-    model[tp.pix[isrep]] = msum[isrep]
+    model[tp.pix] = own  # pixels of one stamp only; shared pixels get the sum of their stamps below
+    if len(shared):
+        rs = rep[shared]
+        msum = np.bincount(rs, weights=own[shared], minlength=ne)
+        model[tp.pix[shared]] = msum[rs]
     with np.errstate(divide="ignore", invalid="ignore"):
         ferr = sky_sigma / np.sqrt(sumT2)
     return model.reshape(shape), F, ferr
@@ -792,14 +835,12 @@ def refit_fluxes(fit, resid0, bad, *, sky_sigma):
         return fit
     ny, nx = resid0.shape
     ne = len(tp.pix)
-    lookup = np.empty(ny * nx, np.int32)
-    lookup[tp.pix] = np.arange(ne, dtype=np.int32)
-    rep = lookup[tp.pix].astype(np.int64)
-    del lookup
+    rep = fit.rep if fit.rep is not None else _pixel_index(tp.pix, ny * nx)
+    shared = fit.shared if fit.shared is not None else _shared_entries(rep, ne)
     d = resid0.ravel()[tp.pix].astype(np.float64) - fit.bkg[tp.star]
     w = np.ones(ne, np.float32) if bad is None else (~bad.ravel()[tp.pix]).astype(np.float32)
-    model, F, ferr = _final(tp, rep, ne, tp.n, w, fit.T, d, sky_sigma, (ny, nx))
+    model, F, ferr = _final(tp, rep, ne, tp.n, w, fit.T, d, sky_sigma, (ny, nx), shared)
     core = np.abs(tp.c) <= 2.0 * fit.sigma_psf
     n_masked = np.bincount(tp.star, weights=(w == 0) & core, minlength=tp.n).astype(int)
     return TrailFit(model, F, ferr, fit.d_along, fit.d_cross, n_masked, fit.template, tp, fit.empirical, fit.bright,
-                    fit.half_width_px, fit.sigma_psf, fit.T, fit.bkg)
+                    fit.half_width_px, fit.sigma_psf, fit.T, fit.bkg, rep, shared)
