@@ -538,14 +538,23 @@ def _model_on_grid(grid: TrailGrid, xa, ya, x_mid, y_mid, h, length_p=None):
     P = P.astype(np.float32)
     Q = Q.astype(np.float32)
     pa, pb, qc = pa.astype(np.float32), pb.astype(np.float32), qc.astype(np.float32)
-    out = np.zeros((pa.shape[0], P.shape[1], Q.shape[2]), np.float32)
+    # squared cross offsets once; per component one scaled exp and one product
+    u2 = Q - qc
+    u2 *= u2
+    hh = np.asarray(h, np.float32)[:, None, None]
+    out = None
+    cross = np.empty(u2.shape, np.float32)
     for w, sk in zip(ws, ss):
         inv = np.float32(1.0 / sk)
-        along = ndtr((P - pa) * inv) - ndtr((P - pb) * inv)
-        d = (Q - qc) * inv
-        cross = np.exp(np.float32(-0.5) * d * d) * np.float32(w * _INV_SQRT_2PI / sk)
-        out += along * cross
-    return out * np.asarray(h, np.float32)[:, None, None]
+        along = (ndtr((P - pa) * inv) - ndtr((P - pb) * inv)) * (np.float32(w * _INV_SQRT_2PI / sk) * hh)
+        np.multiply(u2, np.float32(-0.5 / (sk * sk)), out=cross)
+        np.exp(cross, out=cross)
+        if out is None:
+            out = cross * along
+        else:
+            cross *= along
+            out += cross
+    return out
 
 
 def render_trails(shape, grid: TrailGrid, x_mid, y_mid, h, dtype=np.float32, templates=None):
@@ -640,10 +649,12 @@ def solve_fluxes(image, grid: TrailGrid, x_mid, y_mid, *, rms, gain=1.0, bad=Non
     xa = np.rint(x_mid)
     ya = np.rint(y_mid)
     vals, valid, _ = _sample(image, grid, xa, ya, bad)
-    T = _model_on_grid(grid, xa, ya, x_mid, y_mid, np.ones(n)) * valid
-    Aii = (T * T).sum(axis=(1, 2))
-    S3 = (T * T * T).sum(axis=(1, 2))
-    b = (T * vals).sum(axis=(1, 2))
+    T = _model_on_grid(grid, xa, ya, x_mid, y_mid, np.ones(n))
+    np.multiply(T, valid, out=T)
+    T2 = T.reshape(n, -1)
+    Aii = np.einsum("ij,ij->i", T2, T2, dtype=np.float64)
+    S3 = np.einsum("ij,ij,ij->i", T2, T2, T2, dtype=np.float64)
+    b = np.einsum("ij,ij->i", T2, vals.reshape(n, -1))
     del vals
     # neighbour pairs (grid frame)
     p = x_mid * grid.ep[0] + y_mid * grid.ep[1]
