@@ -84,10 +84,18 @@ def vote_transform(det_xy, cat_xy, centre, *, max_shift_px, max_rotation_deg, bi
     nrot = int(math.ceil(max_rotation_deg / step)) if max_rotation_deg > 0 else 0
     rots = np.linspace(-nrot * step, nrot * step, 2 * nrot + 1) if nrot else np.array([0.0])
     nb = int(math.ceil(2 * max_shift_px / bin_px)) + 1
+    # pairs that can fall in the histogram at any trial rotation (a rotation moves a
+    # catalogue position by at most its distance from the centre times the angle):
+    # selected once, so each rotation handles a few % of all pairs
+    rcat = float(np.max(np.hypot(*(cat_xy - centre).T)))
+    lim = max_shift_px + rcat * math.radians(float(np.max(np.abs(rots)))) + 2 * bin_px
+    d0 = det_xy[:, None, :] - cat_xy[None, :, :]
+    pi, pj = np.nonzero((np.abs(d0[..., 0]) < lim) & (np.abs(d0[..., 1]) < lim))
+    det_p = det_xy[pi]
     best = None
     for rot in rots:
         c = _rotate(cat_xy, centre, math.radians(rot))
-        d = (det_xy[:, None, :] - c[None, :, :]).reshape(-1, 2)
+        d = det_p - c[pj]
         ij = np.floor((d + max_shift_px) / bin_px).astype(np.int64)
         ok = (ij[:, 0] >= 0) & (ij[:, 0] < nb) & (ij[:, 1] >= 0) & (ij[:, 1] < nb)
         h = np.bincount(ij[ok, 1] * nb + ij[ok, 0], minlength=nb * nb).reshape(nb, nb)
@@ -103,7 +111,7 @@ def vote_transform(det_xy, cat_xy, centre, *, max_shift_px, max_rotation_deg, bi
     signif = (peak - bg) / math.sqrt(max(bg, 1.0))
     # refine the shift as the mean of the votes inside the peak cells
     c = _rotate(cat_xy, centre, math.radians(rot))
-    d = (det_xy[:, None, :] - c[None, :, :]).reshape(-1, 2)
+    d = det_p - c[pj]
     lo = np.array([ix, iy]) * bin_px - max_shift_px
     sel = np.all((d >= lo) & (d < lo + 2 * bin_px), axis=1)
     shift = d[sel].mean(axis=0) if sel.any() else lo + bin_px
