@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from pydriftn.events import build_blocks, efficiency, scan_block, search, simulate_lightcurves
-from pydriftn.events.series import _robust_scale, _weighted_mean
+from pydriftn.events.series import _error_scale, _weighted_mean
 
 
 def _fresh_noise_block(template, rng):
@@ -33,7 +33,7 @@ def _fresh_noise_block(template, rng):
     y = 1.0 + rng.standard_normal(template.y.shape) * template.err
     one = np.ones(template.n_stars)
     ybar = _weighted_mean(y, template.err, template.valid, one)
-    scale = _robust_scale(y, template.err, template.valid, ybar)
+    scale, _ = _error_scale(y, template.err, template.valid, ybar, template.samples_per_exposure, template.diff_ratio)
     ybar = _weighted_mean(y, template.err, template.valid, scale)
     return replace(template, y=y, err_scale=scale, ybar=ybar)
 
