@@ -219,14 +219,22 @@ def resolve_mask(mask, shape, *, bad_bits=None, cr_bits=None, where="dq mask"):
         if np.any(m != np.round(m)):
             raise MaskError(f"{where}: non-integer values; an integer bitmask was expected")
         m = m.astype(np.int64)
-    if np.any(m < 0):
+    if np.issubdtype(m.dtype, np.signedinteger) and m.size and int(m.min()) < 0:
         raise MaskError(f"{where}: negative values; an integer bitmask was expected")
     bad_b = _bits(bad_bits, DEFAULT_BAD_PIXEL_FLAGS)
     cr_b = _bits(cr_bits, PixelFlag.COSMIC_RAY)
     present = int(np.bitwise_or.reduce(m, axis=None)) if m.size else 0
+    # flagged pixels are a few per cent: test the bits on those only
+    flat = m.reshape(-1)
+    nz = np.flatnonzero(flat) if present else np.zeros(0, np.intp)
+    nz_vals = flat[nz].astype(np.int64)
 
     def has(bits):
-        return (m & bits) != 0 if present & bits else zeros
+        if not present & bits:
+            return zeros
+        out = np.zeros(m.size, bool)
+        out[nz[(nz_vals & bits) != 0]] = True
+        return out.reshape(m.shape)
 
     return {
         "bad": has(bad_b | cr_b),
