@@ -805,13 +805,15 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
     urows["blended"] = np.zeros(n_u, bool)
     urows["in_wcs_fit"] = np.zeros(n_u, bool)
     urows["position_measured"] = np.ones(n_u, bool)
-    table = pd.concat([pd.DataFrame(rows), pd.DataFrame(urows)], ignore_index=True)
-    table.insert(0, "expnum", int(expnum) if expnum is not None else -1)
-    table.insert(1, "ccd", str(ccd))
+    # the table is built once, from numpy columns
+    cols = {k: np.concatenate([np.asarray(rows[k]), np.asarray(urows[k])]) for k in rows}
+    ntab = cols["star_id"].size
+    cols["expnum"] = np.full(ntab, int(expnum) if expnum is not None else -1, dtype=np.int64)
+    cols["ccd"] = np.full(ntab, str(ccd), dtype=object)
     # per-trail cosmic-ray and mask counts, saturation, streaks
-    _pixel_counts(table, cr, bad & ~cr, sat_pix, streak_mask, geo2, sigma0)
-    table = table[TRAIL_COLUMNS]
-    table = table.sort_values(["star_id", "x_start"], kind="mergesort").reset_index(drop=True)
+    _pixel_counts(cols, cr, bad, sat_pix, streak_mask, geo2, sigma0)
+    order = np.lexsort((cols["x_start"], cols["star_id"]))
+    table = pd.DataFrame({k: cols[k][order] for k in TRAIL_COLUMNS})
     timings["table"] = time.perf_counter() - t
     timings["detection_to_wcs"] = time.perf_counter() - t_det
     timings["total"] = time.perf_counter() - t_start
@@ -956,13 +958,18 @@ def _rows_from_fit(fit, keep, geo, anchor):
     }
 
 
-def _pixel_counts(table, cr, masked, sat, streak, geo, sigma):
-    """Count cosmic-ray / masked pixels and affected samples in each trail footprint."""
-    n = len(table)
+def _pixel_counts(cols, cr, bad, sat, streak, geo, sigma):
+    """Count cosmic-ray / masked pixels and affected samples in each trail footprint.
+
+    ``cols`` is the dict of table columns (``x_start``, ``y_start``, ``flags``);
+    ``n_cr_pixels``, ``n_cr_samples``, ``n_masked_pixels`` are added and
+    ``flags`` updated. Masked pixels are those of ``bad`` that are not cosmic rays.
+    """
+    n = len(cols["x_start"])
     zeros = np.zeros(n, dtype=np.int64)
-    table["n_cr_pixels"] = zeros
-    table["n_cr_samples"] = zeros.copy()
-    table["n_masked_pixels"] = zeros.copy()
+    cols["n_cr_pixels"] = zeros
+    cols["n_cr_samples"] = zeros.copy()
+    cols["n_masked_pixels"] = zeros.copy()
     if n == 0:
         return
     ny, nx = cr.shape
@@ -972,21 +979,39 @@ def _pixel_counts(table, cr, masked, sat, streak, geo, sigma):
     hw = int(math.ceil(2.5 * sigma))
     s_off = np.arange(-1, int(math.ceil(L)) + 2, dtype=float)  # along, from the start
     c_off = np.arange(-hw, hw + 1, dtype=float)
-    xs = table["x_start"].to_numpy()[:, None, None]
-    ys = table["y_start"].to_numpy()[:, None, None]
-    X = np.rint(xs + s_off[None, :, None] * ux + c_off[None, None, :] * vx).astype(np.intp)
-    Y = np.rint(ys + s_off[None, :, None] * uy + c_off[None, None, :] * vy).astype(np.intp)
-    inside = (X >= 0) & (X < nx) & (Y >= 0) & (Y < ny)
+    xs = np.asarray(cols["x_start"], float)
+    ys = np.asarray(cols["y_start"], float)
+    ox = s_off[:, None] * ux + c_off[None, :] * vx
+    oy = s_off[:, None] * uy + c_off[None, :] * vy
+    X = np.rint(xs[:, None, None] + ox[None]).astype(np.intp)
+    Y = np.rint(ys[:, None, None] + oy[None]).astype(np.intp)
+    # bounds checked only for the footprints that may cross the CCD edge
+    edge = ((xs + ox.min() < 1) | (xs + ox.max() > nx - 2) | (ys + oy.min() < 1) | (ys + oy.max() > ny - 2))
+    ie = np.nonzero(edge)[0]
+    inside = None
+    if ie.size:
+        Xe, Ye = X[ie], Y[ie]
+        inside = np.ones(X.shape, bool)
+        inside[ie] = (Xe >= 0) & (Xe < nx) & (Ye >= 0) & (Ye < ny)
+        X[ie] = np.clip(Xe, 0, nx - 1)
+        Y[ie] = np.clip(Ye, 0, ny - 1)
+    flat = Y
+    flat *= nx
+    flat += X
+    del X
+
     # gather each mask at the footprints only (no full-image passes)
-    flat = np.clip(Y, 0, ny - 1) * nx + np.clip(X, 0, nx - 1)
-    g = np.zeros(flat.shape, np.uint8)
-    for bit, img in ((1, cr), (2, masked), (4, sat), (8, streak)):
-        if img is not None:
-            g |= np.take(img.reshape(-1), flat).view(np.uint8) * np.uint8(bit)
-    g *= inside
-    crs = (g & 1) > 0
+    def gather(img):
+        if img is None:
+            return None
+        g = np.take(img.reshape(-1), flat)
+        if inside is not None:
+            g &= inside
+        return g
+
+    crs = gather(cr)
     ncr = crs.sum(axis=(1, 2))
-    table["n_cr_pixels"] = ncr.astype(np.int64)
+    cols["n_cr_pixels"] = ncr.astype(np.int64)
     # a pixel at along offset s (centre) receives light during samples floor(s - 0.5) and floor(s + 0.5)
     nsamp = geo.n_samples
     hit = crs.any(axis=2)  # (n, len(s_off))
@@ -995,15 +1020,18 @@ def _pixel_counts(table, cr, masked, sat, streak, geo, sigma):
         k = np.floor(s_off + shift).astype(int)
         ok = (k >= 0) & (k < nsamp)
         M[np.nonzero(ok)[0], k[ok]] = 1
-    table["n_cr_samples"] = ((hit.astype(np.uint8) @ M) > 0).sum(axis=1).astype(np.int64)
-    nmask = ((g & 2) > 0).sum(axis=(1, 2))
-    table["n_masked_pixels"] = nmask.astype(np.int64)
-    flags = table["flags"].to_numpy().copy()
+    cols["n_cr_samples"] = ((hit.astype(np.uint8) @ M) > 0).sum(axis=1).astype(np.int64)
+    msk = gather(bad)
+    msk &= ~crs
+    nmask = msk.sum(axis=(1, 2))
+    cols["n_masked_pixels"] = nmask.astype(np.int64)
+    flags = np.asarray(cols["flags"]).astype(np.int64, copy=True)
     flags |= np.where(ncr > 0, int(TrailFlag.COSMIC_RAY), 0)
     flags |= np.where(nmask > 0, int(TrailFlag.MASKED_PIXELS), 0)
-    flags |= np.where(((g & 4) > 0).any(axis=(1, 2)), int(TrailFlag.SATURATED), 0)
-    flags |= np.where(((g & 8) > 0).any(axis=(1, 2)), int(TrailFlag.SATELLITE), 0)
-    table["flags"] = flags
+    for img, bit in ((sat, TrailFlag.SATURATED), (streak, TrailFlag.SATELLITE)):
+        if img is not None:
+            flags |= np.where(gather(img).any(axis=(1, 2)), int(bit), 0)
+    cols["flags"] = flags
 
 
 # ----------------------------------------------------------------------------- outputs
