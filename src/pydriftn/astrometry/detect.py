@@ -473,16 +473,19 @@ def find_candidates(snr, direction, length_px, sigma_px, *, threshold=5.0, exclu
     # filter costs more than the matched filter itself): 3x3 first, then the window
     hy, hx = size[0] // 2, size[1] // 2
     pad = np.pad(snr, ((hy, hy), (hx, hx)), mode="constant", constant_values=-np.inf)
+    wpad = pad.shape[1]
+    padf = pad.reshape(-1)
     yb, xb = np.nonzero(above)
     val = snr[yb, xb]
+    base = (yb + hy) * wpad + (xb + hx)  # flat index into pad: one take per neighbour
     for stage in ((1, 1), (hy, hx)):
         keep = np.ones(yb.size, bool)
         for dy in range(-stage[0], stage[0] + 1):
             for dx in range(-stage[1], stage[1] + 1):
                 if dy == 0 and dx == 0:
                     continue
-                keep &= val >= pad[yb + hy + dy, xb + hx + dx]
-        yb, xb, val = yb[keep], xb[keep], val[keep]
+                keep &= val >= padf.take(base + (dy * wpad + dx))
+        yb, xb, val, base = yb[keep], xb[keep], val[keep], base[keep]
     # flat tops give adjacent equal maxima: keep one per plateau
     if yb.size:
         order = np.argsort(-val, kind="stable")

@@ -593,9 +593,13 @@ def render_trails(shape, grid: TrailGrid, x_mid, y_mid, h, dtype=np.float32, tem
         Q = grid.q_off[None, None, :]
         X = np.rint(xa[:, None, None] + P * grid.ep[0] + Q * grid.eq[0]).astype(np.int64)
         Y = np.rint(ya[:, None, None] + P * grid.ep[1] + Q * grid.eq[1]).astype(np.int64)
-    ok = (X >= 0) & (X < nx) & (Y >= 0) & (Y < ny)
     img = np.zeros(shape, dtype=dtype)
-    np.add.at(img.reshape(-1), (Y * nx + X)[ok], model[ok].astype(dtype, copy=False))
+    flat = Y * nx + X
+    if X.min() >= 0 and X.max() < nx and Y.min() >= 0 and Y.max() < ny:
+        np.add.at(img.reshape(-1), flat.reshape(-1), model.reshape(-1).astype(dtype, copy=False))
+    else:
+        ok = (X >= 0) & (X < nx) & (Y >= 0) & (Y < ny)
+        np.add.at(img.reshape(-1), flat[ok], model[ok].astype(dtype, copy=False))
     return img
 
 
