@@ -94,6 +94,8 @@ def trail_pixels(x0, y0, ux, uy, length, shape, half_width, *, chunk=1500):
     H = int((by1 - by0).max()) + 1
     gx = np.arange(W)
     gy = np.arange(H)
+    box = gy[:, None] * nx + gx[None, :]  # flat-index offsets within a box
+    corner = by0 * nx + bx0
     out = {k: [] for k in ("star", "pix", "s", "c")}
     f32 = np.float32
     for a in range(0, n, chunk):
@@ -111,9 +113,9 @@ def trail_pixels(x0, y0, ux, uy, length, shape, half_width, *, chunk=1500):
         ok &= s <= (length[a:b, None, None] + hw).astype(f32)
         ok &= ((X >= 0) & (X < nx))[:, None, :]
         ok &= ((Y >= 0) & (Y < ny))[:, :, None]
-        i, j, k = np.nonzero(ok)
-        out["star"].append(i + a)
-        out["pix"].append((by0[a:b][i] + j) * nx + (bx0[a:b][i] + k))
+        cnt = np.count_nonzero(ok.reshape(b - a, -1), axis=1)
+        out["star"].append(np.repeat(np.arange(a, b), cnt))
+        out["pix"].append((corner[a:b, None, None] + box[None]).reshape(ok.shape)[ok])
         out["s"].append(s[ok])
         out["c"].append(c[ok])
     return TrailPixels(
