@@ -498,7 +498,8 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
     else:
         diag["cosmic_rays_from"] = "dq mask"
     timings["cosmic_rays"] = time.perf_counter() - t
-    if not np.isfinite(data.sum(dtype=np.float64)):
+    # float32 sum: an overflow to inf only sends the image through the (exact) non-finite check
+    if not np.isfinite(data.sum(dtype=np.float32) if data.dtype == np.float32 else data.sum(dtype=np.float64)):
         nonfinite = ~np.isfinite(data)
         bad = bad | nonfinite
         data = np.where(nonfinite, 0.0, data)
