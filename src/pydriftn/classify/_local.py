@@ -149,9 +149,12 @@ def local_point_fit(resid, model, bad, x, y, *, sigma_psf, sky_sigma, gain, dire
             tau += [flux_err, pos_err_along, pos_err_cross]
         tau = np.array(tau)
     out = []
+    # design matrix (n, npix, k): the nuisance columns are filled once, only the Gaussian changes
+    X = np.empty((n, M[0].size, 1 + len(nuis)))
+    for kk, c in enumerate(nuis):
+        X[:, :, 1 + kk] = c.reshape(n, -1)
     for s in (sigma_psf, 2.0 * sigma_psf):
-        cols = [gauss(s)] + nuis
-        X = np.stack([c.reshape(n, -1) for c in cols], axis=2)  # (n, npix, k)
+        X[:, :, 0] = gauss(s).reshape(n, -1)
         W = w.reshape(n, -1)
         XtW = X.transpose(0, 2, 1) * W[:, None, :]
         A = XtW @ X
