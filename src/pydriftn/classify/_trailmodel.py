@@ -374,12 +374,44 @@ def _pixel_index(pix, npix):
     return lookup[pix].astype(np.int64)
 
 
-def _shared_entries(rep, ne):
+def _pairs(lab, size):
+    """Every pair of entries with the same pixel label ``lab`` (labels < ``size``), each pair once.
+
+    Pixels of two stamps (most shared pixels) give the pair (entry, last entry
+    on the pixel) directly; the few pixels of three or more stamps are sorted.
+    """
+    m = len(lab)
+    idx = np.arange(m)
+    lk = np.empty(size, np.int64)
+    lk[lab] = idx
+    last = lk[lab]
+    dup = np.flatnonzero(last != idx)
+    ld = last[dup]
+    p1, p2 = [dup], [ld]
+    if len(dup):
+        multi = np.bincount(ld, minlength=m)[ld] > 1
+        if multi.any():
+            md, ml = dup[multi], ld[multi]
+            o = np.argsort(ml, kind="stable")
+            md, ml = md[o], ml[o]
+            for k in range(1, len(md)):
+                same = ml[k:] == ml[:-k]
+                if not same.any():
+                    break
+                p1.append(md[:-k][same])
+                p2.append(md[k:][same])
+    return np.concatenate(p1), np.concatenate(p2)
+
+
+def _shared_from_pairs(pairs, ne):
     """Indices of the entries on pixels that two or more stamps share (the only ones coupling trails)."""
-    return np.flatnonzero(np.bincount(rep, minlength=ne)[rep] > 1)
+    sh = np.zeros(ne, bool)
+    sh[pairs[0]] = True
+    sh[pairs[1]] = True
+    return np.flatnonzero(sh)
 
 
-def _solve_fluxes(star, rep, ne, n, w, T, d, shared=None, runs=None):
+def _solve_fluxes(star, rep, ne, n, w, T, d, pairs=None, runs=None):
     """Simultaneous linear least-squares fluxes of all trails (normal equations; blends).
 
     Only pixels shared by two or more stamps couple trails: the diagonal of
@@ -396,13 +428,13 @@ def _solve_fluxes(star, rep, ne, n, w, T, d, shared=None, runs=None):
     F = np.zeros(n)
     live = ~dead
     F[live] = b[live] / diag[live]
-    es = _shared_entries(rep, ne) if shared is None else shared
-    if len(es):
-        A = sp.csr_matrix((v[es], (rep[es], star[es])), shape=(ne, n))
-        C = (A.T @ A).tocoo()
-        off = (C.row != C.col) & (C.data != 0)
+    p1, p2 = _pairs(rep, ne) if pairs is None else pairs
+    if len(p1):
+        pv = v[p1] * v[p2]
+        off = pv != 0
         if off.any():
-            r_, c_, v_ = C.row[off], C.col[off], C.data[off]
+            r_, c_, v_ = star[p1[off]], star[p2[off]], pv[off]
+            r_, c_, v_ = np.concatenate([r_, c_]), np.concatenate([c_, r_]), np.concatenate([v_, v_])
             grp = np.zeros(n, bool)
             grp[r_] = True
             grp &= live
@@ -686,7 +718,7 @@ class TrailFit:
     T: np.ndarray | None = None  # template value of each entry of ``pixels`` (offsets applied)
     bkg: np.ndarray | None = None  # local background subtracted from each trail's pixels (ADU)
     rep: np.ndarray | None = None  # per entry of ``pixels``: the entry representing its pixel (see _pixel_index)
-    shared: np.ndarray | None = None  # entries on pixels shared by two or more stamps
+    pairs: tuple | None = None  # (p1, p2): every pair of entries on the same pixel (see _pairs)
 
 
 def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=None, min_bright=6,
@@ -766,7 +798,7 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
         w = np.concatenate([w[keep], ww])
     ne = len(tp.pix)
     rep = _pixel_index(tp.pix, ny * nx)
-    shared = _shared_entries(rep, ne)
+    pairs = _pairs(rep, ne)
     core = np.abs(tp.c) <= 2.0 * sigma_psf
     runs = _Runs(tp.star, n)
     n_masked = runs.sum((w == 0) & core)
@@ -842,16 +874,17 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
         bkg_used = np.zeros(n)
     # final: template with offsets, simultaneous fluxes of all trails (blends)
     T = tmpl.evaluate(tp.s - da[tp.star].astype(np.float32), tp.c - dc[tp.star].astype(np.float32))
-    model, F, ferr = _final(tp, rep, ne, n, w, T, d, sky_sigma, (ny, nx), shared, runs)
+    model, F, ferr = _final(tp, rep, ne, n, w, T, d, sky_sigma, (ny, nx), pairs, runs)
     return TrailFit(model, F, ferr, da, dc, n_masked.astype(int), tmpl, tp, empirical, bright, hw_big,
-                    float(sigma_psf), T, bkg_used, rep, shared)
+                    float(sigma_psf), T, bkg_used, rep, pairs)
 
 
-def _final(tp, rep, ne, n, w, T, d, sky_sigma, shape, shared=None, runs=None):
+def _final(tp, rep, ne, n, w, T, d, sky_sigma, shape, pairs=None, runs=None):
     """Joint fluxes of all trails and the model image."""
-    if shared is None:
-        shared = _shared_entries(rep, ne)
-    F, sumT2 = _solve_fluxes(tp.star, rep, ne, n, w, T, d, shared, runs)
+    if pairs is None:
+        pairs = _pairs(rep, ne)
+    shared = _shared_from_pairs(pairs, ne)
+    F, sumT2 = _solve_fluxes(tp.star, rep, ne, n, w, T, d, pairs, runs)
     own = (F[tp.star] * T).astype(np.float64)
     model = np.zeros(shape[0] * shape[1], np.float32)
     model[tp.pix] = own  # pixels of one stamp only; shared pixels get the sum of their stamps below
@@ -877,12 +910,12 @@ def refit_fluxes(fit, resid0, bad, *, sky_sigma):
     ny, nx = resid0.shape
     ne = len(tp.pix)
     rep = fit.rep if fit.rep is not None else _pixel_index(tp.pix, ny * nx)
-    shared = fit.shared if fit.shared is not None else _shared_entries(rep, ne)
+    pairs = fit.pairs if fit.pairs is not None else _pairs(rep, ne)
     d = resid0.ravel()[tp.pix].astype(np.float64) - fit.bkg[tp.star]
     w = np.ones(ne, np.float32) if bad is None else (~bad.ravel()[tp.pix]).astype(np.float32)
     runs = _Runs(tp.star, tp.n)
-    model, F, ferr = _final(tp, rep, ne, tp.n, w, fit.T, d, sky_sigma, (ny, nx), shared, runs)
+    model, F, ferr = _final(tp, rep, ne, tp.n, w, fit.T, d, sky_sigma, (ny, nx), pairs, runs)
     core = np.abs(tp.c) <= 2.0 * fit.sigma_psf
     n_masked = runs.sum((w == 0) & core).astype(int)
     return TrailFit(model, F, ferr, fit.d_along, fit.d_cross, n_masked, fit.template, tp, fit.empirical, fit.bright,
-                    fit.half_width_px, fit.sigma_psf, fit.T, fit.bkg, rep, shared)
+                    fit.half_width_px, fit.sigma_psf, fit.T, fit.bkg, rep, pairs)
