@@ -262,7 +262,7 @@ def _fit_cross(vals, valid, var, grid, pm, pa, pb, qm, s, *, fit_sigma, n_iter):
         J = np.stack(J, axis=-1)
         r = prof - model
         JtW = J * wt[:, :, None]
-        JtWJ = np.einsum("nmi,nmj->nij", JtW, J)
+        JtWJ = np.matmul(JtW.transpose(0, 2, 1), J)
         JtWr = np.einsum("nmi,nm->ni", JtW, r)
         step = _solve(JtWJ, JtWr)
         step[:, 1] = np.clip(step[:, 1], -1.0, 1.0)
@@ -280,7 +280,7 @@ def _fit_cross(vals, valid, var, grid, pm, pa, pb, qm, s, *, fit_sigma, n_iter):
     if fit_sigma:
         J.append(amp[:, None] * g * d * d / ss[:, None])
     J = np.stack(J, axis=-1)
-    JtWJ = np.einsum("nmi,nmj->nij", J * wt[:, :, None], J)
+    JtWJ = np.matmul((J * wt[:, :, None]).transpose(0, 2, 1), J)
     cov = _cov(JtWJ)
     r = prof - (amp[:, None] * g + b[:, None])
     dof = np.maximum((wt > 0).sum(axis=1) - J.shape[-1], 1)
@@ -304,7 +304,6 @@ def _fit_along(vals, valid, var, grid, qm, pa, pb, s, *, n_iter, length_prior_px
     pvar = np.einsum("npq,npq,npq->np", var, wq, wq)
     wt = np.where(nq > 0, 1.0 / np.maximum(pvar, 1e-30), 0.0)
     L = grid.length_p
-    h = np.maximum(np.median(prof, axis=1) / np.maximum(cov_q.max(axis=1), 1e-3), 1e-3)
     h = np.maximum((prof * (cov_q > 0)).sum(axis=1) / np.maximum(L, 1.0), 1e-3)
     b = np.zeros_like(h)
     wprior = 1.0 / length_prior_px**2
@@ -319,7 +318,7 @@ def _fit_along(vals, valid, var, grid, qm, pa, pb, s, *, n_iter, length_prior_px
         model = hc * shape + b[:, None] * nq
         J = np.stack([cov_q * shape, -hc * pdf_a, hc * pdf_b, nq], axis=-1)
         JtW = J * wt[:, :, None]
-        JtWJ = np.einsum("nmi,nmj->nij", JtW, J)
+        JtWJ = np.matmul(JtW.transpose(0, 2, 1), J)
         # length prior: (pb - pa - L) / sigma_L
         JtWJ[:, 1, 1] += wprior
         JtWJ[:, 2, 2] += wprior
