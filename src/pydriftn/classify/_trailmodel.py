@@ -374,7 +374,7 @@ def _pixel_index(pix, npix):
     return lookup[pix].astype(np.int64)
 
 
-def _pairs(lab, size):
+def _pairs(lab, size, last=None):
     """Every pair of entries with the same pixel label ``lab`` (labels < ``size``), each pair once.
 
     Pixels of two stamps (most shared pixels) give the pair (entry, last entry
@@ -382,14 +382,15 @@ def _pairs(lab, size):
     """
     m = len(lab)
     idx = np.arange(m)
-    lk = np.empty(size, np.int64)
-    lk[lab] = idx
-    last = lk[lab]
+    if last is None:
+        lk = np.empty(size, np.int64)
+        lk[lab] = idx
+        last = lk[lab]
     dup = np.flatnonzero(last != idx)
     ld = last[dup]
     p1, p2 = [dup], [ld]
     if len(dup):
-        multi = np.bincount(ld, minlength=m)[ld] > 1
+        multi = np.bincount(ld)[ld] > 1
         if multi.any():
             md, ml = dup[multi], ld[multi]
             o = np.argsort(ml, kind="stable")
@@ -798,7 +799,7 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
         w = np.concatenate([w[keep], ww])
     ne = len(tp.pix)
     rep = _pixel_index(tp.pix, ny * nx)
-    pairs = _pairs(rep, ne)
+    pairs = _pairs(rep, ne, last=rep)  # rep is the last entry on each pixel already
     core = np.abs(tp.c) <= 2.0 * sigma_psf
     runs = _Runs(tp.star, n)
     n_masked = runs.sum((w == 0) & core)
@@ -873,7 +874,13 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
     else:
         bkg_used = np.zeros(n)
     # final: template with offsets, simultaneous fluxes of all trails (blends)
-    T = tmpl.evaluate(tp.s - da[tp.star].astype(np.float32), tp.c - dc[tp.star].astype(np.float32))
+    # sub-pixel offsets: only trails with non-zero ones (all among the bright entries) are shifted
+    s_f, c_f = tp.s, tp.c
+    if use.any() and (np.any(da != 0) or np.any(dc != 0)):
+        s_f, c_f = tp.s.copy(), tp.c.copy()
+        s_f[eb] = sub.s - da[sub.star].astype(np.float32)
+        c_f[eb] = sub.c - dc[sub.star].astype(np.float32)
+    T = tmpl.evaluate(s_f, c_f)
     model, F, ferr = _final(tp, rep, ne, n, w, T, d, sky_sigma, (ny, nx), pairs, runs)
     return TrailFit(model, F, ferr, da, dc, n_masked.astype(int), tmpl, tp, empirical, bright, hw_big,
                     float(sigma_psf), T, bkg_used, rep, pairs)
@@ -882,7 +889,7 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
 def _final(tp, rep, ne, n, w, T, d, sky_sigma, shape, pairs=None, runs=None):
     """Joint fluxes of all trails and the model image."""
     if pairs is None:
-        pairs = _pairs(rep, ne)
+        pairs = _pairs(rep, ne, last=rep)
     shared = _shared_from_pairs(pairs, ne)
     F, sumT2 = _solve_fluxes(tp.star, rep, ne, n, w, T, d, pairs, runs)
     own = (F[tp.star] * T).astype(np.float64)
@@ -910,7 +917,7 @@ def refit_fluxes(fit, resid0, bad, *, sky_sigma):
     ny, nx = resid0.shape
     ne = len(tp.pix)
     rep = fit.rep if fit.rep is not None else _pixel_index(tp.pix, ny * nx)
-    pairs = fit.pairs if fit.pairs is not None else _pairs(rep, ne)
+    pairs = fit.pairs if fit.pairs is not None else _pairs(rep, ne, last=rep)
     d = resid0.ravel()[tp.pix].astype(np.float64) - fit.bkg[tp.star]
     w = np.ones(ne, np.float32) if bad is None else (~bad.ravel()[tp.pix]).astype(np.float32)
     runs = _Runs(tp.star, tp.n)
