@@ -364,6 +364,7 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
     # ---------------------------------------------------------------- masks
     dq = decode_mask(mask, data.shape, mask_convention)
     bad = ~np.isfinite(data)
+    any_nonfinite = bool(bad.any())
     if dq["bad"] is not None:
         bad |= dq["bad"]
     sat = np.zeros_like(bad) if dq["sat"] is None else dq["sat"].copy()
@@ -372,8 +373,8 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
     crm = dq["cr"]
     excl = bad | sat
     if crm is not None:
-        excl = excl | crm
-    if not np.isfinite(data).all():
+        excl |= crm
+    if any_nonfinite:
         data = np.where(np.isfinite(data), data, 0.0).astype(np.float32)
 
     # ---------------------------------------------------------------- sky
@@ -382,7 +383,8 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
     rows, cols, sigma, level = estimate_sky(data, excl, amp_boundary=amp_boundary)
     if not sigma > 0:
         sigma = float(read_noise or 1.0) / gain
-    r0 = data - rows.astype(np.float32)[:, None] - cols.astype(np.float32)[None, :]
+    r0 = data - rows.astype(np.float32)[:, None]
+    r0 -= cols.astype(np.float32)[None, :]
     if mask is None:
         dead = _dead_columns(r0, sigma)
         if dead is not None:
