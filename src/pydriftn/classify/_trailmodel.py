@@ -460,7 +460,8 @@ def _sorted_by_group(key, values):
     v = np.asarray(values, np.float64)
     lo, hi = float(np.min(v)), float(np.max(v))
     scale = 0.5 / (hi - lo) if hi > lo else 0.0
-    return np.argsort(key.astype(np.float64) + (v - lo) * scale, kind="stable")
+    # ties are equal (key, value) pairs: any sort gives the same sorted values (quicksort: SIMD, ~4x faster)
+    return np.argsort(key.astype(np.float64) + (v - lo) * scale, kind="quicksort")
 
 
 def _grouped_median(key, values, n_groups, min_count=5):
@@ -620,7 +621,7 @@ def _empirical_template(tp, d, w, F, da, dc, bright, base, half_width, sigma_psf
     nc = len(base.g)
     nbin = int(np.ceil((nc - 1) * base.dc / dcbin)) + 1
     cb2 = np.clip(np.rint((cc - c_lo) / dcbin).astype(np.int64), 0, nbin - 1)
-    order = np.argsort(cb2, kind="stable")
+    order = np.argsort(cb2, kind="quicksort")  # medians per bin: the order within a bin does not matter
     cb2s = cb2[order]
     qs = q[order]
     edges = np.searchsorted(cb2s, np.arange(nbin + 1))
