@@ -893,7 +893,7 @@ def _final(tp, rep, ne, n, w, T, d, sky_sigma, shape, pairs=None, runs=None):
         pairs = _pairs(rep, ne, last=rep)
     shared = _shared_from_pairs(pairs, ne)
     F, sumT2 = _solve_fluxes(tp.star, rep, ne, n, w, T, d, pairs, runs)
-    own = (F[tp.star] * T).astype(np.float64)
+    own = (F[tp.star] * T).astype(np.float64, copy=False)
     model = np.zeros(shape[0] * shape[1], np.float32)
     model[tp.pix] = own  # pixels of one stamp only; shared pixels get the sum of their stamps below
     if len(shared):
