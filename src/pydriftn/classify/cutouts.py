@@ -36,10 +36,8 @@ def save_cutouts(result, image, out_dir, *, size=41, prefix="", max_cutouts=200,
     -------
     list of Path
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    # a Figure without pyplot: no global state, the user's backend is left alone
+    from matplotlib.figure import Figure
     from matplotlib.patches import Ellipse
 
     out = Path(out_dir)
@@ -53,7 +51,8 @@ def save_cutouts(result, image, out_dir, *, size=41, prefix="", max_cutouts=200,
     h = size // 2
     written = []
     for k, row in sel.iterrows():
-        fig, axes = plt.subplots(1, 2, figsize=(6.4, 3.4))
+        fig = Figure(figsize=(6.4, 3.4))
+        axes = fig.subplots(1, 2)
         if row["class"] == "satellite" and np.isfinite(row["x0"]):
             b = max(1, int(math.ceil(max(nx, ny) / 256)))
             small = img[: ny // b * b, : nx // b * b].reshape(ny // b, b, nx // b, b).mean(axis=(1, 3))
@@ -94,7 +93,6 @@ def save_cutouts(result, image, out_dir, *, size=41, prefix="", max_cutouts=200,
             ax.tick_params(labelsize=6)
         path = out / f"{prefix}{row['class']}-{k:04d}.png"
         fig.savefig(path, dpi=80)
-        plt.close(fig)
         written.append(path)
     log.info("wrote %d cutouts to %s", len(written), out)
     return written

@@ -436,14 +436,14 @@ def run_efficiency(out_dir, store=None, seed: int = 0, *, n_per_cell: int = 10, 
     noise from :func:`~.synthetic.noise_per_sample`). ``kwargs`` go to
     :func:`efficiency` (grid, ``false_alarm_rate``, ...).
     """
-    from .search import _optional_table, _read_store
+    from .search import _read_store, save_png, store_catalogue
     from .synthetic import simulate_lightcurves
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if store is not None:
         lc = _read_store(store)
-        stars = _optional_table([Path(store) / "catalogue.parquet", Path(store) / "master_catalogue.parquet"])
+        stars = store_catalogue(store)
     else:
         lc, stars = simulate_lightcurves(n_stars, n_exposures,
                                          mags=np.random.default_rng(seed).uniform(15, 20.5, n_stars), seed=seed)
@@ -451,23 +451,14 @@ def run_efficiency(out_dir, store=None, seed: int = 0, *, n_per_cell: int = 10, 
               n_per_cell=n_per_cell, seed=seed, false_alarm_rate=1e-4)
     kw.update(kwargs)
     res = efficiency(lc, stars, return_result=True, **kw)
-    files = []
-    p = out / "efficiency.csv"
-    res.table.to_csv(p, index=False)
-    files.append(p)
-    p = out / "injections.parquet"
-    res.injections.to_parquet(p, index=False)
-    files.append(p)
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: the user's backend is left alone
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..io import write_table_atomic
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    plot_efficiency(res.table, ax=ax)
-    p = out / "efficiency.png"
-    fig.savefig(p, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    files.append(p)
+    files = [write_table_atomic(res.table, out / "efficiency.csv"),
+             write_table_atomic(res.injections, out / "injections.parquet")]
+    fig = Figure(figsize=(6, 4))
+    plot_efficiency(res.table, ax=fig.add_subplot())
+    files.append(save_png(fig, out / "efficiency.png"))
     res.files = files
     return res

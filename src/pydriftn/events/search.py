@@ -708,6 +708,38 @@ def _optional_table(paths):
     return None
 
 
+_CATALOGUE_FILES = ("catalogue/master_catalogue.parquet", "catalogue.parquet", "master_catalogue.parquet",
+                    "catalogue/master_catalogue.csv", "catalogue.csv")
+_FLASH_FILES = ("flashes.parquet", "classify/flashes.parquet")
+
+
+def store_roots(store):
+    """Folders where a run's tables sit, given its output folder or its ``store/`` folder."""
+    store = Path(store)
+    roots = [store]
+    if store.name in ("store", "lightcurves"):
+        roots.append(store.parent)
+    if store.name == "lightcurves" and store.parent.name == "store":
+        roots.append(store.parent.parent)
+    return roots
+
+
+def store_catalogue(store):
+    """The run's catalogue (``catalogue/master_catalogue.parquet`` as ``pydriftn run`` writes it), or None."""
+    return _optional_table([r / n for r in store_roots(store) for n in _CATALOGUE_FILES])
+
+
+def save_png(fig, path):
+    """Write a matplotlib Figure as PNG atomically; return the path."""
+    import io as _io
+
+    from ..io import write_bytes_atomic
+
+    buf = _io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return write_bytes_atomic(buf.getvalue(), path)
+
+
 def search_store(store, nights=None, out_dir=None, *, stars=None, flashes=None, plots: int = 20,
                  **kwargs) -> SearchResult:
     """Run :func:`search` on a run's light-curve store and write the report.
@@ -734,46 +766,34 @@ def search_store(store, nights=None, out_dir=None, *, stars=None, flashes=None, 
     """
     store = Path(store)
     lc = _read_store(store, nights)
-    roots = [store] + ([store.parent] if store.name in ("store", "lightcurves") else []) \
-        + ([store.parent.parent] if store.name == "lightcurves" and store.parent.name == "store" else [])
+    roots = store_roots(store)
     if stars is None:
-        stars = _optional_table([r / n for r in roots for n in (
-            "catalogue/master_catalogue.parquet", "catalogue.parquet", "master_catalogue.parquet",
-            "catalogue/master_catalogue.csv", "catalogue.csv")])
+        stars = store_catalogue(store)
         if stars is None:
             log.warning("%s: no catalogue found: candidates get no ra/dec/magnitudes, the neighbour veto is off",
                         store)
     if flashes is None:
-        flashes = _optional_table([r / n for r in roots for n in ("flashes.parquet", "classify/flashes.parquet")])
+        flashes = _optional_table([r / n for r in roots for n in _FLASH_FILES])
         if flashes is None:
             log.warning("%s: no flashes.parquet found: the flash veto is off", store)
     res = search(lc, stars=stars, flashes=flashes, **kwargs)
     out = Path(out_dir) if out_dir is not None else store / "search"
     out.mkdir(parents=True, exist_ok=True)
+    from ..io import write_table_atomic
+
     files = []
-    p = out / "candidates.parquet"
-    res.candidates.to_parquet(p, index=False)
-    files.append(p)
-    p = out / "candidates.csv"
-    res.candidates.to_csv(p, index=False)
-    files.append(p)
-    p = out / "star_nights.parquet"
-    res.star_nights.to_parquet(p, index=False)
-    files.append(p)
+    for name, table in (("candidates.parquet", res.candidates), ("candidates.csv", res.candidates),
+                        ("star_nights.parquet", res.star_nights)):
+        files.append(write_table_atomic(table, out / name))
     if plots:
+        from matplotlib.figure import Figure  # no pyplot: the user's backend is left alone
+
         from .plot import plot_candidate
 
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         for _, cand in res.detections.head(plots).iterrows():
-            fig, ax = plt.subplots(figsize=(9, 3.5))
-            plot_candidate(lc, cand, ax=ax)
+            fig = Figure(figsize=(9, 3.5))
+            plot_candidate(lc, cand, ax=fig.add_subplot())
             p = out / f"candidate_{cand['night']}_{cand['ccd']}_{cand['star_id']}.png"
-            fig.savefig(p, dpi=100, bbox_inches="tight")
-            plt.close(fig)
-            files.append(p)
+            files.append(save_png(fig, p))
     res.files = files
     return res

@@ -148,11 +148,8 @@ def _write_exposure_wcs(output_dir: Path, units, path: Path):
 
 
 def _write_pdfs(cfg, output_dir: Path, by_exposure, medians, targets) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
     from matplotlib.backends.backend_pdf import PdfPages
+    from matplotlib.figure import Figure  # no pyplot: the user's backend is left alone
 
     from ..io import write_bytes_atomic
 
@@ -166,7 +163,8 @@ def _write_pdfs(cfg, output_dir: Path, by_exposure, medians, targets) -> list[Pa
     buf = _io.BytesIO()
     with PdfPages(buf, metadata={"CreationDate": None, "ModDate": None}) as pdf:
         for night in nights:
-            fig, ax = plt.subplots(figsize=(11, 6))
+            fig = Figure(figsize=(11, 6))
+            ax = fig.add_subplot()
             for (n, expnum), us in sorted(by_exposure.items()):
                 if n != night:
                     continue
@@ -183,14 +181,14 @@ def _write_pdfs(cfg, output_dir: Path, by_exposure, medians, targets) -> list[Pa
             ax.set_ylabel("normalised flux")
             ax.set_title(f"{night}: extractions (up to 50 stars per exposure)")
             pdf.savefig(fig)
-            plt.close(fig)
     write_bytes_atomic(buf.getvalue(), pdf_path)
     written.append(pdf_path)
     if len(medians) > 1:
         buf = _io.BytesIO()
         with PdfPages(buf, metadata={"CreationDate": None, "ModDate": None}) as pdf:
             for night in nights:
-                fig, ax = plt.subplots(figsize=(11, 6))
+                fig = Figure(figsize=(11, 6))
+                ax = fig.add_subplot()
                 for n, expnum, med in medians:
                     if n == night:
                         ax.plot(med.index, med.values, label=f"exp {expnum}")
@@ -199,7 +197,6 @@ def _write_pdfs(cfg, output_dir: Path, by_exposure, medians, targets) -> list[Pa
                 ax.set_title(f"{night}: median series per exposure")
                 ax.legend(fontsize="small")
                 pdf.savefig(fig)
-                plt.close(fig)
         med_path = output_dir / f"{cfg.pdf_output}-median.pdf"
         write_bytes_atomic(buf.getvalue(), med_path)
         written.append(med_path)
