@@ -457,7 +457,6 @@ def find_candidates(snr, direction, length_px, sigma_px, *, threshold=5.0, exclu
     fy, fx = binning
     Lb = length_px / 2.0
     fw = max(3, int(round(1.5 * 2.3548 * sigma_px / 2.0)) | 1)
-    along = max(3, int(round(0.5 * Lb)) | 1)
     if abs(ux) >= abs(uy) and abs(ux) >= math.cos(math.radians(10.0)):
         size = (max(3, int(round(1.5 * 2.3548 * sigma_px / fy)) | 1), max(3, int(round(0.5 * length_px / fx)) | 1))
     elif abs(uy) >= math.cos(math.radians(10.0)):

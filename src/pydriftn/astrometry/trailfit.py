@@ -521,7 +521,6 @@ def fit_trails(image, x_mid, y_mid, grid: TrailGrid, *, rms, gain=1.0, bad=None,
 
 def _model_on_grid(grid: TrailGrid, xa, ya, x_mid, y_mid, h, length_p=None):
     """Analytic trail model on each trail's own grid (anchored at ``xa, ya``)."""
-    sig = grid.sigma_px
     Lp = grid.length_p if length_p is None else length_p
     dx = np.asarray(x_mid) - xa
     dy = np.asarray(y_mid) - ya

@@ -17,7 +17,6 @@ brighter than the sky cannot inflate.
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage as ndi
 
 __all__ = ["estimate_sky", "residual_mesh"]
 

@@ -758,7 +758,6 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
     point_claims = []  # (x, y, r)
     gain_e = float(gain)
     ang_drift = math.degrees(math.atan2(uy, ux))
-    hw_tr = math.ceil(3.0 * sigma_psf) + 1.0
     Psum = float(np.sum(K**2))
     order = sel[np.argsort(-np.nan_to_num(psf_snr[sel]))] if len(sel) else sel
     pos_in_sel = {int(s): i for i, s in enumerate(sel)}

@@ -41,7 +41,7 @@ from scipy.special import gammaln
 
 from . import flagbits as fb
 from .profile import CrossProfile, measure_profile
-from .stamps import Strips, cut_strips, per_column
+from .stamps import cut_strips, per_column
 
 __all__ = ["ExtractionResult", "extract_trails", "find_neighbours", "METHODS"]
 
