@@ -39,3 +39,28 @@ def test_config_error_is_one_line(tmp_path, capsys):
 def test_console_script_entry_point():
     out = subprocess.run([sys.executable, "-m", "pydriftn.cli", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and __version__ in out.stdout
+
+
+def test_info_on_real_cutout(cutouts_dir, capsys):
+    img = cutouts_dir / "c4d_181104_072440_ooi_g_ls9.S4.fits"
+    assert main(["-q", "info", str(img)]) == 0
+    out = capsys.readouterr().out
+    assert "S4" in out and "140" in out  # the CCD and its EXPTIME
+
+
+def test_catalogue_command_on_real_cutouts(cutouts_dir, tmp_path, capsys):
+    g = cutouts_dir / "c4d_181104_072440_ooi_g_ls9.S4.fits"
+    r = cutouts_dir / "c4d_171113_061941_ooi_r_ls9.S4.fits"
+    code = main(["-q", "catalogue", str(g), str(r), "--ccds", "S4", "--out", str(tmp_path)])
+    assert code == 0
+    assert "stars written" in capsys.readouterr().out
+    import pandas as pd
+
+    cat = pd.read_csv(tmp_path / "master_catalogue.csv")
+    assert len(cat) > 0 and {"star_id", "ra", "dec"} <= set(cat.columns)
+
+
+def test_missing_image_is_one_line(tmp_path, capsys):
+    code = main(["-q", "info", str(tmp_path / "nope.fits")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "nope.fits" in err[0]
