@@ -89,25 +89,24 @@ def _sub_offsets(sample_s, supersample):
     return ((np.arange(n) + 0.5) / n - 0.5) * sample_s
 
 
-def microlensing_model(t_s, t0, te, u0, rho, fs=1.0, base=1.0, sample_s=0.0, supersample=1):
-    """Normalised flux of a point-lens event averaged over each sample's exposure."""
+def _sample_average(curve, t_s, sample_s, supersample, *params):
+    """``curve(t, *params)`` averaged over each sample's exposure (``supersample`` sub-steps)."""
     t = np.asarray(t_s, float)
     if supersample > 1 and sample_s > 0:
         tt = t[:, None] + _sub_offsets(sample_s, supersample)[None, :]
-        a = microlensing_magnification_curve(tt, t0, te, u0, rho).mean(axis=1)
-    else:
-        a = microlensing_magnification_curve(t, t0, te, u0, rho)
+        return curve(tt, *params).mean(axis=1)
+    return curve(t, *params)
+
+
+def microlensing_model(t_s, t0, te, u0, rho, fs=1.0, base=1.0, sample_s=0.0, supersample=1):
+    """Normalised flux of a point-lens event averaged over each sample's exposure."""
+    a = _sample_average(microlensing_magnification_curve, t_s, sample_s, supersample, t0, te, u0, rho)
     return base * (fs * a + 1.0 - fs)
 
 
 def flare_model(t_s, t0, amplitude, rise_s, decay_s, base=1.0, sample_s=0.0, supersample=1):
     """Normalised flux of a FRED flare averaged over each sample's exposure."""
-    t = np.asarray(t_s, float)
-    if supersample > 1 and sample_s > 0:
-        tt = t[:, None] + _sub_offsets(sample_s, supersample)[None, :]
-        f = fred_flare(tt, t0, amplitude, rise_s, decay_s).mean(axis=1)
-    else:
-        f = fred_flare(t, t0, amplitude, rise_s, decay_s)
+    f = _sample_average(fred_flare, t_s, sample_s, supersample, t0, amplitude, rise_s, decay_s)
     return base * (1.0 + f)
 
 
