@@ -40,7 +40,7 @@ def _wcs_fits_bytes(wcs, unit, astro) -> bytes:
     hdr = wcs.to_header(relax=True)
     hdr["EXTNAME"] = unit.ccd
     hdr["EXPNUM"] = unit.expnum
-    hdr["WCSRMS"] = (float(astro.rms_arcsec), "[arcsec] rms star residual of fit (not WCS error)")
+    hdr["WCSRMS"] = (float(astro.rms_arcsec), "[arcsec] rms of star residuals in the fit")
     hdr["WCSNSTAR"] = (int(astro.n_used), "stars used in the WCS fit")
     hdr["WCSSRC"] = Path(unit.image_path).name[:68]  # image whose WCS was re-fitted
     hdr["COMMENT"] = "WCS of the CCD at shutter open, re-fitted by pydriftn"
