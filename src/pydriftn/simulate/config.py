@@ -25,6 +25,9 @@ from ..geometry import parse_drift_rate
 
 __all__ = ["SimulationConfig", "PRESETS", "make_config", "FILTER_NAMES"]
 
+#: Accepted values of ``SimulationConfig.event_kind``.
+EVENT_KINDS = ("alternate", "short", "long")
+
 #: FILTER header values of DECam.
 FILTER_NAMES = {
     "VR": "VR DECam c0007 6300.0 2600.0",
@@ -117,6 +120,14 @@ class SimulationConfig:
     events_per_ccd : microlensing events per CCD (on stars of r in
         ``event_r_range``); alternate "short" (tE < exptime, t0 inside an
         exposure) and "long" (tE spanning several exposures) kinds.
+    event_kind : ``"alternate"`` (default: short, long, short, ... on each
+        CCD), ``"short"`` or ``"long"`` (every event of that kind). With
+        equal ends of the ranges below (e.g. ``short_te_range_s=(3, 3)``,
+        ``u0_range=(0.1, 0.1)``, ``rho_range=(0.01, 0.01)``) every event has
+        exactly those parameters: the image-level injection-recovery
+        (:mod:`pydriftn.events.imagelevel`) simulates one grid cell this way.
+        Written to ``simulation.json`` only when not the default, so default
+        datasets are unchanged.
     short_te_range_s, long_te_range_s, u0_range, rho_range : event parameters.
     flashes_per_ccd_exposure : millisecond flashes per CCD and exposure; the
         first of each set is placed ON a star's instantaneous image.
@@ -210,6 +221,7 @@ class SimulationConfig:
     max_step_px: float = 0.1
     # injected phenomena
     events_per_ccd: int = 2
+    event_kind: str = "alternate"
     event_r_range: tuple = (16.0, 19.0)
     short_te_range_s: tuple = (2.0, 8.0)
     long_te_range_s: tuple = (40.0, 120.0)
@@ -254,6 +266,8 @@ class SimulationConfig:
     def to_dict(self):
         """JSON-friendly dict of all fields."""
         d = dataclasses.asdict(self)
+        if d["event_kind"] == "alternate":  # optional knob: default datasets' simulation.json unchanged
+            del d["event_kind"]
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
 
     def validate(self):
@@ -290,6 +304,14 @@ class SimulationConfig:
             problems.append(f"drift_rate_arcsec_s: {exc}")
         if not 0 <= self.fz_exposures <= self.n_exposures:
             problems.append(f"fz_exposures: expected 0..n_exposures, got {self.fz_exposures}")
+        if self.event_kind not in EVENT_KINDS:
+            problems.append(f"event_kind: expected one of {EVENT_KINDS}, got {self.event_kind!r}")
+        for k in ("short_te_range_s", "long_te_range_s", "u0_range", "rho_range", "event_r_range"):
+            lo, hi = getattr(self, k)
+            if not lo <= hi:
+                problems.append(f"{k}: expected (low, high) with low <= high, got {getattr(self, k)}")
+        if not 0 < self.rho_range[0]:
+            problems.append(f"rho_range: expected > 0 (log-uniform), got {self.rho_range}")
         if not math.isfinite(self.dec_deg) or abs(self.dec_deg) > 89:
             problems.append(f"dec_deg: expected |dec| <= 89, got {self.dec_deg}")
         if problems:

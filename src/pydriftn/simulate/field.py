@@ -285,9 +285,10 @@ def choose_events(cfg, stars, seed, exposures, nominal_wcs):
 
     Per CCD, ``events_per_ccd`` stars with r in ``event_r_range`` whose
     nominal trail in the first exposure lies well inside the CCD. Kinds
-    alternate: ``short`` (tE in ``short_te_range_s``, t0 inside a random
-    exposure of a random night, 20-80 % into it) and ``long`` (tE in
-    ``long_te_range_s``, t0 uniform over a random night's exposures).
+    alternate (``cfg.event_kind == "alternate"``; ``"short"`` or ``"long"``
+    makes every event that kind): ``short`` (tE in ``short_te_range_s``, t0
+    inside a random exposure of a random night, 20-80 % into it) and ``long``
+    (tE in ``long_te_range_s``, t0 uniform over a random night's exposures).
 
     Returns
     -------
@@ -319,7 +320,7 @@ def choose_events(cfg, stars, seed, exposures, nominal_wcs):
         pick = rng.choice(cand, size=min(cfg.events_per_ccd, len(cand)), replace=False) if cand else []
         for j, idx in enumerate(pick):
             used.add(int(idx))
-            kind = "short" if j % 2 == 0 else "long"
+            kind = ("short" if j % 2 == 0 else "long") if cfg.event_kind == "alternate" else cfg.event_kind
             if kind == "short":
                 te = rng.uniform(*cfg.short_te_range_s)
                 night = by_night[nights[int(rng.integers(len(nights)))]]
