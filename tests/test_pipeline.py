@@ -178,3 +178,60 @@ def test_target_list_restricts_extraction_csv(two_nights, reference_run, tmp_pat
     assert len(files) == 3 and not list((out / "night_1").glob("driftextract-exp_*.csv"))
     got = pd.read_csv(files[0])
     assert set(got["star_id"]) == set(chosen["star_id"])
+
+
+def test_report_pages_and_cutout_marks_the_event(two_nights, reference_run, tmp_path):
+    """The report's drift-image cutout of a truth event is the exposure holding t0, and its t0 marker sits
+    where the simulator put the star at t0 (the position along a trail is the time)."""
+    from pydriftn.events import SearchResult
+    from pydriftn.events.report import candidate_cutouts, write_report
+
+    out, _ = reference_run
+    events = pd.read_parquet(two_nights.truth["events"])
+    ev = events[events["kind"] == "short"].iloc[0]
+    truth_star = pd.read_parquet(two_nights.truth["stars"]).set_index("star_id").loc[ev["star_id"]]
+    cat = pd.read_parquet(out / "catalogue" / "master_catalogue.parquet")
+    dist = np.hypot((cat["ra"] - truth_star["ra"]) * np.cos(np.radians(truth_star["dec"])),
+                    cat["dec"] - truth_star["dec"]) * 3600.0
+    assert dist.min() < 0.5
+    star_id = int(cat["star_id"].iloc[int(np.argmin(dist))])
+    lc = query_store(out, f"SELECT * FROM lightcurves WHERE star_id = {star_id}")
+    t0 = float(ev["t0_mjd"])
+    # the exposure that holds t0, from the store's sample times
+    spans = lc.groupby("expnum")["mjd"].agg(["min", "max"])
+    holding = spans[(spans["min"] - 1.5 / 86400 <= t0) & (spans["max"] + 1.5 / 86400 >= t0)].index.tolist()
+    assert len(holding) == 1
+    night = lc.loc[lc["expnum"] == holding[0], "night"].iloc[0]
+    cand = {"star_id": star_id, "night": night, "ccd": ev["ccd"], "model": "microlensing",
+            "statistic": 100.0, "false_alarm_prob": 1e-6, "above_threshold": True, "vetoes": 0, "veto_reasons": "",
+            "window_start_mjd": t0 - 2.0 / 86400, "window_end_mjd": t0 + 2.0 / 86400, "t0_mjd": t0,
+            "te_s": float(ev["te_s"]), "u0": float(ev["u0"]), "rho": float(ev["rho"]), "fs": 1.0, "base": 1.0}
+
+    cutouts = candidate_cutouts(out, lc, cand)
+    marked = [c for c in cutouts if c["at_t0"] is not None]
+    assert [c["expnum"] for c in marked] == holding
+    c = marked[0]
+    tr = pd.read_parquet(two_nights.truth["trails"])
+    tr = tr[(tr["expnum"] == holding[0]) & (tr["star_id"] == ev["star_id"])].iloc[0]
+    open_mjd = float((lc.loc[lc["expnum"] == holding[0], "mjd"] - lc.loc[lc["expnum"] == holding[0], "t_s"] / 86400)
+                     .median())
+    frac = (t0 - open_mjd) * 86400 / 20.0
+    x_true = tr["x_start"] + frac * (tr["x_end"] - tr["x_start"])
+    y_true = tr["y_start"] + frac * (tr["y_end"] - tr["y_start"])
+    assert np.hypot(c["at_t0"][0] - x_true, c["at_t0"][1] - y_true) < 1.5
+    # the cutout holds the trail, and is image data around it
+    x0, y0 = c["origin"]
+    assert 0 <= c["at_t0"][0] - x0 < c["image"].shape[1] and 0 <= c["at_t0"][1] - y0 < c["image"].shape[0]
+
+    res = SearchResult(candidates=pd.DataFrame([cand]), star_nights=pd.DataFrame({"star_id": [star_id]}))
+    eff = tmp_path / "eff"
+    eff.mkdir()
+    pd.DataFrame({"te_s": [1.0, 10.0], "n_injected": [10, 10], "n_detected": [3, 9]}).to_csv(
+        eff / "efficiency.csv", index=False)
+    files = write_report(res, lc, tmp_path / "report", run_dir=out, efficiency_dir=eff)
+    pdf = (tmp_path / "report" / "report.pdf").read_bytes()
+    assert pdf.startswith(b"%PDF") and pdf.count(b"/Type /Page") - pdf.count(b"/Type /Pages") >= 3
+    page = (tmp_path / "report" / "report.html").read_text()
+    png = f"candidate_{cand['night']}_{cand['ccd']}_{star_id}.png"
+    assert png in page and (tmp_path / "report" / png).is_file() and "efficiency.csv" in page
+    assert all(Path(f).is_file() for f in files)
