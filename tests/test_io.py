@@ -706,3 +706,34 @@ def test_simulated_dataset_conventions(tmp_path_factory):
             np.testing.assert_allclose(im.wcs.pixel_to_world_values(xs, ys), ref.pixel_to_world_values(xs, ys),
                                        atol=1e-9)
     assert n_cr_checked > 0
+
+
+def test_decode_any_layout_matches_per_pixel_definition():
+    """Big-endian (as read from FITS), strided and narrow unsigned masks decode pixel by pixel as defined."""
+    rng = np.random.default_rng(5)
+    P = PixelFlag
+
+    def code_flag(v):
+        return int(pio.CP_DQ_CODES[v]) if 0 <= v <= 8 else int(P.BAD_PIXEL)
+
+    def bits_flag(v):
+        f = 0
+        for bit, (_, flag) in pio.CP_DQ_BITS.items():
+            if v >= 0 and v & bit:
+                f |= int(flag)
+        if v < 0 or v & ~sum(pio.CP_DQ_BITS):
+            f |= int(P.BAD_PIXEL)
+        return f
+
+    codes = np.where(rng.random((40, 30)) < 0.9, 0, rng.integers(-2, 11, (40, 30)))
+    bits = np.where(rng.random((40, 30)) < 0.9, 0, rng.integers(-3, 5000, (40, 30)))
+    for arr, conv, ref in [(codes.astype(">i4"), "codes", code_flag), (codes.astype("<i4")[::2, ::3], "codes", code_flag),
+                           (np.abs(codes).astype(np.uint8).T, "codes", code_flag),
+                           (bits.astype(">i4"), "bits", bits_flag), (bits.astype(np.int64)[:, ::2], "bits", bits_flag),
+                           (np.abs(bits).astype(np.uint16), "bits", bits_flag),
+                           (np.abs(bits).astype(np.uint8), "bits", bits_flag)]:
+        out = pio.decode_cp_dq(arr, conv)
+        assert out.dtype == np.uint16 and out.shape == arr.shape
+        assert out.tolist() == [[ref(int(v)) for v in row] for row in arr.tolist()], (arr.dtype, arr.strides, conv)
+    assert pio.decode_cp_dq(np.zeros((0, 3), np.int32)).shape == (0, 3)
+    assert not pio.decode_cp_dq(np.zeros((4, 4), ">i4")).any()
