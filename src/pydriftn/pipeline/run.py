@@ -14,6 +14,7 @@ dask.distributed cluster, so results do not depend on the executor.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -258,10 +259,29 @@ def _execute(todo, catalogue_path, unit_config, output_dir, targets, cfg, progre
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx) as pool:
+    with _one_thread_per_worker(), ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx) as pool:
         futures = [pool.submit(run_unit, u, *args) for u in todo]
         for fut in as_completed(futures):
             yield fut.result()
+
+
+#: Thread-pool variables of BLAS/OpenMP libraries. With one worker process per core, a
+#: multi-threaded BLAS in every worker only oversubscribes the cores (dask's nanny sets the same).
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
+                     "NUMEXPR_NUM_THREADS")
+
+
+@contextlib.contextmanager
+def _one_thread_per_worker():
+    """Spawned worker processes get single-threaded BLAS/OpenMP (values the user set are kept)."""
+    added = [k for k in _THREAD_VARIABLES if k not in os.environ]
+    for k in added:
+        os.environ[k] = "1"
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
 
 
 def _clean_stale_temporaries(output_dir: Path) -> int:
