@@ -79,33 +79,40 @@ def estimate_background(data, bad=None, *, box=128, filter_size=3, amp_boundary=
     ny0, nx0 = d.shape
     if (ny0 % 2 == 0 and nx0 % 2 == 0 and all(p.start % 2 == 0 for p in parts)
             and ny0 >= 4 * box and all(p.stop - p.start >= 2 * box for p in parts)):
-        # fast path: every part estimated on the 2x2-binned image, one full-size subtraction
-        db_all = _bin2(d) * np.float32(0.25)
-        mb_all = None if m is None else _bin2(m)
-        backs, rmss, grms = [], [], []
+        # fast path: every part estimated on the 2x2-binned image, one full-size subtraction.
+        # (Binning 4x4 for sep would be ~2x cheaper but is not equivalent: on a full
+        # simulated CCD it raised the rms by 2 % and the level by 0.06 ADU, the light of
+        # faint sources being less clipped in the larger bins.)
+        db2 = _bin2(d)
+        db2 *= np.float32(0.25)  # 2x2 means
+        mb2 = None if m is None else _bin2(m)
+        ny2, nx2 = db2.shape
+        back2 = np.empty((ny2, nx2), np.float32)  # background per pixel on the 2x2 grid
+        rms = np.empty((ny2, nx2), np.float32)  # rms per (unbinned) pixel on the 2x2 grid
+        grms = []
         for p_ in parts:
             bs = slice(p_.start // 2, p_.stop // 2)
-            db = np.ascontiguousarray(db_all[:, bs])
-            mb = None if mb_all is None else np.ascontiguousarray(mb_all[:, bs])
+            db = np.ascontiguousarray(db2[:, bs])
+            mb = None if mb2 is None else np.ascontiguousarray(mb2[:, bs])
             bkg = sep.Background(db, mask=mb, bw=box // 2, bh=box // 2, fw=filter_size, fh=filter_size)
-            backs.append(bkg.back())
-            rmss.append(bkg.rms() * 2.0)  # rms per unbinned pixel
+            back2[:, bs] = bkg.back()
+            rms[:, bs] = bkg.rms()
             grms.append(float(bkg.globalrms) * 2.0)
-        back = np.concatenate(backs, axis=1) if len(backs) > 1 else backs[0]
+        rms *= np.float32(2.0)  # rms per unbinned pixel
         # expand along x first: a contiguous inner axis makes the subtraction ~2x faster
-        backx = np.repeat(back.astype(np.float32, copy=False), 2, axis=1)
-        np.subtract(d.reshape(ny0 // 2, 2, nx0), backx[:, None, :], out=sub.reshape(ny0 // 2, 2, nx0))
-        rms = np.concatenate(rmss, axis=1) if len(rmss) > 1 else rmss[0]
+        backx = np.repeat(back2, 2, axis=1)
+        np.subtract(d.reshape(ny2, 2, nx0), backx[:, None, :], out=sub.reshape(ny2, 2, nx0))
+        del backx
         _level_odd_column(sub, m, odd_col)
         if m is not None:
             np.putmask(sub, m, 0.0)
         if not return_binned:
-            return sub, rms.astype(np.float32), float(np.mean(grms))
-        b2 = db_all
-        b2 -= back
+            return sub, rms, float(np.mean(grms))
+        b2 = db2
+        b2 -= back2
         b2 *= np.float32(4.0)
         # blocks holding a bad pixel (set to 0 in sub) or the levelled column: from sub
-        fix = mb_all if mb_all is not None else np.zeros(b2.shape, bool)
+        fix = mb2 if mb2 is not None else np.zeros(b2.shape, bool)
         if odd_col is not None:
             fix = fix.copy()
             fix[:, odd_col // 2] = True
@@ -113,7 +120,7 @@ def estimate_background(data, bad=None, *, box=128, filter_size=3, amp_boundary=
         if jj.size:
             y0, x0 = 2 * jj, 2 * ii
             b2[jj, ii] = (sub[y0, x0] + sub[y0 + 1, x0]) + sub[y0, x0 + 1] + sub[y0 + 1, x0 + 1]
-        return sub, rms.astype(np.float32), float(np.mean(grms)), b2
+        return sub, rms, float(np.mean(grms)), b2
     rms_parts = []
     grms = []
     for sl in parts:
@@ -174,12 +181,28 @@ def _level_odd_column(sub, m, col):
         sub[:, col] -= np.median(sub[good, col]) - np.median(sub[good, col - 1])
 
 
+def _expand2(a, out):
+    """Write ``a`` repeated 2x along both axes into ``out`` (its extra rows/columns: the edge values)."""
+    h, w = a.shape
+    H, W = out.shape
+    h, w = min(h, H // 2), min(w, W // 2)
+    out[: 2 * h, : 2 * w] = np.repeat(np.repeat(a[:h, :w], 2, axis=0), 2, axis=1)
+    if W > 2 * w:
+        out[: 2 * h, 2 * w:] = out[: 2 * h, 2 * w - 1: 2 * w]
+    if H > 2 * h:
+        out[2 * h:] = out[2 * h - 1: 2 * h]
+
+
 def _bin2(a):
     """Sum of 2x2 blocks (strided adds: faster than a reduction over reshaped axes)."""
     ny, nx = a.shape
     ny2, nx2 = ny // 2, nx // 2
     a = a[: 2 * ny2, : 2 * nx2]
     if a.dtype == bool or a.dtype == np.uint8:
+        if a.dtype == bool and a.strides[1] == 1 and nx2:
+            # OR of the row pairs (contiguous), then of the column pairs as 2-byte words
+            r = a[0::2].view(np.uint8) | a[1::2].view(np.uint8)
+            return r.view(np.uint16) != 0
         return a[0::2, 0::2] | a[1::2, 0::2] | a[0::2, 1::2] | a[1::2, 1::2]
     out = a[0::2, 0::2] + a[1::2, 0::2]
     out += a[0::2, 1::2]
