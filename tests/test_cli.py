@@ -64,3 +64,10 @@ def test_missing_image_is_one_line(tmp_path, capsys):
     code = main(["-q", "info", str(tmp_path / "nope.fits")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "nope.fits" in err[0]
+
+
+@pytest.mark.parametrize("option, value", [("--false-alarm-rate", "2"), ("--scrambles", "0")])
+def test_search_option_out_of_range_is_one_line(tmp_path, capsys, option, value):
+    code = main(["search", str(tmp_path), option, value])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and option in err[0]

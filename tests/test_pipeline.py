@@ -157,6 +157,7 @@ def test_demo_chain_on_tiny_preset(tmp_path):
     out = tmp_path / "demo" / "output"
     assert list((out / "night_1").glob("driftextract-exp_*.csv"))
     assert (out / "demo-extractions.pdf").is_file()
+    assert (out / "search" / "candidates.parquet").is_file()  # the run ends with the event search
     assert (tmp_path / "demo" / "demo.yaml").is_file()
 
 

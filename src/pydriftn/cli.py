@@ -135,9 +135,22 @@ def _cmd_query(args) -> int:
 
 
 def _cmd_search(args) -> int:
+    from .config import SearchConfig
     from .events import search_store
 
-    result = search_store(args.store, nights=args.night, out_dir=args.out)
+    defaults = SearchConfig()
+    if args.config is not None:
+        from .config import load_config
+
+        defaults = load_config(args.config).search
+    far = args.false_alarm_rate if args.false_alarm_rate is not None else defaults.false_alarm_per_star_night
+    if not 0 < far < 1:
+        raise PydriftnError(f"--false-alarm-rate: expected a probability in (0, 1), got {far}")
+    scrambles = args.scrambles if args.scrambles is not None else defaults.n_scrambles
+    if scrambles < 1:
+        raise PydriftnError(f"--scrambles: expected at least 1, got {scrambles}")
+    result = search_store(args.store, nights=args.night, out_dir=args.out, false_alarm_rate=far,
+                          n_scrambles=scrambles, plots=defaults.report_pages if args.pages is None else args.pages)
     for line in result.summary_lines():
         print(line)
     return EXIT_OK
@@ -220,6 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store")
     p.add_argument("--night", action="append", default=None, help="restrict to a night (repeatable)")
     p.add_argument("--out", default=None, help="report folder (default: STORE/search)")
+    p.add_argument("--config", default=None, help="take the `search` section of this run configuration")
+    p.add_argument("--false-alarm-rate", type=float, default=None,
+                   help="target false-alarm probability per star-night (default 1e-4)")
+    p.add_argument("--scrambles", type=int, default=None,
+                   help="time-scrambled copies calibrating the threshold (default 20)")
+    p.add_argument("--pages", type=int, default=None, help="candidate pages in the report (default 50)")
     p.set_defaults(func=_cmd_search)
 
     p = sub.add_parser("efficiency", help="injection-recovery efficiency of the event search")

@@ -27,6 +27,7 @@ def demo_config(data_dir: Path, output_dir: Path, dataset) -> dict:
         "r_image": str(next(pointed.glob("*pointed_r-image.fits*"))),
         "gaia": str(Path(data_dir) / "gaia_reference.csv"),
         "drift_rate_arcsec_s": list(dataset.config.drift_rate_arcsec_s),
+        "search": {"enabled": True},
     }
     return cfg
 
@@ -58,14 +59,7 @@ def run_demo(out_dir="pydriftn-demo", *, preset: str = "small", workers=None, pr
         cfg_dict["workers"] = workers
     write_bytes_atomic(yaml.safe_dump(cfg_dict, sort_keys=False).encode(), out / "demo.yaml")
     cfg = config_from_dict(cfg_dict)
-    result = run_pipeline(cfg, progress=progress)
-    try:
-        from ..events import search_store
-
-        search = search_store(cfg.output_dir, out_dir=Path(cfg.output_dir) / "search")
-        result.extra_lines = search.summary_lines()
-    except ImportError:  # pragma: no cover - events stage not installed
-        result.extra_lines = []
+    result = run_pipeline(cfg, progress=progress)  # ends with the event search (search.enabled)
     result.extra_lines = list(result.extra_lines) + [
         "",
         f"Where to look: {Path(cfg.output_dir).resolve()}",

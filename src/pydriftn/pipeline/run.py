@@ -284,6 +284,20 @@ def _one_thread_per_worker():
             os.environ.pop(k, None)
 
 
+def run_search(cfg, out_dir=None):
+    """The event search over a run's store with the ``search`` section of its configuration.
+
+    Writes the candidate tables and the report in ``out_dir`` (default
+    ``OUTPUT/search``); returns the :class:`~pydriftn.events.SearchResult`.
+    """
+    from ..events import search_store
+
+    s = cfg.search
+    out = Path(out_dir) if out_dir is not None else Path(cfg.output_dir) / "search"
+    return search_store(cfg.output_dir, out_dir=out, false_alarm_rate=s.false_alarm_per_star_night,
+                        n_scrambles=s.n_scrambles, plots=s.report_pages)
+
+
 def _clean_stale_temporaries(output_dir: Path) -> int:
     n = 0
     for p in output_dir.rglob(".*.tmp*"):
@@ -360,6 +374,8 @@ def run_pipeline(cfg, *, progress: bool = True, log_file: bool = True) -> RunRes
             bar.close()
         result.units.sort(key=lambda s: s.key)
         result.products = assemble_outputs(cfg, out, units, targets=targets)
+        if cfg.search.enabled:
+            result.extra_lines = list(result.extra_lines) + run_search(cfg).summary_lines()
         result.seconds = time.perf_counter() - t0
         summary = {
             "version": __version__,
