@@ -96,7 +96,7 @@ def estimate_sky(image, bad=None, *, block_px=512, step=4, amp_boundary=None):
     v = r[good]
     if v.size < 10:
         return rows, cols, 1.0, level
-    p16, p50 = np.percentile(v, [15.865525, 50.0])
+    p16, p50 = np.percentile(v, [15.865525, 50.0], overwrite_input=True)  # v is a fresh copy
     sigma = float(max(p50 - p16, 1e-6))
     return rows, cols, sigma, level
 

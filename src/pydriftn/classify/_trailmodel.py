@@ -219,12 +219,14 @@ class TrailTemplate:
             T[[0, -1], :] = 0.0
             T[:, [0, -1]] = 0.0
             T = T.astype(np.float32)
-            # the 4 corners of each grid cell side by side (16 bytes): one gather per entry in evaluate()
+            # the bilinear coefficients of each grid cell side by side (16 bytes): one gather per entry in
+            # evaluate(); T = c0 + c1 v + u (c2 + c3 v) with u, v the fractional cell position along s, c
             P = np.zeros((ns, nc, 4), np.float32)
-            P[:-1, :-1, 0] = T[:-1, :-1]
-            P[:-1, :-1, 1] = T[:-1, 1:]
-            P[:-1, :-1, 2] = T[1:, :-1]
-            P[:-1, :-1, 3] = T[1:, 1:]
+            T00, T01, T10, T11 = T[:-1, :-1], T[:-1, 1:], T[1:, :-1], T[1:, 1:]
+            P[:-1, :-1, 0] = T00
+            P[:-1, :-1, 1] = T01 - T00
+            P[:-1, :-1, 2] = T10 - T00
+            P[:-1, :-1, 3] = (T11 - T10) - (T01 - T00)
             self._t2 = (c_lo, ns, nc, P.reshape(-1, 4).view(np.complex128).ravel())
         return self._t2
 
@@ -232,8 +234,9 @@ class TrailTemplate:
         """Template value (and d/ds, d/dc) at trail coordinates (float32).
 
         One bilinear look-up in the 2-D table of the template (one gather of
-        the cell's 4 corners, stored side by side; the derivatives are those of
-        the bilinear interpolant), instead of 5-7 separate 1-D look-ups per entry.
+        the cell's 4 bilinear coefficients, stored side by side; the derivatives
+        are those of the bilinear interpolant), instead of 5-7 separate 1-D
+        look-ups per entry.
         """
         c_lo, ns, nc, tab = self._table2d()
         f32 = np.float32
@@ -248,19 +251,21 @@ class TrailTemplate:
         i *= np.int32(nc)
         i += j
         q = tab[i].view(np.float32).reshape(-1, 4)
-        t00, t01, t10, t11 = q[:, 0], q[:, 1], q[:, 2], q[:, 3]
-        d0 = t01 - t00
-        d1 = t11 - t10
-        a = t00 + d0 * v
-        b = t10 + d1 * v
-        b -= a
-        T = a + b * u
+        c0, c1, c2, c3 = q[:, 0], q[:, 1], q[:, 2], q[:, 3]
+        b = c3 * v
+        b += c2  # dT/du
+        T = b * u
+        T += c0
+        v *= c1
+        T += v
         shp = np.shape(s)
         if not derivatives:
             return T.reshape(shp)
-        Ts = b * f32(1.0 / self.ds)
-        Tc = (d0 + (d1 - d0) * u) * f32(1.0 / self.dc)
-        return T.reshape(shp), Ts.reshape(shp), Tc.reshape(shp)
+        b *= f32(1.0 / self.ds)
+        Tc = c3 * u
+        Tc += c1
+        Tc *= f32(1.0 / self.dc)
+        return T.reshape(shp), b.reshape(shp), Tc.reshape(shp)
 
     def _evaluate_direct(self, s, c, derivatives=False):
         """Template value (and d/ds, d/dc) from the 1-D tables (used to fill the 2-D table)."""
@@ -299,6 +304,14 @@ class _Runs:
             self.ok = len(np.unique(self.ids)) == len(self.ids)
         else:
             self.ok = False
+
+    def count(self):
+        """``np.bincount(star, minlength=n)``."""
+        if not self.ok:
+            return np.bincount(self.star, minlength=self.n)
+        out = np.zeros(self.n, np.int64)
+        out[self.ids] = np.diff(np.append(self.starts, len(self.star)))
+        return out
 
     def sum(self, weights):
         """``np.bincount(star, weights, minlength=n)`` (float64)."""
@@ -371,7 +384,7 @@ def _pixel_index(pix, npix):
     ne = len(pix)
     lookup = np.empty(npix, np.int32)
     lookup[pix] = np.arange(ne, dtype=np.int32)
-    return lookup[pix].astype(np.int64)
+    return lookup[pix]  # int32: half the memory traffic of int64 in every later gather
 
 
 def _pairs(lab, size, last=None):
@@ -498,15 +511,26 @@ def _grouped_median(key, values, n_groups, min_count=5):
 
 def _robust_median(a, axis=0):
     """Median over ``axis`` ignoring NaN, and its standard error (1.25 * 1.4826 MAD / sqrt(n))."""
+    a = np.moveaxis(np.asarray(a, float), axis, 0)
+    med = _nanmedian0(a)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        med = np.nanmedian(a, axis=axis)
-        mad = np.nanmedian(np.abs(a - np.expand_dims(med, axis)), axis=axis)
-    n = np.sum(np.isfinite(a), axis=axis)
+        mad = _nanmedian0(np.abs(a - med[None]))
+    n = np.sum(np.isfinite(a), axis=0)
     with np.errstate(divide="ignore", invalid="ignore"):
         err = 1.25 * 1.4826 * mad / np.sqrt(n)
     err = np.where(n >= 3, err, np.inf)
     return med, err
+
+
+def _nanmedian0(a):
+    """``np.nanmedian(a, axis=0)`` by one sort (NaN sort last); NaN where a column is all NaN."""
+    A = np.sort(a, axis=0)
+    n = a.shape[0] - np.count_nonzero(np.isnan(a), axis=0)
+    lo = np.maximum((n - 1) // 2, 0)
+    hi = np.maximum(n // 2, 0)
+    out = (np.take_along_axis(A, lo[None], 0)[0] + np.take_along_axis(A, hi[None], 0)[0]) / 2.0
+    return np.where(n > 0, out, np.nan)
 
 
 def _shrink(value, err, smooth_px, step):
@@ -621,17 +645,8 @@ def _empirical_template(tp, d, w, F, da, dc, bright, base, half_width, sigma_psf
     nc = len(base.g)
     nbin = int(np.ceil((nc - 1) * base.dc / dcbin)) + 1
     cb2 = np.clip(np.rint((cc - c_lo) / dcbin).astype(np.int64), 0, nbin - 1)
-    order = np.argsort(cb2, kind="quicksort")  # medians per bin: the order within a bin does not matter
-    cb2s = cb2[order]
-    qs = q[order]
-    edges = np.searchsorted(cb2s, np.arange(nbin + 1))
-    dg = np.full(nbin, np.nan)
-    dg_err = np.full(nbin, np.inf)
-    for k in range(nbin):
-        if edges[k + 1] - edges[k] >= 20:
-            v = qs[edges[k]:edges[k + 1]]
-            dg[k] = np.median(v)
-            dg_err[k] = 1.25 * 1.4826 * np.median(np.abs(v - dg[k])) / math.sqrt(len(v))
+    dg, dg_err = _grouped_median(cb2, q, nbin, min_count=20)
+    dg = np.where(np.isfinite(dg_err), dg, np.nan)
     dg = np.where(np.isfinite(dg), _shrink(dg, dg_err, 0.3 * sigma_psf, dcbin), np.nan)
     cgrid2 = c_lo + dcbin * np.arange(nbin)
     cgrid = base.c0 + base.dc * np.arange(nc)
@@ -806,7 +821,7 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
     n_masked = runs.sum((w == 0) & core)
     da = np.zeros(n)
     dc = np.zeros(n)
-    npx = np.bincount(tp.star, minlength=n)
+    npx = runs.count()
     full = npx >= 0.9 * np.median(npx[npx > 0])
     bright = (snr > bright_snr) & (n_masked == 0) & full
     if bright.sum() > max_bright:

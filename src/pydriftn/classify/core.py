@@ -200,6 +200,30 @@ def _gauss_kernel(sigma, truncate=3.0):
     return np.outer(k1, k1), r
 
 
+def _smooth(B, sigma, truncate=3.0):
+    """``ndi.gaussian_filter(B, sigma, truncate=truncate)`` (mode 'reflect') of a float32 image, ~2x faster.
+
+    scipy's filter along axis 0 walks the image column by column (15 ms on a
+    2047x1023 binned CCD); here that pass is a sum of whole shifted rows, and
+    only the pass along axis 1 is scipy's. Same kernel, same boundary
+    handling; float32 rounding differences only.
+    """
+    r = int(truncate * float(sigma) + 0.5)
+    x = np.arange(-r, r + 1, dtype=float)
+    k = np.exp(-0.5 * (x / sigma) ** 2)
+    k /= k.sum()
+    n = B.shape[0]
+    if r == 0 or n < r + 1:
+        return ndi.gaussian_filter(B, sigma, truncate=truncate)
+    P = np.pad(B, [(r, r), (0, 0)], mode="symmetric")  # = scipy's 'reflect'
+    acc = P[r:r + n] * np.float32(k[r])
+    for j in range(1, r + 1):
+        t = P[r - j:r - j + n] + P[r + j:r + j + n]
+        t *= np.float32(k[r + j])
+        acc += t
+    return ndi.correlate1d(acc, k, axis=1, mode="reflect")
+
+
 def _trail_norm(sigma_b, ux, uy, length_px, step=0.5):
     """sqrt(sum E^2) of the effective kernel of a line sum of samples of a Gaussian-smoothed binned map."""
     n = int(round(length_px))
@@ -258,18 +282,26 @@ def _finish_table(rows):
     base = _empty_table()
     if rows is None or len(rows) == 0:
         return base
-    df = rows.copy() if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
+    df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
+    n = len(df)
+    out = {}
+    # column by column into one dict (one DataFrame construction instead of ~40 column assignments)
     for c in COLUMNS:
         if c not in df:
-            df[c] = np.nan
-    df = df[COLUMNS]
-    for c in ("star_id", "on_star_id", "sample_index", "npix"):
-        df[c] = pd.array(pd.to_numeric(df[c], errors="coerce").round(), dtype="Int64")
-    df["flags"] = pd.to_numeric(df["flags"], errors="coerce").fillna(0).astype("int64")
-    for c in COLUMNS:
-        if c not in ("class", "subclass", "star_id", "on_star_id", "sample_index", "npix", "flags"):
-            df[c] = pd.to_numeric(df[c], errors="coerce").astype("float64")
-    return df.reset_index(drop=True)
+            v = pd.Series(np.full(n, np.nan), index=df.index)
+        else:
+            v = df[c]
+        if c in ("class", "subclass"):
+            out[c] = v.to_numpy()
+        elif c in ("star_id", "on_star_id", "sample_index", "npix"):
+            out[c] = pd.array(pd.to_numeric(v, errors="coerce").round(), dtype="Int64")
+        elif c == "flags":
+            out[c] = pd.to_numeric(v, errors="coerce").fillna(0).astype("int64").to_numpy()
+        elif v.dtype == np.float64:
+            out[c] = v.to_numpy()
+        else:
+            out[c] = pd.to_numeric(v, errors="coerce").astype("float64").to_numpy()
+    return pd.DataFrame(out, columns=COLUMNS)
 
 
 def _gather(img, ys, xs):
@@ -493,7 +525,7 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
         B = bin_image(resid, 2)
         mesh, _ = residual_mesh(B)
     B = B - mesh
-    M = ndi.gaussian_filter(B, sig_b, truncate=3.0)
+    M = _smooth(B, sig_b)
     Kb, _ = _gauss_kernel(sig_b)
     knorm_b = float(np.sqrt(np.sum(Kb**2)))
     Mz = M / np.float32(2.0 * sigma * knorm_b)
@@ -765,7 +797,8 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
 
     # ---------------------------------------------------------------- classify candidates
     claimed = np.zeros((nyb, nxb), bool)
-    point_claims = []  # (x, y, r)
+    claims_arr = np.zeros((max(len(sel), 1), 3))  # (x, y, r) of the point sources accepted so far
+    n_claims = 0
     gain_e = float(gain)
     ang_drift = math.degrees(math.atan2(uy, ux))
     Psum = float(np.sum(K**2))
@@ -782,8 +815,10 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
         byi, bxi = min(pyi // 2, nyb - 1), min(pxi // 2, nxb - 1)
         if claimed[byi, bxi] or streak_mask[pyi, pxi]:
             continue
-        if any((x - a) ** 2 + (y - b) ** 2 < r * r for a, b, r in point_claims):
-            continue
+        if n_claims:
+            pc = claims_arr[:n_claims]
+            if np.any((x - pc[:, 0]) ** 2 + (y - pc[:, 1]) ** 2 < pc[:, 2] ** 2):
+                continue
         flags = 0
         if near_mask[ci]:
             flags |= FLAG_MASKED
@@ -806,7 +841,8 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
             score = 1.0 if dq_cr[ci] else float(min(1.0, sharp_ratio[ci] / (2 * sharp_threshold)))
             cr_rows.append(dict(base, **{"class": "cosmic_ray", "subclass": sub, "score": score, "npix": npx,
                                          "flags": flags | (FLAG_DQ_CR if dq_cr[ci] else 0)}))
-            point_claims.append((x, y, 2.0))
+            claims_arr[n_claims] = (x, y, 2.0)
+            n_claims += 1
             continue
         weak = psf_snr[ci] < flash_sigma
         if (weak and loc_snr[ci] < flash_sigma) or sharp:
@@ -908,7 +944,8 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
             if trail_ratio[i] < trail_ratio_threshold else 0.1
         rows_out.append(dict(base, **shape, **extra, **{"class": "flash", "subclass": "point",
                                                         "score": max(score, 0.0), "flags": flags}))
-        point_claims.append((x, y, 1.5 * fwhm_px))
+        claims_arr[n_claims] = (x, y, 1.5 * fwhm_px)
+        n_claims += 1
 
     # merge cosmic-ray candidates closer than 6 px (tracks give several maxima)
     if cr_rows:
