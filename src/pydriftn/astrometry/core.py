@@ -223,11 +223,11 @@ def resolve_mask(mask, shape, *, bad_bits=None, cr_bits=None, where="dq mask"):
         raise MaskError(f"{where}: negative values; an integer bitmask was expected")
     bad_b = _bits(bad_bits, DEFAULT_BAD_PIXEL_FLAGS)
     cr_b = _bits(cr_bits, PixelFlag.COSMIC_RAY)
-    present = int(np.bitwise_or.reduce(m, axis=None)) if m.size else 0
     # flagged pixels are a few per cent: test the bits on those only
     flat = m.reshape(-1)
-    nz = np.flatnonzero(flat != 0) if present else np.zeros(0, np.intp)  # (5x faster than on the ints)
+    nz = np.flatnonzero(flat != 0)  # (5x faster than on the ints)
     nz_vals = flat[nz].astype(np.int64)
+    present = int(np.bitwise_or.reduce(nz_vals)) if nz_vals.size else 0
 
     def has(bits):
         if not present & bits:
@@ -498,13 +498,15 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
     else:
         diag["cosmic_rays_from"] = "dq mask"
     timings["cosmic_rays"] = time.perf_counter() - t
-    # float32 sum: an overflow to inf only sends the image through the (exact) non-finite check
-    if not np.isfinite(data.sum(dtype=np.float32) if data.dtype == np.float32 else data.sum(dtype=np.float64)):
+    # min and max are finite only when every pixel is (NaN propagates); the max is reused below
+    dmax = float(data.max())
+    if not (math.isfinite(dmax) and math.isfinite(float(data.min()))):
         nonfinite = ~np.isfinite(data)
         bad = bad | nonfinite
         data = np.where(nonfinite, 0.0, data)
+        dmax = float(data.max())
     sat_pix = dq_sat
-    if saturation is not None and float(data.max()) >= saturation:
+    if saturation is not None and dmax >= saturation:
         above = data >= saturation
         sat_pix = above if sat_pix is None else (sat_pix | above)
         bad = bad | above
@@ -984,8 +986,12 @@ def _pixel_counts(cols, cr, bad, sat, streak, geo, sigma):
     ys = np.asarray(cols["y_start"], float)
     ox = s_off[:, None] * ux + c_off[None, :] * vx
     oy = s_off[:, None] * uy + c_off[None, :] * vy
-    X = np.rint(xs[:, None, None] + ox[None]).astype(np.intp)
-    Y = np.rint(ys[:, None, None] + oy[None]).astype(np.intp)
+    X = xs[:, None, None] + ox[None]
+    np.rint(X, out=X)
+    X = X.astype(np.intp)
+    Y = ys[:, None, None] + oy[None]
+    np.rint(Y, out=Y)
+    Y = Y.astype(np.intp)
     # bounds checked only for the footprints that may cross the CCD edge
     edge = ((xs + ox.min() < 1) | (xs + ox.max() > nx - 2) | (ys + oy.min() < 1) | (ys + oy.max() > ny - 2))
     ie = np.nonzero(edge)[0]
@@ -1005,6 +1011,8 @@ def _pixel_counts(cols, cr, bad, sat, streak, geo, sigma):
     def gather(img):
         if img is None:
             return None
+        if not img.any():  # (an empty mask: cheaper than the gather)
+            return np.zeros(flat.shape, bool)
         g = np.take(img.reshape(-1), flat)
         if inside is not None:
             g &= inside
@@ -1015,13 +1023,16 @@ def _pixel_counts(cols, cr, bad, sat, streak, geo, sigma):
     cols["n_cr_pixels"] = ncr.astype(np.int64)
     # a pixel at along offset s (centre) receives light during samples floor(s - 0.5) and floor(s + 0.5)
     nsamp = geo.n_samples
-    hit = crs.any(axis=2)  # (n, len(s_off))
     M = np.zeros((s_off.size, max(nsamp, 1)), np.uint8)
     for shift in (-0.5, 0.5):
         k = np.floor(s_off + shift).astype(int)
         ok = (k >= 0) & (k < nsamp)
         M[np.nonzero(ok)[0], k[ok]] = 1
-    cols["n_cr_samples"] = ((hit.astype(np.uint8) @ M) > 0).sum(axis=1).astype(np.int64)
+    hit_rows = np.nonzero(ncr)[0]  # only trails with a cosmic-ray pixel have hit samples
+    hit = crs[hit_rows].any(axis=2)  # (n_hit, len(s_off))
+    ncs = np.zeros(n, np.int64)
+    ncs[hit_rows] = ((hit.astype(np.uint8) @ M) > 0).sum(axis=1)
+    cols["n_cr_samples"] = ncs
     msk = gather(bad)
     msk &= ~crs
     nmask = msk.sum(axis=(1, 2))

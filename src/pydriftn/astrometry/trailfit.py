@@ -294,7 +294,13 @@ def _fit_along(vals, valid, var, grid, qm, pa, pb, s, *, n_iter, length_prior_px
     P = grid.p_off[None, :]
     # cross coverage: fraction of the cross profile on valid samples, per p
     qc = qm[:, None, None] + (P[:, :, None] - 0.5 * (pa + pb)[:, None, None]) * grid.tan_phi
-    g = np.exp(-0.5 * ((Q - qc) / s[:, None, None]) ** 2) * (_INV_SQRT_2PI / s[:, None, None])
+    # exp(-0.5 ((Q - qc) / s)^2) / (sqrt(2 pi) s), evaluated in place (one (n, np, nq) buffer)
+    g = Q - qc
+    g /= s[:, None, None]
+    np.square(g, out=g)
+    g *= -0.5
+    np.exp(g, out=g)
+    g *= _INV_SQRT_2PI / s[:, None, None]
     # optimal weights across the trail: the PSF cross profile
     # valid: float 0/1; vals and var are zero on invalid samples
     wq = g * valid
@@ -316,7 +322,11 @@ def _fit_along(vals, valid, var, grid, qm, pa, pb, s, *, n_iter, length_prior_px
         pdf_b = np.exp(-0.5 * zb * zb) * _INV_SQRT_2PI / s[:, None]
         hc = h[:, None] * cov_q
         model = hc * shape + b[:, None] * nq
-        J = np.stack([cov_q * shape, -hc * pdf_a, hc * pdf_b, nq], axis=-1)
+        J = np.empty(shape.shape + (4,))
+        np.multiply(cov_q, shape, out=J[..., 0])
+        np.multiply(-hc, pdf_a, out=J[..., 1])
+        np.multiply(hc, pdf_b, out=J[..., 2])
+        J[..., 3] = nq
         JtW = J * wt[:, :, None]
         JtWJ = np.matmul(JtW.transpose(0, 2, 1), J)
         # length prior: (pb - pa - L) / sigma_L
@@ -581,23 +591,39 @@ def render_trails(shape, grid: TrailGrid, x_mid, y_mid, h, dtype=np.float32, tem
     else:
         model = _model_on_grid(grid, xa, ya, x_mid, y_mid, np.atleast_1d(h))
     ny, nx = shape
-    if grid.snapped:
-        Pi = grid.p_off.astype(np.int64)[None, :, None]
-        Qi = grid.q_off.astype(np.int64)[None, None, :]
-        X = xa.astype(np.int64)[:, None, None] + Pi * int(grid.ep[0]) + Qi * int(grid.eq[0])
-        Y = ya.astype(np.int64)[:, None, None] + Pi * int(grid.ep[1]) + Qi * int(grid.eq[1])
-    else:
-        P = grid.p_off[None, :, None]
-        Q = grid.q_off[None, None, :]
-        X = np.rint(xa[:, None, None] + P * grid.ep[0] + Q * grid.eq[0]).astype(np.int64)
-        Y = np.rint(ya[:, None, None] + P * grid.ep[1] + Q * grid.eq[1]).astype(np.int64)
     img = np.zeros(shape, dtype=dtype)
+    vals = model.astype(dtype, copy=False)
+    if grid.snapped:
+        # whole-pixel grid: flat indices from the anchors plus one offset table; the
+        # bounds are checked only for the trails whose window reaches beyond the CCD
+        Pi = grid.p_off.astype(np.int64)[:, None]
+        Qi = grid.q_off.astype(np.int64)[None, :]
+        ox = Pi * int(grid.ep[0]) + Qi * int(grid.eq[0])
+        oy = Pi * int(grid.ep[1]) + Qi * int(grid.eq[1])
+        xi0 = xa.astype(np.int64)
+        yi0 = ya.astype(np.int64)
+        flat = (yi0 * nx + xi0)[:, None, None] + (oy * nx + ox)[None]
+        edge = (xi0 + ox.min() < 0) | (xi0 + ox.max() >= nx) | (yi0 + oy.min() < 0) | (yi0 + oy.max() >= ny)
+        ie = np.nonzero(edge)[0]
+        if ie.size == 0:
+            np.add.at(img.reshape(-1), flat.reshape(-1), vals.reshape(-1))
+        else:
+            xi = xi0[ie, None, None] + ox[None]
+            yi = yi0[ie, None, None] + oy[None]
+            ok = np.ones(flat.shape, bool)
+            ok[ie] = (xi >= 0) & (xi < nx) & (yi >= 0) & (yi < ny)
+            np.add.at(img.reshape(-1), flat[ok], vals[ok])
+        return img
+    P = grid.p_off[None, :, None]
+    Q = grid.q_off[None, None, :]
+    X = np.rint(xa[:, None, None] + P * grid.ep[0] + Q * grid.eq[0]).astype(np.int64)
+    Y = np.rint(ya[:, None, None] + P * grid.ep[1] + Q * grid.eq[1]).astype(np.int64)
     flat = Y * nx + X
     if X.min() >= 0 and X.max() < nx and Y.min() >= 0 and Y.max() < ny:
-        np.add.at(img.reshape(-1), flat.reshape(-1), model.reshape(-1).astype(dtype, copy=False))
+        np.add.at(img.reshape(-1), flat.reshape(-1), vals.reshape(-1))
     else:
         ok = (X >= 0) & (X < nx) & (Y >= 0) & (Y < ny)
-        np.add.at(img.reshape(-1), flat[ok], model[ok].astype(dtype, copy=False))
+        np.add.at(img.reshape(-1), flat[ok], vals[ok])
     return img
 
 
