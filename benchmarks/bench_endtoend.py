@@ -645,6 +645,7 @@ def evaluate_search(ds, out_dir, cat, cmap, rmap, ext_table, *, variants=("defau
             row = dict(sim_id=int(e["star_id"]), star_id=None if cid is None else int(cid), kind=e["kind"],
                        te_s=float(e["te_s"]), u0=float(e["u0"]), r=float(xs["r"].iloc[0]) if len(xs) else np.nan,
                        t0_mjd=float(e["t0_mjd"]), recovered=False, candidate=False, vetoes="", t0_err_s=np.nan,
+                       te_fit_s=np.nan, te_err_pct=np.nan, model="",
                        statistic=np.nan, n_samples=0, dchi2_store=float(xs["dchi2_store"].sum()),
                        dchi2_abs=float(xs["dchi2_abs"].sum()),
                        frac_deblended=float(xs["frac_deblended"].mean()) if len(xs) else np.nan)
@@ -655,7 +656,9 @@ def evaluate_search(ds, out_dir, cat, cmap, rmap, ext_table, *, variants=("defau
                     row.update(candidate=True, recovered=bool(c["above_threshold"] and c["vetoes"] == 0),
                                vetoes=str(c["veto_reasons"]),
                                t0_err_s=float((c["t0_mjd"] - e["t0_mjd"]) * 86400.0) if np.isfinite(c["t0_mjd"])
-                               else np.nan)
+                               else np.nan, model=str(c.get("model", "")))
+                    te_fit = float(c.get("te_s", np.nan))
+                    row.update(te_fit_s=te_fit, te_err_pct=100.0 * (te_fit / float(e["te_s"]) - 1.0))
                 sn = res.star_nights[res.star_nights["star_id"] == cid]
                 if len(sn):
                     row["statistic"] = float(sn["statistic"].max())
@@ -753,7 +756,8 @@ def report(fig, run_seconds=None, unit_seconds=None):
               f"{e['star_id']}: {'RECOVERED' if e['recovered'] else 'missed   '} statistic {e['statistic']:7.1f} "
               f"(expected d-chi2 in the store {e['dchi2_store']:7.1f}, without per-exposure normalisation "
               f"{e['dchi2_abs']:8.1f}; {e['n_samples']} samples searched, {100 * e['frac_deblended']:.0f} % "
-              f"DEBLENDED) vetoes '{e['vetoes']}' t0 error {e['t0_err_s']:+.2f} s")
+              f"DEBLENDED) vetoes '{e['vetoes']}' t0 error {e['t0_err_s']:+.2f} s, fitted tE {e['te_fit_s']:.2f} s "
+              f"({e['te_err_pct']:+.1f} %, preferred model {e['model'] or '-'})")
         rec = [e["recovered"] for e in s["events"]]
         strong = [e["recovered"] for e in s["events"] if e["dchi2_store"] > 3 * s["threshold"]]
         p(f"  recovered {sum(rec)} of {len(rec)} true events; of those with expected d-chi2 > 3x threshold: "
@@ -859,6 +863,9 @@ def main(argv=None):
     ap.add_argument("--fresh", action="store_true", help="re-simulate the data")
     ap.add_argument("--no-search", action="store_true", help="skip the event search")
     ap.add_argument("--no-timing", action="store_true", help="skip the per-stage CPU timing")
+    ap.add_argument("--run-dir", default=None,
+                    help="folder of the pipeline run (default bench_output/endtoend/run_full_s{seed}_e{exposures}); "
+                         "e.g. a scratch folder to re-run the pipeline without touching the shared cached run")
     ns = ap.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
     warnings.simplefilter("ignore", RuntimeWarning)
@@ -866,7 +873,7 @@ def main(argv=None):
     OUT.mkdir(parents=True, exist_ok=True)
     print(f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}")
     ds = dataset(ns.seed, ns.exposures, ns.fresh)
-    out = OUT / f"run_full_s{ns.seed}_e{ns.exposures}"
+    out = Path(ns.run_dir) if ns.run_dir else OUT / f"run_full_s{ns.seed}_e{ns.exposures}"
     run_seconds = unit_seconds = None
     if not (ns.reuse and (out / "run_summary.json").is_file()):
         if out.exists():

@@ -1,10 +1,32 @@
 """Least-squares fits of candidate light curves: finite-source point lens, FRED flare, flat.
 
-Each model is evaluated at the true time of every sample and averaged over
-the sample's exposure (``supersample`` sub-steps across ``sample_s``), so a
-0.54 s sample of a 1 s event sees the integrated flux, as the detector does.
+PSF smearing. A sample ``k`` of a star is the light in one pixel strip of its
+trail, and the star drifts one pixel per sample while its PSF spreads its
+light over ~FWHM pixels along the drift, so the sample is the true light curve
+``F`` convolved with the PSF's line-spread function (LSF) along the drift and
+integrated over the strip::
 
-Models (times in seconds from a reference epoch, fluxes normalised to ~1):
+    y_k = int F(t) K((t_k - t) / dt) dt / dt,    K(v) = int_{v-1/2}^{v+1/2} LSF(x) dx,
+
+with ``t_k`` the sample's mid-time, ``dt`` the sample duration (one pixel) and
+``LSF`` a Moffat (beta = 3, :data:`LSF_BETA`) PSF of the exposure's seeing FWHM
+(pixels = samples) integrated across the drift, ``(1 + x^2/alpha^2)^(-5/2)``,
+normalised to unit area (:func:`moffat_lsf_pixel`, exact: closed-form
+antiderivative). For ``FWHM -> 0`` ``K`` is the one-pixel box, i.e. the plain
+average over the sample's exposure. :class:`Smear` precomputes the
+convolution for a set of sample times: ``F`` is evaluated on a supersampled
+time grid (``supersample`` odd sub-steps per sample, aligned on the sample
+centres, up to :data:`LSF_HALF_WIDTH_FWHM` FWHM from every sample) and the
+model of every sample is a fixed weighted sum of grid values (a gather). Light
+only reaches the trail while the shutter is open: given each sample's exposure
+window, grid points outside it are dropped and the weights renormalised (the
+extraction and the per-exposure normalisation divide the trail-end samples by
+the light they can receive), so an event before shutter opening does not leak
+into the first samples.
+
+Models (times in seconds from a reference epoch, fluxes normalised to ~1;
+each smeared as above when given a seeing FWHM, else averaged over the
+sample's exposure):
 
 * ``microlensing``: ``base * (fs * A(t; t0, tE, u0, rho) + 1 - fs)`` with
   ``A`` from :func:`pydriftn.models.microlensing_magnification_curve`
@@ -17,8 +39,8 @@ Models (times in seconds from a reference epoch, fluxes normalised to ~1):
   next to) the trail. The flash is static on the sky while the trail drifts by
   one pixel per sample, so in the series it has the shape of the PSF's
   line-spread function along the drift, integrated over each sample's
-  one-pixel strip: a Moffat (beta = 3, :data:`FLASH_BETA`) line-spread
-  function of the flash's FWHM in pixels (= samples). Fitted on a grid of
+  one-pixel strip: ``K`` above (:func:`flash_profile`, the same
+  :func:`moffat_lsf_pixel`) for the flash's FWHM in pixels (= samples). Fitted on a grid of
   ``t0`` and FWHM (within ``fwhm_range`` of the measured one), ``base`` and
   ``amplitude >= 0`` linear at each grid point; no optimiser. A microlensing
   event shorter than the seeing crossing time (~2 s) looks the same; a longer
@@ -38,11 +60,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.optimize import least_squares
+from scipy.sparse import csr_matrix
 
 from ..models import fred_flare, microlensing_magnification_curve, point_source_magnification
 
 __all__ = ["FitResult", "fit_flat", "fit_microlensing", "fit_flare", "fit_flash", "microlensing_model", "flare_model",
-           "flash_profile"]
+           "flash_profile", "moffat_lsf_pixel", "Smear", "DEFAULT_PSF_FWHM_PX", "LSF_BETA"]
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +75,16 @@ U0_MAX = 100.0
 #: Bounds of the baseline (normalised flux). On the night scale (``level_e_s``, see :mod:`.series`) the
 #: series has median 1 over the night, so a star magnified for most of the night has its baseline well below 1.
 BASE_BOUNDS = (0.05, 5.0)
-FLASH_BETA = 3.0  # Moffat index of the flash profile (the simulator's and a typical DECam PSF)
+LSF_BETA = 3.0  # Moffat index of the PSF (the simulator's and a typical DECam PSF); the closed forms need 3
+FLASH_BETA = LSF_BETA  # the flash profile is the same line-spread function
+#: Seeing FWHM (pixels = samples along the trail) assumed where the store gives none (no ``psf_fwhm_px``
+#: column, NaN, synthetic series): 1.0" at DECam's 0.27"/px, the simulator's drift-exposure seeing.
+DEFAULT_PSF_FWHM_PX = 3.7
+#: The smearing kernel extends this many FWHM from each sample (the Moffat beta = 3 wings beyond hold
+#: ~3e-4 of the light; the kernel is renormalised to unit sum).
+LSF_HALF_WIDTH_FWHM = 6.0
+#: Default sub-steps per sample of the smeared model grid (odd: aligned on the sample centres).
+SMEAR_SUPERSAMPLE = 5
 
 
 @dataclass
@@ -84,6 +116,118 @@ class FitResult:
         return float(self.chi2_flat - self.chi2)
 
 
+def _moffat3_primitive(u):
+    """``int_0^u (1 + v^2)^(-5/2) dv`` (Moffat beta = 3 integrated across the drift); -> +-2/3 at +-inf."""
+    u = np.asarray(u, float)
+    return u * (2.0 * u * u + 3.0) / (3.0 * (1.0 + u * u) ** 1.5)
+
+
+def _moffat_alpha(fwhm_px):
+    return np.asarray(fwhm_px, float) / (2.0 * np.sqrt(2.0 ** (1.0 / LSF_BETA) - 1.0))
+
+
+def moffat_lsf_pixel(x, fwhm_px):
+    """Fraction of a Moffat (beta = 3) star's light in a one-pixel strip at along-drift offset ``x`` (px).
+
+    ``int_{x-1/2}^{x+1/2} LSF(v) dv`` for the line-spread function
+    ``LSF(v) ~ (1 + v^2/alpha^2)^(-5/2)`` of unit area (the circular Moffat
+    integrated across the drift), exactly, from the closed-form antiderivative.
+    Sums to 1 over integer-spaced ``x``; ``fwhm_px -> 0`` gives the one-pixel
+    box (1 for ``|x| < 1/2``). ``x`` and ``fwhm_px`` broadcast.
+    """
+    a = np.maximum(_moffat_alpha(fwhm_px), 1e-9)
+    x = np.asarray(x, float)
+    return 0.75 * (_moffat3_primitive((x + 0.5) / a) - _moffat3_primitive((x - 0.5) / a))
+
+
+class Smear:
+    """Precomputed PSF smearing of a light curve for a fixed set of samples (module docstring).
+
+    Parameters
+    ----------
+    t_s : ndarray (n,)
+        Mid-times of the samples (s).
+    sample_s : float
+        Sample duration (s) = one pixel of drift.
+    fwhm_px : float or ndarray (n,)
+        Seeing FWHM of each sample's exposure, in pixels (= samples). 0 (or
+        not finite): no PSF, the model is averaged over the sample's exposure.
+    supersample : int
+        Model grid steps per sample (made odd).
+    window : (ndarray (n,), ndarray (n,)), optional
+        Shutter open and close time (s, same origin as ``t_s``) of each
+        sample's exposure: no light from outside. Without it the grid extends
+        freely around every run of samples.
+
+    Call with a function ``f(t)`` (vectorised) to get the smeared samples;
+    :attr:`t_grid` are the times ``f`` is evaluated at.
+    """
+
+    def __init__(self, t_s, sample_s, fwhm_px=0.0, supersample=SMEAR_SUPERSAMPLE, window=None):
+        t = np.asarray(t_s, float)
+        n = t.size
+        ss = max(int(supersample), 1)
+        ss += 1 - ss % 2
+        h = sample_s / ss
+        fw = np.broadcast_to(np.asarray(fwhm_px, float), (n,))
+        fw = np.where(np.isfinite(fw) & (fw > 0), fw, 0.0)
+        half_px = 0.5 + LSF_HALF_WIDTH_FWHM * (fw.max() if n else 0.0)
+        m = int(np.ceil(half_px * ss))
+        j = np.arange(-m, m + 1)
+        if window is not None:
+            lo = np.broadcast_to(np.asarray(window[0], float), (n,))
+            hi = np.broadcast_to(np.asarray(window[1], float), (n,))
+            key = np.round(lo / h).astype(np.int64) if n else np.zeros(0, np.int64)
+            seg = np.unique(key, return_inverse=True)[1].reshape(-1) if n else key
+        else:
+            order = np.argsort(t)
+            brk = np.r_[0, np.cumsum(np.diff(t[order]) > 2.5 * sample_s)] if n else np.zeros(0, np.int64)
+            seg = np.empty(n, np.int64)
+            seg[order] = brk
+        grids, idx, w = [], np.zeros((n, j.size), np.int64), np.zeros((n, j.size))
+        start = 0
+        for g in range(int(seg.max()) + 1 if n else 0):
+            sel = np.flatnonzero(seg == g)
+            tg = t[sel]
+            t_ref = tg.min()
+            c = np.round((tg - t_ref) / h).astype(np.int64)  # nearest grid index of each sample
+            if window is not None:
+                w_lo, w_hi = lo[sel].min(), hi[sel].max()
+                i_lo = int(np.ceil((w_lo - t_ref) / h + 0.5 - 1e-6))
+                i_hi = int(np.floor((w_hi - t_ref) / h - 0.5 + 1e-6))
+            else:
+                i_lo, i_hi = int(c.min()) - m, int(c.max()) + m
+            i_lo, i_hi = max(i_lo, int(c.min()) - m), min(i_hi, int(c.max()) + m)
+            grid = t_ref + np.arange(i_lo, i_hi + 1) * h
+            ii = c[:, None] + j[None, :]
+            inside = (ii >= i_lo) & (ii <= i_hi)
+            off = (tg[:, None] - (t_ref + ii * h)) / sample_s  # (t_k - tau) in pixels
+            wk = np.where(inside, moffat_lsf_pixel(off, fw[sel, None]), 0.0)
+            idx[sel] = np.clip(ii - i_lo, 0, max(len(grid) - 1, 0)) + start
+            w[sel] = wk
+            grids.append(grid)
+            start += len(grid)
+        w[w < 1e-13] = 0.0  # rounding of the antiderivative difference far outside the box
+        tot = w.sum(axis=1, keepdims=True)
+        np.divide(w, tot, out=w, where=tot > 0)
+        # drop the all-zero outer taps (e.g. no PSF: only the box of ss taps is non-zero)
+        used = np.flatnonzero(np.any(w != 0, axis=0))
+        if used.size:
+            sl = slice(used[0], used[-1] + 1)
+            idx, w = idx[:, sl], w[:, sl]
+        self.t_grid = np.concatenate(grids) if grids else np.zeros(0)
+        nz = w != 0
+        rows = np.broadcast_to(np.arange(n)[:, None], w.shape)
+        self.matrix = csr_matrix((w[nz], (rows[nz], idx[nz])), shape=(n, self.t_grid.size))
+
+    def apply(self, values):
+        """Smeared samples from model values on :attr:`t_grid`."""
+        return self.matrix @ np.asarray(values, float)
+
+    def __call__(self, f, *params):
+        return self.apply(f(self.t_grid, *params))
+
+
 def _sub_offsets(sample_s, supersample):
     n = max(int(supersample), 1)
     return ((np.arange(n) + 0.5) / n - 0.5) * sample_s
@@ -98,15 +242,32 @@ def _sample_average(curve, t_s, sample_s, supersample, *params):
     return curve(t, *params)
 
 
-def microlensing_model(t_s, t0, te, u0, rho, fs=1.0, base=1.0, sample_s=0.0, supersample=1):
-    """Normalised flux of a point-lens event averaged over each sample's exposure."""
-    a = _sample_average(microlensing_magnification_curve, t_s, sample_s, supersample, t0, te, u0, rho)
+def _smeared(curve, t_s, sample_s, supersample, fwhm_px, smear, *params):
+    if smear is None and fwhm_px is not None and sample_s > 0:
+        smear = Smear(t_s, sample_s, fwhm_px, supersample)
+    if smear is not None:
+        return smear(curve, *params)
+    return _sample_average(curve, t_s, sample_s, supersample, *params)
+
+
+def microlensing_model(t_s, t0, te, u0, rho, fs=1.0, base=1.0, sample_s=0.0, supersample=1, fwhm_px=None,
+                       smear=None):
+    """Normalised flux of a point-lens event as sampled along the trail.
+
+    Without ``fwhm_px``/``smear``: averaged over each sample's exposure
+    (``supersample`` sub-steps). With ``fwhm_px`` (seeing FWHM, px = samples;
+    scalar or per sample) or a precomputed :class:`Smear` (which fixes the
+    times, and ``t_s`` is then ignored): convolved with the PSF's line-spread
+    function along the drift (module docstring).
+    """
+    a = _smeared(microlensing_magnification_curve, t_s, sample_s, supersample, fwhm_px, smear, t0, te, u0, rho)
     return base * (fs * a + 1.0 - fs)
 
 
-def flare_model(t_s, t0, amplitude, rise_s, decay_s, base=1.0, sample_s=0.0, supersample=1):
-    """Normalised flux of a FRED flare averaged over each sample's exposure."""
-    f = _sample_average(fred_flare, t_s, sample_s, supersample, t0, amplitude, rise_s, decay_s)
+def flare_model(t_s, t0, amplitude, rise_s, decay_s, base=1.0, sample_s=0.0, supersample=1, fwhm_px=None,
+                smear=None):
+    """Normalised flux of a FRED flare as sampled along the trail (see :func:`microlensing_model`)."""
+    f = _smeared(fred_flare, t_s, sample_s, supersample, fwhm_px, smear, t0, amplitude, rise_s, decay_s)
     return base * (1.0 + f)
 
 
@@ -155,7 +316,7 @@ def _u_for_excess(excess):
 
 
 def fit_microlensing(t_s, y, err, *, t_guess, duration_guess, excess_guess, sample_s=0.54, supersample=3,
-                     fit_blend=False, max_nfev=200) -> FitResult:
+                     fit_blend=False, max_nfev=200, fwhm_px=None, window=None) -> FitResult:
     """Fit the finite-source point-lens model.
 
     Parameters
@@ -171,7 +332,12 @@ def fit_microlensing(t_s, y, err, *, t_guess, duration_guess, excess_guess, samp
     sample_s : float
         Exposure time of a sample (for the supersampled model).
     supersample : int
-        Sub-steps per sample.
+        Sub-steps per sample (of the exposure average, or of the smeared model grid).
+    fwhm_px : float or ndarray, optional
+        Seeing FWHM (px = samples; scalar or per sample): fit the PSF-smeared
+        model (module docstring). None: the model averaged over each sample.
+    window : (ndarray, ndarray), optional
+        Shutter open/close time of each sample's exposure (s, origin of ``t_s``), see :class:`Smear`.
     fit_blend : bool
         Also fit the source flux fraction ``fs`` (else ``fs = 1``; the
         blending/u0/tE degeneracy makes ``fs`` poorly constrained for short,
@@ -192,9 +358,11 @@ def fit_microlensing(t_s, y, err, *, t_guess, duration_guess, excess_guess, samp
         fs = p[5] if fit_blend else 1.0
         return t0, 10**lte, u0, 10**lrho, base, fs
 
+    smear = Smear(t_s, sample_s, fwhm_px, supersample, window) if fwhm_px is not None else None
+
     def resid(p):
         t0, te, u0, rho, base, fs = unpack(p)
-        return (microlensing_model(t_s, t0, te, u0, rho, fs, base, sample_s, supersample) - y) / err
+        return (microlensing_model(t_s, t0, te, u0, rho, fs, base, sample_s, supersample, smear=smear) - y) / err
 
     tmin, tmax = float(np.min(t_s)), float(np.max(t_s))
     lo = [tmin - dur, LOG_TE_BOUNDS[0], 0.0, LOG_RHO_BOUNDS[0], BASE_BOUNDS[0]]
@@ -238,15 +406,19 @@ def fit_microlensing(t_s, y, err, *, t_guess, duration_guess, excess_guess, samp
 
 
 def fit_flare(t_s, y, err, *, t_guess, duration_guess, excess_guess, sample_s=0.54, supersample=3,
-              max_nfev=200) -> FitResult:
-    """Fit the FRED flare model (see module docstring); ``params``: ``t0_s, amplitude, rise_s, decay_s, base``."""
+              max_nfev=200, fwhm_px=None, window=None) -> FitResult:
+    """Fit the FRED flare model (see module docstring); ``params``: ``t0_s, amplitude, rise_s, decay_s, base``.
+
+    Arguments as :func:`fit_microlensing` (``fwhm_px``, ``window``: PSF-smeared model).
+    """
     base0, chi2_flat = fit_flat(y, err)
     dur = max(float(duration_guess), sample_s)
     exc = max(float(excess_guess), 1e-4)
+    smear = Smear(t_s, sample_s, fwhm_px, supersample, window) if fwhm_px is not None else None
 
     def resid(p):
         t0, amp, lr, ld, base = p
-        return (flare_model(t_s, t0, amp, 10**lr, 10**ld, base, sample_s, supersample) - y) / err
+        return (flare_model(t_s, t0, amp, 10**lr, 10**ld, base, sample_s, supersample, smear=smear) - y) / err
 
     tmin, tmax = float(np.min(t_s)), float(np.max(t_s))
     lo = np.array([tmin - dur, 0.0, -2.0, -2.0, BASE_BOUNDS[0]])
@@ -273,21 +445,19 @@ def fit_flare(t_s, y, err, *, t_guess, duration_guess, excess_guess, sample_s=0.
     return out
 
 
-def flash_profile(t_s, t0, fwhm_samples, sample_s, supersample=8):
+def flash_profile(t_s, t0, fwhm_samples, sample_s, supersample=None):
     """Line-spread function of an instantaneous flash at ``t0`` as seen by drift samples (peak ~1).
 
-    Moffat (:data:`FLASH_BETA`) PSF of FWHM ``fwhm_samples`` pixels
+    Moffat (:data:`LSF_BETA`) PSF of FWHM ``fwhm_samples`` pixels
     integrated across the drift, ``(1 + x^2 / alpha^2)^(1/2 - beta)`` with
     ``x`` the along-drift offset in pixels (one sample = one pixel), averaged
-    over each sample's one-pixel strip. ``t0`` and ``fwhm_samples`` broadcast
-    against ``t_s`` (e.g. ``t0`` of shape ``(G, 1)`` gives ``(G, n)``).
+    over each sample's one-pixel strip (exactly: :func:`moffat_lsf_pixel`
+    times the LSF's area ``4 alpha / 3``, so the peak is ~1). ``t0`` and
+    ``fwhm_samples`` broadcast against ``t_s`` (e.g. ``t0`` of shape ``(G, 1)``
+    gives ``(G, n)``). ``supersample`` is ignored (kept for compatibility).
     """
-    beta = FLASH_BETA
-    alpha = np.asarray(fwhm_samples, float) / (2.0 * np.sqrt(2.0 ** (1.0 / beta) - 1.0))
     x = (np.asarray(t_s, float) - np.asarray(t0, float)) / sample_s
-    sub = (np.arange(supersample) + 0.5) / supersample - 0.5
-    xx = x[..., None] + sub
-    return ((1.0 + (xx / alpha[..., None]) ** 2) ** (0.5 - beta)).mean(axis=-1)
+    return moffat_lsf_pixel(x, fwhm_samples) * (4.0 / 3.0) * _moffat_alpha(fwhm_samples)
 
 
 def fit_flash(t_s, y, err, *, t_lo, t_hi, fwhm_samples, sample_s=0.54, fwhm_range=(0.85, 1.2), t_step_samples=0.1,

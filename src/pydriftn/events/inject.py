@@ -2,8 +2,8 @@
 
 :func:`inject_microlensing` adds the finite-source point-lens signal of
 chosen stars to their ``norm_flux``: for a model flux ratio
-``F(t) = fs A(t) + 1 - fs`` (averaged over each sample's exposure) and the
-star-night's baseline ``b`` (median ``norm_flux``),
+``F(t) = fs A(t) + 1 - fs`` as the samples see it and the star-night's
+baseline ``b`` (median ``norm_flux``),
 
     y' = y + b (F - 1) + N(0, sigma^2 q (F - 1)),   sigma' = sigma sqrt(1 + q (F - 1)),
 
@@ -12,6 +12,23 @@ extra source flux is added, ``q`` (``source_noise_fraction``) being the part
 of the baseline variance that is the source's own photon noise (1 = source
 dominated, bright stars; 0 = background dominated). This is the "multiply the
 star by the model" injection with the noise scaled as sqrt of the source flux.
+
+PSF smearing. A sample of an extracted series is one pixel strip of the trail,
+so a real event reaches the series convolved with the PSF's line-spread
+function along the drift (see :mod:`.fit`). Injected events are smeared the
+same way (``psf_smear``, default on), with the exposure's seeing FWHM from the
+``psf_fwhm_px`` column where present and finite (divided by
+``psf_column_per_fwhm``, as in the search: see :mod:`.series`), else ``psf_fwhm_px``
+(:data:`~.fit.DEFAULT_PSF_FWHM_PX`), and only light from inside each
+exposure's shutter window (from the ``sample`` index: sample ``k`` is
+``(k + 1/2)`` samples after the opening): the injected series are what the
+pipeline would extract from such an event, and the search's fits use the same
+model (on a coarser grid: the injections use ``supersample`` =
+:data:`INJECT_SUPERSAMPLE`). Samples further than :data:`SMEAR_SPAN_TE` tE
+(times ``max(1, rho)``) plus :data:`SMEAR_SPAN_S` from ``t0`` are only averaged
+over their exposure (the magnification is smooth there and the smearing does
+nothing). ``psf_smear=False`` gives the old, unsmeared injection (averaged
+over each sample's exposure).
 
 :func:`efficiency` injects events on a grid of ``tE, u0, rho, mag`` into the
 real (or synthetic) series of stars of the right magnitude, at random times,
@@ -37,13 +54,21 @@ import numpy as np
 import pandas as pd
 
 from ..models import microlensing_magnification_curve
+from .fit import DEFAULT_PSF_FWHM_PX, Smear
 from .scan import DEFAULT_WIDTHS
 from .search import _star_table, calibrate_null, search
-from .series import SECONDS_PER_DAY, EventSearchError, build_blocks, check_columns, with_modified_rows
+from .series import LSF_PER_PSF_FWHM, SECONDS_PER_DAY, EventSearchError, build_blocks, check_columns, \
+    with_modified_rows
 
 __all__ = ["inject_microlensing", "efficiency", "EfficiencyResult", "plot_efficiency", "run_efficiency"]
 
 log = logging.getLogger(__name__)
+
+#: Model grid steps per sample of the injected (smeared) events.
+INJECT_SUPERSAMPLE = 9
+#: Samples within ``SMEAR_SPAN_TE * tE * max(1, rho) + SMEAR_SPAN_S`` of ``t0`` are PSF-smeared.
+SMEAR_SPAN_TE = 30.0
+SMEAR_SPAN_S = 30.0
 
 
 def _sample_seconds(lc) -> float:
@@ -55,7 +80,9 @@ def _sample_seconds(lc) -> float:
 
 
 def inject_microlensing(lc_table: pd.DataFrame, params, seed=0, *, source_noise_fraction: float = 1.0,
-                        supersample: int = 3, sample_s: float | None = None) -> pd.DataFrame:
+                        supersample: int | None = None, sample_s: float | None = None, psf_smear: bool = True,
+                        psf_fwhm_px: float = DEFAULT_PSF_FWHM_PX,
+                        psf_column_per_fwhm: float = LSF_PER_PSF_FWHM) -> pd.DataFrame:
     """Copy of ``lc_table`` with point-lens events added to chosen stars.
 
     Parameters
@@ -70,10 +97,17 @@ def inject_microlensing(lc_table: pd.DataFrame, params, seed=0, *, source_noise_
         Seed of the extra photon noise.
     source_noise_fraction : float
         ``q`` in the module docstring (0..1).
-    supersample : int
-        Sub-steps per sample for the model average over the sample exposure.
+    supersample : int, optional
+        Model grid steps per sample (default :data:`INJECT_SUPERSAMPLE` smeared, 3 unsmeared).
     sample_s : float, optional
         Sample exposure (s); inferred from the table if not given.
+    psf_smear : bool
+        Convolve the events with the PSF's line-spread function along the
+        drift (module docstring); False: only average over each sample's exposure.
+    psf_fwhm_px : float
+        PSF FWHM (px) where the table has no finite ``psf_fwhm_px``.
+    psf_column_per_fwhm : float
+        The ``psf_fwhm_px`` column over the PSF's FWHM (see :mod:`.series`).
 
     Returns
     -------
@@ -102,8 +136,22 @@ def inject_microlensing(lc_table: pd.DataFrame, params, seed=0, *, source_noise_
     if sample_s is None:
         sample_s = _sample_seconds(lc_table)
     t = (m["mjd"].to_numpy() - m["t0_mjd"].to_numpy()) * SECONDS_PER_DAY
-    te, u0, rho = (m[c].to_numpy(float)[:, None] for c in ("te_s", "u0", "rho"))
-    f = _event_flux(t, te, u0, rho, m["fs"].to_numpy(float), sample_s, supersample)
+    if not psf_smear:
+        te, u0, rho = (m[c].to_numpy(float)[:, None] for c in ("te_s", "u0", "rho"))
+        f = _event_flux(t, te, u0, rho, m["fs"].to_numpy(float), sample_s, supersample or 3)
+    else:
+        fw, lo, hi = _table_psf_columns(lc_table, psf_fwhm_px, sample_s, psf_column_per_fwhm)
+        r_ = m["_row"].to_numpy()
+        f = np.empty(len(m))
+        ev_id = m.groupby(keys + ["t0_mjd", "te_s", "u0", "rho"], sort=False).ngroup().to_numpy()
+        for g in np.unique(ev_id):
+            sel = np.flatnonzero(ev_id == g)
+            e0 = m.iloc[sel[0]]
+            rr = r_[sel]
+            win = None if lo is None else ((lo[rr] - e0["t0_mjd"]) * SECONDS_PER_DAY,
+                                           (hi[rr] - e0["t0_mjd"]) * SECONDS_PER_DAY)
+            f[sel] = _event_flux(t[sel], float(e0["te_s"]), float(e0["u0"]), float(e0["rho"]), float(e0["fs"]),
+                                 sample_s, supersample or INJECT_SUPERSAMPLE, fwhm_px=fw[rr], window=win)
     gkeys = keys + (["night"] if "night" in lc_table.columns and "night" not in keys else [])
     if "night" in gkeys and "night" not in m.columns:
         m["night"] = lc_table["night"].to_numpy()[m["_row"].to_numpy()]
@@ -128,15 +176,52 @@ def inject_microlensing(lc_table: pd.DataFrame, params, seed=0, *, source_noise_
     return out
 
 
-def _event_flux(t_s, te, u0, rho, fs, sample_s, supersample):
-    """``fs A + 1 - fs`` averaged over each sample's exposure; ``t_s`` relative to t0 (any shape)."""
+def _table_psf_columns(lc, default_fwhm, sample_s, column_per_fwhm=LSF_PER_PSF_FWHM):
+    """Per row of ``lc``: PSF FWHM (px; ``default_fwhm`` where unknown) and the shutter window (mjd) of
+    its exposure (``None, None`` without ``sample`` and ``expnum`` columns)."""
+    if "psf_fwhm_px" in lc.columns:
+        fw = pd.to_numeric(lc["psf_fwhm_px"], errors="coerce").to_numpy(float) / float(column_per_fwhm)
+        fw = np.where(np.isfinite(fw) & (fw > 0), fw, float(default_fwhm))
+    else:
+        fw = np.full(len(lc), float(default_fwhm))
+    if not {"sample", "expnum"} <= set(lc.columns):
+        return fw, None, None
+    k = lc["sample"].to_numpy(float)
+    opening = lc["mjd"].to_numpy(float) - (k + 0.5) * sample_s / SECONDS_PER_DAY
+    keys = [c for c in ("night", "ccd") if c in lc.columns] + ["star_id", "expnum"]
+    lo = pd.Series(opening).groupby([lc[c].to_numpy() for c in keys]).transform("median").to_numpy()
+    n_k = int(np.nanmax(k)) + 1 if len(k) else 1
+    return fw, lo, lo + n_k * sample_s / SECONDS_PER_DAY
+
+
+def _event_flux(t_s, te, u0, rho, fs, sample_s, supersample, fwhm_px=None, window=None):
+    """``fs A + 1 - fs`` as sampled; ``t_s`` relative to t0.
+
+    Without ``fwhm_px``: averaged over each sample's exposure (``t_s`` of any
+    shape, parameters broadcast). With ``fwhm_px`` (per sample or scalar; one
+    event, ``t_s`` 1-D) and optionally ``window`` (shutter open/close of each
+    sample's exposure, s from t0): PSF-smeared (:class:`~.fit.Smear`) within
+    :data:`SMEAR_SPAN_TE` tE of t0, averaged over the sample beyond.
+    """
     n = max(int(supersample), 1)
     off = ((np.arange(n) + 0.5) / n - 0.5) * sample_s
-    a = microlensing_magnification_curve(t_s[..., None] + off, 0.0, te, u0, rho).mean(axis=-1)
+    if fwhm_px is None:
+        a = microlensing_magnification_curve(t_s[..., None] + off, 0.0, te, u0, rho).mean(axis=-1)
+        return fs * a + 1.0 - fs
+    t_s = np.asarray(t_s, float)
+    a = microlensing_magnification_curve(t_s[:, None] + off[None, :], 0.0, te, u0, rho).mean(axis=-1)
+    near = np.abs(t_s) <= SMEAR_SPAN_TE * te * max(1.0, rho) + SMEAR_SPAN_S
+    if near.any():
+        fw = np.broadcast_to(np.asarray(fwhm_px, float), t_s.shape)[near]
+        win = None if window is None else tuple(np.broadcast_to(np.asarray(w, float), t_s.shape)[near]
+                                                for w in window)
+        sm = Smear(t_s[near], sample_s, fw, supersample, win)
+        a[near] = sm(microlensing_magnification_curve, 0.0, te, u0, rho)
     return fs * a + 1.0 - fs
 
 
-def _inject_blocks(blocks, params, rng, *, source_noise_fraction, supersample, sample_s):
+def _inject_blocks(blocks, params, rng, *, source_noise_fraction, supersample, sample_s, psf_smear=True,
+                   psf_fwhm_px=DEFAULT_PSF_FWHM_PX, psf_column_per_fwhm=LSF_PER_PSF_FWHM):
     """Blocks with the events of ``params`` added (same recipe as :func:`inject_microlensing`)."""
     q = float(np.clip(source_noise_fraction, 0.0, 1.0))
     out = []
@@ -160,7 +245,15 @@ def _inject_blocks(blocks, params, rng, *, source_noise_fraction, supersample, s
             t = (b.mjd[rows[k], pres] - ev.t0_mjd) * SECONDS_PER_DAY
             fs = getattr(ev, "fs", 1.0)
             fs = 1.0 if fs is None or not np.isfinite(fs) else float(fs)
-            f = _event_flux(t, ev.te_s, ev.u0, ev.rho, fs, sample_s, supersample)
+            if psf_smear:
+                gidx = np.flatnonzero(pres)
+                fw = b.exposure_fwhm_px(psf_fwhm_px, psf_column_per_fwhm)[gidx // b.samples_per_exposure]
+                lo, hi = b.sample_windows(rows[k], gidx, sample_s)
+                win = ((lo - ev.t0_mjd) * SECONDS_PER_DAY, (hi - ev.t0_mjd) * SECONDS_PER_DAY)
+                f = _event_flux(t, ev.te_s, ev.u0, ev.rho, fs, sample_s, supersample or INJECT_SUPERSAMPLE,
+                                fwhm_px=fw, window=win)
+            else:
+                f = _event_flux(t, ev.te_s, ev.u0, ev.rho, fs, sample_s, supersample or 3)
             base = np.median(y[k, pres])
             sig = err[k, pres]
             extra = np.clip(sig * sig * q * (f - 1.0), 0.0, None)
@@ -327,7 +420,10 @@ def efficiency(lc: pd.DataFrame, stars: pd.DataFrame | None = None, *, te_s=(1.0
     stars_tab = stars if stars is not None else (star_tab.reset_index() if star_tab is not None else None)
     for b, grp in inj.groupby("batch"):
         blocks_b = _inject_blocks(blocks, grp, np.random.default_rng([int(seed), int(b)]),
-                                  source_noise_fraction=source_noise_fraction, supersample=3, sample_s=sample_s)
+                                  source_noise_fraction=source_noise_fraction, supersample=None, sample_s=sample_s,
+                                  psf_smear=search_kwargs.get("psf_smear", True),
+                                  psf_fwhm_px=search_kwargs.get("psf_fwhm_px", DEFAULT_PSF_FWHM_PX),
+                                  psf_column_per_fwhm=search_kwargs.get("psf_column_per_fwhm", LSF_PER_PSF_FWHM))
         res = search(None, stars=stars_tab, null=null, only_star_ids=grp["star_id"].unique(), blocks=blocks_b,
                      **skw)
         thresholds.update(res.thresholds)

@@ -12,8 +12,11 @@ Steps (all stars of a CCD-night at once, see :mod:`.series` and :mod:`.scan`):
    false-alarm probability per star-night of every candidate, and the
    threshold for the target false-alarm rate.
 4. Star-nights above a looser pre-threshold are fitted with the finite-source
-   point-lens and FRED flare models (true sample times, supersampled over each
-   sample's exposure); parameters, Jacobian errors, Delta-chi2 vs flat.
+   point-lens and FRED flare models (true sample times) convolved with the
+   PSF's line-spread function along the drift of each exposure's seeing
+   (``psf_fwhm_px`` column, else the ``psf_fwhm_px`` option; see :mod:`.fit`)
+   within each exposure's shutter window; parameters, Jacobian errors,
+   Delta-chi2 vs flat.
 5. Vetoes (bitmask, see ``VETO_BITS``): samples excluded for their flags in
    (or next to) the candidate window; common mode (the same grid window, i.e. the same exposure and
    samples, brightens/dims in more than ``common_mode_fraction`` of the CCD's
@@ -35,9 +38,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .fit import fit_flare, fit_flash, fit_microlensing
+from .fit import DEFAULT_PSF_FWHM_PX, SMEAR_SUPERSAMPLE, fit_flare, fit_flash, fit_microlensing
 from .scan import DEFAULT_WIDTHS, NullDistribution, scan_block, scramble_block, window_statistic
-from .series import SECONDS_PER_DAY, EventSearchError, build_blocks, check_columns
+from .series import LSF_PER_PSF_FWHM, SECONDS_PER_DAY, EventSearchError, build_blocks, check_columns
 
 __all__ = [
     "VETO_FLAGGED",
@@ -259,7 +262,9 @@ def search(lc: pd.DataFrame, stars: pd.DataFrame | None = None, flashes: pd.Data
            widths=DEFAULT_WIDTHS, sign: str = "positive", bad_flag_mask: int | None = None,
            rescale_errors: bool = True, n_scrambles: int = 20, false_alarm_rate: float = 1e-4,
            pre_false_alarm_rate: float = 1e-3, null=None, null_pool: str = "night", seed: int = 0,
-           fit: bool = True, fit_blend: bool = False, supersample: int = 3, max_fits: int = 2000,
+           fit: bool = True, fit_blend: bool = False, supersample: int = SMEAR_SUPERSAMPLE, max_fits: int = 2000,
+           psf_smear: bool = True, psf_fwhm_px: float = DEFAULT_PSF_FWHM_PX,
+           psf_column_per_fwhm: float = LSF_PER_PSF_FWHM,
            only_star_ids=None, common_mode_fraction: float = 0.1, common_mode_dchi2: float = 9.0,
            common_mode_min_stars: int = 3, neighbour_radius_arcsec: float = 10.0, neighbour_dchi2: float = 9.0,
            flash_radius_arcsec: float = 2.0, flash_window_s: float = 1.0, flash_max_width: int = 2,
@@ -312,7 +317,19 @@ def search(lc: pd.DataFrame, stars: pd.DataFrame | None = None, flashes: pd.Data
     fit_blend : bool
         Fit the source flux fraction of the microlensing model.
     supersample : int
-        Sub-steps per sample in the model integration over the sample exposure.
+        Model grid steps per sample (odd) of the PSF-smeared models (or sub-steps of the
+        average over the sample exposure without smearing).
+    psf_smear : bool
+        Fit the models convolved with the PSF's line-spread function along the
+        drift (:mod:`.fit`); False: only averaged over each sample's exposure.
+    psf_fwhm_px : float
+        Seeing FWHM (px = samples) of exposures whose ``psf_fwhm_px`` column is
+        absent or NaN (old stores, synthetic series); default
+        :data:`~.fit.DEFAULT_PSF_FWHM_PX` (1.0" at 0.27"/px).
+    psf_column_per_fwhm : float
+        The ``psf_fwhm_px`` column divided by this is the PSF's FWHM (default:
+        the column is the FWHM of the cross-track trail profile, i.e. of the
+        line-spread function, 1.109 x the PSF's; see :mod:`.series`).
     max_fits : int
         At most this many candidates are fitted (most significant first).
     only_star_ids : array_like, optional
@@ -427,6 +444,7 @@ def search(lc: pd.DataFrame, stars: pd.DataFrame | None = None, flashes: pd.Data
         cand_rows.extend(_block_candidates(
             block, sc, scr_p, idx, fap, thr, star_tab, mcol, fl, fit=fit, fit_blend=fit_blend,
             supersample=supersample, max_fits=max_fits - len(cand_rows),
+            psf=(psf_smear, psf_fwhm_px, psf_column_per_fwhm),
             common_mode=(common_mode_fraction, common_mode_dchi2, common_mode_min_stars),
             neighbour=(neighbour_radius_arcsec, neighbour_dchi2), flash=(flash_radius_arcsec, flash_window_s),
             flash_test=(flash_max_width, flash_margin_dchi2, flash_margin_frac, flash_fwhm_px)))
@@ -445,7 +463,7 @@ def search(lc: pd.DataFrame, stars: pd.DataFrame | None = None, flashes: pd.Data
 
 
 def _block_candidates(block, sc, scr_p, idx, fap, thr, star_tab, mcol, fl, *, fit, fit_blend, supersample, max_fits,
-                      common_mode, neighbour, flash, flash_test):
+                      common_mode, neighbour, flash, flash_test, psf=(True, DEFAULT_PSF_FWHM_PX, LSF_PER_PSF_FWHM)):
     rows = []
     if len(idx) == 0:
         return rows
@@ -525,7 +543,7 @@ def _block_candidates(block, sc, scr_p, idx, fap, thr, star_tab, mcol, fl, *, fi
         row["n_flashes"] = int(fmatch.sum())
         # ---- fits
         if fit and not (vet & VETO_COMMON_MODE):
-            row.update(_fit_one(block, i, t_lo, t_hi, sc.amplitude[i] * sg, sample_s, supersample, fit_blend))
+            row.update(_fit_one(block, i, t_lo, t_hi, sc.amplitude[i] * sg, sample_s, supersample, fit_blend, psf))
         else:
             row["model"] = "none"
         if fmatch.any():
@@ -589,7 +607,7 @@ def _flash_veto(block, i, row, t_lo, t_hi, width, sample_s, fl, fidx, fl_pad, fl
     max_width, margin_dchi2, margin_frac, default_fwhm = flash_test
     if not fit_done:
         return True, np.nan, np.nan
-    t_ref, t_s, yy, ee, _dur = _fit_data(block, i, t_lo, t_hi, sample_s)
+    t_ref, t_s, yy, ee, _dur, _gi = _fit_data(block, i, t_lo, t_hi, sample_s)
     span = 10.0 * sample_s
     best, best_free = -np.inf, -np.inf
     for j in fidx:
@@ -613,22 +631,34 @@ def _flash_veto(block, i, row, t_lo, t_hi, width, sample_s, fl, fidx, fl_pad, fl
 
 def _fit_data(block, i, t_lo, t_hi, sample_s):
     """Samples fitted for a candidate window: ``t_ref`` (mjd), ``t_s`` (s from ``t_ref``), ``y``, ``err``,
-    window duration (s)."""
-    mjd, y, err, _flags, _valid, _idx = block.star_series(i)
+    window duration (s), grid columns."""
+    mjd, y, err, _flags, _valid, gidx = block.star_series(i)
     dur_s = (t_hi - t_lo) * SECONDS_PER_DAY + sample_s
     pad = max(3.0 * dur_s, FIT_PAD_S) / SECONDS_PER_DAY
     m = (mjd >= t_lo - pad) & (mjd <= t_hi + pad)
     if m.sum() < 8:
         m = np.ones_like(mjd, bool)
     t_ref = 0.5 * (t_lo + t_hi)
-    return t_ref, (mjd[m] - t_ref) * SECONDS_PER_DAY, y[m], err[m], dur_s
+    return t_ref, (mjd[m] - t_ref) * SECONDS_PER_DAY, y[m], err[m], dur_s, gidx[m]
 
 
-def _fit_one(block, i, t_lo, t_hi, amp, sample_s, supersample, fit_blend):
-    t_ref, t_s, yy, ee, dur_s = _fit_data(block, i, t_lo, t_hi, sample_s)
+def _psf_inputs(block, i, gidx, t_ref, sample_s, psf):
+    """``fwhm_px`` (per sample) and shutter ``window`` (s from ``t_ref``) for the smeared fits, or Nones."""
+    smear, default_fwhm, column_per_fwhm = psf
+    if not smear:
+        return None, None
+    fw = block.exposure_fwhm_px(default_fwhm, column_per_fwhm)[np.asarray(gidx) // block.samples_per_exposure]
+    lo, hi = block.sample_windows(i, gidx, sample_s)
+    return fw, ((lo - t_ref) * SECONDS_PER_DAY, (hi - t_ref) * SECONDS_PER_DAY)
+
+
+def _fit_one(block, i, t_lo, t_hi, amp, sample_s, supersample, fit_blend,
+             psf=(True, DEFAULT_PSF_FWHM_PX, LSF_PER_PSF_FWHM)):
+    t_ref, t_s, yy, ee, dur_s, gidx = _fit_data(block, i, t_lo, t_hi, sample_s)
     out = {"n_fit": int(len(yy))}
+    fw, window = _psf_inputs(block, i, gidx, t_ref, sample_s, psf)
     kw = dict(t_guess=0.0, duration_guess=dur_s, excess_guess=max(float(amp), 1e-4), sample_s=sample_s,
-              supersample=supersample)
+              supersample=supersample, fwhm_px=fw, window=window)
     ml = fit_microlensing(t_s, yy, ee, fit_blend=fit_blend, **kw)
     fr = fit_flare(t_s, yy, ee, **kw)
     out["delta_chi2_microlensing"] = ml.delta_chi2 if ml.params else np.nan

@@ -24,6 +24,19 @@ where ``c[e]`` is the median of ``R[s, e]`` over the good stars of the CCD in
 that exposure (transparency and other changes common to all stars); the
 errors are scaled by the same factor. Without ``level_e_s`` the per-exposure
 normalisation is used as is.
+
+Seeing. The optional ``psf_fwhm_px`` column (the exposure's seeing on that CCD
+in pixels, i.e. samples along the trail) is kept per exposure
+(:attr:`SeriesBlock.psf_fwhm_px`, median over the block's stars, NaN where
+absent); the fits convolve their models with the PSF's line-spread function of
+that width (see :mod:`.fit`), falling back to a default where it is NaN. The
+pipeline fills the column with the FWHM of the extraction's empirical
+cross-track trail profile, which is the FWHM of the line-spread function (the
+PSF integrated along the trail), not of the PSF: for a Moffat beta = 3 it is
+:data:`LSF_PER_PSF_FWHM` = 1.109 times the PSF's FWHM (the simulated 1.0"
+seeing, 3.7-3.8 px, gives 4.2-4.3 px in the store). :meth:`SeriesBlock.exposure_fwhm_px`
+therefore divides the column by ``column_per_psf_fwhm`` (default that ratio;
+1 if a store holds the PSF's FWHM).
 """
 
 from __future__ import annotations
@@ -50,6 +63,9 @@ log = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("star_id", "expnum", "sample", "mjd", "norm_flux", "norm_flux_err")
 SECONDS_PER_DAY = 86400.0
+#: FWHM of the line-spread function (the Moffat beta = 3 PSF integrated along one axis) over the PSF's FWHM:
+#: ``sqrt(2^(2/5) - 1) / sqrt(2^(1/3) - 1)``. The store's ``psf_fwhm_px`` is the former (module docstring).
+LSF_PER_PSF_FWHM = float(np.sqrt(2.0 ** 0.4 - 1.0) / np.sqrt(2.0 ** (1.0 / 3.0) - 1.0))
 
 
 class EventSearchError(PydriftnError, ValueError):
@@ -123,6 +139,9 @@ class SeriesBlock:
         residual-based scatter (adjacent-sample correlation; 1 if unknown).
     ybar : ndarray (S,)
         Weighted mean of the valid samples (the flat-model fit).
+    psf_fwhm_px : ndarray (E,)
+        Seeing FWHM of each exposure (px = samples along the trail; median of
+        the ``psf_fwhm_px`` column over the block's rows), NaN if unknown.
     """
 
     night: object
@@ -140,6 +159,7 @@ class SeriesBlock:
     ybar: np.ndarray = field(default=None)
     rescale_errors: bool = True
     diff_ratio: float = 1.0
+    psf_fwhm_px: np.ndarray = field(default=None)
 
     @property
     def n_stars(self) -> int:
@@ -174,6 +194,34 @@ class SeriesBlock:
         if d.size == 0:
             return 0.54
         return float(np.median(d))
+
+    def exposure_fwhm_px(self, default: float, column_per_psf_fwhm: float = LSF_PER_PSF_FWHM) -> np.ndarray:
+        """PSF FWHM (px) of every exposure: the ``psf_fwhm_px`` column / ``column_per_psf_fwhm`` (module
+        docstring), ``default`` (a PSF FWHM) where unknown (NaN, non-positive or no column)."""
+        fw = self.psf_fwhm_px if self.psf_fwhm_px is not None else np.full(len(self.expnum), np.nan)
+        fw = np.asarray(fw, float) / float(column_per_psf_fwhm)
+        return np.where(np.isfinite(fw) & (fw > 0), fw, float(default))
+
+    def sample_windows(self, i: int, idx, sample_s: float):
+        """Shutter open and close time (mjd) of the exposures of star row ``i``'s grid columns ``idx``.
+
+        Sample ``k`` of an exposure covers ``[k, k + 1] * sample_s`` after the
+        shutter opened (docs/DESIGN.md), so the opening is ``mjd - (k + 1/2)
+        sample_s`` (median over the star's samples of that exposure) and the
+        closing ``samples_per_exposure * sample_s`` later.
+        """
+        idx = np.asarray(idx, dtype=np.int64)
+        k = self.samples_per_exposure
+        e = idx // k
+        row = self.mjd[i]
+        col = np.arange(row.size)
+        open_all = row - (col % k + 0.5) * sample_s / SECONDS_PER_DAY
+        lo = np.full(idx.size, np.nan)
+        for ee in np.unique(e):
+            seg = open_all[ee * k:(ee + 1) * k]
+            seg = seg[np.isfinite(seg)]
+            lo[e == ee] = np.median(seg) if seg.size else np.nan
+        return lo, lo + k * sample_s / SECONDS_PER_DAY
 
     def star_series(self, i: int, include_invalid: bool = False):
         """Time-ordered samples of star row ``i``: (mjd, y, err*scale, flags, valid, grid index)."""
@@ -428,6 +476,13 @@ def _one_block(df, night, ccd, bad_flag_mask, rescale_errors, table) -> SeriesBl
     if "flags" in df.columns:
         flags[star_codes, pos] = df["flags"].fillna(0).to_numpy().astype(np.int64)
     valid = present & np.isfinite(y) & np.isfinite(err) & (err > 0) & ((flags & int(bad_flag_mask)) == 0)
+    psf_fwhm = np.full(len(expnums), np.nan)
+    if "psf_fwhm_px" in df.columns:
+        fw = pd.to_numeric(df["psf_fwhm_px"], errors="coerce").to_numpy(float)
+        ok = np.isfinite(fw) & (fw > 0)
+        if ok.any():
+            med = pd.Series(fw[ok]).groupby(e_codes[ok]).median()
+            psf_fwhm[med.index.to_numpy()] = med.to_numpy()
     if "level_e_s" in df.columns:
         n_e = len(expnums)
         level = np.full((n_s, n_e), np.nan)
@@ -466,7 +521,7 @@ def _one_block(df, night, ccd, bad_flag_mask, rescale_errors, table) -> SeriesBl
     return SeriesBlock(night=night, ccd=ccd, star_id=np.asarray(star_ids), expnum=expnums,
                        samples_per_exposure=k, mjd=mjd, y=y, err=err, present=present, flags=flags,
                        valid=valid, err_scale=scale, ybar=ybar, rescale_errors=rescale_errors,
-                       diff_ratio=diff_ratio)
+                       diff_ratio=diff_ratio, psf_fwhm_px=psf_fwhm)
 
 
 def with_modified_rows(block: SeriesBlock, rows, y_rows, err_rows) -> SeriesBlock:
