@@ -105,7 +105,8 @@ def estimate_background(data, bad=None, *, box=128, filter_size=3, amp_boundary=
         del backx
         _level_odd_column(sub, m, odd_col)
         if m is not None:
-            np.putmask(sub, m, 0.0)
+            # the bad pixels are a few per cent: zeroed through their flat indices
+            sub.reshape(-1)[np.flatnonzero(m)] = 0.0
         if not return_binned:
             return sub, rms, float(np.mean(grms))
         b2 = db2
@@ -116,7 +117,7 @@ def estimate_background(data, bad=None, *, box=128, filter_size=3, amp_boundary=
         if odd_col is not None:
             fix = fix.copy()
             fix[:, odd_col // 2] = True
-        jj, ii = np.nonzero(fix)
+        jj, ii = np.divmod(np.flatnonzero(fix), nx2)  # (np.nonzero of a 2-D image is ~5x slower)
         if jj.size:
             y0, x0 = 2 * jj, 2 * ii
             b2[jj, ii] = (sub[y0, x0] + sub[y0 + 1, x0]) + sub[y0, x0 + 1] + sub[y0 + 1, x0 + 1]

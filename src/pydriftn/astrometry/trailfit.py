@@ -146,8 +146,11 @@ def make_grid(direction, length_px, sigma_px, *, pad_sigma=3.0, half_width=None,
     )
 
 
-def _sample(image, grid: TrailGrid, xa, ya, bad=None):
-    """Sample ``image`` on each trail's grid. Returns (values, valid) of shape (n, np, nq)."""
+def _sample(image, grid: TrailGrid, xa, ya, bad=None, dtype=float):
+    """Sample ``image`` on each trail's grid. Returns (values, valid, inside) of shape (n, np, nq).
+
+    ``values`` has ``dtype`` (float64 by default, for the profile fits).
+    """
     ny, nx = image.shape
     if grid.snapped:
         # whole-pixel grid: integer arithmetic and one flat gather; the bounds are
@@ -169,7 +172,7 @@ def _sample(image, grid: TrailGrid, xa, ya, bad=None):
             yi = yi0[ie, None, None] + oy[None]
             inside[ie] = (xi >= 0) & (xi < nx) & (yi >= 0) & (yi < ny)
             flat[ie] = np.clip(yi, 0, ny - 1) * nx + np.clip(xi, 0, nx - 1)
-        vals = np.take(image.reshape(-1), flat).astype(float)
+        vals = np.take(image.reshape(-1), flat).astype(dtype, copy=False)
         if bad is not None:
             valid = ~np.take(bad.reshape(-1), flat)
             if ie.size:
@@ -184,7 +187,7 @@ def _sample(image, grid: TrailGrid, xa, ya, bad=None):
     Y = ya[:, None, None] + P * grid.ep[1] + Q * grid.eq[1]
     if True:
         vals = ndimage.map_coordinates(image, [Y.ravel(), X.ravel()], order=1, mode="constant",
-                                       cval=np.nan, prefilter=False).reshape(X.shape).astype(float)
+                                       cval=np.nan, prefilter=False).reshape(X.shape).astype(dtype, copy=False)
         inside = (X >= 0) & (X <= nx - 1) & (Y >= 0) & (Y <= ny - 1)
         valid = inside & np.isfinite(vals)
         if bad is not None:
@@ -676,13 +679,14 @@ def solve_fluxes(image, grid: TrailGrid, x_mid, y_mid, *, rms, gain=1.0, bad=Non
     rms = np.broadcast_to(np.asarray(rms, float), (n,))
     xa = np.rint(x_mid)
     ya = np.rint(y_mid)
-    vals, valid, _ = _sample(image, grid, xa, ya, bad)
+    # the samples stay float32 (as in the image): the products are accumulated in float64
+    vals, valid, _ = _sample(image, grid, xa, ya, bad, dtype=np.result_type(image.dtype, np.float32))
     T = _model_on_grid(grid, xa, ya, x_mid, y_mid, np.ones(n))
     np.multiply(T, valid, out=T)
     T2 = T.reshape(n, -1)
     Aii = np.einsum("ij,ij->i", T2, T2, dtype=np.float64)
     S3 = np.einsum("ij,ij,ij->i", T2, T2, T2, dtype=np.float64)
-    b = np.einsum("ij,ij->i", T2, vals.reshape(n, -1))
+    b = np.einsum("ij,ij->i", T2, vals.reshape(n, -1), dtype=np.float64)
     del vals
     # neighbour pairs (grid frame)
     p = x_mid * grid.ep[0] + y_mid * grid.ep[1]
