@@ -499,7 +499,7 @@ def find_candidates(snr, direction, length_px, sigma_px, *, threshold=5.0, exclu
     pad = np.pad(snr, ((hy, hy), (hx, hx)), mode="constant", constant_values=-np.inf)
     wpad = pad.shape[1]
     padf = pad.reshape(-1)
-    yb, xb = np.nonzero(above)
+    yb, xb = np.divmod(np.flatnonzero(above), snr.shape[1])  # (np.nonzero of a 2-D image is ~5x slower)
     val = snr[yb, xb]
     base = (yb + hy) * wpad + (xb + hx)  # flat index into pad: one take per neighbour
     for stage in ((1, 1), (hy, hx)):
