@@ -305,6 +305,19 @@ class _Runs:
         else:
             self.ok = False
 
+    def entries(self, select):
+        """Indices of the entries of the trails where ``select`` (bool per trail) is True, ascending."""
+        if not self.ok:
+            return np.flatnonzero(select[self.star])
+        ends = np.append(self.starts[1:], len(self.star))
+        k = np.flatnonzero(select[self.ids])
+        st, ln = self.starts[k], ends[k] - self.starts[k]
+        tot = int(ln.sum())
+        if tot == 0:
+            return np.zeros(0, np.int64)
+        off = np.repeat(st - np.concatenate([[0], np.cumsum(ln)[:-1]]), ln)
+        return off + np.arange(tot)
+
     def count(self):
         """``np.bincount(star, minlength=n)``."""
         if not self.ok:
@@ -320,6 +333,13 @@ class _Runs:
         out = np.zeros(self.n)
         out[self.ids] = np.add.reduceat(np.asarray(weights).astype(np.float64, copy=False), self.starts)
         return out
+
+
+def _masked_in_core(tp, w, c_max):
+    """Number of masked entries (``w == 0``) with ``|c| <= c_max`` per trail (float, as a per-trail sum)."""
+    z = np.flatnonzero(w == 0)
+    z = z[np.abs(tp.c[z]) <= c_max]
+    return np.bincount(tp.star[z], minlength=tp.n).astype(np.float64)
 
 
 def _sums(star, n, *cols, runs=None):
@@ -816,9 +836,8 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
     ne = len(tp.pix)
     rep = _pixel_index(tp.pix, ny * nx)
     pairs = _pairs(rep, ne, last=rep)  # rep is the last entry on each pixel already
-    core = np.abs(tp.c) <= 2.0 * sigma_psf
     runs = _Runs(tp.star, n)
-    n_masked = runs.sum((w == 0) & core)
+    n_masked = _masked_in_core(tp, w, 2.0 * sigma_psf)
     da = np.zeros(n)
     dc = np.zeros(n)
     npx = runs.count()
@@ -834,13 +853,13 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
     use = fit_off | bright
     if use.any():
         # the bright stars' entries, and the neighbours' light on their pixels (analytic model, aperture fluxes)
-        eb = np.flatnonzero(use[tp.star])
+        eb = runs.entries(use)
         sub = _subset(tp, eb)
         wb = w[eb]
-        mark = np.zeros(ny * nx, bool)
-        mark[sub.pix] = True
-        en = np.flatnonzero(mark[tp.pix] & ~use[tp.star])
-        del mark
+        # other trails' entries on the bright trails' pixels: the partners of bright entries among the pairs of
+        # entries sharing a pixel (same set as marking the bright pixels in an image, without the image)
+        pu1, pu2 = use[tp.star[pairs[0]]], use[tp.star[pairs[1]]]
+        en = np.unique(np.concatenate([pairs[1][pu1 & ~pu2], pairs[0][pu2 & ~pu1]]))
         Tb = base.evaluate(sub.s, sub.c)
         # joint fluxes of the bright stars on their own pixels (blends among them)
         Fb, sTb = _solve_fluxes(sub.star, rep[eb], ne, n, wb, Tb, d[eb], runs=_Runs(sub.star, n))
@@ -885,7 +904,7 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
             _cap_correction(sub, db, wb, F, da, dc, bright, tmpl, Lref, hw_big, cap_px=cap_px)
             empirical = True
         # subtract each bright trail's local background from its pixels for the final joint fit
-        d = d - np.where(use, bkg, 0.0)[tp.star]
+        d[eb] -= bkg[sub.star]  # (d is this function's own copy of the data)
         bkg_used = np.where(use, bkg, 0.0)
     else:
         bkg_used = np.zeros(n)
@@ -910,11 +929,13 @@ def _final(tp, rep, ne, n, w, T, d, sky_sigma, shape, pairs=None, runs=None):
     F, sumT2 = _solve_fluxes(tp.star, rep, ne, n, w, T, d, pairs, runs)
     own = (F[tp.star] * T).astype(np.float64, copy=False)
     model = np.zeros(shape[0] * shape[1], np.float32)
-    model[tp.pix] = own  # pixels of one stamp only; shared pixels get the sum of their stamps below
+    # pixels of one stamp only; shared pixels get the sum of their stamps below (scattering float32 values:
+    # a float64 -> float32 cast inside the fancy assignment is 3x slower than the cast + a plain scatter)
+    model[tp.pix] = own.astype(np.float32)
     if len(shared):
         rs = rep[shared]
         msum = np.bincount(rs, weights=own[shared], minlength=ne)
-        model[tp.pix[shared]] = msum[rs]
+        model[tp.pix[shared]] = msum[rs].astype(np.float32)
     with np.errstate(divide="ignore", invalid="ignore"):
         ferr = sky_sigma / np.sqrt(sumT2)
     return model.reshape(shape), F, ferr
@@ -938,7 +959,6 @@ def refit_fluxes(fit, resid0, bad, *, sky_sigma):
     w = np.ones(ne, np.float32) if bad is None else (~bad.ravel()[tp.pix]).astype(np.float32)
     runs = _Runs(tp.star, tp.n)
     model, F, ferr = _final(tp, rep, ne, tp.n, w, fit.T, d, sky_sigma, (ny, nx), pairs, runs)
-    core = np.abs(tp.c) <= 2.0 * fit.sigma_psf
-    n_masked = runs.sum((w == 0) & core).astype(int)
+    n_masked = _masked_in_core(tp, w, 2.0 * fit.sigma_psf).astype(int)
     return TrailFit(model, F, ferr, fit.d_along, fit.d_cross, n_masked, fit.template, tp, fit.empirical, fit.bright,
                     fit.half_width_px, fit.sigma_psf, fit.T, fit.bkg, rep, pairs)
