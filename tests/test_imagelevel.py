@@ -78,7 +78,10 @@ def test_efficiency_table_counts_and_intervals(strong_cell):
         assert r["efficiency"] == pytest.approx(r["n_found"] / r["n_injected"])
         assert r["efficiency_lo"] <= r["efficiency"] <= r["efficiency_hi"]
         assert r["detection_lo"] <= r["detection_efficiency"] <= r["detection_hi"]
+        assert 0 <= r["n_found_searchable"] <= r["n_searchable"] <= r["n_injected"]
+        assert r["efficiency_searchable_lo"] <= r["efficiency_searchable"] <= r["efficiency_searchable_hi"]
         assert r["te_s"] == 10.0 and r["u0"] == 0.1
+    assert im["n_found_searchable"] == im["n_found"]  # an event on a star without searchable samples is not found
     assert (out / "efficiency_image.png").stat().st_size > 1000
     # the simulated images are removed after the run, the truth is kept
     rep = out / "cells" / cell.key / "rep0"

@@ -132,7 +132,9 @@ class ImageEfficiencyResult:
         parameters, ``n_injected, n_searchable, n_detected, n_found,
         efficiency`` (= found / injected), ``efficiency_lo, efficiency_hi``,
         ``detection_efficiency, detection_lo, detection_hi``, ``confidence``,
-        ``median_dt0_s, median_abs_dt0_s, median_te_ratio``.
+        ``median_dt0_s, median_abs_dt0_s, median_te_ratio`` (of the detected
+        ones), ``n_found_searchable, efficiency_searchable`` (+ ``_lo, _hi``:
+        of the events on stars with samples the search uses).
     injections : pandas.DataFrame
         One row per simulated event (image level).
     series_injections : pandas.DataFrame
@@ -147,35 +149,34 @@ class ImageEfficiencyResult:
 
     def summary_lines(self) -> list[str]:
         """The comparison table as text (image level beside series level)."""
-        lines = ["image-level vs series-level injection-recovery (found = t0 within 0.5 s and tE within 30 %; "
-                 "detected = unvetoed candidate above threshold inside the event)"]
-        hdr = (f"  {'cell':<40} {'image found':>18} {'image detected':>18}   {'series found':>18} "
-               f"{'series detected':>18}  {'|dt0| img':>9} {'tE ratio img':>12}")
-        lines.append(hdr)
+        lines = ["image-level vs series-level injection-recovery: efficiency [68 % Wilson interval] / injections",
+                 "  found = unvetoed candidate above threshold, t0 within 0.5 s and tE within 30 %; detected = the "
+                 "same with t0 only inside the event; 'of searchable' = of the events on stars with samples the "
+                 "search uses (not all flagged, e.g. BLENDED)"]
+        cols = (("found", "efficiency", "efficiency_lo", "efficiency_hi", "n_injected"),
+                ("found of searchable", "efficiency_searchable", "efficiency_searchable_lo",
+                 "efficiency_searchable_hi", "n_searchable"),
+                ("detected", "detection_efficiency", "detection_lo", "detection_hi", "n_injected"))
         t = self.table
+
+        def fmt(r, a, lo, hi, n):
+            if r is None or a not in r.index or not np.isfinite(r[a]):
+                return f"{'-':>20}"
+            return f"{r[a]:4.2f} [{r[lo]:.2f},{r[hi]:.2f}] /{int(r[n]):<3d}".rjust(20)
+
+        hdr = f"  {'cell':<34}" + "".join(f" {lev + ' ' + c[0]:>20}" for c in cols for lev in ("image", "series"))
+        lines.append(hdr + f" {'img |dt0|':>9} {'img tE':>7} {'ser tE':>7}")
         for key, g in t.groupby("cell", sort=False):
             im = g[g["level"] == "image"]
             se = g[g["level"] == "series"]
-
-            def fmt(r, a, lo, hi, n):
-                if r.empty:
-                    return f"{'-':>18}"
-                r = r.iloc[0]
-                return f"{r[a]:5.2f} [{r[lo]:.2f},{r[hi]:.2f}] /{int(r[n]):<3d}".rjust(18)
-
-            lab = g["label"].iloc[0]
             i0 = im.iloc[0] if len(im) else None
-            lines.append(
-                f"  {lab:<40} {fmt(im, 'efficiency', 'efficiency_lo', 'efficiency_hi', 'n_injected')} "
-                f"{fmt(im, 'detection_efficiency', 'detection_lo', 'detection_hi', 'n_injected')}   "
-                f"{fmt(se, 'efficiency', 'efficiency_lo', 'efficiency_hi', 'n_injected')} "
-                f"{fmt(se, 'detection_efficiency', 'detection_lo', 'detection_hi', 'n_injected')}  "
-                + (f"{i0['median_abs_dt0_s']:9.3f} {i0['median_te_ratio']:12.3f}" if i0 is not None else ""))
-        if "n_searchable" in t.columns:
-            im = t[t["level"] == "image"]
-            lines.append(f"  image level: {int(im['n_searchable'].sum())} of {int(im['n_injected'].sum())} "
-                         "events had searchable samples in the store (the rest: all samples flagged, "
-                         "e.g. BLENDED, or not catalogued)")
+            s0 = se.iloc[0] if len(se) else None
+            row = f"  {g['label'].iloc[0]:<34}"
+            for c in cols:
+                row += " " + fmt(i0, *c[1:]) + " " + fmt(s0, *c[1:])
+            row += (f" {i0['median_abs_dt0_s']:9.3f} {i0['median_te_ratio']:7.3f}" if i0 is not None else " " * 18)
+            row += f" {s0['median_te_ratio']:7.3f}" if s0 is not None else ""
+            lines.append(row)
         for f in self.files:
             lines.append(f"  wrote {f}")
         return lines
@@ -218,7 +219,11 @@ def _summarise(g: pd.DataFrame, confidence: float) -> dict:
                median_abs_dt0_s=float(d["dt0_s"].abs().median()) if nd else np.nan,
                median_te_ratio=float(d["te_ratio"].median()) if nd else np.nan)
     if "searchable" in g.columns:
-        out["n_searchable"] = int(g["searchable"].sum())
+        sg = g[g["searchable"].astype(bool)]
+        ns, nfs = int(len(sg)), int(sg["found"].sum())
+        slo, shi = wilson_interval(nfs, ns, confidence)
+        out.update(n_searchable=ns, n_found_searchable=nfs, efficiency_searchable=nfs / ns if ns else np.nan,
+                   efficiency_searchable_lo=slo, efficiency_searchable_hi=shi)
     return out
 
 
@@ -335,6 +340,17 @@ def match_events(events: pd.DataFrame, truth_stars: pd.DataFrame, catalogue: pd.
 
 
 # ------------------------------------------------------------------ one cell
+def _searchable_stars(lc: pd.DataFrame, bad_flag_mask=None) -> set:
+    """Stars with at least one sample the search uses (finite ``norm_flux``, no bad flag)."""
+    from .series import default_bad_flag_mask
+
+    mask = int(default_bad_flag_mask() if bad_flag_mask is None else bad_flag_mask)
+    ok = np.isfinite(lc["norm_flux"].to_numpy(float))
+    if "flags" in lc.columns:
+        ok &= (lc["flags"].to_numpy().astype(np.int64) & mask) == 0
+    return set(lc.loc[ok, "star_id"].unique())
+
+
 def _cell_seed(seed: int, cell: ImageCell) -> int:
     """Seed of a cell: depends on the cell and the base seed only (not on the other cells)."""
     return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, zlib.crc32(cell.key.encode())]).generate_state(1)[0]
@@ -408,6 +424,7 @@ def _run_cell(cell: ImageCell, cdir: Path, *, seed, preset, sim_overrides, worke
                                 series_inj["rho"], series_inj["above_threshold"], series_inj["vetoes"])
             series_inj["detected"] = series_inj["detected"].astype(bool)
             series_inj["found"] = found & series_inj["detected"].to_numpy()
+            series_inj["searchable"] = series_inj["star_id"].isin(_searchable_stars(lc, skw.get("bad_flag_mask")))
             series_inj.insert(0, "cell", cell.key)
         except EventSearchError as exc:
             log.warning("cell %s: series-level efficiency not measured: %s", cell.key, exc)
@@ -480,7 +497,9 @@ def image_level_efficiency(out_dir, *, cells=None, events_per_ccd: int = 10, pre
     keep_images : bool
         Keep the simulated FITS images of each cell (truth tables are kept).
     resume : bool
-        Skip repeats whose ``cell.json`` holds the same parameters.
+        Skip repeats whose ``cell.json`` holds the same parameters (the
+        parameters, not the code: use ``resume=False`` or a fresh ``out_dir``
+        after changing the pipeline or the search).
     plot : bool
         Write ``efficiency_image.png``.
 
@@ -579,7 +598,8 @@ def image_level_efficiency(out_dir, *, cells=None, events_per_ccd: int = 10, pre
 
 
 def plot_image_efficiency(table: pd.DataFrame, ax):
-    """Efficiency per cell: image level beside series level, found (filled) and detected (open).
+    """Efficiency per cell: image level beside series level; found (filled), detected (open), found of the
+    searchable events (diamonds).
 
     Parameters
     ----------
@@ -602,11 +622,15 @@ def plot_image_efficiency(table: pd.DataFrame, ax):
         for what, lo, hi, fill, ddx, name in (("efficiency", "efficiency_lo", "efficiency_hi", colour, 0.0,
                                                "found (t0 0.5 s, tE 30 %)"),
                                               ("detection_efficiency", "detection_lo", "detection_hi", "none",
-                                               0.06, "detected")):
+                                               0.06, "detected"),
+                                              ("efficiency_searchable", "efficiency_searchable_lo",
+                                               "efficiency_searchable_hi", "white", -0.06, "found of searchable")):
+            if what not in t.columns:
+                continue
             y = t[what].to_numpy(float)
             err = np.vstack([y - t[lo].to_numpy(float), t[hi].to_numpy(float) - y])
-            ax.errorbar(x0 + dx + ddx, y, yerr=err, fmt="o", color=colour, mfc=fill, capsize=2,
-                        label=f"{level}: {name}")
+            ax.errorbar(x0 + dx + ddx, y, yerr=err, fmt="D" if what == "efficiency_searchable" else "o",
+                        color=colour, mfc=fill, capsize=2, ms=4, label=f"{level}: {name}")
     ax.set_xticks(x0)
     ax.set_xticklabels([labels[c].replace(" ", "\n", 3) for c in cells], fontsize=7)
     ax.set_ylim(-0.02, 1.05)

@@ -1,0 +1,122 @@
+"""Image-level vs series-level injection-recovery efficiency (issue #8: "through the full image-level pipeline
+for a subset").
+
+Run from the repository root::
+
+    python benchmarks/bench_efficiency_image.py                  # default subset, 8 cells, 2 workers
+    python benchmarks/bench_efficiency_image.py --cells 3        # the first 3 cells only
+    python benchmarks/bench_efficiency_image.py --repeats 2      # twice the events per cell
+    python benchmarks/bench_efficiency_image.py --fresh          # ignore the cached cells
+
+For each cell of :data:`pydriftn.events.imagelevel.DEFAULT_CELLS` (tE 1, 3, 10 s x u0 0.1, 0.5 short events
+with rho 0.01, one long tE = 30 s event, one rho = 1 event; source r 16-18.5) the simulator renders 20 events of
+exactly those parameters into a small-preset night (CCDs S4 + N4, 512 x 1024 px, 3 drift exposures, 500 stars
+per CCD, 10 events per CCD), ``run_pipeline`` runs the whole chain on it, ``search_store`` searches the store and
+the candidates are matched to the truth by sky position. The series-level efficiency of the same cells is
+measured on the same store (40 injections per cell into stars of the same magnitude range, the simulated event
+stars left out). Both levels are printed side by side:
+
+* ``found``: an unvetoed candidate above threshold on the event's star with t0 within 0.5 s and tE within 30 %;
+* ``detected``: the same with t0 only inside the event (``max(1 s, tE max(1, rho))``), the criterion of
+  ``pydriftn efficiency``;
+* intervals: Wilson, 68 %.
+
+Results are cached per cell in ``bench_output/efficiency_image/`` (a cell is re-run only if its parameters
+change; ``--fresh`` re-runs everything).
+"""
+
+from __future__ import annotations
+
+import os
+
+if __name__ == "__main__":  # one BLAS/OpenMP thread per process, set before numpy is imported
+    for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench_output" / "efficiency_image"
+
+
+class _OnlyOurs(logging.Filter):
+    """Progress lines of the image-level driver, warnings of everything else."""
+
+    def filter(self, record):
+        return record.name == "pydriftn.events.imagelevel" or record.levelno >= logging.WARNING
+
+
+def loss_breakdown(inj: pd.DataFrame) -> pd.DataFrame:
+    """Per cell: why image-level events were not found."""
+    rows = []
+    for cell, g in inj.groupby("cell", sort=False):
+        s = g[g["searchable"]]
+        rows.append(dict(
+            cell=cell, n=len(g), not_catalogued=int((~g["in_catalogue"]).sum()),
+            no_searchable_samples=int((g["in_catalogue"] & ~g["searchable"]).sum()),
+            no_candidate=int((~s["candidate"]).sum()), below_threshold=int((s["candidate"] & ~s["above_threshold"]).sum()),
+            vetoed=int((s["above_threshold"] & (s["vetoes"] != 0)).sum()),
+            veto_reasons=",".join(sorted(set(s.loc[s["vetoes"] != 0, "veto_reasons"].astype(str)))),
+            t0_outside_event=int((s["above_threshold"] & (s["vetoes"] == 0) & ~s["detected"]).sum()),
+            fit_inaccurate=int((s["detected"] & ~s["found"]).sum()),
+            found=int(g["found"].sum()),
+            found_of_searchable=f"{int(s['found'].sum())}/{len(s)}"))
+    return pd.DataFrame(rows)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cells", type=int, default=None, help="run only the first N cells of the default subset")
+    ap.add_argument("--repeats", type=int, default=1, help="datasets per cell (20 events each)")
+    ap.add_argument("--events-per-ccd", type=int, default=10)
+    ap.add_argument("--stars-per-ccd", type=int, default=500)
+    ap.add_argument("--series", type=int, default=40, help="series-level injections per cell")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fresh", action="store_true", help="re-run every cell")
+    ns = ap.parse_args(argv)
+
+    from pydriftn.events.imagelevel import image_level_efficiency
+
+    h = logging.StreamHandler(sys.stdout)
+    h.addFilter(_OnlyOurs())
+    h.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    logging.getLogger().addHandler(h)
+    logging.getLogger().setLevel(logging.INFO)
+    logging.getLogger("pydriftn").setLevel(logging.INFO)
+    warnings.simplefilter("ignore")
+    np.seterr(all="ignore")
+    if ns.fresh and OUT.exists():
+        shutil.rmtree(OUT)
+    print(f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}", flush=True)
+    t0 = time.perf_counter()
+    res = image_level_efficiency(OUT, events_per_ccd=ns.events_per_ccd, n_stars_per_ccd=ns.stars_per_ccd,
+                                 preset="small", seed=ns.seed, workers=ns.workers, max_cells=ns.cells,
+                                 repeats=ns.repeats, n_series=ns.series)
+    wall = time.perf_counter() - t0
+    print()
+    print("\n".join(res.summary_lines()))
+    pd.set_option("display.width", 200)
+    print("\nwhere the image-level events went (per cell):")
+    print(loss_breakdown(res.injections).to_string(index=False))
+    s = res.series_injections
+    if len(s):
+        print("\nseries level, median fit errors of the detected injections:")
+        d = s[s["detected"]]
+        print(d.groupby("cell", sort=False).agg(median_dt0_s=("dt0_s", "median"),
+                                                median_te_ratio=("te_ratio", "median")).to_string())
+    print(f"\nwall time {wall:.0f} s (cached cells are not re-run)")
+    return res
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() is not None else 1)
