@@ -58,7 +58,7 @@ class TrailPixels:
     n: int  # number of trails
 
 
-def trail_pixels(x0, y0, ux, uy, length, shape, half_width, *, chunk=1500):
+def trail_pixels(x0, y0, ux, uy, length, shape, half_width, *, chunk=4096):
     """Collect the pixels within ``half_width`` of each trail segment.
 
     Parameters
@@ -94,7 +94,7 @@ def trail_pixels(x0, y0, ux, uy, length, shape, half_width, *, chunk=1500):
     H = int((by1 - by0).max()) + 1
     gx = np.arange(W)
     gy = np.arange(H)
-    box = gy[:, None] * nx + gx[None, :]  # flat-index offsets within a box
+    box = (gy[:, None] * nx + gx[None, :]).astype(np.int64)  # flat-index offsets within a box
     corner = by0 * nx + bx0
     out = {k: [] for k in ("star", "pix", "s", "c")}
     f32 = np.float32
@@ -114,15 +114,16 @@ def trail_pixels(x0, y0, ux, uy, length, shape, half_width, *, chunk=1500):
         ok &= ((X >= 0) & (X < nx))[:, None, :]
         ok &= ((Y >= 0) & (Y < ny))[:, :, None]
         cnt = np.count_nonzero(ok.reshape(b - a, -1), axis=1)
-        out["star"].append(np.repeat(np.arange(a, b), cnt))
+        out["star"].append(np.repeat(np.arange(a, b, dtype=np.int64), cnt))
         out["pix"].append((corner[a:b, None, None] + box[None]).reshape(ok.shape)[ok])
         out["s"].append(s[ok])
         out["c"].append(c[ok])
+    cat = (lambda v: v[0]) if len(out["s"]) == 1 else np.concatenate  # one chunk: no copy
     return TrailPixels(
-        np.concatenate(out["star"]).astype(np.int64),
-        np.concatenate(out["pix"]).astype(np.int64),
-        np.concatenate(out["s"]),
-        np.concatenate(out["c"]),
+        cat(out["star"]).astype(np.int64, copy=False),
+        cat(out["pix"]).astype(np.int64, copy=False),
+        cat(out["s"]),
+        cat(out["c"]),
         n,
     )
 
