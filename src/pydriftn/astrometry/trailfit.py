@@ -308,7 +308,7 @@ def _fit_along(vals, valid, var, grid, qm, pa, pb, s, *, n_iter, length_prior_px
     # valid: float 0/1; vals and var are zero on invalid samples
     wq = g * valid
     cov_q = np.einsum("npq,npq->np", wq, g)
-    nq = wq.sum(axis=2)
+    nq = np.einsum("npq->np", wq)  # (a sum over the short last axis: einsum is ~4x faster than .sum)
     prof = np.einsum("npq,npq->np", vals, wq)
     pvar = np.einsum("npq,npq,npq->np", var, wq, wq)
     wt = np.where(nq > 0, 1.0 / np.maximum(pvar, 1e-30), 0.0)
@@ -391,7 +391,8 @@ def _fit_along(vals, valid, var, grid, qm, pa, pb, s, *, n_iter, length_prior_px
 
 def _plain_sums(vals, valid, var):
     """Number of valid samples, data and variance summed across each trail (per ``p``)."""
-    return valid.sum(axis=2), vals.sum(axis=2), var.sum(axis=2)
+    # einsum: ~4x faster than .sum(axis=2) over the short cross axis
+    return np.einsum("npq->np", valid), np.einsum("npq->np", vals), np.einsum("npq->np", var)
 
 
 def fit_trails(image, x_mid, y_mid, grid: TrailGrid, *, rms, gain=1.0, bad=None, model_image=None,
@@ -724,7 +725,7 @@ def solve_fluxes(image, grid: TrailGrid, x_mid, y_mid, *, rms, gain=1.0, bad=Non
         data += [offd, offd]
     # trails cut by the CCD edge or by masked pixels: overlaps on the valid samples only
     if len(pairs):
-        frac = valid.mean(axis=(1, 2))
+        frac = np.einsum("ij->i", valid.reshape(n, -1), dtype=np.float64) / (valid.size // max(n, 1))
         full_frac = np.median(frac)
         partial = frac < 0.98 * full_frac
         redo = np.nonzero(partial[i] | partial[j])[0]
