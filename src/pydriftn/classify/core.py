@@ -450,7 +450,8 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
     fit = fit_trails(r0, excl, tx0[tidx], ty0[tidx], tx1[tidx], ty1[tidx], sigma_psf=sigma_psf, sky_sigma=sigma,
                      analytic_length=L, gain=gain)
     model = fit.model
-    resid = r0 - model
+    resid = np.subtract(r0, model, out=r0)  # in place: r0 is not needed again (see the streak refit below)
+    del r0
     resid[excl] = 0.0
     timings["trail_model"] = time.perf_counter() - t0
 
@@ -503,10 +504,13 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
     if streak_mask.any():
         B0 = None  # residual changes below
     if streak_mask.any() and len(tidx):
-        # refit the fluxes without the streak's pixels (template and offsets kept)
-        fit = refit_fluxes(fit, r0, excl | streak_mask, sky_sigma=sigma)
+        # refit the fluxes without the streak's pixels (template and offsets kept), on the sky-subtracted
+        # image restored in place from the residual (excluded pixels are 0 there, as before the fit)
+        resid += model
+        resid[excl] = 0.0
+        fit = refit_fluxes(fit, resid, excl | streak_mask, sky_sigma=sigma)
         model = fit.model
-        resid = r0 - model
+        resid -= model
         resid[excl] = 0.0
     resid[streak_mask] = 0.0
     timings["streaks"] = time.perf_counter() - t0
