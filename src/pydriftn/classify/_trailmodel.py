@@ -332,7 +332,7 @@ class _Runs:
         if not self.ok:
             return np.bincount(self.star, weights=weights, minlength=self.n)
         out = np.zeros(self.n)
-        out[self.ids] = np.add.reduceat(np.asarray(weights).astype(np.float64, copy=False), self.starts)
+        out[self.ids] = np.add.reduceat(np.asarray(weights), self.starts, dtype=np.float64)
         return out
 
 
@@ -365,17 +365,19 @@ def _fit(tp, d, w, tmpl, F, da, dc, fit_off, n_iter=2, max_off=1.0, noise=None):
         c = tp.c - dc[st]
         T, Ts, Tc = tmpl.evaluate(s, c, derivatives=True)
         Fi = F[st]
-        r = d - Fi * T
+        FT = Fi * T
+        r = d - FT
         if noise is not None:
             sky_sigma, gain = noise
-            m = np.abs(Fi * T)
+            m = np.abs(FT)
             sig = np.sqrt(sky_sigma**2 + m / gain + (0.03 * m) ** 2)
             w = w0 * (np.abs(r) < 5.0 * sig)
         J1 = -Fi * Ts
         J2 = -Fi * Tc
+        wT, wJ1, wJ2 = w * T, w * J1, w * J2  # (w * T) * T etc.: the same products, evaluated once
         a00, a01, a02, a11, a12, a22, b0, b1, b2 = _sums(
-            st, n, w * T * T, w * T * J1, w * T * J2, w * J1 * J1, w * J1 * J2, w * J2 * J2,
-            w * T * r, w * J1 * r, w * J2 * r, runs=runs,
+            st, n, wT * T, wT * J1, wT * J2, wJ1 * J1, wJ1 * J2, wJ2 * J2,
+            wT * r, wJ1 * r, wJ2 * r, runs=runs,
         )
         A = np.empty((n, 3, 3))
         A[:, 0, 0], A[:, 0, 1], A[:, 0, 2] = a00, a01, a02
@@ -455,7 +457,7 @@ def _solve_fluxes(star, rep, ne, n, w, T, d, pairs=None, runs=None):
     share no pixel get the closed-form amplitude ``sum(w T d) / sum(w T^2)``;
     only the coupled ones (blend groups) go to a small sparse solve.
     """
-    v = (T * w).astype(np.float64)
+    v = T * w
     runs = runs if runs is not None else _Runs(star, n)
     diag = runs.sum(v * v)
     b = runs.sum(v * d)
@@ -807,7 +809,7 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
     flat = resid0.ravel()
 
     def gather(tp):
-        d = flat[tp.pix].astype(np.float64)
+        d = flat[tp.pix]  # float32: products in float32, all sums accumulated in float64
         w = np.ones(len(tp.pix), np.float32) if flat_bad is None else (~flat_bad[tp.pix]).astype(np.float32)
         return d, w
 
@@ -928,11 +930,11 @@ def _final(tp, rep, ne, n, w, T, d, sky_sigma, shape, pairs=None, runs=None):
         pairs = _pairs(rep, ne, last=rep)
     shared = _shared_from_pairs(pairs, ne)
     F, sumT2 = _solve_fluxes(tp.star, rep, ne, n, w, T, d, pairs, runs)
-    own = (F[tp.star] * T).astype(np.float64, copy=False)
+    own = F.astype(T.dtype)[tp.star] * T
     model = np.zeros(shape[0] * shape[1], np.float32)
     # pixels of one stamp only; shared pixels get the sum of their stamps below (scattering float32 values:
     # a float64 -> float32 cast inside the fancy assignment is 3x slower than the cast + a plain scatter)
-    model[tp.pix] = own.astype(np.float32)
+    model[tp.pix] = own.astype(np.float32, copy=False)
     if len(shared):
         rs = rep[shared]
         msum = np.bincount(rs, weights=own[shared], minlength=ne)
@@ -956,7 +958,7 @@ def refit_fluxes(fit, resid0, bad, *, sky_sigma):
     ne = len(tp.pix)
     rep = fit.rep if fit.rep is not None else _pixel_index(tp.pix, ny * nx)
     pairs = fit.pairs if fit.pairs is not None else _pairs(rep, ne, last=rep)
-    d = resid0.ravel()[tp.pix].astype(np.float64) - fit.bkg[tp.star]
+    d = resid0.ravel()[tp.pix] - fit.bkg.astype(np.float32)[tp.star]
     w = np.ones(ne, np.float32) if bad is None else (~bad.ravel()[tp.pix]).astype(np.float32)
     runs = _Runs(tp.star, tp.n)
     model, F, ferr = _final(tp, rep, ne, tp.n, w, fit.T, d, sky_sigma, (ny, nx), pairs, runs)
