@@ -689,15 +689,31 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
         # render only the trails that reach a trail to be fitted (position fits, unmatched candidates)
         near = _near_catalogue(cx_all, cy_all, fx[j_snr >= 1], fy[j_snr >= 1], grid)
         ucand = np.nonzero(~near)[0]
-        need = _reaching(fx, fy, np.r_[fx[pos_sel], cx_all[ucand]], np.r_[fy[pos_sel], cy_all[ucand]], grid)
-        model = trailfit.render_trails(shape, grid, fx[need], fy[need], np.maximum(hj[need], 0.0),
-                                       templates=templ[need])
-        pf = trailfit.fit_trails(sub, fx[pos_sel], fy[pos_sel], grid, rms=rms_f[pos_sel], gain=gain, bad=fit_bad,
-                                 model_image=model, own_flux={"x_mid": fx[pos_sel], "y_mid": fy[pos_sel],
-                                                              "h": np.maximum(hj[pos_sel], 0.0),
-                                                              "model": templ[pos_sel] * np.maximum(
-                                                                  hj[pos_sel], 0.0)[:, None, None]},
-                                 use_moment=position_estimator == "moment", n_iter=3)
+        if grid.snapped:
+            # the neighbours' models on each fitted trail's grid, pair by pair (no full-size rendering)
+            src = np.nonzero(hj > 0)[0]
+            src_models = templ[src] * hj[src][:, None, None]
+            self_src = np.full(fx.size, -1, np.intp)
+            self_src[src] = np.arange(src.size)
+            nb_pos = trailfit.neighbour_models(grid, fx[pos_sel], fy[pos_sel], fx[src], fy[src], src_models,
+                                               self_index=self_src[pos_sel])
+            nb_u = trailfit.neighbour_models(grid, cx_all[ucand], cy_all[ucand], fx[src], fy[src], src_models)
+            pf = trailfit.fit_trails(sub, fx[pos_sel], fy[pos_sel], grid, rms=rms_f[pos_sel], gain=gain,
+                                     bad=fit_bad, neighbours=nb_pos, use_moment=position_estimator == "moment",
+                                     n_iter=3)
+            u_model = dict(neighbours=nb_u)
+        else:
+            need = _reaching(fx, fy, np.r_[fx[pos_sel], cx_all[ucand]], np.r_[fy[pos_sel], cy_all[ucand]], grid)
+            model = trailfit.render_trails(shape, grid, fx[need], fy[need], np.maximum(hj[need], 0.0),
+                                           templates=templ[need])
+            pf = trailfit.fit_trails(sub, fx[pos_sel], fy[pos_sel], grid, rms=rms_f[pos_sel], gain=gain,
+                                     bad=fit_bad, model_image=model,
+                                     own_flux={"x_mid": fx[pos_sel], "y_mid": fy[pos_sel],
+                                               "h": np.maximum(hj[pos_sel], 0.0),
+                                               "model": templ[pos_sel] * np.maximum(hj[pos_sel], 0.0)[:, None, None]},
+                                     use_moment=position_estimator == "moment", n_iter=3)
+            u_model = dict(model_image=model, own_flux={"x_mid": cx_all[ucand], "y_mid": cy_all[ucand],
+                                                        "h": np.zeros(ucand.size)})
         moved = np.hypot(pf["x_mid"] - fx[pos_sel], pf["y_mid"] - fy[pos_sel])
         perr = np.hypot(pf["x_err"], pf["y_err"])
         pos_ok = pf["ok"] & (moved < np.maximum(1.0, 5 * perr))
@@ -729,9 +745,7 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
     t = time.perf_counter()
     # fitted on the data minus the model of all catalogue trails
     ufit = trailfit.fit_trails(sub, cx_all[ucand], cy_all[ucand], grid,
-                               rms=rms_at(cx_all[ucand], cy_all[ucand]), gain=gain, bad=fit_bad,
-                               model_image=model, own_flux={"x_mid": cx_all[ucand], "y_mid": cy_all[ucand],
-                                                            "h": np.zeros(ucand.size)})
+                               rms=rms_at(cx_all[ucand], cy_all[ucand]), gain=gain, bad=fit_bad, **u_model)
     u_snr = ufit["flux"] / np.maximum(ufit["flux_err"], 1e-12)
     ukeep = ufit["ok"] & (u_snr >= detect_sigma)
     ukeep &= ~_dedup(ufit["x_mid"], ufit["y_mid"], u_snr, grid)
