@@ -305,11 +305,16 @@ def _finish_table(rows):
 
 
 def _gather(img, ys, xs):
+    """``img[ys, xs]`` as float64 (broadcast), 0 outside the image; and the inside mask."""
     ny, nx = img.shape
     ys, xs = np.broadcast_arrays(ys, xs)
     ok = (ys >= 0) & (ys < ny) & (xs >= 0) & (xs < nx)
-    v = np.zeros(ys.shape, dtype=np.float64)
-    v[ok] = img[ys[ok], xs[ok]]
+    # one flat take at clipped indices, then zero outside (no boolean-indexed copies of the indices)
+    flat = np.clip(ys, 0, ny - 1) * nx
+    flat += np.clip(xs, 0, nx - 1)
+    v = np.take(img.ravel(), flat).astype(np.float64, copy=False)
+    if not ok.all():
+        v = np.where(ok, v, 0.0)
     return v, ok
 
 
@@ -403,17 +408,16 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
 
     # ---------------------------------------------------------------- masks
     dq = decode_mask(mask, data.shape, mask_convention)
-    bad = ~np.isfinite(data)
-    any_nonfinite = bool(bad.any())
-    if dq["bad"] is not None:
-        bad |= dq["bad"]
-    sat = np.zeros_like(bad) if dq["sat"] is None else dq["sat"].copy()
+    # pixels excluded from all fits: non-finite (a finite sum proves there are none: one pass instead of two),
+    # dq-flagged bad, saturated, dq cosmic rays
+    any_nonfinite = not np.isfinite(np.sum(data, dtype=np.float64))
+    excl = ~np.isfinite(data) if any_nonfinite else np.zeros(data.shape, bool)
+    for k in ("bad", "sat", "cr"):
+        if dq[k] is not None:
+            excl |= dq[k]
     if saturation_adu is not None and np.isfinite(saturation_adu):
-        sat |= data >= 0.98 * float(saturation_adu)
+        excl |= data >= 0.98 * float(saturation_adu)
     crm = dq["cr"]
-    excl = bad | sat
-    if crm is not None:
-        excl |= crm
     if any_nonfinite:
         data = np.where(np.isfinite(data), data, 0.0).astype(np.float32)
 
@@ -428,7 +432,6 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
     if mask is None:
         dead = _dead_columns(r0, sigma)
         if dead is not None:
-            bad |= dead
             excl |= dead
     r0[excl] = 0.0
     timings["sky"] = time.perf_counter() - t_start
@@ -501,9 +504,10 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
                 dq_streaks.append(st)
                 streak_mask |= rasterize_streak(st, data.shape)
         streak_mask |= dq["streak"]
-    if streak_mask.any():
+    any_streak = bool(streak_mask.any())
+    if any_streak:
         B0 = None  # residual changes below
-    if streak_mask.any() and len(tidx):
+    if any_streak and len(tidx):
         # refit the fluxes without the streak's pixels (template and offsets kept), on the sky-subtracted
         # image restored in place from the residual (excluded pixels are 0 there, as before the fit)
         resid += model
@@ -512,7 +516,8 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
         model = fit.model
         resid -= model
         resid[excl] = 0.0
-    resid[streak_mask] = 0.0
+    if any_streak:
+        resid[streak_mask] = 0.0
     timings["streaks"] = time.perf_counter() - t0
 
     # ---------------------------------------------------------------- candidates
@@ -1031,7 +1036,7 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
         mid_x = sx0 + 0.5 * Lc * uxc
         mid_y = sy0 + 0.5 * Lc * uyc
         flags_t = np.where(fit.n_masked > 0, FLAG_SATURATED, 0)
-        if streak_mask.any():
+        if any_streak or segment_streaks:
             tp = fit.pixels
             hit = np.bincount(tp.star, weights=streak_mask.ravel()[tp.pix], minlength=n_tr)
             flags_t = flags_t | np.where(hit > 0, FLAG_STREAK_CROSSED, 0)
