@@ -588,3 +588,64 @@ def test_write_exposure_products(sim, sim_results, tmp_path):
             x, y = w.world_to_pixel_values(r.trails.ra.to_numpy(), r.trails.dec.to_numpy())
             x2, y2 = r.wcs.world_to_pixel_values(r.trails.ra.to_numpy(), r.trails.dec.to_numpy())
             assert np.allclose(x, x2, atol=1e-4) and np.allclose(y, y2, atol=1e-4)
+
+
+@pytest.mark.parametrize("direction", [(-1.0, 0.002), (0.001, 1.0)])
+def test_neighbour_models_equal_rendered_image_minus_own(direction):
+    """Pairwise neighbour models = the rendered image of all trails sampled on a target's grid minus its own."""
+    from pydriftn.astrometry import trailfit
+
+    rng = np.random.default_rng(11)
+    grid = trailfit.make_grid(direction, 37.0, 1.6)
+    shape = (260, 330)
+    ns = 120
+    sx = rng.uniform(-25, shape[1] + 25, ns)
+    sy = rng.uniform(-25, shape[0] + 25, ns)
+    sx[1], sy[1] = sx[0] + 0.2, sy[0] - 0.1  # two trails on the same anchor pixel
+    h = rng.uniform(0.0, 50.0, ns)
+    T = trailfit._model_on_grid(grid, np.rint(sx), np.rint(sy), sx, sy, np.ones(ns))
+    img = trailfit.render_trails(shape, grid, sx, sy, h, templates=T)
+    tsel = np.arange(0, ns, 4)  # targets that are sources (self left out) and free positions
+    tx = np.r_[sx[tsel], rng.uniform(0, shape[1], 15)]
+    ty = np.r_[sy[tsel], rng.uniform(0, shape[0], 15)]
+    self_index = np.r_[tsel, np.full(15, -1)]
+    nb = trailfit.neighbour_models(grid, tx, ty, sx, sy, T * h[:, None, None], self_index=self_index)
+    sampled, _, inside = trailfit._sample(img, grid, np.rint(tx), np.rint(ty), None)
+    own = np.zeros_like(sampled)
+    own[: tsel.size] = (T * h[:, None, None])[tsel]
+    expected = sampled - own
+    assert nb.shape == expected.shape and np.abs(expected).max() > 5.0
+    np.testing.assert_allclose(np.where(inside, nb, 0.0), np.where(inside, expected, 0.0), atol=1e-4)
+    # a target alone: no neighbours
+    far = trailfit.neighbour_models(grid, [1e4], [1e4], sx, sy, T * h[:, None, None])
+    assert not far.any()
+
+
+def test_background_fast_path_matches_direct_estimate():
+    """The binned fast path (amplifier halves, bad pixels) gives sep's background of the 2x2 means, pixel by pixel."""
+    import sep
+
+    from pydriftn.astrometry.detect import _bin2, estimate_background
+
+    rng = np.random.default_rng(4)
+    ny, nx = 1024, 640
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    level = np.where(xx < 320, 100.0, 130.0) + 0.01 * yy
+    data = (level + rng.normal(0.0, 7.0, (ny, nx))).astype(np.float32)
+    bad = rng.random((ny, nx)) < 0.003
+    bad[:, 77] = True
+    sub, rms, grms, b2 = estimate_background(data, bad, amp_boundary=320, return_binned=True)
+    # reference: sep on each half of the 2x2 means, repeated back to pixels
+    means = _bin2(data) * np.float32(0.25)
+    mb = _bin2(bad)
+    for sl in (slice(0, 160), slice(160, 320)):
+        bk = sep.Background(np.ascontiguousarray(means[:, sl]), mask=np.ascontiguousarray(mb[:, sl]), bw=64, bh=64,
+                            fw=3, fh=3)
+        back = np.repeat(np.repeat(bk.back(), 2, axis=0), 2, axis=1)
+        cols = slice(2 * sl.start, 2 * sl.stop)
+        ref = np.where(bad[:, cols], 0.0, data[:, cols] - back)
+        np.testing.assert_allclose(sub[:, cols], ref, atol=1e-4)
+        np.testing.assert_allclose(rms[:, sl], 2.0 * bk.rms(), rtol=1e-6)
+    assert grms == pytest.approx(7.0, rel=0.05)  # the simulated noise
+    np.testing.assert_allclose(b2, _bin2(sub), rtol=1e-5, atol=1e-3)
+    assert np.abs(sub[~bad]).mean() < 7.0 and abs(float(np.median(sub[~bad]))) < 0.3
