@@ -361,8 +361,8 @@ def _fit(tp, d, w, tmpl, F, da, dc, fit_off, n_iter=2, max_off=1.0, noise=None):
     w0 = w
     runs = _Runs(st, n)
     for _ in range(n_iter):
-        s = tp.s - da[st]
-        c = tp.c - dc[st]
+        s = tp.s - da.astype(np.float32)[st]  # float32 throughout: evaluate() works in float32
+        c = tp.c - dc.astype(np.float32)[st]
         T, Ts, Tc = tmpl.evaluate(s, c, derivatives=True)
         Fi = F[st]
         FT = Fi * T
