@@ -759,6 +759,7 @@ class TrailFit:
     bkg: np.ndarray | None = None  # local background subtracted from each trail's pixels (ADU)
     rep: np.ndarray | None = None  # per entry of ``pixels``: the entry representing its pixel (see _pixel_index)
     pairs: tuple | None = None  # (p1, p2): every pair of entries on the same pixel (see _pairs)
+    w: np.ndarray | None = None  # weight (0 masked, 1 used) of each entry of ``pixels`` in the final fit
 
 
 def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=None, min_bright=6,
@@ -921,7 +922,7 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
     T = tmpl.evaluate(s_f, c_f)
     model, F, ferr = _final(tp, rep, ne, n, w, T, d, sky_sigma, (ny, nx), pairs, runs)
     return TrailFit(model, F, ferr, da, dc, n_masked.astype(int), tmpl, tp, empirical, bright, hw_big,
-                    float(sigma_psf), T, bkg_used, rep, pairs)
+                    float(sigma_psf), T, bkg_used, rep, pairs, w)
 
 
 def _final(tp, rep, ne, n, w, T, d, sky_sigma, shape, pairs=None, runs=None):
@@ -949,19 +950,57 @@ def refit_fluxes(fit, resid0, bad, *, sky_sigma):
 
     Costs one sparse solve instead of a full :func:`fit_trails` (the
     template, the sub-pixel offsets and the bright trails' local
-    backgrounds do not depend on the few pixels a streak removes).
+    backgrounds do not depend on the few pixels a streak removes). Only the
+    trails with a newly excluded pixel, closed over the trails sharing pixels
+    with them (the joint fit couples trails only through shared pixels), are
+    solved again and re-rendered; every other trail keeps its flux and its
+    model pixels.
     """
     tp = fit.pixels
     if fit.T is None or tp.n == 0 or len(tp.pix) == 0:
         return fit
     ny, nx = resid0.shape
     ne = len(tp.pix)
+    n = tp.n
     rep = fit.rep if fit.rep is not None else _pixel_index(tp.pix, ny * nx)
     pairs = fit.pairs if fit.pairs is not None else _pairs(rep, ne, last=rep)
-    d = resid0.ravel()[tp.pix] - fit.bkg.astype(np.float32)[tp.star]
     w = np.ones(ne, np.float32) if bad is None else (~bad.ravel()[tp.pix]).astype(np.float32)
-    runs = _Runs(tp.star, tp.n)
-    model, F, ferr = _final(tp, rep, ne, tp.n, w, fit.T, d, sky_sigma, (ny, nx), pairs, runs)
-    n_masked = _masked_in_core(tp, w, 2.0 * fit.sigma_psf).astype(int)
-    return TrailFit(model, F, ferr, fit.d_along, fit.d_cross, n_masked, fit.template, tp, fit.empirical, fit.bright,
-                    fit.half_width_px, fit.sigma_psf, fit.T, fit.bkg, rep, pairs)
+    runs = _Runs(tp.star, n)
+    if fit.w is None or not runs.ok:
+        d = resid0.ravel()[tp.pix] - fit.bkg.astype(np.float32)[tp.star]
+        model, F, ferr = _final(tp, rep, ne, n, w, fit.T, d, sky_sigma, (ny, nx), pairs, runs)
+        n_masked = _masked_in_core(tp, w, 2.0 * fit.sigma_psf).astype(int)
+        return TrailFit(model, F, ferr, fit.d_along, fit.d_cross, n_masked, fit.template, tp, fit.empirical,
+                        fit.bright, fit.half_width_px, fit.sigma_psf, fit.T, fit.bkg, rep, pairs, w)
+    # trails with a changed weight, and (transitively) the trails sharing a pixel with them
+    aff = np.zeros(n, bool)
+    aff[tp.star[np.flatnonzero(w != fit.w)]] = True
+    s1, s2 = tp.star[pairs[0]], tp.star[pairs[1]]
+    while True:
+        grow = (aff[s1] != aff[s2])
+        if not grow.any():
+            break
+        aff[s1[grow]] = True
+        aff[s2[grow]] = True
+    if not aff.any():
+        return TrailFit(fit.model, fit.flux, fit.flux_err, fit.d_along, fit.d_cross, fit.n_masked, fit.template, tp,
+                        fit.empirical, fit.bright, fit.half_width_px, fit.sigma_psf, fit.T, fit.bkg, rep, pairs, w)
+    ea = runs.entries(aff)  # their entries: every entry on these pixels belongs to an affected trail
+    pos = np.full(ne, -1, np.int64)
+    pos[ea] = np.arange(len(ea))
+    kp = aff[s1]  # pairs within the affected trails (both sides affected, by the closure)
+    sub = _subset(tp, ea)
+    pairs_a = (pos[pairs[0][kp]], pos[pairs[1][kp]])
+    rep_a = pos[rep[ea]]
+    d = resid0.ravel()[sub.pix] - fit.bkg.astype(np.float32)[sub.star]
+    wa = w[ea]
+    shp = (ny, nx)
+    m_a, F_a, ferr_a = _final(sub, rep_a, len(ea), n, wa, fit.T[ea], d, sky_sigma, (1, ny * nx), pairs_a,
+                              _Runs(sub.star, n))
+    model = fit.model.copy()
+    model.ravel()[sub.pix] = m_a.ravel()[sub.pix]  # only affected trails' light on these pixels
+    F = np.where(aff, F_a, fit.flux)
+    ferr = np.where(aff, ferr_a, fit.flux_err)
+    n_masked = np.where(aff, _masked_in_core(sub, wa, 2.0 * fit.sigma_psf), fit.n_masked).astype(int)
+    return TrailFit(model.reshape(shp), F, ferr, fit.d_along, fit.d_cross, n_masked, fit.template, tp, fit.empirical,
+                    fit.bright, fit.half_width_px, fit.sigma_psf, fit.T, fit.bkg, rep, pairs, w)
