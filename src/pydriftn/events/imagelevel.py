@@ -591,7 +591,7 @@ def image_level_efficiency(out_dir, *, cells=None, events_per_ccd: int = 10, pre
 
         from .search import save_png
 
-        fig = Figure(figsize=(max(6.0, 1.1 * len(cl) + 2), 4.5))
+        fig = Figure(figsize=(max(6.0, 1.1 * len(cl) + 2), 5.5))
         plot_image_efficiency(table, ax=fig.add_subplot())
         files.append(save_png(fig, out / "efficiency_image.png"))
     return ImageEfficiencyResult(table=table, injections=injections, series_injections=series, files=files)
@@ -636,5 +636,5 @@ def plot_image_efficiency(table: pd.DataFrame, ax):
     ax.set_ylim(-0.02, 1.05)
     ax.set_ylabel("efficiency")
     ax.set_title("injection-recovery: image level (full chain) vs series level")
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.25))
     return ax
