@@ -98,3 +98,28 @@ def test_rerun_resumes_the_cell(strong_cell):
     assert meta.stat().st_mtime_ns == before
     pd.testing.assert_frame_equal(again.table, res.table)
     assert json.loads(meta.read_text())["params"]["cell"]["te_s"] == 10.0
+
+
+def test_simulator_event_kind_pins_the_kind_and_parameters(tmp_path):
+    from pydriftn.errors import ConfigError
+    from pydriftn.simulate import make_config, simulate_dataset
+
+    with pytest.raises(ConfigError, match="event_kind"):
+        make_config("tiny", event_kind="medium")
+    with pytest.raises(ConfigError, match="u0_range"):
+        make_config("tiny", u0_range=(0.5, 0.1))
+    # the default is not written to simulation.json (default datasets unchanged)
+    assert "event_kind" not in make_config("small").to_dict()
+    assert make_config("small", event_kind="long").to_dict()["event_kind"] == "long"
+    ds = simulate_dataset(tmp_path / "long", preset="tiny", seed=4, n_stars_per_ccd=300, events_per_ccd=3,
+                          event_kind="long", long_te_range_s=(30.0, 30.0), u0_range=(0.2, 0.2),
+                          rho_range=(0.05, 0.05), cr_rate_per_mpix_s=0.0, flashes_per_ccd_exposure=0)
+    ev = ds.read_truth("events")
+    assert len(ev) == 3 and set(ev["kind"]) == {"long"}
+    assert np.allclose(ev["te_s"], 30.0) and np.allclose(ev["u0"], 0.2) and np.allclose(ev["rho"], 0.05)
+    # t0 of a long event: anywhere from the first exposure's start to the last one's end
+    meta = json.loads(ds.simulation_json.read_text())
+    mjd0 = min(e["mjd_obs"] for e in meta["exposures"])
+    mjd1 = max(e["mjd_obs"] for e in meta["exposures"]) + 20.0 / 86400.0
+    assert ((ev["t0_mjd"] >= mjd0) & (ev["t0_mjd"] <= mjd1)).all()
+    assert meta["config"]["event_kind"] == "long"
