@@ -279,9 +279,8 @@ def _empty_table():
 
 def _finish_table(rows):
     """Table with COLUMNS and their dtypes from a list of row dicts or a DataFrame."""
-    base = _empty_table()
     if rows is None or len(rows) == 0:
-        return base
+        return _empty_table()
     df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
     n = len(df)
     out = {}
