@@ -71,3 +71,9 @@ def test_search_option_out_of_range_is_one_line(tmp_path, capsys, option, value)
     code = main(["search", str(tmp_path), option, value])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and option in err[0]
+
+
+def test_efficiency_image_level_excludes_store(tmp_path, capsys):
+    code = main(["efficiency", str(tmp_path / "eff"), "--image-level", "--store", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--image-level" in err[0]

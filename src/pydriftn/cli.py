@@ -157,9 +157,22 @@ def _cmd_search(args) -> int:
 
 
 def _cmd_efficiency(args) -> int:
-    from .events import run_efficiency
+    if args.image_level:
+        if args.store:
+            raise PydriftnError("--store and --image-level exclude each other: the image-level run makes its own "
+                                "stores")
+        if args.cells is not None and args.cells < 1:
+            raise PydriftnError(f"--cells: expected at least 1, got {args.cells}")
+        if args.repeats < 1:
+            raise PydriftnError(f"--repeats: expected at least 1, got {args.repeats}")
+        from .events import image_level_efficiency
 
-    result = run_efficiency(args.out, store=args.store, seed=args.seed)
+        result = image_level_efficiency(args.out, seed=args.seed, max_cells=args.cells, repeats=args.repeats,
+                                        workers=args.workers)
+    else:
+        from .events import run_efficiency
+
+        result = run_efficiency(args.out, store=args.store, seed=args.seed)
     for line in result.summary_lines():
         print(line)
     return EXIT_OK
@@ -245,6 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="report folder")
     p.add_argument("--store", default=None, help="inject into this store's series (default: simulate)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-level", action="store_true",
+                   help="simulate events into images and run the whole chain per grid cell (~45 s per cell)")
+    p.add_argument("--cells", type=int, default=None, help="with --image-level: the first N of the 8 default cells")
+    p.add_argument("--repeats", type=int, default=1, help="with --image-level: datasets (20 events each) per cell")
+    p.add_argument("--workers", type=int, default=None, help="with --image-level: pipeline workers (default all cores)")
     p.set_defaults(func=_cmd_efficiency)
     return parser
 
