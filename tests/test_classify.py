@@ -511,13 +511,89 @@ def test_simulator_false_flash_rate(sim_small):
     assert n_false <= 1, n_false
 
 
+# ---------------------------------------------------------------- fast paths against their references
+
+
+def test_fast_smoothing_equals_scipy_gaussian_filter():
+    from scipy import ndimage as ndi
+
+    from pydriftn.classify.core import _smooth
+
+    rng = np.random.default_rng(3)
+    B = rng.normal(0.0, 10.0, (301, 157)).astype(np.float32)
+    B[100:110, 50:60] += 500.0
+    for sig in (0.6, 0.78, 1.3):
+        ref = ndi.gaussian_filter(B, sig, truncate=3.0)
+        assert np.allclose(_smooth(B, sig), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+def test_dead_column_search_equals_block_medians():
+    from pydriftn.classify.core import _dead_columns
+
+    rng = np.random.default_rng(4)
+    r0 = rng.normal(0.0, 5.0, (1024, 300)).astype(np.float32)
+    for k in range(40):  # column segments at various depths, some just at the threshold
+        c, a = rng.integers(0, 300), rng.integers(0, 1000)
+        r0[a:a + rng.integers(10, 600), c] = -rng.uniform(5.0, 40.0)
+    got = _dead_columns(r0, 5.0)
+    # reference: the median of every 64-row block of every column (every 2nd row), as documented
+    nb = 1024 // 64
+    med = np.median(r0[: nb * 64: 2].reshape(nb, -1, 300), axis=1)
+    low = med < -max(8.0 * 5.0 / math.sqrt(32) * 1.25, 15.0)
+    ref = np.repeat(low, 64, axis=0)
+    assert low.any() and got is not None
+    assert np.array_equal(got, ref)
+
+
+def test_robust_median_equals_nanmedian():
+    from pydriftn.classify._trailmodel import _robust_median
+
+    rng = np.random.default_rng(5)
+    a = rng.normal(size=(41, 37))
+    a[rng.random(a.shape) < 0.3] = np.nan
+    a[:, 3] = np.nan
+    med, err = _robust_median(a)
+    with np.errstate(all="ignore"), __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("ignore", RuntimeWarning)
+        ref = np.nanmedian(a, axis=0)
+        mad = np.nanmedian(np.abs(a - ref[None]), axis=0)
+    assert np.array_equal(med, ref, equal_nan=True)
+    n = np.sum(np.isfinite(a), axis=0)
+    ok = n >= 3
+    assert np.allclose(err[ok], 1.25 * 1.4826 * mad[ok] / np.sqrt(n[ok]))
+
+
+def test_partial_streak_refit_equals_full_refit():
+    import dataclasses
+
+    from pydriftn.classify._trailmodel import fit_trails, refit_fluxes
+
+    d = make_image(seed=5, n_stars=400, n_flashes=0, n_flashes_on_trail=0, n_cr=0, satellite=(33.0, 400.0))
+    img = d["image"].astype(np.float32) - np.float32(d["sky_e"] / d["gain"])
+    tr = d["trails"]
+    sig = d["fwhm"] / 2.3548200450309493
+    sky = math.sqrt(d["sky_e"] + d["rn_e"] ** 2) / d["gain"]
+    bad = np.zeros(img.shape, bool)
+    fit = fit_trails(img, bad, tr.x_start.to_numpy(), tr.y_start.to_numpy(), tr.x_end.to_numpy(),
+                     tr.y_end.to_numpy(), sigma_psf=sig, sky_sigma=sky, gain=d["gain"])
+    streak = d["mask"] == 8
+    assert streak.any()
+    part = refit_fluxes(fit, img, streak, sky_sigma=sky)
+    full = refit_fluxes(dataclasses.replace(fit, w=None), img, streak, sky_sigma=sky)
+    changed = part.flux != fit.flux
+    assert 0 < changed.sum() < len(tr)  # only the crossed trails (and their blend partners) are refitted
+    assert np.allclose(part.flux, full.flux, rtol=1e-6, atol=1e-6 * np.abs(full.flux).max())
+    assert np.allclose(part.model, full.model, rtol=0, atol=1e-6 * np.abs(full.model).max())
+    assert np.array_equal(part.n_masked, full.n_masked)
+
+
 @pytest.mark.slow
 def test_full_size_speed(tmp_path):
-    """One full-size CCD (2046 x 4094, 2000 stars) in <= 0.3 s on one core (opt-in)."""
+    """One full-size CCD (2046 x 4094, 2000 stars) in <= 0.3 s CPU on one core (opt-in)."""
     import time
 
     d = make_image(seed=1, nx=2046, ny=4094, n_stars=2000, n_flashes=3, n_cr=80, star_flux=(2e3, 3e6))
     run(d, "cp")
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     run(d, "cp")
-    assert time.perf_counter() - t0 <= 0.3
+    assert time.process_time() - t0 <= 0.3
