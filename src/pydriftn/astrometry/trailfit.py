@@ -36,6 +36,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 from scipy import ndimage
 from scipy.special import ndtr
 
@@ -147,40 +148,71 @@ def make_grid(direction, length_px, sigma_px, *, pad_sigma=3.0, half_width=None,
     )
 
 
-def _sample(image, grid: TrailGrid, xa, ya, bad=None, dtype=float):
+def _sample(image, grid: TrailGrid, xa, ya, bad=None, dtype=float, want_inside=True):
     """Sample ``image`` on each trail's grid. Returns (values, valid, inside) of shape (n, np, nq).
 
-    ``values`` has ``dtype`` (float64 by default, for the profile fits).
+    ``values`` has ``dtype`` (float64 by default, for the profile fits) and is 0 where
+    not valid; ``inside`` (on the CCD) is None unless ``want_inside``.
     """
     ny, nx = image.shape
     if grid.snapped:
-        # whole-pixel grid: integer arithmetic and one flat gather; the bounds are
-        # checked only for the trails whose window reaches beyond the CCD
-        Pi = grid.p_off.astype(np.int64)[:, None]
-        Qi = grid.q_off.astype(np.int64)[None, :]
+        # whole-pixel grid: a trail's window is a rectangle of the image. Windows inside
+        # the CCD are gathered whole from a sliding-window view (one block copy per
+        # trail, ~7x cheaper than a gather through per-sample flat indices) and turned
+        # to the (p, q) axes; the few windows reaching beyond the CCD get per-sample
+        # indices with their bounds checked.
+        n = xa.size
+        n_p, n_q = grid.p_off.size, grid.q_off.size
+        na, nc = (n_p - 1) // 2, (n_q - 1) // 2
         epx, epy = int(grid.ep[0]), int(grid.ep[1])
         eqx, eqy = int(grid.eq[0]), int(grid.eq[1])
-        ox = Pi * epx + Qi * eqx  # (np, nq) offsets
-        oy = Pi * epy + Qi * eqy
+        rx = na if epx else nc  # window half-sizes along x and y
+        ry = nc if epx else na
         xi0 = xa.astype(np.int64)
         yi0 = ya.astype(np.int64)
-        edge = ((xi0 + ox.min() < 0) | (xi0 + ox.max() >= nx) | (yi0 + oy.min() < 0) | (yi0 + oy.max() >= ny))
-        flat = (yi0 * nx + xi0)[:, None, None] + (oy * nx + ox)[None]
-        inside = np.ones(flat.shape, bool)
+        edge = (xi0 - rx < 0) | (xi0 + rx >= nx) | (yi0 - ry < 0) | (yi0 + ry >= ny)
+        zero = np.zeros((), dtype)
+        if nx > 2 * rx and ny > 2 * ry:
+            # every window gathered at its anchor clipped into the CCD; the edge ones are redone below
+            xc = np.clip(xi0, rx, nx - 1 - rx)
+            yc = np.clip(yi0, ry, ny - 1 - ry)
+
+            def windows(a):
+                g = sliding_window_view(a, (2 * ry + 1, 2 * rx + 1))[yc - ry, xc - rx]  # (n, y, x)
+                # sample (p, q) sits at x = xa + p epx + q eqx, y = ya + p epy + q eqy
+                if epx:  # p along x (axis 2), q along y (axis 1)
+                    return g[:, ::eqy, ::epx].transpose(0, 2, 1)
+                return g[:, ::epy, ::eqx]  # p along y (axis 1), q along x (axis 2)
+
+            if bad is None:
+                valid = np.ones((n, n_p, n_q), bool)
+                vals = np.empty((n, n_p, n_q), dtype)
+                vals[...] = windows(image)
+            else:  # (C-ordered outputs: a ufunc on the turned view would allocate them turned)
+                valid = np.empty((n, n_p, n_q), bool)
+                np.logical_not(windows(bad), out=valid)
+                vals = np.zeros((n, n_p, n_q), dtype)
+                np.copyto(vals, windows(image), where=valid)
+        else:  # windows larger than the CCD: per-sample indices for all
+            edge[:] = True
+            valid = np.ones((n, n_p, n_q), bool)
+            vals = np.zeros((n, n_p, n_q), dtype)
+        inside = np.ones((n, n_p, n_q), bool) if want_inside else None
         ie = np.nonzero(edge)[0]
         if ie.size:
+            Pi = grid.p_off.astype(np.int64)[:, None]
+            Qi = grid.q_off.astype(np.int64)[None, :]
+            ox = Pi * epx + Qi * eqx  # (np, nq) offsets
+            oy = Pi * epy + Qi * eqy
             xi = xi0[ie, None, None] + ox[None]
             yi = yi0[ie, None, None] + oy[None]
-            inside[ie] = (xi >= 0) & (xi < nx) & (yi >= 0) & (yi < ny)
-            flat[ie] = np.clip(yi, 0, ny - 1) * nx + np.clip(xi, 0, nx - 1)
-        vals = np.take(image.reshape(-1), flat).astype(dtype, copy=False)
-        if bad is not None:
-            valid = ~np.take(bad.reshape(-1), flat)
-            if ie.size:
-                valid &= inside
-        else:
-            valid = inside.copy()
-        np.putmask(vals, ~valid, 0.0)
+            ins = (xi >= 0) & (xi < nx) & (yi >= 0) & (yi < ny)
+            flat = np.clip(yi, 0, ny - 1) * nx + np.clip(xi, 0, nx - 1)
+            if want_inside:
+                inside[ie] = ins
+            ok = ins if bad is None else (ins & ~np.take(bad.reshape(-1), flat))
+            valid[ie] = ok
+            vals[ie] = np.where(ok, np.take(image.reshape(-1), flat), zero)
         return vals, valid, inside
     P = grid.p_off[None, :, None]
     Q = grid.q_off[None, None, :]
@@ -196,7 +228,7 @@ def _sample(image, grid: TrailGrid, xa, ya, bad=None, dtype=float):
             yi = np.clip(np.rint(Y).astype(np.intp), 0, ny - 1)
             valid &= ~bad[yi, xi]
     vals = np.where(valid, vals, 0.0)
-    return vals, valid, inside
+    return vals, valid, (inside if want_inside else None)
 
 
 def _solve(JtWJ, JtWr):
@@ -462,7 +494,7 @@ def fit_trails(image, x_mid, y_mid, grid: TrailGrid, *, rms, gain=1.0, bad=None,
     if neighbours is not None:
         vals = np.where(valid, vals - neighbours, 0.0)
     elif model_image is not None:
-        mvals, _, _ = _sample(model_image, grid, xa, ya, None)
+        mvals, _, _ = _sample(model_image, grid, xa, ya, None, want_inside=False)
         if own_flux.get("model") is not None:
             own = own_flux["model"]
         else:
@@ -773,7 +805,8 @@ def solve_fluxes(image, grid: TrailGrid, x_mid, y_mid, *, rms, gain=1.0, bad=Non
     xa = np.rint(x_mid)
     ya = np.rint(y_mid)
     # the samples stay float32 (as in the image): the products are accumulated in float64
-    vals, valid, _ = _sample(image, grid, xa, ya, bad, dtype=np.result_type(image.dtype, np.float32))
+    vals, valid, _ = _sample(image, grid, xa, ya, bad, dtype=np.result_type(image.dtype, np.float32),
+                             want_inside=False)
     T = _model_on_grid(grid, xa, ya, x_mid, y_mid, np.ones(n))
     np.multiply(T, valid, out=T)
     T2 = T.reshape(n, -1)
@@ -867,7 +900,7 @@ def measure_lsf(image, grid: TrailGrid, x_mid, y_mid, *, bad=None, n_gauss=2, ha
     hw = int(half_width) if half_width is not None else int(math.ceil(5 * grid.sigma_px)) + 2
     wide = make_grid(grid.u, grid.length_px, grid.sigma_px, half_width=hw)
     xa, ya = np.rint(x_mid), np.rint(y_mid)
-    vals, valid, _ = _sample(image, wide, xa, ya, bad)
+    vals, valid, _ = _sample(image, wide, xa, ya, bad, want_inside=False)
     dx, dy = x_mid - xa, y_mid - ya
     pm = dx * wide.ep[0] + dy * wide.ep[1]
     qm = dx * wide.eq[0] + dy * wide.eq[1]
