@@ -649,3 +649,29 @@ def test_background_fast_path_matches_direct_estimate():
     assert grms == pytest.approx(7.0, rel=0.05)  # the simulated noise
     np.testing.assert_allclose(b2, _bin2(sub), rtol=1e-5, atol=1e-3)
     assert np.abs(sub[~bad]).mean() < 7.0 and abs(float(np.median(sub[~bad]))) < 0.3
+
+
+@pytest.mark.parametrize("direction", [(-1.0, 0.001), (1.0, -0.001), (0.001, 1.0), (-0.001, -1.0)])
+def test_trail_window_samples_are_the_pixels_of_the_grid(direction):
+    """Snapped-grid samples (block gather inside, per-sample indices at the edges) = image[y, x] of each grid point."""
+    from pydriftn.astrometry import trailfit
+
+    rng = np.random.default_rng(8)
+    shape = (90, 140)
+    img = rng.normal(0.0, 5.0, shape).astype(np.float32)
+    bad = rng.random(shape) < 0.05
+    grid = trailfit.make_grid(direction, 37.0, 1.7)
+    assert grid.snapped
+    xa = np.rint(rng.uniform(-20, shape[1] + 20, 60))
+    ya = np.rint(rng.uniform(-20, shape[0] + 20, 60))
+    vals, valid, inside = trailfit._sample(img, grid, xa, ya, bad)
+    X = xa[:, None, None] + grid.p_off[None, :, None] * grid.ep[0] + grid.q_off[None, None, :] * grid.eq[0]
+    Y = ya[:, None, None] + grid.p_off[None, :, None] * grid.ep[1] + grid.q_off[None, None, :] * grid.eq[1]
+    X, Y = np.rint(X).astype(int), np.rint(Y).astype(int)
+    on = (X >= 0) & (X < shape[1]) & (Y >= 0) & (Y < shape[0])
+    Xc, Yc = np.clip(X, 0, shape[1] - 1), np.clip(Y, 0, shape[0] - 1)
+    np.testing.assert_array_equal(inside, on)
+    np.testing.assert_array_equal(valid, on & ~bad[Yc, Xc])
+    np.testing.assert_array_equal(vals, np.where(valid, img[Yc, Xc], 0.0))
+    assert vals.flags.c_contiguous and valid.flags.c_contiguous
+    assert 0 < (~on).sum() and on.any(axis=(1, 2)).sum() > 30  # both edge and inner windows exercised
