@@ -348,22 +348,26 @@ def _sums(star, n, *cols, runs=None):
     return [r.sum(c) for c in cols]
 
 
-def _fit(tp, d, w, tmpl, F, da, dc, fit_off, n_iter=2, max_off=1.0, noise=None):
+def _fit(tp, d, w, tmpl, F, da, dc, fit_off, n_iter=2, max_off=1.0, noise=None, first=None):
     """Linearised least squares of (F, da, dc) per star; offsets only where ``fit_off``.
 
     ``d`` must already have the neighbours' models subtracted. With ``noise =
     (sky_sigma, gain)``, pixels more than 5 sigma from the current model (a
     flash or a cosmic ray on the trail) are left out, so they do not pull the
-    offsets.
+    offsets. ``first``: ``tmpl.evaluate(s, c, derivatives=True)`` at the
+    current offsets if already computed (used by the first iteration).
     """
     n = tp.n
     st = tp.star
     w0 = w
     runs = _Runs(st, n)
-    for _ in range(n_iter):
-        s = tp.s - da.astype(np.float32)[st]  # float32 throughout: evaluate() works in float32
-        c = tp.c - dc.astype(np.float32)[st]
-        T, Ts, Tc = tmpl.evaluate(s, c, derivatives=True)
+    for it in range(n_iter):
+        if it == 0 and first is not None:
+            T, Ts, Tc = first
+        else:
+            s = tp.s - da.astype(np.float32)[st]  # float32 throughout: evaluate() works in float32
+            c = tp.c - dc.astype(np.float32)[st]
+            T, Ts, Tc = tmpl.evaluate(s, c, derivatives=True)
         Fi = F[st]
         FT = Fi * T
         r = d - FT
@@ -864,7 +868,8 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
         # entries sharing a pixel (same set as marking the bright pixels in an image, without the image)
         pu1, pu2 = use[tp.star[pairs[0]]], use[tp.star[pairs[1]]]
         en = np.unique(np.concatenate([pairs[1][pu1 & ~pu2], pairs[0][pu2 & ~pu1]]))
-        Tb = base.evaluate(sub.s, sub.c)
+        # analytic template at zero offsets, with derivatives: also the first iteration of the offset fit below
+        Tb, Tsb, Tcb = base.evaluate(sub.s, sub.c, derivatives=True)
         # joint fluxes of the bright stars on their own pixels (blends among them)
         Fb, sTb = _solve_fluxes(sub.star, rep[eb], ne, n, wb, Tb, d[eb], runs=_Runs(sub.star, n))
         F = np.where(use, Fb, F)
@@ -886,7 +891,8 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
         nw = runs_b.sum(wing)
         bkg = np.where(nw >= 20, runs_b.sum(r * wing) / np.maximum(nw, 1), 0.0)
         db = db - bkg[sub.star]
-        F, da, dc = _fit(sub, db, wb, base, F, da, dc, fit_off, n_iter=2, noise=noise)
+        F, da, dc = _fit(sub, db, wb, base, F, da, dc, fit_off, n_iter=2, noise=noise, first=(Tb, Tsb, Tcb))
+        del Tsb, Tcb
         if bright.sum() >= min_bright:
             tmpl = _empirical_template(sub, db, wb, F, da, dc, bright, base, hw_big, sigma_psf)
             _cap_correction(sub, db, wb, F, da, dc, bright, tmpl, Lref, hw_big, cap_px=cap_px)
