@@ -24,9 +24,11 @@ pixels are bilinearly interpolated.
 We wrote this instead of calling a generic optimiser per trail (e.g.
 ``scipy.optimize.least_squares``) because a full CCD holds ~2000 trails and the
 budget is a fraction of a second: per-trail Python calls cost ~1 ms each.
-Neighbouring trails are handled by subtracting a rendered model of all other
-trails before a star's own profiles are built (a Jacobi iteration of the joint
-fit), see :func:`render_trails`.
+Neighbouring trails are handled by subtracting the model of all other trails
+before a star's own profiles are built (a Jacobi iteration of the joint fit):
+on a whole-pixel grid pair by pair from the neighbours' models on their own
+grids (:func:`neighbour_models`), otherwise from a rendered image
+(:func:`render_trails`).
 """
 
 from __future__ import annotations
