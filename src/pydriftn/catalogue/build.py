@@ -2,7 +2,11 @@
 
 Per CCD: read g and r (+ dq masks), check that they overlap on the sky,
 measure sources in each band (:mod:`.photometry`), anchor each band's
-astrometry on Gaia when given (:func:`.matching.anchor_to_gaia`), cross-match
+astrometry on Gaia when given (:func:`.matching.anchor_to_gaia`, validated),
+register the two bands on each other (a band without an accepted Gaia anchor
+is tied to the other band's positions; a remaining g-r offset, or one-band-only
+stars pairing up at a common offset, raises :class:`CatalogueError` naming the
+CCD rather than cataloguing every star twice), cross-match
 g and r into one record per star (stars seen in one band keep NaN for the
 other), select reference stars (:mod:`.reference`), match to Gaia, save a PNG
 grid of the reference stamps. A CCD that cannot be processed (missing in one
@@ -56,7 +60,7 @@ from ..errors import CatalogueError, ConfigError, EmptyDataError, InputFileError
 from .flags import CATALOGUE_FLAGS, SourceFlag
 from .gaia import mjd_to_julian_year, normalise_gaia_columns, propagate_to_epoch, query_gaia_tap, read_gaia_file
 from .images import PointedCCD, list_ccds, read_pointed_ccd
-from .matching import anchor_to_gaia, mutual_match, tangent_plane, from_tangent_plane
+from .matching import anchor_to_gaia, find_offset, mutual_match, tangent_plane, from_tangent_plane
 from .photometry import MeasureOptions, measure_sources
 from .reference import save_stamp_grid, select_reference_stars
 
@@ -82,6 +86,9 @@ DEFAULT_KNOBS = {
     "gaia_tap_url": None,
     "gaia_cache_dir": None,
     "gaia_timeout_s": 60.0,
+    # astrometric anchor validation (see pydriftn.catalogue.matching.anchor_to_gaia)
+    "anchor_min_matches": 3,
+    "anchor_max_rms_arcsec": None,  # None: 0.5 * gaia_match_radius_arcsec
     # photometry
     "aperture_fwhm": 0.8,
     "detect_thresh": 1.5,
@@ -93,6 +100,8 @@ DEFAULT_KNOBS = {
 #: anchoring uses sources with none of these flags and S/N above this
 _ANCHOR_BAD = SourceFlag.SATURATED | SourceFlag.BLENDED | SourceFlag.MASKED_PIXELS
 _ANCHOR_MIN_SNR = 20.0
+#: g and r positions of one CCD must agree to this fraction of match_radius_arcsec
+_GR_TOLERANCE = 0.25
 
 _BAND_COLS = ["x", "y", "flux", "flux_err", "mag", "mag_err", "snr", "fwhm_px", "ellipticity", "flags"]
 
@@ -180,28 +189,32 @@ def _measure_band(im: PointedCCD, band, gaia, knobs, opts):
     ra, dec = im.wcs.pixel_to_world_values(src["x"].to_numpy(), src["y"].to_numpy())
     ra, dec = np.asarray(ra, float), np.asarray(dec, float)
     pos_err = src["pos_err_px"].to_numpy() * im.pixscale_arcsec
-    astro = {"anchored": False}
+    good = (((src["flags"].to_numpy() & int(_ANCHOR_BAD)) == 0) & ~src["centroid_fallback"].to_numpy()
+            & (src["snr"].to_numpy() >= _ANCHOR_MIN_SNR))
+    astro = {"anchored": False, "reference": None}
     if gaia is not None and len(gaia):
         epoch = mjd_to_julian_year(im.mjd) if np.isfinite(im.mjd) else 2016.0
         gp = propagate_to_epoch(gaia, epoch)
-        good = (((src["flags"].to_numpy() & int(_ANCHOR_BAD)) == 0) & ~src["centroid_fallback"].to_numpy()
-                & (src["snr"].to_numpy() >= _ANCHOR_MIN_SNR))
         ra2, dec2, am = anchor_to_gaia(
             src["x"], src["y"], good, im.wcs, gp["ra"].to_numpy(), gp["dec"].to_numpy(),
             pixscale_arcsec=im.pixscale_arcsec, shape=im.data.shape,
             match_radius_arcsec=knobs["gaia_match_radius_arcsec"],
             search_radius_arcsec=knobs["gaia_search_radius_arcsec"],
+            min_matches=int(knobs["anchor_min_matches"]), max_rms_arcsec=knobs["anchor_max_rms_arcsec"],
+            label=f"CCD {im.ccd} {band} onto Gaia",
         )
         am.pop("gaia_index", None)
         am.pop("source_index", None)
         am["epoch"] = float(epoch)
-        if am["kind"] != "none":
+        if am["accepted"]:
             ra, dec = ra2, dec2
-            astro = {"anchored": True, **am}
+            astro = {"anchored": True, "reference": "gaia", **am}
             pos_err = np.hypot(pos_err, am["fit_err_arcsec"])
         else:
-            astro = {"anchored": False, **am}
-            log.warning("CCD %s %s: no Gaia star matched; positions from the image WCS", im.ccd, band)
+            astro = {"anchored": False, "reference": None, **am}
+            log.warning("CCD %s %s: Gaia anchor not used (%s); positions from the image WCS for now",
+                        im.ccd, band, am["reject_reason"])
+    src["_good"] = good
     src["ra"] = ra
     src["dec"] = dec
     src["pos_err_arcsec"] = pos_err
@@ -209,6 +222,117 @@ def _measure_band(im: PointedCCD, band, gaia, knobs, opts):
             "pixscale_arcsec": im.pixscale_arcsec, "n_sources": int(len(src)), "image": im.path,
             "mask": im.mask_path}
     return src, meta
+
+
+def _offset_search(ax, ay, bx, by, knobs):
+    """:func:`find_offset` in arcsec with the catalogue's radii; adds ``significant``, ``offset_arcsec``."""
+    rad = float(knobs["match_radius_arcsec"])
+    search = 2.0 * float(knobs["gaia_search_radius_arcsec"])
+    off = find_offset(ax, ay, bx, by, search_radius=search, bin_size=rad, refine_radius=rad)
+    need = max(int(knobs["anchor_min_matches"]), int(np.ceil(off["n_chance"] + 4.0 * np.sqrt(off["n_chance"]))))
+    off["significant"] = bool(off["n_peak"] >= need)
+    off["offset_arcsec"] = float(np.hypot(off["dx"], off["dy"]))
+    return off
+
+
+def _tie_band(im, src, meta, band, ref_src, ref_band, knobs):
+    """Fit ``band``'s pixel positions onto the (good) sky positions of ``ref_band`` (same CCD)."""
+    good_ref = ref_src["_good"].to_numpy(bool)
+    x, y = src["x"].to_numpy(float), src["y"].to_numpy(float)
+    ra0, dec0 = (np.asarray(v, float) for v in im.wcs.pixel_to_world_values(x, y))
+    ra2, dec2, am = anchor_to_gaia(
+        x, y, src["_good"].to_numpy(bool), im.wcs, ref_src["ra"].to_numpy()[good_ref],
+        ref_src["dec"].to_numpy()[good_ref], pixscale_arcsec=im.pixscale_arcsec, shape=im.data.shape,
+        match_radius_arcsec=knobs["match_radius_arcsec"], search_radius_arcsec=2.0 * knobs["gaia_search_radius_arcsec"],
+        min_matches=int(knobs["anchor_min_matches"]), max_rms_arcsec=knobs["anchor_max_rms_arcsec"],
+        label=f"CCD {im.ccd} {band} onto {ref_band}",
+    )
+    am.pop("gaia_index", None)
+    am.pop("source_index", None)
+    tie = {f"tie_{k}": v for k, v in am.items()}
+    meta["astrometry"].update(tie)
+    if not am["accepted"]:
+        return am
+    src["ra"] = ra2
+    src["dec"] = dec2
+    src["pos_err_arcsec"] = np.hypot(src["pos_err_arcsec"].to_numpy(float), am["fit_err_arcsec"])
+    meta["astrometry"]["reference"] = ref_band
+    log.info("CCD %s: %s positions tied to the %s positions (%s fit, %d stars, correction %.2f\", rms %.3f\")",
+             im.ccd, band, ref_band, am["kind"], am["n_used"], am["offset_arcsec"], am["rms_after_arcsec"])
+    return am
+
+
+def _register_bands(ims, srcs, metas, ra0, dec0, knobs):
+    """Make the g and r positions of one CCD consistent before they are merged.
+
+    A band whose Gaia anchor was rejected (or that had no Gaia) is tied to
+    the other band's positions (the anchored one; r when neither is). Then
+    the g→r offset of all usable stars is measured independently
+    (:func:`find_offset`); a significant offset above ``_GR_TOLERANCE`` ×
+    ``match_radius_arcsec`` raises instead of merging into doubled stars.
+
+    Raises
+    ------
+    CatalogueError
+        Naming the CCD and band: a band could be neither anchored on Gaia nor
+        tied to the other band although both have enough usable stars, or the
+        g and r positions still disagree.
+    """
+    ccd = ims["r"].ccd
+    anchored = {b: bool(metas[b]["astrometry"].get("anchored")) for b in ("g", "r")}
+    nmin = int(knobs["anchor_min_matches"])
+    n_good = {b: int(srcs[b]["_good"].sum()) for b in ("g", "r")}
+    reg = {"tied": None}
+    if not (anchored["g"] and anchored["r"]):
+        band = "g" if not anchored["g"] else "r"
+        ref = "r" if band == "g" else "g"
+        am = _tie_band(ims[band], srcs[band], metas[band], band, srcs[ref], ref, knobs)
+        reg["tied"] = f"{band}->{ref}" if am["accepted"] else None
+        if not am["accepted"]:
+            why_gaia = metas[band]["astrometry"].get("reject_reason") or "no Gaia reference"
+            if min(n_good.values()) >= nmin:
+                raise CatalogueError(
+                    f"CCD {ccd}: the {band} positions can be neither anchored on Gaia ({why_gaia}) nor tied to "
+                    f"the {ref} positions ({am['reject_reason']}); {n_good['g']} usable g and {n_good['r']} usable "
+                    f"r stars. Refusing to merge g and r into doubled stars: check the {band} image WCS of {ccd} "
+                    f"({ims[band].path}) or raise gaia_search_radius_arcsec"
+                )
+            log.warning("CCD %s: %s positions not registered on %s (%d usable g, %d usable r stars): %s",
+                        ccd, band, ref, n_good["g"], n_good["r"], am["reject_reason"])
+    # independent check of the g and r positions (good stars of both bands, tangent plane in arcsec)
+    gg, gr = srcs["g"]["_good"].to_numpy(bool), srcs["r"]["_good"].to_numpy(bool)
+    xg, yg = tangent_plane(srcs["g"]["ra"].to_numpy()[gg], srcs["g"]["dec"].to_numpy()[gg], ra0, dec0)
+    xr, yr = tangent_plane(srcs["r"]["ra"].to_numpy()[gr], srcs["r"]["dec"].to_numpy()[gr], ra0, dec0)
+    off = _offset_search(xg, yg, xr, yr, knobs)
+    tol = _GR_TOLERANCE * float(knobs["match_radius_arcsec"])
+    reg.update(gr_dx_arcsec=off["dx"], gr_dy_arcsec=off["dy"], gr_offset_arcsec=off["offset_arcsec"],
+               gr_n_pairs=off["n_peak"], gr_n_chance=off["n_chance"])
+    if off["significant"] and off["offset_arcsec"] > tol:
+        a = {b: metas[b]["astrometry"] for b in ("g", "r")}
+        raise CatalogueError(
+            f"CCD {ccd}: the g and r positions differ by {off['offset_arcsec']:.2f}\" (r - g: {off['dx']:+.2f}\" "
+            f"E, {off['dy']:+.2f}\" N, {off['n_peak']} stars; tolerance {tol:.2f}\") after the astrometric anchor "
+            f"(g: {a['g'].get('reference') or 'image WCS'}, offset {a['g'].get('offset_arcsec', float('nan')):.2f}\"; "
+            f"r: {a['r'].get('reference') or 'image WCS'}, offset {a['r'].get('offset_arcsec', float('nan')):.2f}\"); "
+            f"refusing to merge them into doubled stars"
+        )
+    return reg
+
+
+def _check_no_doubles(tab, ccd, knobs):
+    """Raise when the one-band-only stars of a CCD pair up at a common offset (g and r copies of the same stars)."""
+    only_g = np.isfinite(tab["x_g"].to_numpy()) & ~np.isfinite(tab["x_r"].to_numpy())
+    only_r = np.isfinite(tab["x_r"].to_numpy()) & ~np.isfinite(tab["x_g"].to_numpy())
+    if only_g.sum() < 3 or only_r.sum() < 3:
+        return
+    xi, eta = tab["_xi"].to_numpy(), tab["_eta"].to_numpy()
+    off = _offset_search(xi[only_g], eta[only_g], xi[only_r], eta[only_r], knobs)
+    if off["significant"] and off["n_peak"] >= 5 and off["offset_arcsec"] > float(knobs["match_radius_arcsec"]):
+        raise CatalogueError(
+            f"CCD {ccd}: {off['n_peak']} g-only and r-only stars pair up at a common offset of "
+            f"{off['offset_arcsec']:.2f}\" (r - g: {off['dx']:+.2f}\" E, {off['dy']:+.2f}\" N; {off['n_chance']:.1f} "
+            f"expected by chance): the g and r astrometry disagree and the stars would be catalogued twice"
+        )
 
 
 def _merge_bands(sg, sr, ra0, dec0, radius_arcsec):
@@ -294,9 +418,11 @@ def catalogue_ccd(g: PointedCCD, r: PointedCCD, *, gaia=None, knobs=None, ccd_in
     sr, mr = _measure_band(r, "r", gaia_r, knobs, opts)
     ny, nx = r.data.shape
     ra0, dec0 = (float(v) for v in r.wcs.pixel_to_world_values((nx - 1) / 2, (ny - 1) / 2))
+    reg = _register_bands({"g": g, "r": r}, {"g": sg, "r": sr}, {"g": mg, "r": mr}, ra0, dec0, knobs)
     tab, n_pairs = _merge_bands(sg, sr, ra0, dec0, knobs["match_radius_arcsec"])
     if n_pairs == 0:
         log.warning("CCD %s: no star matched between g and r within %.2f\"", g.ccd, knobs["match_radius_arcsec"])
+    _check_no_doubles(tab, g.ccd, knobs)
     # combined quantities
     pix = {"g": g.pixscale_arcsec, "r": r.pixscale_arcsec}
     fw = np.column_stack([tab["fwhm_px_g"] * pix["g"], tab["fwhm_px_r"] * pix["r"]])
@@ -347,7 +473,7 @@ def catalogue_ccd(g: PointedCCD, r: PointedCCD, *, gaia=None, knobs=None, ccd_in
         gmeta = {"n_gaia_matched": int(len(ia)), "gaia_sep_median_arcsec": float(np.median(dist)) if len(ia) else None}
     tab = tab.drop(columns=["_xi", "_eta"])[CATALOGUE_COLUMNS]
     meta = {
-        "g": mg, "r": mr, "n_stars": int(len(tab)), "n_matched_gr": n_pairs,
+        "g": mg, "r": mr, "n_stars": int(len(tab)), "n_matched_gr": n_pairs, "gr_registration": reg,
         "n_only_g": int(((tab["n_bands"] == 1) & tab["x_r"].isna()).sum()),
         "n_only_r": int(((tab["n_bands"] == 1) & tab["x_g"].isna()).sum()),
         "n_reference": int(sel.sum()), "shape": list(r.data.shape), **gmeta,
@@ -505,7 +631,7 @@ def build_catalogue(g_path, r_path, ccds=None, out_dir=None, gaia=None, *, confi
             r = read_pointed_ccd(r_path, ccd)
             tab, meta = catalogue_ccd(g, r, gaia=gtab, knobs=kn, ccd_index=k)
         except (InputFileError, CatalogueError) as exc:
-            if isinstance(exc, CatalogueError) and gtab == "tap" and "Gaia TAP" in str(exc):
+            if isinstance(exc, CatalogueError) and isinstance(gtab, str) and gtab == "tap" and "Gaia TAP" in str(exc):
                 raise
             skipped[ccd] = f"{type(exc).__name__}: {exc}"
             log.warning("skipping CCD %s: %s", ccd, skipped[ccd])
