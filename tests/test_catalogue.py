@@ -26,6 +26,7 @@ from pydriftn.catalogue import (
     CATALOGUE_COLUMNS,
     anchor_to_gaia,
     build_catalogue,
+    catalogue_ccd,
     measure_sources,
     normalise_gaia_columns,
     propagate_to_epoch,
@@ -36,6 +37,8 @@ from pydriftn.catalogue import (
     tangent_plane,
 )
 from pydriftn.catalogue.gaia import mjd_to_julian_year
+from pydriftn.catalogue.images import read_pointed_ccd
+from pydriftn.catalogue.matching import find_offset
 from pydriftn.errors import CatalogueError, ConfigError, EmptyDataError, InputFileError
 from pydriftn.flags import SampleFlag
 
@@ -265,6 +268,48 @@ def test_anchor_to_gaia_recovers_shift_and_rotation():
     assert meta["kind"] == "affine" and meta["n_used"] >= 75
     assert meta["rms_before_arcsec"] > 1.0 and meta["rms_after_arcsec"] < 0.01
     assert np.sqrt(np.mean((xi - xi0) ** 2 + (eta - eta0) ** 2)) < 0.01
+
+
+@pytest.mark.parametrize("frac", [0.0, 0.1, 0.25, 0.45, 0.5, 0.55, 0.75, 0.9])
+def test_find_offset_recovers_offsets_anywhere_in_a_bin(frac):
+    """The true offset is found wherever it falls in the histogram grid (the 3x3-smoothed peak is flat-topped:
+    its first maximum can be a corner bin ~3 bins away; pydriftn <= this fix then lost the true pairs)."""
+    rng = np.random.default_rng(11)
+    n = 180
+    xr, yr = rng.uniform(0, 512, n), rng.uniform(0, 1024, n)  # reference stars (px)
+    bin_px = 1.0 / 0.27
+    search = 10.0 / 0.27
+    nb = int(np.ceil(2 * search / bin_px))
+    edges = -0.5 * nb * bin_px + bin_px * np.arange(nb + 1)
+    k = int(np.searchsorted(edges, 19.5)) - 1  # the bin holding ~19.5 px, as in the 4-CCD report
+    true = np.array([edges[k] + frac * bin_px, edges[k] + (1 - frac) * bin_px - 24.0])
+    keep = rng.random(n) < 0.6  # detected subset, with noise, plus unrelated detections
+    x = np.r_[xr[keep] - true[0] + rng.normal(0, 0.05, keep.sum()), rng.uniform(0, 512, 60)]
+    y = np.r_[yr[keep] - true[1] + rng.normal(0, 0.05, keep.sum()), rng.uniform(0, 1024, 60)]
+    off = find_offset(x, y, xr, yr, search_radius=search, bin_size=bin_px, refine_radius=bin_px)
+    assert abs(off["dx"] - true[0]) < 0.05 and abs(off["dy"] - true[1]) < 0.05, (off, true)
+    assert off["n_peak"] >= keep.sum() - 2 and off["n_chance"] < 0.05 * off["n_peak"]
+
+
+def test_anchor_to_gaia_rejects_solutions_at_chance_level():
+    """Unrelated reference positions (e.g. the Gaia stars of another CCD): rejected with the reason, WCS kept."""
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval = [150.0, 2.0]
+    w.wcs.crpix = [200.0, 300.0]
+    w.wcs.cd = [[0.0, 0.27 / 3600], [-0.27 / 3600, 0.0]]
+    rng = np.random.default_rng(5)
+    x, y = rng.uniform(0, 400, 150), rng.uniform(0, 600, 150)
+    ra, dec = w.pixel_to_world_values(rng.uniform(0, 400, 150), rng.uniform(0, 600, 150))
+    ra_c, dec_c, meta = anchor_to_gaia(x, y, np.ones(150, bool), w, ra, dec, pixscale_arcsec=0.27, shape=(600, 400),
+                                       label="CCD X9 r onto Gaia")
+    ra0, dec0 = w.pixel_to_world_values(x, y)
+    assert not meta["accepted"] and "chance" in meta["reject_reason"]
+    assert np.array_equal(ra_c, ra0) and np.array_equal(dec_c, dec0)
+    # the same sources against their own true positions: accepted
+    ra_t, dec_t = w.pixel_to_world_values(x + 7.0, y - 3.0)
+    _, _, ok = anchor_to_gaia(x, y, np.ones(150, bool), w, ra_t, dec_t, pixscale_arcsec=0.27, shape=(600, 400))
+    assert ok["accepted"] and ok["reject_reason"] is None and ok["rms_after_arcsec"] < 0.01
 
 
 def test_select_reference_stars_rules_and_determinism():
@@ -527,6 +572,112 @@ def test_real_decam_cutouts_end_to_end(tmp_path):
     assert row["gaia_sep_arcsec"] < 0.3
     assert not row["is_reference"]
     assert cat.attrs["ccds"]["S4"]["g"]["mask"].endswith("ood_g_ls9.S4.fits")
+
+
+# --------------------------------------------------------------------------- multi-CCD regression
+# Reported with 4 CCDs (S4, N4, S5, N5), seed 731257117, 400 stars per CCD: on S4 the r-band Gaia anchor took a
+# wrong initial offset (flat-topped smoothed histogram peak -> the corner bin, 6 px from the true 19.9 px WCS
+# offset, so the true pairs fell outside the median window), kept a 2-star shift fit, and g-only and r-only
+# copies of every star ended up ~4.6" apart. S4's images do not depend on the other CCDs simulated, so three
+# CCDs and one drift exposure reproduce it.
+MULTI_CCDS = ("S4", "N4", "S5")
+
+
+@pytest.fixture(scope="module")
+def multi_sim(tmp_path_factory):
+    from pydriftn.simulate import simulate_dataset
+
+    return simulate_dataset(tmp_path_factory.mktemp("multi"), preset="small", seed=731257117, ccds=list(MULTI_CCDS),
+                            n_stars_per_ccd=400, n_exposures=1)
+
+
+def _assert_each_bright_star_once(ds, cat, ccds, r_max=20.0):
+    """Every truth star r < r_max fully on the CCD in g and r (no comparably bright truth star within 3")
+    has exactly one catalogue row within 1", detected and merged in both bands, within 0.1" of the truth;
+    and no bright catalogue row lacks a truth star within 1" (no second copy)."""
+    stars = pd.read_parquet(ds.truth["stars"])
+    pointed = pd.read_parquet(ds.truth["pointed"])
+    ra0, dec0 = float(stars["ra"].median()), float(stars["dec"].median())
+    txi, teta = tangent_plane(stars["ra"], stars["dec"], ra0, dec0)
+    ttree = cKDTree(np.c_[txi, teta])
+    rmag = stars["r"].to_numpy()
+    for ccd in ccds:
+        c = cat[cat["ccd"] == ccd]
+        cxi, ceta = tangent_plane(c["ra"], c["dec"], ra0, dec0)
+        on = [set(pointed.loc[(pointed["band"] == b) & (pointed["ccd"] == ccd) & (pointed["on_ccd_fraction"] > 0.999),
+                              "star_id"]) for b in ("g", "r")]
+        ids = on[0] & on[1]
+        t = np.flatnonzero(stars["star_id"].isin(ids).to_numpy() & (rmag < r_max))
+        iso = np.array([all(rmag[j] > rmag[i] + 3 for j in ttree.query_ball_point([txi[i], teta[i]], 3.0) if j != i)
+                        for i in t])
+        t = t[iso]
+        assert len(t) > 40, (ccd, len(t))
+        ctree = cKDTree(np.c_[cxi, ceta])
+        n_within = np.array([len(v) for v in ctree.query_ball_point(np.c_[txi[t], teta[t]], 1.0)])
+        assert (n_within == 1).all(), (ccd, np.bincount(n_within))
+        d, ic = ctree.query(np.c_[txi[t], teta[t]])
+        assert (c["n_bands"].to_numpy()[ic] == 2).all(), (ccd, (c["n_bands"].to_numpy()[ic] != 2).sum())
+        assert d.max() < 0.1, (ccd, d.max())
+        bright = (np.fmax(c["snr_g"].fillna(0), c["snr_r"].fillna(0)) > 50).to_numpy()
+        dt, _ = ttree.query(np.c_[cxi, ceta][bright])
+        assert (dt < 1.0).all(), (ccd, (dt >= 1.0).sum())
+
+
+def test_multi_ccd_catalogue_each_star_once(multi_sim):
+    ds = multi_sim
+    cat = build_catalogue(ds.pointed_images["g"], ds.pointed_images["r"], list(MULTI_CCDS), None,
+                          gaia=ds.gaia_reference, stamps=False)
+    assert cat.attrs["skipped_ccds"] == {}
+    _assert_each_bright_star_once(ds, cat, MULTI_CCDS)
+    for ccd in MULTI_CCDS:
+        assert cat.attrs["ccds"][ccd]["gr_registration"]["gr_offset_arcsec"] < 0.05
+        for b in ("g", "r"):
+            a = cat.attrs["ccds"][ccd][b]["astrometry"]
+            assert a["anchored"] and a["accepted"] and a["n_used"] >= 30, (ccd, b, a)
+
+
+def test_bad_band_anchor_is_tied_or_refused(multi_sim, monkeypatch):
+    """A band whose Gaia anchor is rejected is tied to the other band; a wrong anchor that passed its own checks,
+    or no registration at all, raises a CatalogueError naming the CCD instead of cataloguing stars twice."""
+    import pydriftn.catalogue.build as cb
+
+    ds = multi_sim
+    g = read_pointed_ccd(ds.pointed_images["g"], "S4")
+    r = read_pointed_ccd(ds.pointed_images["r"], "S4")
+    gaia = read_gaia_file(ds.gaia_reference)
+    real = cb.anchor_to_gaia
+
+    def rejected_r(*a, **k):
+        ra, dec, meta = real(*a, **k)
+        if k.get("label") == "CCD S4 r onto Gaia":
+            ra, dec = a[3].pixel_to_world_values(np.asarray(a[0], float), np.asarray(a[1], float))
+            meta.update(accepted=False, reject_reason="forced by the test")
+        return ra, dec, meta
+
+    monkeypatch.setattr(cb, "anchor_to_gaia", rejected_r)
+    tab, meta = catalogue_ccd(g, r, gaia=gaia)
+    assert meta["r"]["astrometry"]["reference"] == "g" and meta["gr_registration"]["tied"] == "r->g"
+    tab.attrs = {"ccds": {"S4": meta}}
+    _assert_each_bright_star_once(ds, tab, ["S4"])
+
+    def shifted_r(*a, **k):  # the reported failure: r accepted but 4.6" off
+        ra, dec, meta = real(*a, **k)
+        if k.get("label") == "CCD S4 r onto Gaia":
+            dec = dec + 4.6 / 3600.0
+        return ra, dec, meta
+
+    monkeypatch.setattr(cb, "anchor_to_gaia", shifted_r)
+    with pytest.raises(CatalogueError, match=r"CCD S4: the g and r positions differ by 4\.6"):
+        catalogue_ccd(g, r, gaia=gaia)
+    # the last guard on its own: one-band-only stars pairing up at a common offset
+    monkeypatch.setattr(cb, "_register_bands", lambda *a, **k: {})
+    with pytest.raises(CatalogueError, match="CCD S4: .* g-only and r-only stars pair up"):
+        catalogue_ccd(g, r, gaia=gaia)
+    # no Gaia at all: g is tied to r, still one record per star
+    monkeypatch.undo()
+    tab, meta = catalogue_ccd(g, r, gaia=None)
+    assert meta["gr_registration"]["tied"] == "g->r"
+    assert meta["n_only_g"] + meta["n_only_r"] < 0.15 * meta["n_stars"]
 
 
 @pytest.mark.slow
