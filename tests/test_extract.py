@@ -239,6 +239,78 @@ def test_overlapping_trails_are_deblended():
         assert sc_nd > 3 * sc_iso, (sep, sc_nd / sc_iso)
 
 
+
+def _coincident_pairs(mag_bright, mag_faint, along_px, sep_px=1.0, n_pairs=8, seed=21):
+    """Pairs of trails 1 px (0.27 FWHM) apart across the drift, ``along_px`` apart
+    along it (the second starts further along the drift), plus isolated stars; no
+    common pattern, so each sample's truth is exact."""
+    geo = make_geometry()
+    rng = np.random.default_rng(seed)
+    pos, mags = [], []
+    for p in range(n_pairs):
+        x0, y0 = 150.0 + (p % 2) * 180 + rng.uniform(0, 1), 30.0 + (p // 2) * 60 + rng.uniform(0, 1)
+        pos += [[x0, y0], [x0 - along_px, y0 + sep_px]]
+        mags += [mag_bright, mag_faint]
+    iso = _grid_positions(12, geo, (360, 700), rng)
+    iso[:, 1] += 340
+    pos = np.vstack([pos, iso])
+    mags = np.concatenate([mags, np.full(len(iso), mag_bright)])
+    f = render_field(positions=pos, mags=mags, shape=(700, 700), seed=seed + 1, geometry=geo, jitter_rms_px=0.0,
+                     seeing_rms_frac=0.0, transparency_rms=0.0)
+    return f, np.arange(0, 2 * n_pairs, 2), np.arange(1, 2 * n_pairs, 2), np.arange(2 * n_pairs, len(pos))
+
+
+def test_coincident_faint_neighbour_is_a_minor_blend():
+    """1:100 pair that cannot be separated: the bright star keeps its series (BLEND_MINOR),
+    which carries the faint one's light where the trails overlap; the faint one is BLENDED."""
+    f, bright, faint, iso = _coincident_pairs(16.5, 21.5, along_px=18.0)
+    r = _run(f)
+    assert ((r.star_flags[bright] & fb.BLEND_MINOR) != 0).all()
+    assert ((r.star_flags[bright] & fb.BLENDED) == 0).all()
+    assert ((r.star_flags[faint] & fb.BLENDED) != 0).all()
+    assert ((r.star_flags[faint] & fb.BLEND_MINOR) == 0).all()
+    assert (r.star_flags[iso] == 0).all() and (r.blend_fraction[iso] == 0).all()
+    # physics: flux ratio 0.01 times the overlap of two profiles 0.27 FWHM apart (0.9-1)
+    bf = r.blend_fraction[bright]
+    assert np.all((bf > 0.006) & (bf < 0.02)), bf
+    assert np.all(r.blend_fraction[faint] > 10)
+    assert np.array_equal(r.trails["blend_fraction"].to_numpy(), r.blend_fraction)
+    flat = ~r.ramp
+    true = f.true_sample_flux(r.sample)
+    series = r.extras["blend_series"][bright]
+    ratio = r.flux[bright] / true[bright]
+    err = r.flux_err_sample[bright] / true[bright]
+    # the faint star's light adds to the bright one's flux where (only where) its trail overlaps:
+    # the step between overlapped and clean samples is the blend fraction, within the noise
+    ov = flat[None, :] & (series > 0.5 * bf[:, None])
+    cl = flat[None, :] & (series < 0.05 * bf[:, None])
+    assert (ov.sum(axis=1) >= 8).all() and (cl.sum(axis=1) >= 5).all()
+    step = np.array([ratio[s][ov[s]].mean() - ratio[s][cl[s]].mean() for s in range(len(bright))])
+    sig = np.array([math.sqrt(np.mean(err[s][ov[s]] ** 2) / ov[s].sum() + np.mean(err[s][cl[s]] ** 2) / cl[s].sum())
+                    for s in range(len(bright))])
+    sig_mean = math.sqrt(np.sum(sig**2)) / len(bright)
+    assert abs(step.mean() - bf.mean()) < 3 * sig_mean + 0.002, (step.mean(), bf.mean(), sig_mean)
+    assert step.mean() > 5 * sig_mean  # the contamination is really there
+    # and the series is truth x (1 + fraction) within its noise, as an isolated star's is the truth
+    pull = ((r.flux[bright] - true[bright] * (1 + series)) / r.flux_err_sample[bright])[:, flat]
+    pull_iso = ((r.flux[iso] - true[iso]) / r.flux_err_sample[iso])[:, flat]
+    assert abs(np.median(pull)) < 0.3 and 0.8 < robust_sigma(pull.ravel()) < 1.25, (np.median(pull),
+                                                                                   robust_sigma(pull.ravel()))
+    assert abs(robust_sigma(pull.ravel()) - robust_sigma(pull_iso.ravel())) < 0.2
+
+
+@pytest.mark.parametrize("along", [18.0, 0.0])
+def test_coincident_equal_pair_is_blended(along):
+    """Two equal stars that cannot be separated dominate each other's series: both BLENDED."""
+    f, a, b, iso = _coincident_pairs(17.0, 17.0, along_px=along)
+    r = _run(f)
+    both = np.concatenate([a, b])
+    assert ((r.star_flags[both] & fb.BLENDED) != 0).all()
+    assert ((r.star_flags[both] & fb.BLEND_MINOR) == 0).all()
+    assert np.all(r.blend_fraction[both] > 0.5)
+    assert (r.star_flags[iso] == 0).all()
+
+
 def test_find_neighbours():
     x0 = np.array([100.0, 95.0, 100.0, 300.0])
     y0 = np.array([50.0, 56.0, 90.0, 50.0])

@@ -10,7 +10,7 @@ from pydriftn.flags import PixelFlag, SampleFlag
 
 REQUIRED_PIXEL = ["BAD_PIXEL", "SATURATED", "BLEED", "COSMIC_RAY", "LOW_WEIGHT", "TRANSIENT", "STREAK", "EDGE"]
 REQUIRED_SAMPLE = ["TRUNCATED", "SATURATED", "MASKED_PIXELS", "COSMIC_RAY", "DEBLENDED", "BLENDED",
-                   "NEAR_EDGE", "SHUTTER_RAMP", "FEW_VALID_SAMPLES", "SATELLITE", "UNMATCHED"]
+                   "NEAR_EDGE", "SHUTTER_RAMP", "FEW_VALID_SAMPLES", "SATELLITE", "UNMATCHED", "BLEND_MINOR"]
 
 
 @pytest.mark.parametrize("cls, required", [(PixelFlag, REQUIRED_PIXEL), (SampleFlag, REQUIRED_SAMPLE)])

@@ -61,6 +61,7 @@ __all__ = [
     "OUTLIER_PIXELS",
     "BAD_SKY",
     "NOT_NORMALISED",
+    "BLEND_MINOR",
 ]
 
 
@@ -107,6 +108,8 @@ class SampleFlag(_DescribedFlag):
     OUTLIER_PIXELS = 8192, "pixels rejected as outliers from the profile fit"
     BAD_SKY = 16384, "local sky estimate failed or is unreliable"
     NOT_NORMALISED = 32768, "the common-pattern normalisation could not be applied"
+    BLEND_MINOR = 65536, ("an unresolved fainter source adds up to blend_max_fraction of the flux "
+                          "(star's blend_fraction); kept in the series")
 
 
 #: dtype of the decoded per-pixel mask (holds every :class:`PixelFlag` bit).
@@ -145,6 +148,7 @@ NO_DATA = SampleFlag.NO_DATA
 OUTLIER_PIXELS = SampleFlag.OUTLIER_PIXELS
 BAD_SKY = SampleFlag.BAD_SKY
 NOT_NORMALISED = SampleFlag.NOT_NORMALISED
+BLEND_MINOR = SampleFlag.BLEND_MINOR
 
 
 def _registry(registry) -> type[_DescribedFlag]:

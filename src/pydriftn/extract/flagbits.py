@@ -12,7 +12,7 @@ import importlib
 
 __all__ = ["lookup_bit", "SHUTTER_RAMP", "DEBLENDED", "MASKED_PIXELS", "SATURATED", "COSMIC_RAY",
            "OFF_IMAGE", "NO_DATA", "OUTLIER_PIXELS", "FEW_VALID_SAMPLES", "BAD_SKY", "NOT_NORMALISED",
-           "BLENDED", "describe"]
+           "BLENDED", "BLEND_MINOR", "describe"]
 
 _FALLBACK = {
     "SHUTTER_RAMP": 1 << 0,
@@ -27,6 +27,7 @@ _FALLBACK = {
     "BAD_SKY": 1 << 9,
     "NOT_NORMALISED": 1 << 10,
     "BLENDED": 1 << 11,
+    "BLEND_MINOR": 1 << 12,
 }
 
 
@@ -67,13 +68,15 @@ FEW_VALID_SAMPLES = lookup_bit("FEW_VALID_SAMPLES")
 BAD_SKY = lookup_bit("BAD_SKY")
 NOT_NORMALISED = lookup_bit("NOT_NORMALISED")
 BLENDED = lookup_bit("BLENDED")
+BLEND_MINOR = lookup_bit("BLEND_MINOR")
 
 #: Pixel-mask bits (from pydriftn.flags) that mark cosmic rays / saturation, if defined.
 PIXEL_COSMIC_RAY = lookup_bit("COSMIC_RAY", 0, kinds=("Pixel", "Mask", ""))
 PIXEL_SATURATED = lookup_bit("SATURATED", 0, kinds=("Pixel", "Mask", ""))
 
 _NAMES = ["SHUTTER_RAMP", "DEBLENDED", "MASKED_PIXELS", "SATURATED", "COSMIC_RAY", "OFF_IMAGE",
-          "NO_DATA", "OUTLIER_PIXELS", "FEW_VALID_SAMPLES", "BAD_SKY", "NOT_NORMALISED", "BLENDED"]
+          "NO_DATA", "OUTLIER_PIXELS", "FEW_VALID_SAMPLES", "BAD_SKY", "NOT_NORMALISED", "BLENDED",
+          "BLEND_MINOR"]
 
 
 def describe(value):
