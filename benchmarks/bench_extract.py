@@ -18,6 +18,9 @@ the forced truth trail positions and prints, with the targets beside them:
 * pulls of the normalised series against that truth (robust sigma);
 * timing of the simulated short microlensing events (best time shift);
 * de-blended vs isolated precision; valid stars with NaN/zero/negative levels;
+* coincident (unresolvable) neighbours: fractions of stars BLENDED and
+  BLEND_MINOR, and for the BLEND_MINOR stars the extracted/true flux against
+  1 + blend_fraction and their scatter/expected noise;
 * CPU time per CCD (one core) of sky + extraction + normalisation, and the
   same for the original method (per-column L3 fits + best-star normalisation).
 """
@@ -120,6 +123,35 @@ def figures(u, ext, det, tf, trel, label):
             out["by_mag"].append((lo, int(s.sum()), np.nanmedian(ratio[s]), np.nanmedian((sc / exp)[s & iso]),
                                   robust_sigma(pull[s]), np.nanmedian(exp[s])))
     return out
+
+
+def _print_blends(u, ext, det, tf, trel):
+    """BLENDED / BLEND_MINOR fractions and the BLEND_MINOR stars' flux and precision."""
+    flat = ~ext.ramp
+    r = u.trails["r"].to_numpy()
+    bl = (ext.star_flags & fb.BLENDED) != 0
+    mi = (ext.star_flags & fb.BLEND_MINOR) != 0
+    host = (r >= 16) & (r <= 19)
+    print(f"  coincident neighbours: BLENDED {bl.mean():.3f}, BLEND_MINOR {mi.mean():.3f} of all stars; "
+          f"r 16-19 (event hosts, {host.sum()}): BLENDED {bl[host].mean():.3f}, BLEND_MINOR {mi[host].mean():.3f}")
+    ok = (~u.trails["saturated"].to_numpy()) & (u.trails["on_ccd_fraction"].to_numpy() > 0.999)
+    ok &= np.isfinite(ext.flux[:, flat]).all(axis=1)
+    ok &= ((det.star_flags & ~(fb.BLEND_MINOR | fb.BLENDED)) == 0)
+    ratio = ext.flux[:, flat].mean(axis=1) / tf[:, flat].mean(axis=1)
+    # the blend flux where it is present, averaged over the series, as the mean ratio sees it
+    bmean = ext.extras["blend_series"][:, flat].mean(axis=1) if "blend_series" in ext.extras else 0.0 * ratio
+    tn = trel[:, flat] / np.median(trel[:, flat], axis=1)[:, None]
+    sc = np.array([robust_sigma(x) for x in det.norm_flux[:, flat] - tn])
+    exp = np.nanmedian(det.norm_flux_err[:, flat], axis=1)
+    iso = ok & ~bl & ~mi & ((ext.flags & fb.DEBLENDED) == 0).all(axis=1)
+    for lab, m in (("r<19", r < 19), ("r<20", r < 20)):
+        s = ok & mi & m
+        si = iso & m
+        if s.any():
+            print(f"  BLEND_MINOR {lab} ({s.sum()} stars): median flux/true {np.nanmedian(ratio[s]):.4f} vs "
+                  f"1 + mean blend fraction {1 + np.nanmedian(bmean[s]):.4f} (isolated: {np.nanmedian(ratio[si]):.4f}); "
+                  f"max blend_fraction median {np.nanmedian(ext.blend_fraction[s]):.3f}; scatter/expected "
+                  f"{np.nanmedian((sc / exp)[s]):.3f} (isolated {np.nanmedian((sc / exp)[si]):.3f})")
 
 
 def time_curve_fit_loop(u, ext, n=300, seed=0):
@@ -231,6 +263,7 @@ def main():
     print("  by r mag: n, bias, scatter/expected (isolated), pull sigma, expected noise")
     for lo, n, b, rat, p, e in f["by_mag"]:
         print(f"    r {lo}-{lo + 1}: {n:4d}  {b:.4f}  {rat:.3f}  {p:.3f}  {e:.4f}")
+    _print_blends(u, ext, det, tf, trel)
     print(f"  CPU time per CCD (median of {len(times)}): sky {tm['sky']:.3f} + extraction {tm['extract']:.3f} + "
           f"normalisation {tm['normalise']:.3f} = {tm['cpu']:.3f} s (wall {tm['wall']:.3f} s)   target <= 0.3 s")
 
