@@ -168,7 +168,13 @@ def main():
             print(f"  {ccd} {b}: FWHM {mm['fwhm_px']:.2f} px, apcorr {mm['apcorr']:.4f} ± {mm['apcorr_err']:.4f} "
                   f"({mm['apcorr_nstars']} stars), Gaia {a.get('kind')} n={a.get('n_used')}: "
                   f"offset {a.get('offset_arcsec', float('nan')):.3f}\", rms {a.get('rms_before_arcsec', float('nan')):.3f}\" "
-                  f"-> {a.get('rms_after_arcsec', float('nan')):.4f}\"")
+                  f"-> {a.get('rms_after_arcsec', float('nan')):.4f}\" ({'accepted' if a.get('accepted') else 'REJECTED'})")
+        reg = m.get("gr_registration", {})
+        print(f"  {ccd}: {m['n_stars']} stars, {m['n_matched_gr']} in both bands, {m['n_only_g']} g-only, "
+              f"{m['n_only_r']} r-only; g-r registration offset {reg.get('gr_offset_arcsec', float('nan')):.4f}\" "
+              f"({reg.get('gr_n_pairs')} stars, tied: {reg.get('tied')})")
+    if cat.attrs["skipped_ccds"]:
+        print("  SKIPPED:", cat.attrs["skipped_ccds"])
 
 
 if __name__ == "__main__":
