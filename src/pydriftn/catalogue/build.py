@@ -239,7 +239,6 @@ def _tie_band(im, src, meta, band, ref_src, ref_band, knobs):
     """Fit ``band``'s pixel positions onto the (good) sky positions of ``ref_band`` (same CCD)."""
     good_ref = ref_src["_good"].to_numpy(bool)
     x, y = src["x"].to_numpy(float), src["y"].to_numpy(float)
-    ra0, dec0 = (np.asarray(v, float) for v in im.wcs.pixel_to_world_values(x, y))
     ra2, dec2, am = anchor_to_gaia(
         x, y, src["_good"].to_numpy(bool), im.wcs, ref_src["ra"].to_numpy()[good_ref],
         ref_src["dec"].to_numpy()[good_ref], pixscale_arcsec=im.pixscale_arcsec, shape=im.data.shape,
