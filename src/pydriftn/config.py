@@ -55,6 +55,10 @@ class CatalogueConfig(_Section):
     flux_perc: float = Field(0.8, gt=0, le=1, description="flux percentile for reference stars")
     morph_perc: float = Field(0.8, gt=0, le=1, description="roundness percentile for reference stars")
     detect_sigma: float = Field(5.0, gt=0, description="detection threshold in units of the local noise")
+    anchor_min_matches: int = Field(3, ge=1, description="fewest Gaia matches for a CCD/band anchor to be used")
+    anchor_max_rms_arcsec: float | None = Field(
+        None, gt=0, description="largest residual rms of an accepted Gaia anchor; null = half the match radius"
+    )
 
 
 class AstrometryConfig(_Section):
