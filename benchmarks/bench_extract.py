@@ -5,6 +5,7 @@ Run from the repository root::
     python benchmarks/bench_extract.py              # full CCD (2046 x 4094, ~2000 stars)
     python benchmarks/bench_extract.py --repeat 5   # more timing repeats
     python benchmarks/bench_extract.py --no-original
+    python benchmarks/bench_extract.py --crowded 500 --seeds 0 1 2   # blends in crowded small CCDs
 
 Simulates (once, cached in ``bench_output/extract/``) one full-preset
 exposure of CCD S4 with every star's light curve stored, then extracts it with
@@ -23,6 +24,12 @@ the forced truth trail positions and prints, with the targets beside them:
   1 + blend_fraction and their scatter/expected noise;
 * CPU time per CCD (one core) of sky + extraction + normalisation, and the
   same for the original method (per-column L3 fits + best-star normalisation).
+
+``--crowded N`` instead simulates small-preset CCDs (512 x 1024 px) with N
+stars each (one per seed, cached) and checks the BLENDED / BLEND_MINOR
+classification against the truth: the light of each star's coincident
+neighbours (closer than 0.6 FWHM across) in its extraction, per sample, from
+the true fluxes, light curves and positions (sky-limited profile overlap).
 """
 
 from __future__ import annotations
@@ -154,6 +161,125 @@ def _print_blends(u, ext, det, tf, trel):
                   f"{np.nanmedian((sc / exp)[s]):.3f} (isolated {np.nanmedian((sc / exp)[si]):.3f})")
 
 
+def crowded_unit(n_stars, seed):
+    """One small-preset exposure of CCD S4 with ``n_stars`` stars (cached)."""
+    from pydriftn.extract.evaluate import load_sim_unit
+    from pydriftn.simulate import load_dataset
+
+    d = OUT / f"crowded{n_stars}_seed{seed}"
+    marker = OUT / f"done_crowded{n_stars}_seed{seed}"
+    if not marker.exists():
+        simulate_dataset(d, preset="small", seed=seed, ccds="S4", n_exposures=1, n_stars_per_ccd=n_stars)
+        marker.write_text("ok")
+    ds = load_dataset(d)
+    return load_sim_unit(ds, ds.expnums[0], "S4")
+
+
+def true_coincident_light(u, k, max_cross_fwhm=0.6):
+    """Light of each star's coincident neighbours in its samples, relative to its own (S, K).
+
+    Neighbour ``j`` of star ``i`` (cross-track offset ``d`` < ``max_cross_fwhm``
+    FWHM) adds its true per-sample flux at ``i``'s strips (its light curve, the
+    transparency, its along-track offset and line-spread function) times the
+    overlap of the two cross profiles in a sky-limited optimal extraction.
+    """
+    from scipy.special import erf
+
+    from pydriftn.extract import find_neighbours
+
+    t = u.trails
+    x0, y0, x1, y1 = (t[c].to_numpy() for c in ("x_start", "y_start", "x_end", "y_end"))
+    L = np.median(np.hypot(x1 - x0, y1 - y0))
+    ux, uy = np.median(x1 - x0) / L, np.median(y1 - y0) / L
+    a0, c0 = x0 * ux + y0 * uy, -x0 * uy + y0 * ux
+    geo, c = u.geometry, u.common
+    tt = c["t_s"].to_numpy()
+    dtf = geo.exptime_s / len(tt)
+    a = geo.speed_px_s * tt + c["jitter_along_px"].to_numpy()
+    fwhm = c["seeing_fwhm_arcsec"].to_numpy() / u.pixel_scale
+    fw = float(np.median(fwhm))
+    w_i, s_i = np.asarray(u.psf_weights), np.asarray(u.psf_sigmas)
+    s2 = (s_i[:, None] ** 2 + s_i[None, :] ** 2) * fw**2
+    ww = w_i[:, None] * w_i[None, :] / np.sqrt(s2)
+    tf, trel = truth_series(u, k)
+    rel = np.ones((len(t), len(tt)))
+    sid = t["star_id"].to_numpy()
+    pos = {s: i for i, s in enumerate(sid)}
+    lc = u.lightcurves
+    for s, g in lc[lc["star_id"].isin(pos)].groupby("star_id"):
+        g = g.sort_values("t_s")
+        rel[pos[s]] = np.interp(tt, g["t_s"].to_numpy(), g["rel_flux"].to_numpy())
+    w_t = c["transparency"].to_numpy() * dtf / geo.sample_dt_s
+    nb, _, dc = find_neighbours(x0, y0, x1, y1, reach_px=max_cross_fwhm * fw, max_neighbours=8,
+                                along_margin_px=4 * fw)
+    cont = np.zeros_like(tf)
+    for i, j in zip(*np.nonzero(nb >= 0)):
+        j = nb[i, j]
+        d = c0[j] - c0[i]
+        overlap = (ww * np.exp(-0.5 * d**2 / s2)).sum() / ww.sum()
+        aa = a + (a0[j] - a0[i])  # j's position along i's trail
+        frac = 0.0
+        for wg, sg in zip(w_i, s_i):
+            sig = np.sqrt(2.0) * sg * fwhm[:, None]
+            frac = frac + wg * 0.5 * (erf((k[None, :] + 1 - aa[:, None]) / sig) - erf((k[None, :] - aa[:, None]) / sig))
+        cont[i] += overlap * t["flux_e_s"].to_numpy()[j] * ((rel[j] * w_t) @ frac)
+    return tf, trel, cont / np.maximum(tf, 1e-9)
+
+
+def crowded(n_stars, seeds):
+    """BLENDED / BLEND_MINOR against the truth in crowded small CCDs (see module docstring)."""
+    acc = {}
+    for seed in seeds:
+        u = crowded_unit(n_stars, seed)
+        _, ext, det, _ = run(u)
+        tf, trel, cf = true_coincident_light(u, ext.sample)
+        flat = ~ext.ramp
+        r = u.trails["r"].to_numpy()
+        tn = trel[:, flat] / np.median(trel[:, flat], axis=1)[:, None]
+        tc = trel[:, flat] * (1 + cf[:, flat])
+        tc = tc / np.median(tc, axis=1)[:, None]
+        exp = np.nanmedian(det.norm_flux_err[:, flat], axis=1)
+        cols = dict(
+            r=r,
+            ok=(~u.trails["saturated"].to_numpy()) & (u.trails["on_ccd_fraction"].to_numpy() > 0.999)
+            & np.isfinite(ext.flux[:, flat]).all(axis=1),
+            bl=(ext.star_flags & fb.BLENDED) != 0,
+            mi=(ext.star_flags & fb.BLEND_MINOR) != 0,
+            coinc=(cf[:, flat] > 0).any(axis=1),
+            true_max=np.max(cf[:, flat], axis=1),
+            est=ext.blend_fraction if getattr(ext, "blend_fraction", None) is not None else np.zeros(len(r)),
+            ratio=ext.flux[:, flat].mean(axis=1) / tf[:, flat].mean(axis=1),
+            ratio_c=np.nanmean(ext.flux[:, flat] / (tf[:, flat] * (1 + cf[:, flat])), axis=1),
+            sc_t=np.array([robust_sigma(x) for x in det.norm_flux[:, flat] - tn]) / exp,
+            sd_t=np.nanstd(det.norm_flux[:, flat] - tn, axis=1) / exp,
+            sd_c=np.nanstd(det.norm_flux[:, flat] - tc, axis=1) / exp,
+        )
+        for key, v in cols.items():
+            acc.setdefault(key, []).append(v)
+    A = {key: np.concatenate(v) for key, v in acc.items()}
+    r, bl, mi = A["r"], A["bl"], A["mi"]
+    host = (r >= 16) & (r <= 19)
+    print(f"crowded small CCDs: {n_stars} stars per CCD, seeds {list(seeds)}: {len(r)} stars")
+    for lab, s in (("all stars", np.ones(len(r), bool)), ("r 16-19 (event hosts)", host)):
+        print(f"  {lab} ({s.sum()}): BLENDED {bl[s].mean():.3f}, BLEND_MINOR {mi[s].mean():.3f}; "
+              f"with a coincident neighbour (truth) {A['coinc'][s].mean():.3f}")
+    tm = A["true_max"]
+    print(f"  BLENDED with true coincident light < 0.1 of the star's: {(tm[bl] < 0.1).mean():.3f}; "
+          f"BLEND_MINOR with true >= 0.1: {(tm[mi] >= 0.1).mean():.3f}; "
+          f"not BLENDED with true >= 0.1: {((tm >= 0.1) & ~bl).sum()} stars ({((tm >= 0.1) & ~bl & A['ok']).sum()} unsaturated, on the CCD)")
+    if mi.any():
+        print(f"  BLEND_MINOR blend_fraction: median estimated {np.median(A['est'][mi]):.3f}, true {np.median(tm[mi]):.3f}")
+    iso = A["ok"] & ~A["coinc"] & ~bl & ~mi
+    for name, s in (("no coincident neighbour", iso), ("BLEND_MINOR", A["ok"] & mi), ("BLENDED", A["ok"] & bl)):
+        for lab, m in (("r<19", r < 19), ("r<21", r < 21)):
+            ss = s & m
+            if ss.any():
+                print(f"  {name:24s} {lab} ({ss.sum():4d}): flux/true {np.nanmedian(A['ratio'][ss]):.4f}, "
+                      f"flux/(true x (1 + c)) {np.nanmedian(A['ratio_c'][ss]):.4f}; scatter/expected vs truth: "
+                      f"robust {np.nanmedian(A['sc_t'][ss]):.3f}, std {np.nanmedian(A['sd_t'][ss]):.3f}; "
+                      f"std vs truth x (1 + c) {np.nanmedian(A['sd_c'][ss]):.3f}")
+
+
 def time_curve_fit_loop(u, ext, n=300, seed=0):
     """CPU seconds per column of a Python loop of scipy curve_fit Moffat fits (the original's way)."""
     from scipy.optimize import curve_fit
@@ -190,6 +316,9 @@ def main():
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=3, help="timing repeats (the median is printed)")
     ap.add_argument("--no-original", action="store_true", help="skip the original (L3 + best star) method")
+    ap.add_argument("--crowded", type=int, default=0, metavar="N",
+                    help="instead: blend classification in small CCDs with N stars each")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the --crowded CCDs")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     np.seterr(all="ignore")
@@ -197,6 +326,9 @@ def main():
 
     warnings.simplefilter("ignore", RuntimeWarning)
     OUT.mkdir(parents=True, exist_ok=True)
+    if args.crowded:
+        crowded(args.crowded, args.seeds)
+        return
     print(f"threads: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, cpus={os.cpu_count()}, "
           f"load average {os.getloadavg()[0]:.1f}")
     ds = dataset(args.seed)

@@ -275,6 +275,7 @@ def test_coincident_faint_neighbour_is_a_minor_blend():
     assert np.all((bf > 0.006) & (bf < 0.02)), bf
     assert np.all(r.blend_fraction[faint] > 10)
     assert np.array_equal(r.trails["blend_fraction"].to_numpy(), r.blend_fraction)
+    assert np.all(r.blend_fraction_hi[bright] >= bf) and np.all(r.blend_fraction_hi[bright] < 0.03)
     flat = ~r.ramp
     true = f.true_sample_flux(r.sample)
     series = r.extras["blend_series"][bright]

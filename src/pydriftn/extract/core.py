@@ -101,6 +101,10 @@ class ExtractionResult:
         of :func:`extract_trails`). Also a column of ``trails``, so it reaches
         the per-star tables. ``extras["blend_series"]`` holds the per-sample
         value (S, K): it is 0 where the neighbour's trail does not overlap.
+    blend_fraction_hi : ndarray (S,)
+        Its 1-sigma high value (neighbours' fluxes 1 sigma up, the star's 1
+        sigma down; ``inf`` when the star's own flux is not determined), which
+        decides BLENDED / BLEND_MINOR; also a column of ``trails``.
     """
 
     star_id: np.ndarray
@@ -125,6 +129,7 @@ class ExtractionResult:
     profile_ref: np.ndarray | None = None
     n_neighbours: np.ndarray | None = None
     blend_fraction: np.ndarray | None = None
+    blend_fraction_hi: np.ndarray | None = None
     extras: dict = field(default_factory=dict)
 
     @property
@@ -575,7 +580,9 @@ def extract_trails(
         Largest contamination of a star's flux by its coincident neighbours
         (``blend_fraction``: their flux relative to the star's, each weighted by
         the overlap of its profile with the star's extraction weights, at the
-        sample where it is largest) for which the star keeps a usable series:
+        sample where it is largest; the decision uses its 1-sigma high value
+        ``blend_fraction_hi``, so a pair whose split is poorly determined is
+        treated as dominated) for which the star keeps a usable series:
         at or above it the star is BLENDED (its series is dominated by, or
         carries a large share of, another source's variations; the event
         search skips it); between 1e-3 and it the star is BLEND_MINOR (an
@@ -758,13 +765,14 @@ def extract_trails(
     # ---- coincident neighbours: how much of the star's flux is theirs
     if w is None:  # box: uniform weights; l3: ~ a sky-limited profile fit
         w = np.where(strips.bad, 0, 1.0 if method == "box" else P).astype(np.float32)
-    blend_fraction, blend_series = _blend_fractions(strips, prof, delta, P, w, F, varF, nb_co, x0, y0, x1, y1,
-                                                    geometry, k, ramp)
-    major = blend_fraction >= float(blend_max_fraction)
-    minor = (blend_fraction >= 1e-3) & ~major
+    blend_fraction, blend_hi, blend_series = _blend_fractions(strips, prof, delta, P, w, F, varF, nb_co, x0, y0,
+                                                              x1, y1, geometry, k, ramp)
+    major = blend_hi >= float(blend_max_fraction)
+    minor = (blend_hi >= 1e-3) & ~major
     star_flags |= np.where(major, fb.BLENDED, 0).astype(np.int32)
     star_flags |= np.where(minor, fb.BLEND_MINOR, 0).astype(np.int32)
     trails["blend_fraction"] = blend_fraction
+    trails["blend_fraction_hi"] = blend_hi
     sky_var = sky_err_e[:, None] ** 2 * sky_lever**2
     flux = (F / dt).astype(np.float64)
     err_sample = np.sqrt(varF) / dt
@@ -797,6 +805,7 @@ def extract_trails(
         profile_ref=ref,
         n_neighbours=n_all,
         blend_fraction=blend_fraction,
+        blend_fraction_hi=blend_hi,
         extras={"half_width": W, "fwhm_px": fwhm_med, "blend_series": blend_series},
     )
 
@@ -872,6 +881,11 @@ def _blend_fractions(strips, prof, delta, P, w, F, varF, nb_co, x0, y0, x1, y1, 
     fraction : ndarray (S,)
         ``max_k sum_j c_ijk F_j / F_i`` over the full-illumination samples
         (``inf`` when the star's own flux fits to <= 0; 0 without neighbour).
+    fraction_hi : ndarray (S,)
+        The same with each neighbour's flux 1 sigma higher and the star's 1
+        sigma lower (``inf`` if that is <= 0): where the split of the light is
+        poorly determined (faint pairs, trails nearly on top of each other)
+        this, not the best value, says whether the star may be dominated.
     series : ndarray (S, K) float32
         ``sum_j c_ijk F_j / (p_iik F_i)`` per sample (0 outside the overlap).
     """
@@ -882,7 +896,7 @@ def _blend_fractions(strips, prof, delta, P, w, F, varF, nb_co, x0, y0, x1, y1, 
     fraction = np.zeros(S)
     series = np.zeros((S, K), dtype=np.float32)
     if nb_co.size == 0 or not (nb_co >= 0).any():
-        return fraction, series
+        return fraction, fraction.copy(), series
     ii, mm = np.nonzero(nb_co >= 0)
     jj = nb_co[ii, mm]
     pairs = np.unique(np.concatenate([np.column_stack([ii, jj]), np.column_stack([jj, ii])]), axis=0)
@@ -946,21 +960,52 @@ def _blend_fractions(strips, prof, delta, P, w, F, varF, nb_co, x0, y0, x1, y1, 
         N = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n_s, n_s))
         diag = N.diagonal()
         ridge = 0.01 * np.where(diag > 0, diag, 1.0)
-        own_f = np.atleast_1d(spsolve((N + sp.diags(ridge)).tocsc(), rhs))
+        Nr = (N + sp.diags(ridge)).tocsc()
+        own_f = np.atleast_1d(spsolve(Nr, rhs))
+    sig_f = _inverse_diagonal_sqrt(Nr)
 
-    # contamination per sample of each star: sum_j c_ijk F_j / F_i
-    Fi, Fj = own_f[li], own_f[lj]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(Fi[:, None] > 0, coef * np.maximum(Fj, 0.0)[:, None] / np.where(Fi > 0, Fi, 1.0)[:, None],
-                         np.where(coef > 1e-3, np.inf, 0.0))
-    tot = np.zeros((S, K))
-    np.add.at(tot, i, ratio)
+    # contamination per sample of each star: sum_j c_ijk F_j / F_i, best and 1-sigma high
     full = ~np.asarray(ramp, bool)
     if not full.any():
         full = np.ones(K, bool)
-    series[:] = np.minimum(tot / np.maximum(p_own, 0.05)[None, :], np.finfo(np.float32).max)
-    fraction = np.where(np.isin(np.arange(S), i), tot[:, full].max(axis=1), 0.0)
-    return fraction, series
+    has = np.isin(np.arange(S), i)
+    out = []
+    for Fi, Fj in ((own_f[li], np.maximum(own_f[lj], 0.0)),
+                   (own_f[li] - sig_f[li], np.maximum(own_f[lj], 0.0) + sig_f[lj])):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(Fi[:, None] > 0, coef * Fj[:, None] / np.where(Fi > 0, Fi, 1.0)[:, None],
+                             np.where(coef > 1e-3, np.inf, 0.0))
+        tot = np.zeros((S, K))
+        np.add.at(tot, i, ratio)
+        out.append(tot)
+    series[:] = np.minimum(out[0] / np.maximum(p_own, 0.05)[None, :], np.finfo(np.float32).max)
+    fraction = np.where(has, out[0][:, full].max(axis=1), 0.0)
+    fraction_hi = np.where(has, out[1][:, full].max(axis=1), 0.0)
+    return fraction, fraction_hi, series
+
+
+def _inverse_diagonal_sqrt(N):
+    """``sqrt(diag(N^-1))`` of a sparse symmetric positive-definite matrix made of small
+    independent blocks (groups of mutually coincident stars), block by block."""
+    from scipy.sparse.csgraph import connected_components
+
+    n = N.shape[0]
+    out = np.empty(n)
+    n_comp, lab = connected_components(N, directed=False)
+    order = np.argsort(lab, kind="stable")
+    bounds = np.flatnonzero(np.diff(lab[order])) + 1
+    d = N.diagonal()
+    N = N.tocsr()
+    for grp in np.split(order, bounds):
+        if len(grp) == 1:
+            out[grp] = 1.0 / math.sqrt(d[grp[0]]) if d[grp[0]] > 0 else np.inf
+            continue
+        try:
+            out[grp] = np.sqrt(np.clip(np.diag(np.linalg.inv(N[grp][:, grp].toarray())), 0.0, None))
+        except np.linalg.LinAlgError:
+            out[grp] = np.inf
+    return out
+
 
 def _deblend(strips, prof, delta, P, nb, x0, y0, x1, y1, geometry, outlier_sigma, reach, idx):
     """Joint fit of the stars ``idx`` with their overlapping neighbours ``nb[idx]`` (see module docstring).
