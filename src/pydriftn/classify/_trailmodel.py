@@ -766,9 +766,28 @@ class TrailFit:
     w: np.ndarray | None = None  # weight (0 masked, 1 used) of each entry of ``pixels`` in the final fit
 
 
+def _faint_half_width(snr, hw, sigma_psf, faint_snr):
+    """Stamp half-width per trail: ``hw`` (bright), ``ceil(3 sigma)`` or ``ceil(2.5 sigma)`` (faint; float32).
+
+    The model light a stamp leaves out is that of the wings beyond its
+    half-width; for a trail of aperture S/N below ``faint_snr[0]``
+    (``faint_snr[1]``) it is a fraction of what a trail just below the wide-
+    stamp threshold leaves beyond ``hw``, far below the sky noise per pixel,
+    while the stamp (and every per-pixel step of the fit) is 20-30 % smaller.
+    Never below ``2 sigma_psf`` (the core where masked pixels are counted).
+    """
+    h = np.full(len(snr), hw, np.float32)
+    lo, hi = faint_snr
+    h1 = min(hw, max(math.ceil(3.0 * sigma_psf), math.ceil(2.0 * sigma_psf)))
+    h0 = min(h1, max(math.ceil(2.5 * sigma_psf), math.ceil(2.0 * sigma_psf)))
+    h[snr < hi] = h1
+    h[snr < lo] = h0
+    return h
+
+
 def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=None, min_bright=6,
                bright_snr=50.0, max_bright=150, wide_snr=150.0, offset_snr=250.0, analytic_length=None, gain=None,
-               template_passes=1):
+               template_passes=1, faint_snr=(25.0, 50.0)):
     """Fit and render the common-template model of all trails.
 
     Parameters
@@ -785,6 +804,11 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
         Sky noise per pixel (ADU).
     bright_snr : float
         Stars above this S/N get sub-pixel offsets and build the template.
+    faint_snr : (float, float)
+        Stars with an aperture S/N below ``faint_snr[0]`` get stamps of
+        half-width ``ceil(2.5 sigma_psf)``, below ``faint_snr[1]``
+        ``ceil(3 sigma_psf)`` (instead of ``ceil(3 sigma_psf) + 1``): the
+        light of a faint star beyond them is far below the noise.
 
     Returns
     -------
@@ -830,17 +854,28 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
 
     d, w = gather(tp)
     F, snr = aperture(tp, d, w)
+    npx = _Runs(tp.star, n).count()
     # bright stars: wider stamps (PSF wings beyond 3 sigma are significant)
     wide = snr > wide_snr
-    if wide.any() and hw_big > hw:
+    wide &= hw_big > hw
+    # faint stars: narrower stamps (their wings are below the noise; see _faint_half_width)
+    hwt = _faint_half_width(snr, hw, sigma_psf, faint_snr)
+    hwt[wide] = -1.0  # replaced by the wide stamps below
+    keep = None
+    if wide.any() or np.any(hwt < hw):
+        keep = np.abs(tp.c) <= hwt[tp.star]
+        tp = TrailPixels(tp.star[keep], tp.pix[keep], tp.s[keep], tp.c[keep], n)
+        d = d[keep]
+        w = w[keep]
+    if wide.any():
         iw = np.flatnonzero(wide)
         tpw = trail_pixels(x0[iw], y0[iw], ux[iw], uy[iw], L[iw], (ny, nx), hw_big)
-        keep = ~wide[tp.star]
-        tp = TrailPixels(np.concatenate([tp.star[keep], iw[tpw.star]]), np.concatenate([tp.pix[keep], tpw.pix]),
-                         np.concatenate([tp.s[keep], tpw.s]), np.concatenate([tp.c[keep], tpw.c]), n)
+        tp = TrailPixels(np.concatenate([tp.star, iw[tpw.star]]), np.concatenate([tp.pix, tpw.pix]),
+                         np.concatenate([tp.s, tpw.s]), np.concatenate([tp.c, tpw.c]), n)
         dw, ww = gather(tpw)
-        d = np.concatenate([d[keep], dw])
-        w = np.concatenate([w[keep], ww])
+        d = np.concatenate([d, dw])
+        w = np.concatenate([w, ww])
+        npx[iw] = _Runs(tpw.star, len(iw)).count()
     ne = len(tp.pix)
     rep = _pixel_index(tp.pix, ny * nx)
     pairs = _pairs(rep, ne, last=rep)  # rep is the last entry on each pixel already
@@ -848,7 +883,8 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
     n_masked = _masked_in_core(tp, w, 2.0 * sigma_psf)
     da = np.zeros(n)
     dc = np.zeros(n)
-    npx = runs.count()
+    # stamp pixel counts at the common half-width (wide stamps for the wide trails): a trail's stamp is
+    # "full" (not cut by the CCD edge) at >= 90 % of the median
     full = npx >= 0.9 * np.median(npx[npx > 0])
     bright = (snr > bright_snr) & (n_masked == 0) & full
     if bright.sum() > max_bright:
