@@ -833,7 +833,7 @@ def _estimate_fwhm(img, mask, x0, y0, x1, y1, geometry, sky_e, gain, read_noise_
 
 
 def _lsf_cdf(prof):
-    """Cumulative along-track line-spread function (px -> fraction) from the cross profile.
+    """Along-track line-spread function and its cumulative (px -> per px, fraction) from the cross profile.
 
     The light a trail leaves beyond its ends is the PSF's marginal integrated
     from the end outwards; the measured cross-track profile (median over
@@ -845,13 +845,15 @@ def _lsf_cdf(prof):
     u = prof.u0 + prof.bin_px * np.arange(len(tab))
     cdf = np.cumsum(tab) * prof.bin_px
     if not cdf[-1] > 0:
-        return lambda x: np.clip(np.asarray(x, float) + 0.5, 0.0, 1.0)
-    cdf = cdf / cdf[-1]
-    return lambda x: np.interp(x, u + 0.5 * prof.bin_px, cdf, left=0.0, right=1.0)
+        return (lambda x: np.where(np.abs(np.asarray(x, float)) < 0.5, 1.0, 0.0),
+                lambda x: np.clip(np.asarray(x, float) + 0.5, 0.0, 1.0))
+    tab, cdf = tab / cdf[-1], cdf / cdf[-1]
+    return (lambda x: np.interp(x, u, tab, left=0.0, right=0.0),
+            lambda x: np.interp(x, u + 0.5 * prof.bin_px, cdf, left=0.0, right=1.0))
 
 
 def _blend_fractions(strips, prof, delta, P, w, F, varF, nb_co, x0, y0, x1, y1, geometry, k, ramp,
-                     model_err=0.05):
+                     model_err=0.05, end_err_px=0.3, overlap_err=0.02):
     """Contamination of each star's extracted flux by its coincident neighbours.
 
     A coincident neighbour ``j`` of star ``i`` (closer across the drift than
@@ -869,11 +871,20 @@ def _blend_fractions(strips, prof, delta, P, w, F, varF, nb_co, x0, y0, x1, y1, 
     offset separate the pair. Each sample's variance includes a model error
     of ``model_err`` times the neighbours' light in it (the profile, offsets
     and wings are known to a few per cent; for a faint star beside a bright
-    one that error, not the noise, limits what the overlapped samples say),
-    so a dominated star's flux comes from its clean samples. Where nothing
-    separates the two (trails on top of each other), a ridge of 1 % of each
-    diagonal element of the normal equations splits the light about equally:
-    both stars come out dominated, BLENDED. (The box sums are no use for this:
+    one that error, not the noise, limits what the overlapped samples say)
+    and, near trail ends, that of an ``end_err_px`` error of the end
+    positions (the light's slope there times that shift, for the star's own
+    light and its neighbours'), so a dominated star's flux comes from its
+    clean samples. The 1-sigma range of each star's flux adds to the
+    statistical one the largest change of the solution when the overlaps are
+    ``overlap_err`` (relative) off or the trail ends ``end_err_px`` off (the
+    along-track jitter, 0.26 px rms in the simulator, moves them); a pair
+    whose split rests on the small difference between two nearly identical
+    profiles gets a wide range, and its fainter member counts as dominant in
+    ``fraction_hi``. Where nothing
+    separates the two at all (trails on top of each other), a tiny ridge
+    (1e-6 of each diagonal element) keeps the normal equations solvable and
+    the range is wide: both stars come out BLENDED. (The box sums are no use for this:
     each member's sum includes the other's light.)
 
     Returns
@@ -915,10 +926,12 @@ def _blend_fractions(strips, prof, delta, P, w, F, varF, nb_co, x0, y0, x1, y1, 
     wi = w[i]
     own = _rowdot(wi, P[i])
     O = np.where(own > 0, _rowdot(wi, Pj) / np.where(own > 0, own, 1.0), 0.0)
-    cdf = _lsf_cdf(prof)
+    lsf, cdf = _lsf_cdf(prof)
     n_tot = geometry.n_samples
     step = np.abs(ea_j)  # px per sample along the drift
     pres = cdf(kb_f * step) - cdf((kb_f - n_tot) * step)
+    slope = np.abs(lsf(kb_f * step) - lsf((kb_f - n_tot) * step))  # d pres / d (end position), per px
+    O = np.where(np.isfinite(O), O, 0.0)
     coef = np.where(np.isfinite(O), O, 0.0) * np.clip(pres, 0.0, 1.0)  # (Np, K)
 
     # weighted least squares for the own fluxes of the stars involved
@@ -930,39 +943,58 @@ def _blend_fractions(strips, prof, delta, P, w, F, varF, nb_co, x0, y0, x1, y1, 
     step_s = np.median(np.abs(ea)) if np.isfinite(ea).any() else 1.0
     kc = np.asarray(k, float) + 0.5
     p_own = np.clip(cdf(kc * step_s) - cdf((kc - n_tot) * step_s), 0.0, 1.0)  # (K,) own light per sample
+    s_own = np.abs(lsf(kc * step_s) - lsf((kc - n_tot) * step_s))
     Fs, Vs = F[stars], varF[stars]
-    good = np.isfinite(Fs) & np.isfinite(Vs) & (Vs > 0) & (p_own[None, :] > 0.2)
+    good = np.isfinite(Fs) & np.isfinite(Vs) & (Vs > 0) & (p_own[None, :] > 0.01)
     y = np.where(good, Fs, 0.0)
-    # start: each star's median sample (its own light plus its neighbours')
-    srt = np.sort(np.where(good, Fs, np.inf), axis=1)
-    n_good = good.sum(axis=1)
-    own_f = np.where(n_good > 0, srt[np.arange(n_s), np.maximum(n_good - 1, 0) // 2], 0.0)
-    for _ in range(2):
-        # model error of each sample: model_err x the neighbours' light in it (current estimate)
-        contam = np.zeros((n_s, K))
-        np.add.at(contam, li, coef * np.maximum(own_f[lj], 0.0)[:, None])
-        var = np.where(good, Vs, 1.0) + (model_err * contam) ** 2
-        wt = np.where(good, 1.0 / var, 0.0)
-        rows, cols, vals = [np.arange(n_s)], [np.arange(n_s)], [(wt * p_own**2).sum(axis=1)]
-        rhs = (wt * p_own * y).sum(axis=1)
-        wij = wt[li] * coef
-        cross = (wij * p_own).sum(axis=1)
-        rows += [li, lj]
-        cols += [lj, li]
-        vals += [cross, cross]
-        rhs = rhs + np.bincount(lj, weights=(wij * y[li]).sum(axis=1), minlength=n_s)
-        # j and l both coincident with i: sum_k w_ik c_ijk c_ilk (j == l included)
-        for a in range(len(i)):
-            same = np.flatnonzero(i == i[a])
-            rows.append(np.full(len(same), lj[a]))
-            cols.append(lj[same])
-            vals.append((wij[a][None, :] * coef[same]).sum(axis=1))
-        N = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n_s, n_s))
+    # pairs (a, b) of rows of ``pairs`` with the same star i (pairs are sorted by i)
+    P_n = len(i)
+    g_max = int(np.bincount(i).max())
+    pa, pb = [], []
+    for r in range(-(g_max - 1), g_max):
+        a = np.arange(max(0, -r), min(P_n, P_n - r))
+        a = a[i[a + r] == i[a]]
+        pa.append(a)
+        pb.append(a + r)
+    pa, pb = np.concatenate(pa), np.concatenate(pb)
+
+    def solve(cf, wt, p_own=p_own):
+        """Weighted least squares (normal equations, tiny ridge) with coefficients ``cf``."""
+        rhs = (wt * p_own * y).sum(axis=1) + np.bincount(lj, weights=(wt[li] * cf * y[li]).sum(axis=1), minlength=n_s)
+        cross = (wt[li] * cf * p_own).sum(axis=1)
+        rows = np.concatenate([np.arange(n_s), li, lj, lj[pa]])
+        cols = np.concatenate([np.arange(n_s), lj, li, lj[pb]])
+        vals = np.concatenate([(wt * p_own**2).sum(axis=1), cross, cross,
+                               (wt[li[pa]] * cf[pa] * cf[pb]).sum(axis=1)])
+        N = sp.csr_matrix((vals, (rows, cols)), shape=(n_s, n_s))
         diag = N.diagonal()
-        ridge = 0.01 * np.where(diag > 0, diag, 1.0)
-        Nr = (N + sp.diags(ridge)).tocsc()
-        own_f = np.atleast_1d(spsolve(Nr, rhs))
-    sig_f = _inverse_diagonal_sqrt(Nr)
+        Nr = (N + sp.diags(1e-6 * np.where(diag > 0, diag, 1.0))).tocsc()
+        return np.atleast_1d(spsolve(Nr, rhs)), Nr
+
+    own_f = None
+    for _ in range(3):
+        var = np.where(good, Vs, 1.0)
+        if own_f is not None:  # model errors, from the previous solution (the first uses the noise only)
+            fj = np.maximum(own_f[lj], 0.0)[:, None]
+            mvar = (end_err_px * s_own[None, :] * np.maximum(own_f, 0.0)[:, None]) ** 2
+            np.add.at(mvar, li, (model_err * coef * fj) ** 2 + (end_err_px * O * slope * fj) ** 2)
+            var = var + mvar
+        wt = np.where(good, 1.0 / var, 0.0)
+        own_f, Nr = solve(coef, wt)
+    # systematic uncertainty of the split: the same fit with the profile overlaps
+    # ``overlap_err`` off (all together, and opposite for the two members of a pair)
+    # and the trail ends ``end_err_px`` off along the drift (all trails: the
+    # jitter at the shutter's opening and closing; or only the neighbours)
+    anti = np.where(i < j, 1.0, -1.0)[:, None]
+    alts = [(coef * (1 + overlap_err), p_own), (coef * (1 + overlap_err * anti), p_own)]
+    for sh in (end_err_px, -end_err_px):
+        pres_e = (cdf(kb_f * step + sh) - cdf((kb_f - n_tot) * step + sh)).clip(0.0, 1.0)
+        p_own_e = np.clip(cdf(kc * step_s + sh) - cdf((kc - n_tot) * step_s + sh), 0.0, 1.0)
+        alts += [(O * pres_e, p_own), (O * pres_e, p_own_e)]
+    sys2 = np.zeros(n_s)
+    for cf, po in alts:
+        sys2 = np.maximum(sys2, (solve(cf, wt, po)[0] - own_f) ** 2)
+    sig_f = np.sqrt(_inverse_diagonal_sqrt(Nr) ** 2 + sys2)
 
     # contamination per sample of each star: sum_j c_ijk F_j / F_i, best and 1-sigma high
     full = ~np.asarray(ramp, bool)
