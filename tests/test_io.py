@@ -737,3 +737,21 @@ def test_decode_any_layout_matches_per_pixel_definition():
         assert out.tolist() == [[ref(int(v)) for v in row] for row in arr.tolist()], (arr.dtype, arr.strides, conv)
     assert pio.decode_cp_dq(np.zeros((0, 3), np.int32)).shape == (0, 3)
     assert not pio.decode_cp_dq(np.zeros((4, 4), ">i4")).any()
+
+
+def test_unflushed_atomic_writes_then_one_flush(tmp_path, monkeypatch):
+    """``fsync=False`` writes are still atomic (no partial file, no leftovers); ``fsync_paths`` then flushes
+    every file and each directory once."""
+    import os as _os
+
+    synced = []
+    real_fsync = _os.fsync
+    monkeypatch.setattr(_os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    df = pd.DataFrame({"a": [1, 2]})
+    paths = [pio.write_table_atomic(df, tmp_path / "u" / "t.parquet", fsync=False),
+             pio.write_bytes_atomic(b"x", tmp_path / "u" / "w.bin", fsync=False),
+             pio.write_bytes_atomic(b"y", tmp_path / "v" / "z.bin", fsync=False)]
+    assert synced == [] and _tmp_leftovers(tmp_path / "u") == []
+    pd.testing.assert_frame_equal(pd.read_parquet(paths[0]), df)
+    pio.fsync_paths(paths)
+    assert len(synced) == 3 + 2  # three files, two directories

@@ -34,7 +34,7 @@ from .masks import (
     find_mask,
     read_mask,
 )
-from .writers import atomic_path, write_bytes_atomic, write_fits_atomic, write_table_atomic
+from .writers import atomic_path, fsync_paths, write_bytes_atomic, write_fits_atomic, write_table_atomic
 
 __all__ = [
     "CCDImage",
@@ -60,5 +60,6 @@ __all__ = [
     "atomic_path",
     "write_bytes_atomic",
     "write_table_atomic",
+    "fsync_paths",
     "write_fits_atomic",
 ]

@@ -157,7 +157,7 @@ def run_unit(unit: Unit, catalogue_path: str, unit_config: dict, output_dir: str
     unexpected exception (traceback logged).
     """
     from ..config import PipelineConfig
-    from ..io import write_table_atomic, write_bytes_atomic
+    from ..io import fsync_paths, write_bytes_atomic, write_table_atomic
     from .stages import process_exposure_ccd
 
     t0 = time.perf_counter()
@@ -169,16 +169,18 @@ def run_unit(unit: Unit, catalogue_path: str, unit_config: dict, output_dir: str
         products = process_exposure_ccd(unit, catalogue, cfg, targets=targets)
         udir.mkdir(parents=True, exist_ok=True)
         outputs = []
+        # each product atomically, then one flush of them all before the done record (a power cut before it
+        # leaves the unit without done.json, so it is redone)
         for name, table in products.tables.items():
             path = store_path(out, unit) if name == "samples" else udir / f"{name}.parquet"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_table_atomic(table, path)
-            outputs.append(str(path.relative_to(out)))
+            write_table_atomic(table, path, fsync=False)
+            outputs.append(path)
         for name, data in products.files.items():
             path = udir / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_bytes_atomic(data, path)
-            outputs.append(str(path.relative_to(out)))
+            write_bytes_atomic(data, path, fsync=False)
+            outputs.append(path)
+        fsync_paths(outputs)
+        outputs = [str(p.relative_to(out)) for p in outputs]
         record = _unit_record(unit, content_fingerprint(catalogue_path), unit_config)
         record["outputs"] = sorted(outputs)
         record["n_stars"] = int(products.n_stars)
