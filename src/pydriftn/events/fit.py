@@ -158,14 +158,20 @@ class Smear:
         Shutter open and close time (s, same origin as ``t_s``) of each
         sample's exposure: no light from outside. Without it the grid extends
         freely around every run of samples.
+    near : ndarray (n,) bool, optional
+        Only these samples are smeared; the others take the model at their
+        mid-time (for samples where the model is smooth on the scale of the
+        PSF, e.g. far from a candidate: the smearing changes nothing there and
+        skipping it saves most of the model grid). Default: all smeared.
 
     Call with a function ``f(t)`` (vectorised) to get the smeared samples;
     :attr:`t_grid` are the times ``f`` is evaluated at.
     """
 
-    def __init__(self, t_s, sample_s, fwhm_px=0.0, supersample=SMEAR_SUPERSAMPLE, window=None):
+    def __init__(self, t_s, sample_s, fwhm_px=0.0, supersample=SMEAR_SUPERSAMPLE, window=None, near=None):
         t = np.asarray(t_s, float)
         n = t.size
+        near = np.ones(n, bool) if near is None else np.broadcast_to(np.asarray(near, bool), (n,))
         ss = max(int(supersample), 1)
         ss += 1 - ss % 2
         h = sample_s / ss
@@ -187,7 +193,9 @@ class Smear:
         grids, idx, w = [], np.zeros((n, j.size), np.int64), np.zeros((n, j.size))
         start = 0
         for g in range(int(seg.max()) + 1 if n else 0):
-            sel = np.flatnonzero(seg == g)
+            sel = np.flatnonzero((seg == g) & near)
+            if sel.size == 0:
+                continue
             tg = t[sel]
             t_ref = tg.min()
             c = np.round((tg - t_ref) / h).astype(np.int64)  # nearest grid index of each sample
@@ -207,6 +215,13 @@ class Smear:
             w[sel] = wk
             grids.append(grid)
             start += len(grid)
+        far = np.flatnonzero(~near)
+        if far.size:  # the model at the sample's mid-time
+            idx[far] = 0
+            idx[far, m] = start + np.arange(far.size)
+            w[far] = 0.0
+            w[far, m] = 1.0
+            grids.append(t[far])
         w[w < 1e-13] = 0.0  # rounding of the antiderivative difference far outside the box
         tot = w.sum(axis=1, keepdims=True)
         np.divide(w, tot, out=w, where=tot > 0)
@@ -309,6 +324,18 @@ def _best_of(fun, starts, lo, hi, max_nfev, n_keep=3):
     return best
 
 
+#: The fits smear the samples within ``FIT_SMEAR_SPAN_S + 2 x window duration`` of the candidate window's
+#: centre; further samples take the model at their mid-time (:class:`Smear` ``near``).
+FIT_SMEAR_SPAN_S = 15.0
+
+
+def _fit_smear(t_s, sample_s, fwhm_px, supersample, window, t_guess, dur):
+    if fwhm_px is None:
+        return None
+    near = np.abs(np.asarray(t_s, float) - t_guess) <= FIT_SMEAR_SPAN_S + 2.0 * dur
+    return Smear(t_s, sample_s, fwhm_px, supersample, window, near=near)
+
+
 def _u_for_excess(excess):
     """Point-source u with A(u) - 1 = excess (> 0)."""
     a = 1.0 + np.maximum(excess, 1e-6)
@@ -335,7 +362,9 @@ def fit_microlensing(t_s, y, err, *, t_guess, duration_guess, excess_guess, samp
         Sub-steps per sample (of the exposure average, or of the smeared model grid).
     fwhm_px : float or ndarray, optional
         Seeing FWHM (px = samples; scalar or per sample): fit the PSF-smeared
-        model (module docstring). None: the model averaged over each sample.
+        model (module docstring) to the samples within :data:`FIT_SMEAR_SPAN_S`
+        + 2 ``duration_guess`` of ``t_guess`` (the model at the mid-time of
+        the others). None: the model averaged over each sample.
     window : (ndarray, ndarray), optional
         Shutter open/close time of each sample's exposure (s, origin of ``t_s``), see :class:`Smear`.
     fit_blend : bool
@@ -358,7 +387,7 @@ def fit_microlensing(t_s, y, err, *, t_guess, duration_guess, excess_guess, samp
         fs = p[5] if fit_blend else 1.0
         return t0, 10**lte, u0, 10**lrho, base, fs
 
-    smear = Smear(t_s, sample_s, fwhm_px, supersample, window) if fwhm_px is not None else None
+    smear = _fit_smear(t_s, sample_s, fwhm_px, supersample, window, t_guess, dur)
 
     def resid(p):
         t0, te, u0, rho, base, fs = unpack(p)
@@ -414,7 +443,7 @@ def fit_flare(t_s, y, err, *, t_guess, duration_guess, excess_guess, sample_s=0.
     base0, chi2_flat = fit_flat(y, err)
     dur = max(float(duration_guess), sample_s)
     exc = max(float(excess_guess), 1e-4)
-    smear = Smear(t_s, sample_s, fwhm_px, supersample, window) if fwhm_px is not None else None
+    smear = _fit_smear(t_s, sample_s, fwhm_px, supersample, window, t_guess, dur)
 
     def resid(p):
         t0, amp, lr, ld, base = p

@@ -18,17 +18,18 @@ so a real event reaches the series convolved with the PSF's line-spread
 function along the drift (see :mod:`.fit`). Injected events are smeared the
 same way (``psf_smear``, default on), with the exposure's seeing FWHM from the
 ``psf_fwhm_px`` column where present and finite (divided by
-``psf_column_per_fwhm``, as in the search: see :mod:`.series`), else ``psf_fwhm_px``
-(:data:`~.fit.DEFAULT_PSF_FWHM_PX`), and only light from inside each
-exposure's shutter window (from the ``sample`` index: sample ``k`` is
-``(k + 1/2)`` samples after the opening): the injected series are what the
-pipeline would extract from such an event, and the search's fits use the same
-model (on a coarser grid: the injections use ``supersample`` =
+``psf_column_per_fwhm``, as in the search: see :mod:`.series`), else
+``psf_fwhm_px`` (:data:`~.fit.DEFAULT_PSF_FWHM_PX`), and only light from
+inside each exposure's shutter window (from the ``sample`` index: sample ``k``
+is ``(k + 1/2)`` samples after the opening; see
+``SeriesBlock.sample_windows``): the injected series are what the pipeline
+would extract from such an event, and the search's fits use the same model (on
+a coarser grid: the injections use ``supersample`` =
 :data:`INJECT_SUPERSAMPLE`). Samples further than :data:`SMEAR_SPAN_TE` tE
-(times ``max(1, rho)``) plus :data:`SMEAR_SPAN_S` from ``t0`` are only averaged
-over their exposure (the magnification is smooth there and the smearing does
-nothing). ``psf_smear=False`` gives the old, unsmeared injection (averaged
-over each sample's exposure).
+(times ``max(1, rho)``) plus :data:`SMEAR_SPAN_S` from ``t0`` are only
+averaged over their exposure (the magnification is smooth there and the
+smearing does nothing). ``psf_smear=False`` gives the old, unsmeared injection
+(averaged over each sample's exposure).
 
 :func:`efficiency` injects events on a grid of ``tE, u0, rho, mag`` into the
 real (or synthetic) series of stars of the right magnitude, at random times,
@@ -190,7 +191,8 @@ def _table_psf_columns(lc, default_fwhm, sample_s, column_per_fwhm=LSF_PER_PSF_F
     opening = lc["mjd"].to_numpy(float) - (k + 0.5) * sample_s / SECONDS_PER_DAY
     keys = [c for c in ("night", "ccd") if c in lc.columns] + ["star_id", "expnum"]
     lo = pd.Series(opening).groupby([lc[c].to_numpy() for c in keys]).transform("median").to_numpy()
-    n_k = int(np.nanmax(k)) + 1 if len(k) else 1
+    # whole exposure: as many unstored shutter-ramp samples at the end as at the start (see SeriesBlock)
+    n_k = int(np.nanmax(k)) + 1 + int(np.nanmin(k)) if len(k) else 1
     return fw, lo, lo + n_k * sample_s / SECONDS_PER_DAY
 
 

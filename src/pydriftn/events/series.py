@@ -208,10 +208,11 @@ class SeriesBlock:
         Sample ``k`` of an exposure covers ``[k, k + 1] * sample_s`` after the
         shutter opened (docs/DESIGN.md), so the opening is ``mjd - (k + 1/2)
         sample_s`` (median over the star's samples of that exposure) and the
-        closing ``samples_per_exposure * sample_s`` later.
+        closing :meth:`exposure_samples` ``* sample_s`` later.
         """
         idx = np.asarray(idx, dtype=np.int64)
         k = self.samples_per_exposure
+        n_exp = self.exposure_samples()
         e = idx // k
         row = self.mjd[i]
         col = np.arange(row.size)
@@ -221,7 +222,18 @@ class SeriesBlock:
             seg = open_all[ee * k:(ee + 1) * k]
             seg = seg[np.isfinite(seg)]
             lo[e == ee] = np.median(seg) if seg.size else np.nan
-        return lo, lo + k * sample_s / SECONDS_PER_DAY
+        return lo, lo + n_exp * sample_s / SECONDS_PER_DAY
+
+    def exposure_samples(self) -> int:
+        """Samples of a whole exposure, shutter open to close: ``max k + 1 + min k`` over the block's present
+        samples (the pipeline leaves out as many shutter-ramp samples at the end as at the start; a table
+        with every sample gives ``samples_per_exposure``). Cached on the block."""
+        cached = getattr(self, "_exposure_samples", None)
+        if cached is None:
+            cols = np.flatnonzero(self.present.any(axis=0)) % self.samples_per_exposure
+            cached = int(cols.max() + 1 + cols.min()) if cols.size else self.samples_per_exposure
+            self._exposure_samples = cached
+        return cached
 
     def star_series(self, i: int, include_invalid: bool = False):
         """Time-ordered samples of star row ``i``: (mjd, y, err*scale, flags, valid, grid index)."""
