@@ -68,8 +68,8 @@ log = logging.getLogger(__name__)
 #: Model grid steps per sample of the injected (smeared) events.
 INJECT_SUPERSAMPLE = 9
 #: Samples within ``SMEAR_SPAN_TE * tE * max(1, rho) + SMEAR_SPAN_S`` of ``t0`` are PSF-smeared.
-SMEAR_SPAN_TE = 30.0
-SMEAR_SPAN_S = 30.0
+SMEAR_SPAN_TE = 5.0
+SMEAR_SPAN_S = 10.0
 
 
 def _sample_seconds(lc) -> float:
