@@ -49,6 +49,11 @@ def _wcs_fits_bytes(wcs, unit, astro) -> bytes:
     return buf.getvalue()
 
 
+#: Columns of a unit's ``forced.parquet``: where each catalogue star's trail lies on the CCD.
+FORCED_COLUMNS = ["star_id", "ra", "dec", "x_start", "y_start", "x_end", "y_end", "x", "y", "truncated",
+                  "on_ccd_fraction", "flags"]
+
+
 def process_exposure_ccd(unit, catalogue: pd.DataFrame, cfg, *, targets=None) -> UnitProducts:
     """Run every stage on one unit and return its products.
 
@@ -152,7 +157,8 @@ def process_exposure_ccd(unit, catalogue: pd.DataFrame, cfg, *, targets=None) ->
 
     products = UnitProducts(n_stars=int(len(stars)), counts=counts, files=dict(products_files))
     products.tables["trails"] = trails
-    products.tables["forced"] = forced
+    # the predicted trail of every catalogue star on this unit (the catalogue's own columns are not repeated)
+    products.tables["forced"] = forced[[c for c in FORCED_COLUMNS if c in forced.columns]]
     products.tables["sky"] = sky_table
     products.tables["stars"] = stars
     products.tables["samples"] = samples
@@ -169,11 +175,14 @@ def process_exposure_ccd(unit, catalogue: pd.DataFrame, cfg, *, targets=None) ->
 
 
 def _with_star_columns(samples: pd.DataFrame, stars: pd.DataFrame) -> pd.DataFrame:
-    """Give every sample its star's level (e-/s) and the star-level BLENDED flag.
+    """Give every sample its star's level (e-/s), blend fraction and star-level BLENDED/BLEND_MINOR flags.
 
     ``level_e_s`` lets the event search normalise across the exposures of a
     night (``norm_flux`` has median 1 within each exposure); BLENDED marks
-    stars whose trail overlaps a neighbour too closely to be de-blended.
+    stars whose trail overlaps a neighbour too closely to be de-blended and
+    whose light that neighbour's matches (>= ``blend_max_fraction`` of it:
+    not searched); BLEND_MINOR stars with such a neighbour adding less, whose
+    series is searched, with ``blend_fraction`` saying how much.
     """
     from ..flags import SampleFlag
 
@@ -183,9 +192,13 @@ def _with_star_columns(samples: pd.DataFrame, stars: pd.DataFrame) -> pd.DataFra
     if level is not None:
         samples["level_e_s"] = samples["star_id"].map(level).astype("float64")
     if "star_flags" in per_star:
-        blended = (per_star["star_flags"].astype("int64") & int(SampleFlag.BLENDED)) != 0
-        hit = samples["star_id"].map(blended).fillna(False).to_numpy(bool)
-        samples.loc[hit, "flags"] = samples.loc[hit, "flags"].to_numpy() | int(SampleFlag.BLENDED)
+        star_flags = per_star["star_flags"].astype("int64")
+        for flag in (SampleFlag.BLENDED, SampleFlag.BLEND_MINOR):
+            hit = samples["star_id"].map((star_flags & int(flag)) != 0).fillna(False).to_numpy(bool)
+            samples.loc[hit, "flags"] = samples.loc[hit, "flags"].to_numpy() | int(flag)
+    if "blend_fraction" in per_star:
+        # light of unresolved (coincident) neighbours relative to the star's own, where their trails overlap
+        samples["blend_fraction"] = samples["star_id"].map(per_star["blend_fraction"]).astype("float32")
     return samples
 
 
