@@ -254,7 +254,7 @@ def rasterize_streak(st, shape, margin=None):
 
 
 def find_streaks(resid, sigma, *, fwhm_px, bin_px=16, on_sigma=1.5, detect_sigma=8.0, max_streaks=5,
-                 min_length_px=150.0, n_theta=360, ignore=None, background_binned2=None):
+                 min_length_px=150.0, n_theta=360, ignore=None, background_binned2=None, binned2=None):
     """Find long straight streaks in a (trail-subtracted) residual image.
 
     Parameters
@@ -276,14 +276,21 @@ def find_streaks(resid, sigma, *, fwhm_px, bin_px=16, on_sigma=1.5, detect_sigma
         Pixels not to use (set to 0 before binning).
     background_binned2 : ndarray, optional
         Smooth background of the 2x2-binned residual (subtracted after binning).
+    binned2 : ndarray, optional
+        ``bin_image(resid, 2)`` if already computed (then, with ``ignore`` None
+        and an even ``bin_px``, the Hough image is binned from it: the same
+        block sums, in float32 rounding, without another pass over the image).
 
     Returns
     -------
     list of Streak
     """
     ny, nx = resid.shape
-    img = resid if ignore is None else np.where(ignore, 0.0, resid).astype(np.float32)
-    B = bin_image(img, bin_px)
+    if binned2 is not None and ignore is None and bin_px % 2 == 0 and binned2.shape == (ny // 2, nx // 2):
+        B = bin_image(binned2, bin_px // 2)  # (ny // 2) // (bin_px // 2) == ny // bin_px: the same blocks
+    else:
+        img = resid if ignore is None else np.where(ignore, 0.0, resid).astype(np.float32)
+        B = bin_image(img, bin_px)
     if background_binned2 is not None and bin_px % 2 == 0:
         bg = bin_image(background_binned2, bin_px // 2)
         B = B - bg[: B.shape[0], : B.shape[1]]

@@ -466,7 +466,7 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
         B0 = bin_image(resid, 2)
         mesh0, _ = residual_mesh(B0)
         streaks = find_streaks(resid, sigma, fwhm_px=fwhm_px, bin_px=streak_bin_px, background_binned2=mesh0,
-                               detect_sigma=streak_detect_sigma, max_streaks=max_streaks,
+                               binned2=B0, detect_sigma=streak_detect_sigma, max_streaks=max_streaks,
                                min_length_px=max(4.0 * L, 100.0))
         for st in streaks:
             streak_mask |= rasterize_streak(st, data.shape)
@@ -475,7 +475,7 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
         # streaks flagged in the dq mask: one line fit per connected group (binned 4x4 for speed)
         sb4 = bin_image(dq["streak"].astype(np.float32), 4) > 0
         lab4, nlab = ndi.label(sb4, structure=np.ones((3, 3)))
-        yy, xx = np.nonzero(dq["streak"])
+        yy, xx = np.divmod(np.flatnonzero(dq["streak"]), nx)
         g = lab4[np.minimum(yy // 4, lab4.shape[0] - 1), np.minimum(xx // 4, lab4.shape[1] - 1)]
         for k in range(1, nlab + 1):
             sel_k = g == k
@@ -982,7 +982,7 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
 
     # dq-flagged cosmic rays with no candidate (faint): one row per flagged cluster
     if crm is not None and crm.any():
-        cy_, cx_ = np.nonzero(crm)
+        cy_, cx_ = np.divmod(np.flatnonzero(crm), nx)  # same order as np.nonzero (~15x faster on a 2-D image)
         xy = np.stack([cx_, cy_], axis=1).astype(float)
         from scipy.sparse import coo_matrix
         from scipy.sparse.csgraph import connected_components
