@@ -19,6 +19,15 @@ the dense grid (see :mod:`.series`), so a window of a few samples never spans
 the gap between exposures unless it sits at an exposure edge; the proper fits
 later use true times.
 
+PSF smearing. A sample is one pixel strip of the trail, so every event reaches
+the series convolved with the PSF's line-spread function along the drift (see
+:mod:`.fit`): even an instantaneous one spans ~FWHM (3.7 samples at 1.0"
+seeing). For such smeared events (tE 0.1-10 s, FWHM 3.7 px) the best boxcar of
+:data:`DEFAULT_WIDTHS` reaches 84-88 % of the Delta-chi2 of the exactly
+matched (smeared) template, and adding widths 4, 6, 7 at most 3 % more; the
+scan therefore keeps the boxcars (O(1) per window, exact scrambled null) and
+only the fits use the smeared models.
+
 False-alarm calibration
 -----------------------
 The null distribution of the statistic is measured on the data themselves:
