@@ -496,12 +496,25 @@ def _subset(tp, idx):
 
 
 def _sorted_by_group(key, values):
-    """Order that sorts by ``key`` and, within a key, by ``values`` (one float64 argsort instead of a lexsort)."""
+    """``(key, value)`` pairs sorted by ``key`` and, within a key, by ``value``: ``(keys, values)``.
+
+    One float64 ``np.sort`` of ``key + scaled value`` (~3x faster than the
+    argsort of the same numbers, and no gathers), decoded back: the values
+    come back to ~1e-11 of their range (keys < 2**20 leave >= 30 bits for
+    them), far below float32 rounding.
+    """
     v = np.asarray(values, np.float64)
+    k = np.asarray(key)
     lo, hi = float(np.min(v)), float(np.max(v))
-    scale = 0.5 / (hi - lo) if hi > lo else 0.0
-    # ties are equal (key, value) pairs: any sort gives the same sorted values (quicksort: SIMD, ~4x faster)
-    return np.argsort(key.astype(np.float64) + (v - lo) * scale, kind="quicksort")
+    if not hi > lo:
+        return np.sort(k), np.full(len(v), lo)
+    scale = 0.5 / (hi - lo)
+    comp = np.sort(k.astype(np.float64) + (v - lo) * scale)
+    ks = comp.astype(np.int64)  # floor: the scaled value is in [0, 0.5]
+    vs = comp - ks
+    vs *= 1.0 / scale
+    vs += lo
+    return ks, vs
 
 
 def _grouped_median(key, values, n_groups, min_count=5):
@@ -509,16 +522,13 @@ def _grouped_median(key, values, n_groups, min_count=5):
 
     Vectorised with two sorts (no Python loop over groups); groups with fewer
     than ``min_count`` members get median 0 and error inf. Each sort is one
-    argsort of ``key + scaled value`` (keys < 2**20 leave ~30 bits for the
-    value order).
+    float64 sort of ``key + scaled value`` (see :func:`_sorted_by_group`).
     """
     med = np.zeros(n_groups)
     err = np.full(n_groups, np.inf)
     if len(key) == 0:
         return med, err
-    order = _sorted_by_group(key, values)
-    ks = key[order]
-    vs = values[order]
+    ks, vs = _sorted_by_group(key, values)
     cnt = np.bincount(ks, minlength=n_groups)
     start = np.concatenate([[0], np.cumsum(cnt)[:-1]])
     uniq = np.flatnonzero(cnt >= min_count)
@@ -529,8 +539,7 @@ def _grouped_median(key, values, n_groups, min_count=5):
     gm = np.zeros(n_groups)
     gm[uniq] = m
     dev = np.abs(values - gm[key])
-    order2 = _sorted_by_group(key, dev)
-    ds_ = dev[order2]
+    _, ds_ = _sorted_by_group(key, dev)
     mad = 0.5 * (ds_[st + (cn - 1) // 2] + ds_[st + cn // 2])
     err[uniq] = 1.25 * 1.4826 * mad / np.sqrt(cn)
     return med, err
@@ -842,10 +851,9 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
         w = np.ones(len(tp.pix), np.float32) if flat_bad is None else (~flat_bad[tp.pix]).astype(np.float32)
         return d, w
 
-    def aperture(tp, d, w):
+    def aperture(tp, d, w, runs):
         """Flux and S/N from a box of half-width 1.5 sigma across the trail (no template needed)."""
         core = (np.abs(tp.c) <= 1.5 * sigma_psf) & (w > 0)
-        runs = _Runs(tp.star, n)
         ncore = runs.sum(core)
         F = runs.sum(d * core) / 0.866
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -853,8 +861,9 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
         return F, snr
 
     d, w = gather(tp)
-    F, snr = aperture(tp, d, w)
-    npx = _Runs(tp.star, n).count()
+    runs0 = _Runs(tp.star, n)
+    F, snr = aperture(tp, d, w, runs0)
+    npx = runs0.count()
     # bright stars: wider stamps (PSF wings beyond 3 sigma are significant)
     wide = snr > wide_snr
     wide &= hw_big > hw
