@@ -138,7 +138,13 @@ def residual_mesh(binned, block=32, step=2):
     my, mx = max(1, nyb // block), max(1, nxb // block)
     sub = binned[: my * block: step, : mx * block: step]
     bs = block // step
-    mesh = np.median(sub.reshape(my, bs, mx, bs).transpose(0, 2, 1, 3).reshape(my, mx, -1), axis=2)
+    # median of each block by one sort along the last axis (np.median's partition along an axis of 256 was
+    # ~6x slower here); the mean of the two middle values as np.median, NaN where a block holds a NaN
+    blk = np.sort(sub.reshape(my, bs, mx, bs).transpose(0, 2, 1, 3).reshape(my, mx, -1), axis=2)
+    nb = blk.shape[2]
+    mid = blk[:, :, (nb - 1) // 2] + blk[:, :, nb // 2]
+    mid /= 2
+    mesh = np.where(np.isnan(blk[:, :, -1]), np.nan, mid).astype(blk.dtype, copy=False)
     # bilinear (separable: two small matrix products), block centres at (k + 0.5) * block - 0.5
     mesh_up = _interp_matrix(nyb, my, block) @ mesh @ _interp_matrix(nxb, mx, block).T
     return mesh_up.astype(np.float32), mesh
