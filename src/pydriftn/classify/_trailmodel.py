@@ -215,8 +215,7 @@ class TrailTemplate:
             nc = int(round((-2.0 * self.c0 + 2.0 * pad) / self.dc)) + 1
             sg = self.s0 + self.ds * np.arange(ns)
             cg = c_lo + self.dc * np.arange(nc)
-            S, C = np.meshgrid(sg, cg, indexing="ij")
-            T = self._evaluate_direct(S.ravel(), C.ravel()).reshape(ns, nc)
+            T = self._evaluate_grid(sg, cg)
             T[[0, -1], :] = 0.0
             T[:, [0, -1]] = 0.0
             T = T.astype(np.float32)
@@ -267,6 +266,24 @@ class TrailTemplate:
         Tc += c1
         Tc *= f32(1.0 / self.dc)
         return T.reshape(shp), b.reshape(shp), Tc.reshape(shp)
+
+    def _evaluate_grid(self, sg, cg):
+        """``_evaluate_direct`` on the grid ``sg`` x ``cg`` (same values): the along-track tables looked up once per row."""
+        ns, nc = len(sg), len(cg)
+        f = self._lookup(self.f, self.s0, self.ds, sg)[:, None]
+        dl = self._lookup(self.delta, self.s0, self.ds, sg)[:, None]
+        C = np.broadcast_to(cg[None, :], (ns, nc))
+        if self.has_width:
+            k = self._lookup(self.k, self.s0, self.ds, sg)[:, None]
+            cc = (C - dl) * k
+        else:
+            k = 1.0
+            cc = C - dl
+        g = self._lookup(self.g, self.c0, self.dc, cc.ravel()).reshape(ns, nc) * k
+        T = f * g
+        if self.cap is not None:
+            T = T + self._cap(np.repeat(sg, nc), (C - dl).ravel()).reshape(ns, nc)
+        return T
 
     def _evaluate_direct(self, s, c, derivatives=False):
         """Template value (and d/ds, d/dc) from the 1-D tables (used to fill the 2-D table)."""
