@@ -686,14 +686,16 @@ def _empirical_template(tp, d, w, F, da, dc, bright, base, half_width, sigma_psf
     delta = np.interp(sfine, sgrid, dl)
     eps = np.interp(sfine, sgrid, ep)
     # cross profile: interior pixels, with the corrected f and delta
-    fs = np.interp(s, sfine, f_new)
-    dls = np.interp(s, sfine, delta)
-    ks = 1.0 / (1.0 + np.interp(s, sfine, eps))
-    interior = fb > 0.6 * fgrid_b.max()
-    cc = (c[interior] - dls[interior]) * ks[interior]
+    interior = np.flatnonzero(fb > 0.6 * fgrid_b.max())
+    si = s[interior]  # (the corrected tables are needed on these entries only)
+    fs = np.interp(si, sfine, f_new)
+    dls = np.interp(si, sfine, delta)
+    ks = 1.0 / (1.0 + np.interp(si, sfine, eps))
+    cc = (c[interior] - dls) * ks
     gbi = base._lookup(base.g, base.c0, base.dc, cc)
     # residual in the frame scaled to the mean width: r/(F f k) is a sample of dg(cc)
-    q = (d[sel][interior] / ks[interior] - Fi[interior] * fs[interior] * gbi) / (Fi[interior] * fs[interior])
+    Fii = Fi[interior]
+    q = (d[sel][interior] / ks - Fii * fs * gbi) / (Fii * fs)
     c_lo = base.c0
     nc = len(base.g)
     nbin = int(np.ceil((nc - 1) * base.dc / dcbin)) + 1
