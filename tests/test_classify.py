@@ -587,6 +587,39 @@ def test_partial_streak_refit_equals_full_refit():
     assert np.array_equal(part.n_masked, full.n_masked)
 
 
+def test_faint_trails_narrow_stamps_unbiased():
+    """Faint trails get stamps of half-width ceil(2.5 sigma): their fluxes stay unbiased (pulls vs truth
+    ~N(0, 1)) and agree with full-width stamps well within the errors; bright trails keep wide stamps."""
+    from pydriftn.classify._trailmodel import fit_trails
+
+    d = make_image(seed=7, n_stars=300, n_flashes=0, n_flashes_on_trail=0, n_cr=0, star_flux=(3e2, 3e5))
+    img = d["image"].astype(np.float32) - np.float32(d["sky_e"] / d["gain"])
+    tr = d["trails"]
+    sig = d["fwhm"] / 2.3548200450309493
+    sky = math.sqrt(d["sky_e"] + d["rn_e"] ** 2) / d["gain"]
+    args = (img, None, tr.x_start.to_numpy(), tr.y_start.to_numpy(), tr.x_end.to_numpy(), tr.y_end.to_numpy())
+    fit = fit_trails(*args, sigma_psf=sig, sky_sigma=sky, gain=d["gain"])
+    ref = fit_trails(*args, sigma_psf=sig, sky_sigma=sky, gain=d["gain"], faint_snr=(0.0, 0.0))
+    tp = fit.pixels
+    cmax = np.zeros(tp.n)
+    np.maximum.at(cmax, tp.star, np.abs(tp.c))
+    narrow = cmax <= math.ceil(2.5 * sig)
+    assert narrow.sum() >= 50 and (cmax > math.ceil(3.0 * sig) + 0.5).sum() >= 10
+    assert len(ref.pixels.pix) > len(tp.pix)
+    ny, nx = img.shape
+    x_lo, x_hi = np.minimum(tr.x_start, tr.x_end), np.maximum(tr.x_start, tr.x_end)
+    y_lo, y_hi = np.minimum(tr.y_start, tr.y_end), np.maximum(tr.y_start, tr.y_end)
+    inside = ((x_lo > 10) & (x_hi < nx - 10) & (y_lo > 10) & (y_hi < ny - 10)).to_numpy()
+    m = narrow & inside
+    assert m.sum() >= 50
+    truth = tr.counts_e.to_numpy() / d["gain"]
+    pull = (fit.flux[m] - truth[m]) / fit.flux_err[m]
+    assert abs(pull.mean()) < 0.3 and 0.7 < pull.std() < 1.4 and np.abs(pull).max() < 5.0
+    # the left-out wing pixels carry almost no information on a faint trail's flux
+    assert np.all(np.abs(fit.flux[m] - ref.flux[m]) < 0.5 * ref.flux_err[m])
+    assert np.median(fit.flux_err[m] / ref.flux_err[m]) < 1.05
+
+
 @pytest.mark.slow
 def test_full_size_speed(tmp_path):
     """One full-size CCD (2046 x 4094, 2000 stars) in <= 0.3 s CPU on one core (opt-in)."""
