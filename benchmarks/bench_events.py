@@ -13,7 +13,7 @@ sample at r = 17). Prints:
 The injected events are seen through the PSF as in real series (convolved with
 the Moffat beta = 3 line-spread function along the drift, FWHM
 :data:`pydriftn.events.fit.DEFAULT_PSF_FWHM_PX` = 3.7 px since synthetic
-series have no ``psf_fwhm_px``), and the fits use the same smeared models;
+series have no ``lsf_fwhm_px``), and the fits use the same smeared models;
 ``--no-smear`` injects and fits without the PSF (the behaviour before issue #8).
 
 Run: ``python benchmarks/bench_events.py [--quick]`` from the repository root.

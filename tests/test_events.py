@@ -173,22 +173,22 @@ def test_smeared_fit_recovers_short_event():
 
 
 def test_search_uses_the_store_seeing():
-    """The search reads psf_fwhm_px per exposure (default where NaN) and fits with it."""
+    """The search reads lsf_fwhm_px per exposure (default where NaN) and fits with it."""
     from pydriftn.events.series import LSF_PER_PSF_FWHM
 
     lc, stars = simulate_lightcurves(60, 5, snr=60, seed=12)
     lc = lc.copy()
     # the store's column is the FWHM of the cross-track trail profile (the line-spread function): a 5.5 px PSF
-    lc["psf_fwhm_px"] = np.float32(5.5 * LSF_PER_PSF_FWHM)
-    lc.loc[lc["expnum"] == 1000, "psf_fwhm_px"] = np.nan
+    lc["lsf_fwhm_px"] = np.float32(5.5 * LSF_PER_PSF_FWHM)
+    lc.loc[lc["expnum"] == 1000, "lsf_fwhm_px"] = np.nan
     blk = build_blocks(lc)[0]
-    np.testing.assert_allclose(blk.psf_fwhm_px, [np.nan] + [5.5 * LSF_PER_PSF_FWHM] * 4, equal_nan=True, rtol=1e-6)
+    np.testing.assert_allclose(blk.lsf_fwhm_px, [np.nan] + [5.5 * LSF_PER_PSF_FWHM] * 4, equal_nan=True, rtol=1e-6)
     np.testing.assert_allclose(blk.exposure_fwhm_px(3.7), [3.7, 5.5, 5.5, 5.5, 5.5], rtol=1e-6)
     t0 = lc.loc[(lc["star_id"] == 7) & (lc["expnum"] == 1002) & (lc["sample"] == 18), "mjd"].iloc[0] + 0.1 / DAY
     p = pd.DataFrame([{"star_id": 7, "t0_mjd": t0, "te_s": 2.0, "u0": 0.15, "rho": 0.01}])
     lci = inject_microlensing(lc, p, seed=1)  # smeared with the table's 5.5 px
     fits = {}
-    for name, table in (("column", lci), ("default", lci.drop(columns="psf_fwhm_px"))):
+    for name, table in (("column", lci), ("default", lci.drop(columns="lsf_fwhm_px"))):
         res = search(table, stars, n_scrambles=4, false_alarm_rate=1e-2, seed=1, only_star_ids=[7])
         fits[name] = res.candidates.set_index("star_id").loc[7]
     col, dflt = fits["column"], fits["default"]

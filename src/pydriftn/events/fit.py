@@ -77,7 +77,7 @@ U0_MAX = 100.0
 BASE_BOUNDS = (0.05, 5.0)
 LSF_BETA = 3.0  # Moffat index of the PSF (the simulator's and a typical DECam PSF); the closed forms need 3
 FLASH_BETA = LSF_BETA  # the flash profile is the same line-spread function
-#: Seeing FWHM (pixels = samples along the trail) assumed where the store gives none (no ``psf_fwhm_px``
+#: Seeing FWHM (pixels = samples along the trail) assumed where the store gives none (no ``lsf_fwhm_px``
 #: column, NaN, synthetic series): 1.0" at DECam's 0.27"/px, the simulator's drift-exposure seeing.
 DEFAULT_PSF_FWHM_PX = 3.7
 #: The smearing kernel extends this many FWHM from each sample (the Moffat beta = 3 wings beyond hold

@@ -17,7 +17,7 @@ PSF smearing. A sample of an extracted series is one pixel strip of the trail,
 so a real event reaches the series convolved with the PSF's line-spread
 function along the drift (see :mod:`.fit`). Injected events are smeared the
 same way (``psf_smear``, default on), with the exposure's seeing FWHM from the
-``psf_fwhm_px`` column where present and finite (divided by
+``lsf_fwhm_px`` column where present and finite (divided by
 ``psf_column_per_fwhm``, as in the search: see :mod:`.series`), else
 ``psf_fwhm_px`` (:data:`~.fit.DEFAULT_PSF_FWHM_PX`), and only light from
 inside each exposure's shutter window (from the ``sample`` index: sample ``k``
@@ -106,9 +106,9 @@ def inject_microlensing(lc_table: pd.DataFrame, params, seed=0, *, source_noise_
         Convolve the events with the PSF's line-spread function along the
         drift (module docstring); False: only average over each sample's exposure.
     psf_fwhm_px : float
-        PSF FWHM (px) where the table has no finite ``psf_fwhm_px``.
+        PSF FWHM (px) where the table has no finite ``lsf_fwhm_px``.
     psf_column_per_fwhm : float
-        The ``psf_fwhm_px`` column over the PSF's FWHM (see :mod:`.series`).
+        The ``lsf_fwhm_px`` column over the PSF's FWHM (see :mod:`.series`).
 
     Returns
     -------
@@ -180,8 +180,8 @@ def inject_microlensing(lc_table: pd.DataFrame, params, seed=0, *, source_noise_
 def _table_psf_columns(lc, default_fwhm, sample_s, column_per_fwhm=LSF_PER_PSF_FWHM):
     """Per row of ``lc``: PSF FWHM (px; ``default_fwhm`` where unknown) and the shutter window (mjd) of
     its exposure (``None, None`` without ``sample`` and ``expnum`` columns)."""
-    if "psf_fwhm_px" in lc.columns:
-        fw = pd.to_numeric(lc["psf_fwhm_px"], errors="coerce").to_numpy(float) / float(column_per_fwhm)
+    if "lsf_fwhm_px" in lc.columns:
+        fw = pd.to_numeric(lc["lsf_fwhm_px"], errors="coerce").to_numpy(float) / float(column_per_fwhm)
         fw = np.where(np.isfinite(fw) & (fw > 0), fw, float(default_fwhm))
     else:
         fw = np.full(len(lc), float(default_fwhm))

@@ -14,7 +14,7 @@ Steps (all stars of a CCD-night at once, see :mod:`.series` and :mod:`.scan`):
 4. Star-nights above a looser pre-threshold are fitted with the finite-source
    point-lens and FRED flare models (true sample times) convolved with the
    PSF's line-spread function along the drift of each exposure's seeing
-   (``psf_fwhm_px`` column, else the ``psf_fwhm_px`` option; see :mod:`.fit`)
+   (``lsf_fwhm_px`` column, else the ``psf_fwhm_px`` option; see :mod:`.fit`)
    within each exposure's shutter window; parameters, Jacobian errors,
    Delta-chi2 vs flat.
 5. Vetoes (bitmask, see ``VETO_BITS``): samples excluded for their flags in
@@ -323,11 +323,11 @@ def search(lc: pd.DataFrame, stars: pd.DataFrame | None = None, flashes: pd.Data
         Fit the models convolved with the PSF's line-spread function along the
         drift (:mod:`.fit`); False: only averaged over each sample's exposure.
     psf_fwhm_px : float
-        Seeing FWHM (px = samples) of exposures whose ``psf_fwhm_px`` column is
+        Seeing FWHM (px = samples) of exposures whose ``lsf_fwhm_px`` column is
         absent or NaN (old stores, synthetic series); default
         :data:`~.fit.DEFAULT_PSF_FWHM_PX` (1.0" at 0.27"/px).
     psf_column_per_fwhm : float
-        The ``psf_fwhm_px`` column divided by this is the PSF's FWHM (default:
+        The ``lsf_fwhm_px`` column divided by this is the PSF's FWHM (default:
         the column is the FWHM of the cross-track trail profile, i.e. of the
         line-spread function, 1.109 x the PSF's; see :mod:`.series`).
     max_fits : int

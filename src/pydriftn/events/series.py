@@ -25,18 +25,19 @@ that exposure (transparency and other changes common to all stars); the
 errors are scaled by the same factor. Without ``level_e_s`` the per-exposure
 normalisation is used as is.
 
-Seeing. The optional ``psf_fwhm_px`` column (the exposure's seeing on that CCD
-in pixels, i.e. samples along the trail) is kept per exposure
-(:attr:`SeriesBlock.psf_fwhm_px`, median over the block's stars, NaN where
-absent); the fits convolve their models with the PSF's line-spread function of
-that width (see :mod:`.fit`), falling back to a default where it is NaN. The
-pipeline fills the column with the FWHM of the extraction's empirical
-cross-track trail profile, which is the FWHM of the line-spread function (the
-PSF integrated along the trail), not of the PSF: for a Moffat beta = 3 it is
-:data:`LSF_PER_PSF_FWHM` = 1.109 times the PSF's FWHM (the simulated 1.0"
-seeing, 3.7-3.8 px, gives 4.2-4.3 px in the store). :meth:`SeriesBlock.exposure_fwhm_px`
-therefore divides the column by ``column_per_psf_fwhm`` (default that ratio;
-1 if a store holds the PSF's FWHM).
+Seeing. The optional ``lsf_fwhm_px`` column is the FWHM, in pixels (= samples
+along the trail), of the exposure's line-spread function on that CCD: the
+extraction's measured cross-track trail profile, i.e. the PSF integrated along
+the trail, which is also the kernel that smears a series along the drift. It
+is kept per exposure (:attr:`SeriesBlock.lsf_fwhm_px`, median over the block's
+stars, NaN where absent); the fits convolve their models with a line-spread
+function of that width (see :mod:`.fit`), falling back to a default where it
+is NaN. :mod:`.fit` parametrises the kernel by the FWHM of a Moffat beta = 3
+PSF, whose line-spread function is :data:`LSF_PER_PSF_FWHM` = 1.109 times
+wider (the simulated 1.0" seeing, 3.7-3.8 px, gives 4.2-4.3 px in the store),
+so :meth:`SeriesBlock.exposure_fwhm_px` divides the column by
+``column_per_psf_fwhm``: the kernel then has the measured FWHM, and only the
+shape of its wings is assumed.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ log = logging.getLogger(__name__)
 REQUIRED_COLUMNS = ("star_id", "expnum", "sample", "mjd", "norm_flux", "norm_flux_err")
 SECONDS_PER_DAY = 86400.0
 #: FWHM of the line-spread function (the Moffat beta = 3 PSF integrated along one axis) over the PSF's FWHM:
-#: ``sqrt(2^(2/5) - 1) / sqrt(2^(1/3) - 1)``. The store's ``psf_fwhm_px`` is the former (module docstring).
+#: ``sqrt(2^(2/5) - 1) / sqrt(2^(1/3) - 1)``. The store's ``lsf_fwhm_px`` is the former (module docstring).
 LSF_PER_PSF_FWHM = float(np.sqrt(2.0 ** 0.4 - 1.0) / np.sqrt(2.0 ** (1.0 / 3.0) - 1.0))
 
 
@@ -139,9 +140,9 @@ class SeriesBlock:
         residual-based scatter (adjacent-sample correlation; 1 if unknown).
     ybar : ndarray (S,)
         Weighted mean of the valid samples (the flat-model fit).
-    psf_fwhm_px : ndarray (E,)
+    lsf_fwhm_px : ndarray (E,)
         Seeing FWHM of each exposure (px = samples along the trail; median of
-        the ``psf_fwhm_px`` column over the block's rows), NaN if unknown.
+        the ``lsf_fwhm_px`` column over the block's rows), NaN if unknown.
     """
 
     night: object
@@ -159,7 +160,7 @@ class SeriesBlock:
     ybar: np.ndarray = field(default=None)
     rescale_errors: bool = True
     diff_ratio: float = 1.0
-    psf_fwhm_px: np.ndarray = field(default=None)
+    lsf_fwhm_px: np.ndarray = field(default=None)
 
     @property
     def n_stars(self) -> int:
@@ -196,9 +197,9 @@ class SeriesBlock:
         return float(np.median(d))
 
     def exposure_fwhm_px(self, default: float, column_per_psf_fwhm: float = LSF_PER_PSF_FWHM) -> np.ndarray:
-        """PSF FWHM (px) of every exposure: the ``psf_fwhm_px`` column / ``column_per_psf_fwhm`` (module
+        """PSF FWHM (px) of every exposure: the ``lsf_fwhm_px`` column / ``column_per_psf_fwhm`` (module
         docstring), ``default`` (a PSF FWHM) where unknown (NaN, non-positive or no column)."""
-        fw = self.psf_fwhm_px if self.psf_fwhm_px is not None else np.full(len(self.expnum), np.nan)
+        fw = self.lsf_fwhm_px if self.lsf_fwhm_px is not None else np.full(len(self.expnum), np.nan)
         fw = np.asarray(fw, float) / float(column_per_psf_fwhm)
         return np.where(np.isfinite(fw) & (fw > 0), fw, float(default))
 
@@ -489,8 +490,8 @@ def _one_block(df, night, ccd, bad_flag_mask, rescale_errors, table) -> SeriesBl
         flags[star_codes, pos] = df["flags"].fillna(0).to_numpy().astype(np.int64)
     valid = present & np.isfinite(y) & np.isfinite(err) & (err > 0) & ((flags & int(bad_flag_mask)) == 0)
     psf_fwhm = np.full(len(expnums), np.nan)
-    if "psf_fwhm_px" in df.columns:
-        fw = pd.to_numeric(df["psf_fwhm_px"], errors="coerce").to_numpy(float)
+    if "lsf_fwhm_px" in df.columns:
+        fw = pd.to_numeric(df["lsf_fwhm_px"], errors="coerce").to_numpy(float)
         ok = np.isfinite(fw) & (fw > 0)
         if ok.any():
             med = pd.Series(fw[ok]).groupby(e_codes[ok]).median()
@@ -533,7 +534,7 @@ def _one_block(df, night, ccd, bad_flag_mask, rescale_errors, table) -> SeriesBl
     return SeriesBlock(night=night, ccd=ccd, star_id=np.asarray(star_ids), expnum=expnums,
                        samples_per_exposure=k, mjd=mjd, y=y, err=err, present=present, flags=flags,
                        valid=valid, err_scale=scale, ybar=ybar, rescale_errors=rescale_errors,
-                       diff_ratio=diff_ratio, psf_fwhm_px=psf_fwhm)
+                       diff_ratio=diff_ratio, lsf_fwhm_px=psf_fwhm)
 
 
 def with_modified_rows(block: SeriesBlock, rows, y_rows, err_rows) -> SeriesBlock:

@@ -142,9 +142,10 @@ def process_exposure_ccd(unit, catalogue: pd.DataFrame, cfg, *, targets=None) ->
     if targets is not None:
         stars["is_target"] = stars["star_id"].isin(targets)
     samples = _with_star_columns(samples, stars)
-    # seeing FWHM of this exposure and CCD (px = samples along the trail): the event search smears its
-    # models by the PSF's line-spread function along the drift, since a sample is one pixel of the trail
-    samples["psf_fwhm_px"] = np.float32(ext.extras.get("fwhm_px", np.nan) if ext.extras else np.nan)
+    # FWHM of the measured cross-track profile (the line-spread function, px = samples along the trail) of
+    # this exposure and CCD: the event search smears its models by the line-spread function along the drift,
+    # since a sample is one pixel strip of the trail
+    samples["lsf_fwhm_px"] = np.float32(ext.extras.get("fwhm_px", np.nan) if ext.extras else np.nan)
 
     trails = astro.trails.copy()
     for col, val in (("expnum", unit.expnum), ("ccd", unit.ccd)):
