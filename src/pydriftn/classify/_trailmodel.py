@@ -268,7 +268,7 @@ class TrailTemplate:
         return T.reshape(shp), b.reshape(shp), Tc.reshape(shp)
 
     def _evaluate_grid(self, sg, cg):
-        """``_evaluate_direct`` on the grid ``sg`` x ``cg`` (same values): the along-track tables looked up once per row."""
+        """``_evaluate_direct`` on the grid ``sg`` x ``cg`` (same values); along-track tables looked up per row."""
         ns, nc = len(sg), len(cg)
         f = self._lookup(self.f, self.s0, self.ds, sg)[:, None]
         dl = self._lookup(self.delta, self.s0, self.ds, sg)[:, None]
