@@ -536,6 +536,9 @@ def test_flash_veto_keeps_short_events_reported_as_flashes():
     lc, stars = simulate_lightcurves(80, 4, snr=50, seed=141)
     lc = lc.copy()
     lc = lc[~((lc["star_id"] == 12) & (lc["sample"] < 4))]  # star 12: first 4 samples of each exposure unstored
+    from pydriftn.events.series import LSF_PER_PSF_FWHM
+
+    lc["lsf_fwhm_px"] = np.float32(4.3 * LSF_PER_PSF_FWHM)  # the seeing, as the pipeline stores it (flashes: 4.3)
     row = lambda s, e, k: lc[(lc["star_id"] == s) & (lc["expnum"] == e) & (lc["sample"] == k)].iloc[0]  # noqa: E731
     t_ev = row(5, 1001, 18)["mjd"]
     # FWHM ~4.6 s = 8.5 samples, twice the flash's 4.3 (an unsmoothed tE = 3 s event would be ~5 samples wide:
@@ -564,6 +567,8 @@ def test_flash_veto_keeps_short_events_reported_as_flashes():
     # the event beats the flash profile by far more than the margin; the flashes do not
     assert c.loc[5, "delta_chi2_flash_free_width"] - c.loc[5, "delta_chi2_flash"] > 100
     assert c.loc[8, "delta_chi2_flash_free_width"] - c.loc[8, "delta_chi2_flash"] < 9
+    # the PSF-smeared microlensing model does not explain a flash better than the flash profile does
+    assert c.loc[8, "delta_chi2_microlensing"] - c.loc[8, "delta_chi2_flash"] < 4
 
 
 def test_search_store_finds_the_pipeline_catalogue_and_flashes(tmp_path):
