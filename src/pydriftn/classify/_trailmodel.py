@@ -956,16 +956,7 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
         nw = runs_b.sum(wing)
         bkg = np.where(nw >= 20, runs_b.sum(r * wing) / np.maximum(nw, 1), 0.0)
         db = db - bkg[sub.star]
-        # the analytic (Gaussian) template is ~0 beyond the common half-width (+1 px for the offsets): the fit
-        # with it uses only the entries within, ~half of the wide stamps (the others add terms of ~1e-6)
-        hc = np.float32(hw + 1.0)
-        inner = (np.abs(sub.c) <= hc) & (sub.s >= -hc) & (sub.s <= L.astype(np.float32)[sub.star] + hc)
-        if inner.all():
-            F, da, dc = _fit(sub, db, wb, base, F, da, dc, fit_off, n_iter=2, noise=noise, first=(Tb, Tsb, Tcb))
-        else:
-            ii = np.flatnonzero(inner)
-            F, da, dc = _fit(_subset(sub, ii), db[ii], wb[ii], base, F, da, dc, fit_off, n_iter=2, noise=noise,
-                             first=(Tb[ii], Tsb[ii], Tcb[ii]))
+        F, da, dc = _fit(sub, db, wb, base, F, da, dc, fit_off, n_iter=2, noise=noise, first=(Tb, Tsb, Tcb))
         del Tsb, Tcb
         if bright.sum() >= min_bright:
             tmpl = _empirical_template(sub, db, wb, F, da, dc, bright, base, hw_big, sigma_psf)
