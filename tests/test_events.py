@@ -596,3 +596,20 @@ def test_search_store_finds_the_pipeline_catalogue_and_flashes(tmp_path):
     assert c.loc[9, "veto_reasons"] == "flash" and c.loc[9, "n_flashes"] == 1
     assert {"ra", "dec", "mag_r", "mag_g"} <= set(c.columns) and "flags" not in c.columns
     assert c.loc[2, "mag_r"] == pytest.approx(stars.set_index("star_id").loc[2, "r"])
+
+
+def test_excursion_repeating_at_the_same_samples_of_every_exposure_is_vetoed():
+    """A static pattern (an uncatalogued neighbour's trail on the same pixels, an edge) recurs at the same
+    samples of each exposure of a night; an event happens once."""
+    lc, stars = simulate_lightcurves(60, 5, snr=40, seed=7)
+    lc = lc.copy()
+    bump = np.exp(-0.5 * ((lc["sample"] - 25) / 2.0) ** 2)
+    static = lc["star_id"] == 3
+    lc.loc[static, "norm_flux"] += 0.4 * bump[static]  # same samples, every exposure
+    once = (lc["star_id"] == 9) & (lc["expnum"] == lc["expnum"].min() + 2)
+    lc.loc[once, "norm_flux"] += 0.4 * bump[once]  # one exposure only
+    res = search(lc, stars, n_scrambles=6, false_alarm_rate=1e-3)
+    c = res.candidates.set_index("star_id")
+    assert c.loc[3, "above_threshold"] and "repeats_each_exposure" in c.loc[3, "veto_reasons"]
+    assert c.loc[9, "above_threshold"] and "repeats_each_exposure" not in c.loc[9, "veto_reasons"]
+    assert 9 in set(res.detections["star_id"]) and 3 not in set(res.detections["star_id"])

@@ -23,7 +23,9 @@ Steps (all stars of a CCD-night at once, see :mod:`.series` and :mod:`.scan`):
    stars); a brighter neighbour within ``neighbour_radius_arcsec`` varying in
    the same window; a flash (from the classification stage) at the same place
    and time (or reported on the candidate's star) whose light curve is
-   consistent with that flash (see ``_flash_veto``).
+   consistent with that flash (see ``_flash_veto``); an excursion that recurs
+   at the same samples (the same detector pixels) in the star's other
+   exposures of the night (see ``_repeats_each_exposure``).
 
 The result is a :class:`SearchResult` with the candidate table, the per
 star-night statistics, the null distributions and thresholds.
@@ -61,8 +63,9 @@ VETO_FLAGGED = 1
 VETO_COMMON_MODE = 2
 VETO_NEIGHBOUR = 4
 VETO_FLASH = 8
+VETO_REPEATS = 16
 VETO_BITS = {VETO_FLAGGED: "flagged_samples", VETO_COMMON_MODE: "common_mode",
-             VETO_NEIGHBOUR: "bright_neighbour", VETO_FLASH: "flash"}
+             VETO_NEIGHBOUR: "bright_neighbour", VETO_FLASH: "flash", VETO_REPEATS: "repeats_each_exposure"}
 
 MAG_COLUMNS = ("r", "mag_r", "g", "mag_g", "vr", "mag", "i", "z")
 #: The fits use the star's samples within max(3 x window duration, this) seconds of the candidate window:
@@ -525,6 +528,8 @@ def _block_candidates(block, sc, scr_p, idx, fap, thr, star_tab, mcol, fl, *, fi
         row["common_mode_fraction"] = n_exc / n_other if n_other > 0 else 0.0
         if n_other > 0 and n_exc >= cm_min and n_exc > cm_frac * n_other:
             vet |= VETO_COMMON_MODE
+        if _repeats_each_exposure(block, i, j0, width, sg, float(sc.statistic[i]), window_cache, cm_dchi2):
+            vet |= VETO_REPEATS
         if have_pos and np.isfinite(ra_all[i]):
             sep = _sep_arcsec(ra_all[i], dec_all[i], ra_all, dec_all)
             near = (sep <= nb_radius) & (np.arange(block.n_stars) != i)
@@ -561,6 +566,40 @@ def _block_candidates(block, sc, scr_p, idx, fap, thr, star_tab, mcol, fl, *, fi
         row["veto_reasons"] = veto_names(vet)
         rows.append(row)
     return rows
+
+
+def _repeats_each_exposure(block, i, j0, width, sign, dchi2, window_cache, min_dchi2, min_fraction=0.25,
+                           min_exposures=2):
+    """Does the candidate's excursion recur at the same samples of the star's other exposures?
+
+    The drift exposures of a night repeat the same pointing, so sample ``k``
+    of a star lies on the same detector pixels in every exposure: an
+    excursion tied to the detector or to a static neighbour (an uncatalogued
+    star's trail crossing the same pixels, a CCD edge, a bad column) comes
+    back at the same samples each time, while an event happens once. A
+    window inside one exposure is vetoed when the same window of at least
+    ``max(min_exposures, half)`` of the star's other exposures (with data)
+    shows an excursion of the same sign with Delta-chi2 >= ``max(min_dchi2,
+    min_fraction * dchi2)``. Windows spanning exposures are not tested.
+    """
+    k = block.samples_per_exposure
+    e0, off = divmod(int(j0), k)
+    if off + int(width) > k:
+        return False
+    n_exp = block.n_grid // k
+    n_with, n_rep = 0, 0
+    for e in range(n_exp):
+        if e == e0:
+            continue
+        key = (e * k + off, int(width))
+        if key not in window_cache:
+            window_cache[key] = window_statistic(block, *key)
+        d_all, s_all, has = window_cache[key]
+        if not has[i]:
+            continue
+        n_with += 1
+        n_rep += bool(d_all[i] >= max(min_dchi2, min_fraction * dchi2) and np.sign(s_all[i]) == sign)
+    return n_with >= min_exposures and n_rep >= max(min_exposures, 0.5 * n_with)
 
 
 def _unstored_extension(block, i, j0, width, t_lo, t_hi, sample_s):
