@@ -150,7 +150,8 @@ def _cmd_search(args) -> int:
     if scrambles < 1:
         raise PydriftnError(f"--scrambles: expected at least 1, got {scrambles}")
     result = search_store(args.store, nights=args.night, out_dir=args.out, false_alarm_rate=far,
-                          n_scrambles=scrambles, plots=defaults.report_pages if args.pages is None else args.pages)
+                          n_scrambles=scrambles, plots=defaults.report_pages if args.pages is None else args.pages,
+                          efficiency_dir=args.efficiency if args.efficiency is not None else defaults.efficiency_dir)
     for line in result.summary_lines():
         print(line)
     return EXIT_OK
@@ -252,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scrambles", type=int, default=None,
                    help="time-scrambled copies calibrating the threshold (default 20)")
     p.add_argument("--pages", type=int, default=None, help="candidate pages in the report (default 50)")
+    p.add_argument("--efficiency", default=None, metavar="DIR",
+                   help="show this `pydriftn efficiency` output in the report")
     p.set_defaults(func=_cmd_search)
 
     p = sub.add_parser("efficiency", help="injection-recovery efficiency of the event search")

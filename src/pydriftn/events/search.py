@@ -829,8 +829,16 @@ def save_png(fig, path):
     return write_bytes_atomic(buf.getvalue(), path)
 
 
-def search_store(store, nights=None, out_dir=None, *, stars=None, flashes=None, plots: int = 20,
-                 **kwargs) -> SearchResult:
+def _run_dir(roots):
+    """The ``pydriftn run`` output folder among ``roots`` (holding ``NIGHT/units``), for drift-image cutouts."""
+    for r in roots:
+        if any(p.is_dir() for p in Path(r).glob("*/units")):
+            return Path(r)
+    return None
+
+
+def search_store(store, nights=None, out_dir=None, *, stars=None, flashes=None, plots: int = 50,
+                 efficiency_dir=None, **kwargs) -> SearchResult:
     """Run :func:`search` on a run's light-curve store and write the report.
 
     Parameters
@@ -841,8 +849,15 @@ def search_store(store, nights=None, out_dir=None, *, stars=None, flashes=None, 
         Restrict to these nights.
     out_dir : path, optional
         Report folder (default ``STORE/search``): ``candidates.parquet``,
-        ``candidates.csv``, ``star_nights.parquet`` and PNG plots of the
-        ``plots`` most significant unvetoed candidates.
+        ``candidates.csv``, ``star_nights.parquet`` and the report
+        (``report.pdf``, ``report.html`` and a PNG per candidate page; see
+        :func:`~.report.write_report`), with pages for at most ``plots``
+        candidates above threshold (``plots=0``: no report). A
+        ``blend_fraction`` column (light of unresolved neighbours relative to
+        the star's, from the store) is added to the candidates when the store
+        has it.
+    efficiency_dir : path, optional
+        ``pydriftn efficiency`` output to show in the report.
     stars, flashes : pandas.DataFrame, optional
         Default: the run's catalogue (``STORE/catalogue/master_catalogue.parquet``
         as ``pydriftn run`` writes it, else ``STORE/catalogue.parquet``,
@@ -866,6 +881,11 @@ def search_store(store, nights=None, out_dir=None, *, stars=None, flashes=None, 
         if flashes is None:
             log.warning("%s: no flashes.parquet found: the flash veto is off", store)
     res = search(lc, stars=stars, flashes=flashes, **kwargs)
+    if "blend_fraction" in lc.columns and not res.candidates.empty:
+        keys = [k for k in ("night", "ccd", "star_id") if k in lc.columns and k in res.candidates.columns]
+        blend = lc.groupby(keys)["blend_fraction"].max()
+        res.candidates["blend_fraction"] = blend.reindex(pd.MultiIndex.from_frame(res.candidates[keys])
+                                                         if len(keys) > 1 else res.candidates[keys[0]]).to_numpy()
     out = Path(out_dir) if out_dir is not None else store / "search"
     out.mkdir(parents=True, exist_ok=True)
     from ..io import write_table_atomic
@@ -875,14 +895,9 @@ def search_store(store, nights=None, out_dir=None, *, stars=None, flashes=None, 
                         ("star_nights.parquet", res.star_nights)):
         files.append(write_table_atomic(table, out / name))
     if plots:
-        from matplotlib.figure import Figure  # no pyplot: the user's backend is left alone
+        from .report import write_report
 
-        from .plot import plot_candidate
-
-        for _, cand in res.detections.head(plots).iterrows():
-            fig = Figure(figsize=(9, 3.5))
-            plot_candidate(lc, cand, ax=fig.add_subplot())
-            p = out / f"candidate_{cand['night']}_{cand['ccd']}_{cand['star_id']}.png"
-            files.append(save_png(fig, p))
+        files.extend(write_report(res, lc, out, run_dir=_run_dir(roots), efficiency_dir=efficiency_dir,
+                                  max_candidates=plots))
     res.files = files
     return res

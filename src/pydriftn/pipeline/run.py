@@ -297,7 +297,8 @@ def run_search(cfg, out_dir=None):
     s = cfg.search
     out = Path(out_dir) if out_dir is not None else Path(cfg.output_dir) / "search"
     return search_store(cfg.output_dir, out_dir=out, false_alarm_rate=s.false_alarm_per_star_night,
-                        n_scrambles=s.n_scrambles, plots=s.report_pages)
+                        n_scrambles=s.n_scrambles, plots=s.report_pages,
+                        efficiency_dir=s.efficiency_dir)
 
 
 def _clean_stale_temporaries(output_dir: Path) -> int:
