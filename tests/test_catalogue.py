@@ -248,12 +248,18 @@ def test_gaia_tap_local_server_cache_and_offline(tmp_path):
         query_gaia_tap(11.0, -30.0, 0.1, url=url, cache_dir=tmp_path, timeout=2)
 
 
-def test_anchor_to_gaia_recovers_shift_and_rotation():
+def _test_wcs():
+    """A 0.27"/px TAN WCS at (150, +2) with DECam-like orientation."""
     w = WCS(naxis=2)
     w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
     w.wcs.crval = [150.0, 2.0]
     w.wcs.crpix = [200.0, 300.0]
     w.wcs.cd = [[0.0, 0.27 / 3600], [-0.27 / 3600, 0.0]]
+    return w
+
+
+def test_anchor_to_gaia_recovers_shift_and_rotation():
+    w = _test_wcs()
     rng = np.random.default_rng(3)
     xt, yt = rng.uniform(10, 390, 80), rng.uniform(10, 590, 80)
     ra, dec = w.pixel_to_world_values(xt, yt)  # true sky positions (= Gaia)
@@ -293,11 +299,7 @@ def test_find_offset_recovers_offsets_anywhere_in_a_bin(frac):
 
 def test_anchor_to_gaia_rejects_solutions_at_chance_level():
     """Unrelated reference positions (e.g. the Gaia stars of another CCD): rejected with the reason, WCS kept."""
-    w = WCS(naxis=2)
-    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
-    w.wcs.crval = [150.0, 2.0]
-    w.wcs.crpix = [200.0, 300.0]
-    w.wcs.cd = [[0.0, 0.27 / 3600], [-0.27 / 3600, 0.0]]
+    w = _test_wcs()
     rng = np.random.default_rng(5)
     x, y = rng.uniform(0, 400, 150), rng.uniform(0, 600, 150)
     ra, dec = w.pixel_to_world_values(rng.uniform(0, 400, 150), rng.uniform(0, 600, 150))
