@@ -455,3 +455,22 @@ def test_strips_match_a_direct_two_column_cut(angle):
             col = (lambda i: img[rows, i]) if major_x else (lambda i: img[i, rows])
             want = w1 * col(i1) + w2 * (col(i1 + 1) if w2 > 1e-9 else 0.0) - (w1 + w2) * 100.0
             np.testing.assert_allclose(st.data[s, k], want, rtol=2e-5, atol=0.05)
+
+
+def test_blend_decision_from_catalogue_fluxes_matches_the_drift_data():
+    """With the catalogue's fluxes (pointed images) the blend fraction is the same physics as the split of the
+    drift data (which a star's own event within the exposure would upset), and gives the same flags."""
+    f, bright, faint, iso = _coincident_pairs(16.5, 21.5, along_px=18.0)
+    r0 = _run(f)
+    trails = f.trails.copy()
+    mags = np.r_[np.tile([16.5, 21.5], len(bright)), np.full(len(iso), 16.5)]
+    trails["flux_r"] = 10 ** (-0.4 * (mags - 25.0))
+    f.trails = trails
+    r = _run(f)
+    cat = r.trails["blend_fraction_cat"].to_numpy()
+    assert np.all(np.isfinite(cat)) and np.all(cat[iso] == 0)
+    np.testing.assert_allclose(cat[bright], r0.blend_fraction[bright], rtol=0.3)
+    assert np.all(cat[faint] > 10)
+    np.testing.assert_array_equal(r.star_flags & (fb.BLENDED | fb.BLEND_MINOR),
+                                  r0.star_flags & (fb.BLENDED | fb.BLEND_MINOR))
+    assert "blend_fraction_cat" in r0.trails and np.isnan(r0.trails["blend_fraction_cat"]).all()

@@ -765,14 +765,20 @@ def extract_trails(
     # ---- coincident neighbours: how much of the star's flux is theirs
     if w is None:  # box: uniform weights; l3: ~ a sky-limited profile fit
         w = np.where(strips.bad, 0, 1.0 if method == "box" else P).astype(np.float32)
-    blend_fraction, blend_hi, blend_series = _blend_fractions(strips, prof, delta, P, w, F, varF, nb_co, x0, y0,
-                                                              x1, y1, geometry, k, ramp)
-    major = blend_hi >= float(blend_max_fraction)
-    minor = (blend_hi >= 1e-3) & ~major
+    cat_flux = _catalogue_flux(trails)
+    blend_fraction, blend_hi, blend_series, blend_cat = _blend_fractions(
+        strips, prof, delta, P, w, F, varF, nb_co, x0, y0, x1, y1, geometry, k, ramp, cat_flux=cat_flux)
+    # the decision uses the catalogue's fluxes where every member of the blend has one: a star's own
+    # brightening (the event the search is for) must not turn it from a minor into a major blend in
+    # the exposure where it happens; else the 1-sigma-high split from the drift data
+    decide = np.where(np.isfinite(blend_cat), blend_cat, blend_hi)
+    major = decide >= float(blend_max_fraction)
+    minor = (decide >= 1e-3) & ~major
     star_flags |= np.where(major, fb.BLENDED, 0).astype(np.int32)
     star_flags |= np.where(minor, fb.BLEND_MINOR, 0).astype(np.int32)
     trails["blend_fraction"] = blend_fraction
     trails["blend_fraction_hi"] = blend_hi
+    trails["blend_fraction_cat"] = blend_cat
     sky_var = sky_err_e[:, None] ** 2 * sky_lever**2
     flux = (F / dt).astype(np.float64)
     err_sample = np.sqrt(varF) / dt
@@ -852,8 +858,25 @@ def _lsf_cdf(prof):
             lambda x: np.interp(x, u + 0.5 * prof.bin_px, cdf, left=0.0, right=1.0))
 
 
+#: Catalogue flux columns (pointed images) used for the blend decision, in order of preference.
+CATALOGUE_FLUX_COLUMNS = ("flux_r", "flux_g")
+
+
+def _catalogue_flux(trails):
+    """The catalogue's flux of every trail's star (first of :data:`CATALOGUE_FLUX_COLUMNS` present), or None.
+
+    Only the ratios between stars of one CCD matter; a star without it (NaN) falls back to the drift data.
+    """
+    for col in CATALOGUE_FLUX_COLUMNS:
+        if col in trails.columns:
+            v = pd.to_numeric(trails[col], errors="coerce").to_numpy(float)
+            if np.isfinite(v).any():
+                return v
+    return None
+
+
 def _blend_fractions(strips, prof, delta, P, w, F, varF, nb_co, x0, y0, x1, y1, geometry, k, ramp,
-                     model_err=0.05, end_err_px=0.3, overlap_err=0.02):
+                     model_err=0.05, end_err_px=0.3, overlap_err=0.02, cat_flux=None):
     """Contamination of each star's extracted flux by its coincident neighbours.
 
     A coincident neighbour ``j`` of star ``i`` (closer across the drift than
@@ -899,6 +922,11 @@ def _blend_fractions(strips, prof, delta, P, w, F, varF, nb_co, x0, y0, x1, y1, 
         this, not the best value, says whether the star may be dominated.
     series : ndarray (S, K) float32
         ``sum_j c_ijk F_j / (p_iik F_i)`` per sample (0 outside the overlap).
+    fraction_cat : ndarray (S,)
+        The same as ``fraction`` with the catalogue's fluxes ``cat_flux`` (the
+        pointed images) for ``F``: it does not depend on what the star does
+        during the exposure (NaN where a flux is missing, or without
+        ``cat_flux``).
     """
     import scipy.sparse as sp
     from scipy.sparse.linalg import spsolve
@@ -907,7 +935,8 @@ def _blend_fractions(strips, prof, delta, P, w, F, varF, nb_co, x0, y0, x1, y1, 
     fraction = np.zeros(S)
     series = np.zeros((S, K), dtype=np.float32)
     if nb_co.size == 0 or not (nb_co >= 0).any():
-        return fraction, fraction.copy(), series
+        return fraction, fraction.copy(), series, np.where(np.isfinite(cat_flux), 0.0, np.nan) \
+            if cat_flux is not None else np.full(S, np.nan)
     ii, mm = np.nonzero(nb_co >= 0)
     jj = nb_co[ii, mm]
     pairs = np.unique(np.concatenate([np.column_stack([ii, jj]), np.column_stack([jj, ii])]), axis=0)
@@ -1013,7 +1042,17 @@ def _blend_fractions(strips, prof, delta, P, w, F, varF, nb_co, x0, y0, x1, y1, 
     series[:] = np.minimum(out[0] / np.maximum(p_own, 0.05)[None, :], np.finfo(np.float32).max)
     fraction = np.where(has, out[0][:, full].max(axis=1), 0.0)
     fraction_hi = np.where(has, out[1][:, full].max(axis=1), 0.0)
-    return fraction, fraction_hi, series
+    fraction_cat = np.full(S, np.nan)
+    if cat_flux is not None:
+        cf_ = np.asarray(cat_flux, float)
+        ok = np.isfinite(cf_[i]) & (cf_[i] > 0) & np.isfinite(cf_[j])
+        tot = np.zeros((S, K))
+        np.add.at(tot, i, coef * np.where(ok, np.maximum(cf_[j], 0.0) / np.where(ok, cf_[i], 1.0), 0.0)[:, None])
+        bad = np.zeros(S, bool)
+        np.logical_or.at(bad, i, ~ok)
+        fraction_cat = np.where(np.isfinite(cf_) & (cf_ > 0), np.where(has, tot[:, full].max(axis=1), 0.0), np.nan)
+        fraction_cat[bad] = np.nan
+    return fraction, fraction_hi, series, fraction_cat
 
 
 def _inverse_diagonal_sqrt(N):
