@@ -86,7 +86,11 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fresh", action="store_true", help="re-run every cell")
+    ap.add_argument("--full-trail", action="store_true",
+                    help="store and search the shutter-ramp samples too (extract.full_trail)")
+    ap.add_argument("--out", default=None, help=f"output folder (default {OUT})")
     ns = ap.parse_args(argv)
+    out = Path(ns.out) if ns.out else OUT
 
     from pydriftn.events.imagelevel import image_level_efficiency
 
@@ -98,13 +102,14 @@ def main(argv=None):
     logging.getLogger("pydriftn").setLevel(logging.INFO)
     warnings.simplefilter("ignore")
     np.seterr(all="ignore")
-    if ns.fresh and OUT.exists():
-        shutil.rmtree(OUT)
+    if ns.fresh and out.exists():
+        shutil.rmtree(out)
     print(f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}", flush=True)
     t0 = time.perf_counter()
-    res = image_level_efficiency(OUT, events_per_ccd=ns.events_per_ccd, n_stars_per_ccd=ns.stars_per_ccd,
+    res = image_level_efficiency(out, events_per_ccd=ns.events_per_ccd, n_stars_per_ccd=ns.stars_per_ccd,
                                  preset="small", seed=ns.seed, workers=ns.workers, max_cells=ns.cells,
-                                 repeats=ns.repeats, n_series=ns.series)
+                                 repeats=ns.repeats, n_series=ns.series,
+                                 pipeline_options={"extract": {"full_trail": True}} if ns.full_trail else None)
     wall = time.perf_counter() - t0
     print()
     print("\n".join(res.summary_lines()))
