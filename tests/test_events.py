@@ -413,15 +413,20 @@ def test_table_errors_name_the_column():
         search(lc, sign="up")
 
 
+def _write_store(lc, root):
+    """The light curves laid out as the pipeline writes its store (store/lightcurves/night=/expnum=/CCD.parquet)."""
+    for (night, exp, ccd), d in lc.groupby(["night", "expnum", "ccd"]):
+        p = root / "store" / "lightcurves" / f"night={night}" / f"expnum={exp}" / f"{ccd}.parquet"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        d.drop(columns=["night", "expnum"]).to_parquet(p, index=False)
+
+
 def test_search_store_reads_the_parquet_store(tmp_path):
     """A store laid out as the pipeline writes it (store/lightcurves/night=/expnum=/CCD.parquet)."""
     lc, stars = simulate_lightcurves(60, 4, snr=50, seed=101)
     t0 = lc.loc[(lc["star_id"] == 2) & (lc["expnum"] == 1001) & (lc["sample"] == 20), "mjd"].iloc[0]
     lc = inject_microlensing(lc, {"star_id": 2, "t0_mjd": t0, "te_s": 3.0, "u0": 0.2, "rho": 0.1}, seed=1)
-    for (night, exp, ccd), d in lc.groupby(["night", "expnum", "ccd"]):
-        p = tmp_path / "store" / "lightcurves" / f"night={night}" / f"expnum={exp}" / f"{ccd}.parquet"
-        p.parent.mkdir(parents=True, exist_ok=True)
-        d.drop(columns=["night", "expnum"]).to_parquet(p, index=False)
+    _write_store(lc, tmp_path)
     stars.to_parquet(tmp_path / "catalogue.parquet", index=False)
     res = search_store(tmp_path, nights=["n1"], n_scrambles=6, false_alarm_rate=1e-3, plots=1)
     assert list(res.detections["star_id"]) == [2]
@@ -579,10 +584,7 @@ def test_search_store_finds_the_pipeline_catalogue_and_flashes(tmp_path):
     lc = _flash_on_series(lc, 9, t9, 2.0)
     t2 = lc.loc[(lc["star_id"] == 2) & (lc["expnum"] == 1001) & (lc["sample"] == 20), "mjd"].iloc[0]
     lc = inject_microlensing(lc, {"star_id": 2, "t0_mjd": t2, "te_s": 3.0, "u0": 0.2, "rho": 0.1}, seed=1)
-    for (night, exp, ccd), d in lc.groupby(["night", "expnum", "ccd"]):
-        p = tmp_path / "store" / "lightcurves" / f"night={night}" / f"expnum={exp}" / f"{ccd}.parquet"
-        p.parent.mkdir(parents=True, exist_ok=True)
-        d.drop(columns=["night", "expnum"]).to_parquet(p, index=False)
+    _write_store(lc, tmp_path)
     (tmp_path / "catalogue").mkdir()
     cat = stars.rename(columns={"r": "mag_r"}).assign(mag_g=lambda t: t["mag_r"] + 0.5, ccd="S4", flags=0)
     cat.to_parquet(tmp_path / "catalogue" / "master_catalogue.parquet", index=False)

@@ -317,6 +317,18 @@ def _gather(img, ys, xs):
     return v, ok
 
 
+def _local_maxima(img, ys, xs, values):
+    """True where ``values`` (at ``img[ys, xs]``) is >= each of its 8 neighbours inside the image."""
+    ismax = np.ones(len(ys), bool)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if dx == 0 and dy == 0:
+                continue
+            v, ok = _gather(img, ys + dy, xs + dx)
+            ismax &= ~ok | (v <= values)
+    return ismax
+
+
 def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_noise=None, wcs=None,
                           mjd_obs=None, exptime=None, saturation_adu=None, mask_convention="flags",
                           flash_sigma=7.0, cr_sigma=6.0, sharp_threshold=1.3, trail_ratio_threshold=1.2,
@@ -542,14 +554,7 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
     nyb, nxb = Mz.shape
     cy, cx = np.divmod(cand, nxb)
     if len(cand):
-        v0 = Mz[cy, cx]
-        ismax = np.ones(len(cand), bool)
-        for dy in (-1, 0, 1):
-            for dx in (-1, 0, 1):
-                if dx == 0 and dy == 0:
-                    continue
-                v, ok = _gather(Mz, cy + dy, cx + dx)
-                ismax &= ~ok | (v <= v0)
+        ismax = _local_maxima(Mz, cy, cx, Mz[cy, cx])
         cy, cx = cy[ismax], cx[ismax]
     # full-resolution matched filter around each binned maximum
     W = 6
@@ -596,13 +601,7 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
         var = sigma**2 + np.clip(mloc, 0, None) / gain + (model_error_frac * mloc) ** 2
         keep = hv / np.sqrt(var) > cr_sigma
         hy, hx, hv = hy[keep], hx[keep], hv[keep]
-        ismax = np.ones(len(hy), bool)
-        for dy in (-1, 0, 1):
-            for dx in (-1, 0, 1):
-                if dx == 0 and dy == 0:
-                    continue
-                v, ok = _gather(resid, hy + dy, hx + dx)
-                ismax &= ~ok | (v <= hv)
+        ismax = _local_maxima(resid, hy, hx, hv)
         hy, hx = hy[ismax], hx[ismax]
         if len(hy):
             stp, _ = _gather(resid, hy[:, None, None] + np.arange(-R, R + 1)[None, :, None],

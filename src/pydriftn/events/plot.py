@@ -69,24 +69,22 @@ def plot_candidate(lc: pd.DataFrame, candidate, ax=None, *, bad_flag_mask: int |
                label="matched-filter window")
     # models on a fine grid, only within exposures (NaN across the gaps)
     tf = np.linspace(t.min(), t.max(), 4000) if len(t) else np.array([])
-    if len(t) > 1:
-        step = np.median(np.diff(t))
-        gap = np.interp(tf, t, np.r_[np.diff(t) > 5 * step, False].astype(float)) > 0.5
-    else:
-        gap = np.zeros_like(tf, bool)
+    step = float(np.median(np.diff(t))) if len(t) > 1 else 0.54  # sample duration (s)
+    jump = np.diff(t) > 5 * step  # gaps between exposures
+    gap = np.interp(tf, t, np.r_[jump, False].astype(float)) > 0.5 if len(t) > 1 else np.zeros_like(tf, bool)
+    # sample-time curves break after each gap (NaN offset on the first sample of an exposure)
+    ts = np.where(np.r_[False, jump], np.nan, 0.0) if len(t) else np.zeros(0)
     # the fitted models as the samples see them (smeared by the line-spread function along the drift, at the
     # sample times, as fitted), and thin: the intrinsic light curves
     fw = np.full(len(t), DEFAULT_PSF_FWHM_PX)
     if "lsf_fwhm_px" in d.columns:
         col = pd.to_numeric(d["lsf_fwhm_px"], errors="coerce").to_numpy(float) / LSF_PER_PSF_FWHM
         fw = np.where(np.isfinite(col) & (col > 0), col, fw)
-    ts = np.where(np.r_[False, np.diff(t) > 5 * np.median(np.diff(t))] if len(t) > 2 else False, np.nan, 0.0)
-    sample_s = float(np.median(np.diff(t))) if len(t) > 2 else 0.54
     if pd.notna(c.get("te_s", np.nan)):
         t0 = (c["t0_mjd"] - t_ref) * SECONDS_PER_DAY
         p = (t0, c["te_s"], c["u0"], c["rho"], c.get("fs", 1.0), c.get("base", 1.0))
         if len(t):
-            ax.plot(t + ts, microlensing_model(t, *p, sample_s=sample_s, fwhm_px=fw), color="tab:blue",
+            ax.plot(t + ts, microlensing_model(t, *p, sample_s=step, fwhm_px=fw), color="tab:blue",
                     label=f"microlensing dchi2={c.get('delta_chi2_microlensing', np.nan):.0f}")
         y = microlensing_model(tf, *p)
         y[gap] = np.nan
@@ -95,7 +93,7 @@ def plot_candidate(lc: pd.DataFrame, candidate, ax=None, *, bad_flag_mask: int |
         t0 = (c["flare_t0_mjd"] - t_ref) * SECONDS_PER_DAY
         p = (t0, c["flare_amplitude"], c["rise_s"], c["decay_s"], c.get("flare_base", 1.0))
         if len(t):
-            ax.plot(t + ts, flare_model(t, *p, sample_s=sample_s, fwhm_px=fw), color="tab:green", ls="--",
+            ax.plot(t + ts, flare_model(t, *p, sample_s=step, fwhm_px=fw), color="tab:green", ls="--",
                     label=f"flare dchi2={c.get('delta_chi2_flare', np.nan):.0f}")
     ax.set_xlabel(f"seconds from MJD {t_ref:.6f}")
     ax.set_ylabel(ylabel)

@@ -934,9 +934,9 @@ def _blend_fractions(strips, prof, delta, P, w, F, varF, nb_co, x0, y0, x1, y1, 
     S, K, C = P.shape
     fraction = np.zeros(S)
     series = np.zeros((S, K), dtype=np.float32)
+    no_cat = np.full(S, np.nan) if cat_flux is None else np.where(np.isfinite(cat_flux) & (cat_flux > 0), 0.0, np.nan)
     if nb_co.size == 0 or not (nb_co >= 0).any():
-        return fraction, fraction.copy(), series, np.where(np.isfinite(cat_flux), 0.0, np.nan) \
-            if cat_flux is not None else np.full(S, np.nan)
+        return fraction, fraction.copy(), series, no_cat
     ii, mm = np.nonzero(nb_co >= 0)
     jj = nb_co[ii, mm]
     pairs = np.unique(np.concatenate([np.column_stack([ii, jj]), np.column_stack([jj, ii])]), axis=0)
@@ -1042,16 +1042,14 @@ def _blend_fractions(strips, prof, delta, P, w, F, varF, nb_co, x0, y0, x1, y1, 
     series[:] = np.minimum(out[0] / np.maximum(p_own, 0.05)[None, :], np.finfo(np.float32).max)
     fraction = np.where(has, out[0][:, full].max(axis=1), 0.0)
     fraction_hi = np.where(has, out[1][:, full].max(axis=1), 0.0)
-    fraction_cat = np.full(S, np.nan)
-    if cat_flux is not None:
-        cf_ = np.asarray(cat_flux, float)
-        ok = np.isfinite(cf_[i]) & (cf_[i] > 0) & np.isfinite(cf_[j])
+    fraction_cat = no_cat
+    if cat_flux is not None:  # the same sum with the catalogue's fluxes; NaN if any member lacks one
+        ok = np.isfinite(cat_flux[i]) & (cat_flux[i] > 0) & np.isfinite(cat_flux[j])
         tot = np.zeros((S, K))
-        np.add.at(tot, i, coef * np.where(ok, np.maximum(cf_[j], 0.0) / np.where(ok, cf_[i], 1.0), 0.0)[:, None])
-        bad = np.zeros(S, bool)
-        np.logical_or.at(bad, i, ~ok)
-        fraction_cat = np.where(np.isfinite(cf_) & (cf_ > 0), np.where(has, tot[:, full].max(axis=1), 0.0), np.nan)
-        fraction_cat[bad] = np.nan
+        ratio = np.where(ok, np.maximum(cat_flux[j], 0.0) / np.where(ok, cat_flux[i], 1.0), 0.0)
+        np.add.at(tot, i, coef * ratio[:, None])
+        fraction_cat = np.where(has, tot[:, full].max(axis=1), no_cat)
+        fraction_cat[np.bincount(i[~ok], minlength=S) > 0] = np.nan
     return fraction, fraction_hi, series, fraction_cat
 
 
