@@ -582,6 +582,26 @@ def test_write_table_atomic_round_trip(tmp_path, suffix):
         pio.write_table_atomic(df, out, overwrite=False)
 
 
+def test_write_table_atomic_parquet_dictionary_only_for_non_float_columns(tmp_path):
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(1)
+    n = 5000
+    df = pd.DataFrame({"star_id": np.repeat(np.arange(50), 100), "ccd": ["S4"] * n,
+                       "flux": rng.normal(100.0, 5.0, n), "level": np.float32(3.5),
+                       "flags": np.zeros(n, np.int32), "cat": pd.Categorical(["a", "b"] * (n // 2))})
+    out = pio.write_table_atomic(df, tmp_path / "t.parquet")
+    back = pd.read_parquet(out)
+    pd.testing.assert_frame_equal(back, df)  # values and dtypes (categorical too) unchanged
+    meta = pq.ParquetFile(out).metadata.row_group(0)
+    dict_page = {meta.column(i).path_in_schema: meta.column(i).has_dictionary_page for i in range(meta.num_columns)}
+    assert dict_page == {"star_id": True, "ccd": True, "flux": False, "level": False, "flags": True, "cat": True}
+    # an explicit choice is passed through
+    out2 = pio.write_table_atomic(df, tmp_path / "t2.parquet", use_dictionary=True)
+    assert pq.ParquetFile(out2).metadata.row_group(0).column(2).has_dictionary_page
+    pd.testing.assert_frame_equal(pd.read_parquet(out2), df)
+
+
 def test_write_table_atomic_failure_keeps_old_file(tmp_path):
     p = tmp_path / "t.csv"
     p.write_text("old\n")

@@ -236,3 +236,32 @@ def test_report_pages_and_cutout_marks_the_event(two_nights, reference_run, tmp_
     png = f"candidate_{cand['night']}_{cand['ccd']}_{star_id}.png"
     assert png in page and (tmp_path / "report" / png).is_file() and "efficiency.csv" in page
     assert all(Path(f).is_file() for f in files)
+
+
+def test_star_columns_follow_each_sample_star():
+    """Level, blend fraction and blend flags reach every sample of their star, in any sample order."""
+    from pydriftn.flags import SampleFlag
+    from pydriftn.pipeline.stages import _add_star_columns
+
+    stars = pd.DataFrame({"star_id": [7, 3, 9], "level_e_s": [10.0, 20.0, 30.0],
+                          "star_flags": np.array([0, int(SampleFlag.BLENDED), int(SampleFlag.BLEND_MINOR) | 1],
+                                                 np.int32),
+                          "blend_fraction": [0.0, 0.5, 0.01]})
+    aligned = {"star_id": np.repeat([7, 3, 9], 4), "flags": np.full(12, 2, np.int32)}
+    _add_star_columns(aligned, stars)
+    assert aligned["level_e_s"].dtype == np.float64 and aligned["blend_fraction"].dtype == np.float32
+    np.testing.assert_array_equal(aligned["level_e_s"], np.repeat([10.0, 20.0, 30.0], 4))
+    # only the blend bits of the star flags are carried; the samples' own flags are kept
+    np.testing.assert_array_equal(aligned["flags"], np.repeat([2, 2 | int(SampleFlag.BLENDED),
+                                                               2 | int(SampleFlag.BLEND_MINOR)], 4))
+    assert aligned["flags"].dtype == np.int32
+    # shuffled samples, and one of a star the table lacks: matched by star_id
+    rng = np.random.default_rng(0)
+    sid = np.r_[rng.permutation(np.repeat([7, 3, 9], 4)), 11]
+    other = {"star_id": sid, "flags": np.full(13, 2, np.int32)}
+    _add_star_columns(other, stars)
+    lev = {7: 10.0, 3: 20.0, 9: 30.0}
+    np.testing.assert_array_equal(other["level_e_s"][:-1], [lev[s] for s in sid[:-1]])
+    assert np.isnan(other["level_e_s"][-1]) and np.isnan(other["blend_fraction"][-1]) and other["flags"][-1] == 2
+    np.testing.assert_array_equal(other["flags"][:-1] & int(SampleFlag.BLENDED), np.where(sid[:-1] == 3,
+                                                                                          int(SampleFlag.BLENDED), 0))

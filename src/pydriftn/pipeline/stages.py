@@ -73,7 +73,7 @@ def process_exposure_ccd(unit, catalogue: pd.DataFrame, cfg, *, targets=None) ->
         For data problems (reported by the runner as a skipped unit).
     """
     from ..astrometry import predict_trails, solve_exposure_ccd
-    from ..detrend import long_table, normalise, star_table
+    from ..detrend import long_columns, normalise, star_table
     from ..extract import extract_trails
     from ..flags import PixelFlag
     from ..io import read_ccd
@@ -133,19 +133,20 @@ def process_exposure_ccd(unit, catalogue: pd.DataFrame, cfg, *, targets=None) ->
     )
     det = normalise(ext, method=cfg.detrend.method, n_ref_max=cfg.detrend.max_reference_stars,
                     ref_snr_min=cfg.detrend.ref_snr_min, clip_sigma=cfg.detrend.clip_sigma)
-    samples = long_table(ext, det, unit.expnum, unit.ccd, full_trail=cfg.extract.full_trail)
-    samples.insert(0, "night", unit.night)
     stars = star_table(ext, det)
     for col, val in (("ccd", unit.ccd), ("expnum", unit.expnum)):
         if col not in stars.columns:
             stars.insert(0, col, val)
     if targets is not None:
         stars["is_target"] = stars["star_id"].isin(targets)
-    samples = _with_star_columns(samples, stars)
+    # the store's columns gathered as arrays, then one DataFrame
+    cols = {"night": unit.night, **long_columns(ext, det, unit.expnum, unit.ccd, full_trail=cfg.extract.full_trail)}
+    _add_star_columns(cols, stars)
     # FWHM of the measured cross-track profile (the line-spread function, px = samples along the trail) of
     # this exposure and CCD: the event search smears its models by the line-spread function along the drift,
     # since a sample is one pixel strip of the trail
-    samples["lsf_fwhm_px"] = np.float32(ext.extras.get("fwhm_px", np.nan) if ext.extras else np.nan)
+    cols["lsf_fwhm_px"] = np.float32(ext.extras.get("fwhm_px", np.nan) if ext.extras else np.nan)
+    samples = pd.DataFrame(cols, index=pd.RangeIndex(len(cols["star_id"])))
 
     trails = astro.trails.copy()
     for col, val in (("expnum", unit.expnum), ("ccd", unit.ccd)):
@@ -175,32 +176,45 @@ def process_exposure_ccd(unit, catalogue: pd.DataFrame, cfg, *, targets=None) ->
     return products
 
 
-def _with_star_columns(samples: pd.DataFrame, stars: pd.DataFrame) -> pd.DataFrame:
+def _add_star_columns(cols: dict, stars: pd.DataFrame) -> None:
     """Give every sample its star's level (e-/s), blend fraction and star-level BLENDED/BLEND_MINOR flags.
 
-    ``level_e_s`` lets the event search normalise across the exposures of a
-    night (``norm_flux`` has median 1 within each exposure); BLENDED marks
-    stars whose trail overlaps a neighbour too closely to be de-blended and
-    whose light that neighbour's matches (>= ``blend_max_fraction`` of it:
-    not searched); BLEND_MINOR stars with such a neighbour adding less, whose
-    series is searched, with ``blend_fraction`` saying how much.
+    ``cols`` holds the sample table's columns as arrays (``star_id``,
+    ``flags`` ...); ``level_e_s`` and ``blend_fraction`` are added and
+    ``flags`` updated in it. ``level_e_s`` lets the event search normalise
+    across the exposures of a night (``norm_flux`` has median 1 within each
+    exposure); BLENDED marks stars whose trail overlaps a neighbour too closely
+    to be de-blended and whose light that neighbour's matches (>=
+    ``blend_max_fraction`` of it: not searched); BLEND_MINOR stars with such a
+    neighbour adding less, whose series is searched, with ``blend_fraction``
+    saying how much.
     """
     from ..flags import SampleFlag
 
-    per_star = stars.set_index("star_id")
-    level = per_star["level_e_s"] if "level_e_s" in per_star else None
-    samples = samples.copy()
-    if level is not None:
-        samples["level_e_s"] = samples["star_id"].map(level).astype("float64")
-    if "star_flags" in per_star:
-        star_flags = per_star["star_flags"].astype("int64")
-        for flag in (SampleFlag.BLENDED, SampleFlag.BLEND_MINOR):
-            hit = samples["star_id"].map((star_flags & int(flag)) != 0).fillna(False).to_numpy(bool)
-            samples.loc[hit, "flags"] = samples.loc[hit, "flags"].to_numpy() | int(flag)
-    if "blend_fraction" in per_star:
+    sid = np.asarray(cols["star_id"])
+    star_ids = stars["star_id"].to_numpy()
+    n = sid.size // star_ids.size if star_ids.size else 0
+    if n and star_ids.size * n == sid.size and np.array_equal(np.repeat(star_ids, n), sid):
+        # the samples are the stars' series one after the other (long_columns): repeat per star
+        def per_sample(values, fill):
+            return np.repeat(values, n)
+    else:
+        pos = pd.Index(star_ids).get_indexer(sid)
+        found = pos >= 0
+
+        def per_sample(values, fill):
+            return np.where(found, np.asarray(values)[np.where(found, pos, 0)], fill)
+
+    if "level_e_s" in stars:
+        cols["level_e_s"] = per_sample(stars["level_e_s"].to_numpy(), np.nan).astype("float64")
+    if "star_flags" in stars:
+        blend_bits = int(SampleFlag.BLENDED | SampleFlag.BLEND_MINOR)
+        star_bits = stars["star_flags"].to_numpy().astype(np.int64) & blend_bits
+        flags = np.asarray(cols["flags"])
+        cols["flags"] = flags | per_sample(star_bits, 0).astype(flags.dtype)
+    if "blend_fraction" in stars:
         # light of unresolved (coincident) neighbours relative to the star's own, where their trails overlap
-        samples["blend_fraction"] = samples["star_id"].map(per_star["blend_fraction"]).astype("float32")
-    return samples
+        cols["blend_fraction"] = per_sample(stars["blend_fraction"].to_numpy(), np.nan).astype("float32")
 
 
 def _cutout_pngs(classification, data, unit) -> dict:
