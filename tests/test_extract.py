@@ -474,3 +474,34 @@ def test_blend_decision_from_catalogue_fluxes_matches_the_drift_data():
     np.testing.assert_array_equal(r.star_flags & (fb.BLENDED | fb.BLEND_MINOR),
                                   r0.star_flags & (fb.BLENDED | fb.BLEND_MINOR))
     assert "blend_fraction_cat" in r0.trails and np.isnan(r0.trails["blend_fraction_cat"]).all()
+
+
+def test_inverse_diagonal_sqrt_matches_the_dense_inverse_block_by_block():
+    """sqrt(diag(N^-1)) of a block-diagonal sparse matrix (blocks of sizes 1-4 in shuffled rows) equals that
+    of the dense inverse; a singular block gives inf for its rows only, a non-positive 1x1 block inf."""
+    import scipy.sparse as sp
+
+    from pydriftn.extract.core import _inverse_diagonal_sqrt
+
+    rng = np.random.default_rng(5)
+    sizes = [1, 2, 2, 3, 1, 4, 2, 3, 1]
+    n = sum(sizes)
+    perm = rng.permutation(n)
+    dense = np.zeros((n, n))
+    at = 0
+    for g in sizes:
+        a = rng.normal(size=(g, g))
+        idx = perm[at:at + g]
+        dense[np.ix_(idx, idx)] = a @ a.T + 0.5 * np.eye(g)
+        at += g
+    want = np.sqrt(np.diag(np.linalg.inv(dense)))
+    got = _inverse_diagonal_sqrt(sp.csc_matrix(dense))
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    # a singular 2x2 block and a zero 1x1 block
+    sing = perm[1:3]  # the first 2x2 block
+    dense[np.ix_(sing, sing)] = 1.0
+    dense[perm[0], perm[0]] = 0.0
+    got = _inverse_diagonal_sqrt(sp.csc_matrix(dense))
+    assert np.all(np.isinf(got[sing])) and np.isinf(got[perm[0]])
+    rest = np.setdiff1d(np.arange(n), np.r_[sing, perm[0]])
+    np.testing.assert_allclose(got[rest], want[rest], rtol=1e-12)

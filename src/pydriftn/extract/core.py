@@ -1055,24 +1055,54 @@ def _blend_fractions(strips, prof, delta, P, w, F, varF, nb_co, x0, y0, x1, y1, 
 
 def _inverse_diagonal_sqrt(N):
     """``sqrt(diag(N^-1))`` of a sparse symmetric positive-definite matrix made of small
-    independent blocks (groups of mutually coincident stars), block by block."""
+    independent blocks (groups of mutually coincident stars), block by block.
+
+    The blocks of one size are inverted together (one stacked ``np.linalg.inv``
+    call, the same LAPACK solve per block as one call each); a size whose stack
+    holds a singular block falls back to one call per block (``inf`` for the
+    singular ones).
+    """
     from scipy.sparse.csgraph import connected_components
 
     n = N.shape[0]
     out = np.empty(n)
     n_comp, lab = connected_components(N, directed=False)
-    order = np.argsort(lab, kind="stable")
-    bounds = np.flatnonzero(np.diff(lab[order])) + 1
+    size = np.bincount(lab, minlength=n_comp)
     d = N.diagonal()
-    N = N.tocsr()
-    for grp in np.split(order, bounds):
-        if len(grp) == 1:
-            out[grp] = 1.0 / math.sqrt(d[grp[0]]) if d[grp[0]] > 0 else np.inf
-            continue
+    single = size[lab] == 1
+    with np.errstate(divide="ignore"):
+        out[single] = np.where(d[single] > 0, 1.0 / np.sqrt(np.where(d[single] > 0, d[single], 1.0)), np.inf)
+    if single.all():
+        return out
+    # position of every row inside its block (rows of a block in increasing order, as N[grp][:, grp])
+    order = np.argsort(lab, kind="stable")
+    start = np.zeros(n_comp, np.int64)
+    start[1:] = np.cumsum(size)[:-1]
+    local = np.empty(n, np.int64)
+    local[order] = np.arange(n) - start[lab[order]]
+    coo = N.tocoo()
+    coo.sum_duplicates()
+    r, c, v = coo.row, coo.col, coo.data
+    multi = ~single[r]
+    r, c, v = r[multi], c[multi], v[multi]
+    for g in np.unique(size[size > 1]):
+        comps = np.flatnonzero(size == g)
+        slot = np.full(n_comp, -1, np.int64)
+        slot[comps] = np.arange(comps.size)
+        e = size[lab[r]] == g
+        blocks = np.zeros((comps.size, g, g))
+        blocks[slot[lab[r[e]]], local[r[e]], local[c[e]]] = v[e]
+        rows = np.flatnonzero(size[lab] == g)
         try:
-            out[grp] = np.sqrt(np.clip(np.diag(np.linalg.inv(N[grp][:, grp].toarray())), 0.0, None))
+            inv_diag = np.diagonal(np.linalg.inv(blocks), axis1=1, axis2=2)
         except np.linalg.LinAlgError:
-            out[grp] = np.inf
+            inv_diag = np.full((comps.size, g), np.inf)
+            for b in range(comps.size):
+                try:
+                    inv_diag[b] = np.diag(np.linalg.inv(blocks[b]))
+                except np.linalg.LinAlgError:
+                    pass
+        out[rows] = np.sqrt(np.clip(inv_diag[slot[lab[rows]], local[rows]], 0.0, None))
     return out
 
 
