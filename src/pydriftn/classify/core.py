@@ -142,7 +142,7 @@ class ClassificationResult:
     meta: dict = field(default_factory=dict)
 
 
-def decode_mask(mask, shape, convention="flags"):
+def decode_mask(mask, shape, convention="flags", union=None):
     """Split a data-quality mask into bad, saturated, cosmic-ray and streak pixels.
 
     Parameters
@@ -155,10 +155,15 @@ def decode_mask(mask, shape, convention="flags"):
         transient, 8 streak).
     shape : tuple
         Image shape.
+    union : sequence of str, optional
+        With a decoded-flags mask: also return, as ``union_index``, the flat
+        indices of the pixels in any of these groups (cheaper than OR-ing
+        their images).
 
     Returns
     -------
-    dict of bool arrays (or None): ``bad``, ``sat``, ``cr``, ``streak``.
+    dict of bool arrays (or None): ``bad``, ``sat``, ``cr``, ``streak``
+    (and ``union_index`` if asked for and available).
     """
     out = dict(bad=None, sat=None, cr=None, streak=None)
     if mask is None:
@@ -189,6 +194,12 @@ def decode_mask(mask, shape, convention="flags"):
         o = np.zeros(m.shape, bool)
         o.ravel()[nz[(vals & int(b)) != 0]] = True
         out[k] = o
+    if union is not None:
+        # flat indices of the pixels in any of the groups ``union`` (the same pixels as OR-ing their images)
+        b = 0
+        for k in union:
+            b |= int(groups[k])
+        out["union_index"] = nz[(vals & b) != 0]
     return out
 
 
@@ -418,16 +429,25 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
     timings = {}
 
     # ---------------------------------------------------------------- masks
-    dq = decode_mask(mask, data.shape, mask_convention)
-    # pixels excluded from all fits: non-finite (a finite sum proves there are none: one pass instead of two),
+    excl_groups = ("bad", "sat", "cr")
+    dq = decode_mask(mask, data.shape, mask_convention, union=excl_groups)
+    # pixels excluded from all fits: non-finite (a finite sum proves there are none: one pass instead of two; the
+    # float32 sum is ~3x faster than float64 and can only err towards the exact test, by overflowing),
     # dq-flagged bad, saturated, dq cosmic rays
-    any_nonfinite = not np.isfinite(np.sum(data, dtype=np.float64))
-    excl = ~np.isfinite(data) if any_nonfinite else np.zeros(data.shape, bool)
-    for k in ("bad", "sat", "cr"):
-        if dq[k] is not None:
-            excl |= dq[k]
-    if saturation_adu is not None and np.isfinite(saturation_adu):
-        excl |= data >= 0.98 * float(saturation_adu)
+    any_nonfinite = not np.isfinite(np.sum(data))
+    sat_ok = saturation_adu is not None and np.isfinite(saturation_adu)
+    if sat_ok and not any_nonfinite:
+        excl = data >= 0.98 * float(saturation_adu)  # the first term, without a zeroed image
+    else:
+        excl = ~np.isfinite(data) if any_nonfinite else np.zeros(data.shape, bool)
+        if sat_ok:
+            excl |= data >= 0.98 * float(saturation_adu)
+    if "union_index" in dq:
+        excl.ravel()[dq["union_index"]] = True
+    else:
+        for k in excl_groups:
+            if dq[k] is not None:
+                excl |= dq[k]
     crm = dq["cr"]
     if any_nonfinite:
         data = np.where(np.isfinite(data), data, 0.0).astype(np.float32)
@@ -444,7 +464,7 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
         dead = _dead_columns(r0, sigma)
         if dead is not None:
             excl |= dead
-    r0[excl] = 0.0
+    np.copyto(r0, 0.0, where=excl)  # = r0[excl] = 0, ~2x faster
     timings["sky"] = time.perf_counter() - t_start
 
     # ---------------------------------------------------------------- trail model
@@ -466,7 +486,7 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
     model = fit.model
     resid = np.subtract(r0, model, out=r0)  # in place: r0 is not needed again (see the streak refit below)
     del r0
-    resid[excl] = 0.0
+    np.copyto(resid, 0.0, where=excl)
     timings["trail_model"] = time.perf_counter() - t0
 
     # ---------------------------------------------------------------- streaks
@@ -522,11 +542,11 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
         # refit the fluxes without the streak's pixels (template and offsets kept), on the sky-subtracted
         # image restored in place from the residual (excluded pixels are 0 there, as before the fit)
         resid += model
-        resid[excl] = 0.0
+        np.copyto(resid, 0.0, where=excl)
         fit = refit_fluxes(fit, resid, excl | streak_mask, sky_sigma=sigma)
         model = fit.model
         resid -= model
-        resid[excl] = 0.0
+        np.copyto(resid, 0.0, where=excl)
     if any_streak:
         resid[streak_mask] = 0.0
     timings["streaks"] = time.perf_counter() - t0
