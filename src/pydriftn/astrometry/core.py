@@ -343,7 +343,7 @@ def predict_trails(catalogue, wcs, exptime_s, drift_rate_arcsec_s, shape, *, anc
 
     truncated = ~(inside(x0, y0, edge) & inside(x1, y1, edge))
     frac = _on_ccd_fraction(x0, y0, x1, y1, nx, ny)
-    out = pd.DataFrame({
+    cols = {
         "star_id": cat["star_id"].to_numpy(),
         "ra": ra, "dec": dec,
         "x_start": x0, "y_start": y0, "x_end": x1, "y_end": y1,
@@ -351,11 +351,12 @@ def predict_trails(catalogue, wcs, exptime_s, drift_rate_arcsec_s, shape, *, anc
         "truncated": truncated,
         "on_ccd_fraction": frac,
         "flags": np.where(truncated, int(TrailFlag.TRUNCATED), 0).astype(np.int64),
-    })
-    extra = [c for c in cat.columns if c not in out.columns]
-    for c in extra:
-        out[c] = cat[c].to_numpy()
-    return out
+    }
+    # the catalogue's other columns, then one DataFrame (added one by one they cost ~5 ms per CCD)
+    for c in cat.columns:
+        if c not in cols:
+            cols[c] = cat[c].to_numpy()
+    return pd.DataFrame(cols, index=pd.RangeIndex(len(cat)))
 
 
 def _on_ccd_fraction(x0, y0, x1, y1, nx, ny, n=64):
