@@ -192,20 +192,26 @@ class TrailTemplate:
         return cls(s[0], ds, f, np.zeros_like(f), c[0], dc, g)
 
     def _lookup(self, table, x0, dx, x):
+        """Linear interpolation of ``table`` (grid ``x0 + dx * k``) at ``x``; a tuple of tables: a list of results."""
         # tables are zero at both ends (f, delta, g), so clipping the index gives 0 outside
-        n = len(table)
+        tables = table if isinstance(table, tuple) else (table,)
+        n = len(tables[0])
         dt = x.dtype if x.dtype in (np.float32, np.float64) else np.float64
         u = (np.asarray(x, dt) - dt.type(x0)) * dt.type(1.0 / dx)
         np.clip(u, 0.0, n - 1.001, out=u)
-        i = u.astype(np.int32)
-        u -= i
-        t = table.astype(dt, copy=False)
-        a = t[i]
-        b = t[i + 1]
-        b -= a
-        b *= u
-        b += a
-        return b
+        i = u.astype(np.intp)  # intp: fancy indexing with int32 indices converts them on every gather
+        u -= np.floor(u)  # = u - i exactly, without a mixed float/int (float64) loop
+        i1 = i + 1
+        out = []
+        for tab in tables:
+            t = tab.astype(dt, copy=False)
+            a = t[i]
+            b = t[i1]
+            b -= a
+            b *= u
+            b += a
+            out.append(b)
+        return out if isinstance(table, tuple) else out[0]
 
     def _table2d(self, pad=1.5):
         """The template (f, delta, width, end caps) tabulated once on the (s, c) grid ``ds`` x ``dc``."""
@@ -243,14 +249,14 @@ class TrailTemplate:
         u = (np.asarray(s, f32) - f32(self.s0)) * f32(1.0 / self.ds)
         np.clip(u, 0.0, ns - 1.001, out=u)
         i = u.astype(np.int32)
-        u -= i
+        u -= np.floor(u)  # = u - i exactly, in float32 (u -= i runs a float64 loop)
         v = (np.asarray(c, f32) - f32(c_lo)) * f32(1.0 / self.dc)
         np.clip(v, 0.0, nc - 1.001, out=v)
         j = v.astype(np.int32)
-        v -= j
+        v -= np.floor(v)
         i *= np.int32(nc)
         i += j
-        q = tab[i].view(np.float32).reshape(-1, 4)
+        q = tab[i.astype(np.intp)].view(np.float32).reshape(-1, 4)  # intp: a gather with int32 indices is ~2x slower
         c0, c1, c2, c3 = q[:, 0], q[:, 1], q[:, 2], q[:, 3]
         b = c3 * v
         b += c2  # dT/du
@@ -365,7 +371,7 @@ def _sums(star, n, *cols, runs=None):
     return [r.sum(c) for c in cols]
 
 
-def _fit(tp, d, w, tmpl, F, da, dc, fit_off, n_iter=2, max_off=1.0, noise=None, first=None):
+def _fit(tp, d, w, tmpl, F, da, dc, fit_off, n_iter=2, max_off=1.0, noise=None, first=None, runs=None):
     """Linearised least squares of (F, da, dc) per star; offsets only where ``fit_off``.
 
     ``d`` must already have the neighbours' models subtracted. With ``noise =
@@ -373,11 +379,12 @@ def _fit(tp, d, w, tmpl, F, da, dc, fit_off, n_iter=2, max_off=1.0, noise=None, 
     flash or a cosmic ray on the trail) are left out, so they do not pull the
     offsets. ``first``: ``tmpl.evaluate(s, c, derivatives=True)`` at the
     current offsets if already computed (used by the first iteration).
+    ``runs``: ``_Runs(tp.star, tp.n)`` if already built.
     """
     n = tp.n
     st = tp.star
     w0 = w
-    runs = _Runs(st, n)
+    runs = runs if runs is not None else _Runs(st, n)
     for it in range(n_iter):
         if it == 0 and first is not None:
             T, Ts, Tc = first
@@ -391,8 +398,15 @@ def _fit(tp, d, w, tmpl, F, da, dc, fit_off, n_iter=2, max_off=1.0, noise=None, 
         if noise is not None:
             sky_sigma, gain = noise
             m = np.abs(FT)
-            sig = np.sqrt(sky_sigma**2 + m / gain + (0.03 * m) ** 2)
-            w = w0 * (np.abs(r) < 5.0 * sig)
+            q = 0.03 * m
+            q *= q
+            sig = m / gain  # sqrt(sky^2 + m / gain + (0.03 m)^2), evaluated in place (the same values)
+            sig += sky_sigma**2
+            sig += q
+            np.sqrt(sig, out=sig)
+            sig *= 5.0
+            np.abs(r, out=q)
+            w = w0 * (q < sig)
         J1 = -Fi * Ts
         J2 = -Fi * Tc
         wT, wJ1, wJ2 = w * T, w * J1, w * J2  # (w * T) * T etc.: the same products, evaluated once
@@ -631,8 +645,7 @@ def _empirical_template(tp, d, w, F, da, dc, bright, base, half_width, sigma_psf
     c = (tp.c[sel] - dc[stg]).astype(np.float64)
     Fi = F[stg]
     fb = base._lookup(base.f, base.s0, base.ds, s)
-    gb = base._lookup(base.g, base.c0, base.dc, c)
-    gpb = base._lookup(base.gp, base.c0, base.dc, c)
+    gb, gpb = base._lookup((base.g, base.gp), base.c0, base.dc, c)  # one index for both tables
     r = d[sel] - Fi * fb * gb
     h = gb + c * gpb  # -d g_eps / d eps
     s_lo = base.s0
@@ -936,7 +949,8 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
         # analytic template at zero offsets, with derivatives: also the first iteration of the offset fit below
         Tb, Tsb, Tcb = base.evaluate(sub.s, sub.c, derivatives=True)
         # joint fluxes of the bright stars on their own pixels (blends among them)
-        Fb, sTb = _solve_fluxes(sub.star, rep[eb], ne, n, wb, Tb, d[eb], runs=_Runs(sub.star, n))
+        runs_b = _Runs(sub.star, n)
+        Fb, sTb = _solve_fluxes(sub.star, rep[eb], ne, n, wb, Tb, d[eb], runs=runs_b)
         F = np.where(use, Fb, F)
         # the aperture S/N counts a bright neighbour's light (blends): offsets and the template only from
         # trails that are bright on their own
@@ -952,11 +966,11 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
         # local background of each bright trail from its own wings (the global sky is biased by the sources)
         r = db - own_b
         wing = (np.abs(sub.c) > 2.5 * sigma_psf) & (wb > 0) & (np.abs(r) < 4.0 * sky_sigma)
-        runs_b = _Runs(sub.star, n)
         nw = runs_b.sum(wing)
         bkg = np.where(nw >= 20, runs_b.sum(r * wing) / np.maximum(nw, 1), 0.0)
         db = db - bkg[sub.star]
-        F, da, dc = _fit(sub, db, wb, base, F, da, dc, fit_off, n_iter=2, noise=noise, first=(Tb, Tsb, Tcb))
+        F, da, dc = _fit(sub, db, wb, base, F, da, dc, fit_off, n_iter=2, noise=noise, first=(Tb, Tsb, Tcb),
+                         runs=runs_b)
         del Tsb, Tcb
         if bright.sum() >= min_bright:
             tmpl = _empirical_template(sub, db, wb, F, da, dc, bright, base, hw_big, sigma_psf)
@@ -964,7 +978,7 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
             if template_passes < 2:
                 # offsets relative to the empirical template (the analytic one misses the common along-track
                 # shift of the jitter: the instants of flashes on trails are read from these offsets)
-                F, da, dc = _fit(sub, db, wb, tmpl, F, da, dc, fit_off, n_iter=1, noise=noise)
+                F, da, dc = _fit(sub, db, wb, tmpl, F, da, dc, fit_off, n_iter=1, noise=noise, runs=runs_b)
                 empirical = True
         if bright.sum() >= min_bright and template_passes >= 2:
             # neighbours' light again, with the empirical template (Moffat-like wings of bright neighbours)
@@ -974,7 +988,7 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
             own_b = F[sub.star] * Tb
             tot_b = np.bincount(rep[eb], weights=own_b, minlength=ne)
             db = d[eb] - (tot_b[rep[eb]] - own_b) - other_n[rep[eb]] - bkg[sub.star]
-            F, da, dc = _fit(sub, db, wb, tmpl, F, da, dc, fit_off, n_iter=2, noise=noise)
+            F, da, dc = _fit(sub, db, wb, tmpl, F, da, dc, fit_off, n_iter=2, noise=noise, runs=runs_b)
             tmpl = _empirical_template(sub, db, wb, F, da, dc, bright, base, hw_big, sigma_psf)
             _cap_correction(sub, db, wb, F, da, dc, bright, tmpl, Lref, hw_big, cap_px=cap_px)
             empirical = True
