@@ -8,7 +8,8 @@ numbers) with 1 and 2 worker processes. Prints the time per unit (with a
 breakdown by stage for one unit) and the wall time for a 60-CCD exposure:
 "cold" includes starting the worker processes for just these units; "warm"
 is the steady state of a run, whose pool stays up for the whole night (BLAS
-single-threaded per worker, as ``pydriftn run`` sets it).
+single-threaded per worker and freed memory kept for the next unit, as
+``pydriftn run`` sets them up).
 
 Target: a 60-CCD exposure processed in <= 20 s on 2 cores (DECam takes one
 every ~48 s).
@@ -32,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from pydriftn.config import config_from_dict  # noqa: E402
-from pydriftn.pipeline.run import _one_thread_per_worker, _unit_config, run_unit  # noqa: E402
+from pydriftn.pipeline.run import _one_thread_per_worker, _unit_config, _worker_init, run_unit  # noqa: E402
 from pydriftn.pipeline.stages import prepare_catalogue  # noqa: E402
 from pydriftn.pipeline.units import Unit, discover_units  # noqa: E402
 from pydriftn.simulate import simulate_dataset  # noqa: E402
@@ -68,10 +69,12 @@ def _run_all(units, args, workers):
 
     with _one_thread_per_worker():
         t0 = time.perf_counter()
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_worker_init) as pool:
             statuses = list(pool.map(run_unit, units, *[[a] * len(units) for a in args]))
         cold = time.perf_counter() - t0
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_worker_init) as pool:
             # start every worker and let it read the catalogue once, as a night's run has long done
             list(pool.map(_warm_up, range(4 * workers)))
             list(pool.map(run_unit, units[:workers], *[[a] * workers for a in args]))

@@ -265,3 +265,29 @@ def test_star_columns_follow_each_sample_star():
     assert np.isnan(other["level_e_s"][-1]) and np.isnan(other["blend_fraction"][-1]) and other["flags"][-1] == 2
     np.testing.assert_array_equal(other["flags"][:-1] & int(SampleFlag.BLENDED), np.where(sid[:-1] == 3,
                                                                                           int(SampleFlag.BLENDED), 0))
+
+
+_REUSE_SCRIPT = """
+import resource, sys
+import numpy as np
+if sys.argv[1] == "init":
+    from pydriftn.pipeline.run import _worker_init
+    _worker_init()
+a = np.ones(16 * 2**20, np.float32)  # 64 MB, freed and allocated again as a unit's arrays are
+del a
+f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+b = np.ones(16 * 2**20, np.float32)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_worker_init_keeps_freed_image_memory_for_reuse():
+    """In a pool worker a freed image-sized array's pages are reused (no new page faults), not returned
+    to the kernel and faulted in (and zeroed) again."""
+    faults = {}
+    for mode in ("init", "default"):
+        res = subprocess.run([sys.executable, "-c", _REUSE_SCRIPT, mode], capture_output=True, text=True, check=True)
+        faults[mode] = int(res.stdout.split()[-1])
+    assert faults["init"] < 20, faults
+    assert faults["default"] > faults["init"] + 20, faults  # (the effect the worker set-up removes)

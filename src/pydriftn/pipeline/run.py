@@ -9,7 +9,9 @@ unit outputs at the end of the run, deterministically. Input files are only
 ever opened for reading.
 
 The same :func:`run_unit` runs in local worker processes or on a
-dask.distributed cluster, so results do not depend on the executor.
+dask.distributed cluster, so results do not depend on the executor. Worker
+processes the pipeline starts itself keep freed memory for the next unit
+(:func:`_worker_init`).
 """
 
 from __future__ import annotations
@@ -147,6 +149,22 @@ def _read_catalogue(path) -> pd.DataFrame:
     return _CATALOGUE_CACHE[key]
 
 
+_FINGERPRINT_CACHE: dict = {}
+
+
+def _catalogue_fingerprint(path) -> str:
+    """:func:`content_fingerprint` of the catalogue, hashed once per process while its size and mtime stay.
+
+    Every unit records it; a field catalogue of 10^5 stars (~10 MB) costs ~20 ms to hash.
+    """
+    st = os.stat(path)
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _FINGERPRINT_CACHE:
+        _FINGERPRINT_CACHE.clear()
+        _FINGERPRINT_CACHE[key] = content_fingerprint(path)
+    return _FINGERPRINT_CACHE[key]
+
+
 def run_unit(unit: Unit, catalogue_path: str, unit_config: dict, output_dir: str,
              targets: list | None = None) -> UnitStatus:
     """Process one unit and write its outputs; never raises for bad data.
@@ -181,7 +199,7 @@ def run_unit(unit: Unit, catalogue_path: str, unit_config: dict, output_dir: str
             outputs.append(path)
         fsync_paths(outputs)
         outputs = [str(p.relative_to(out)) for p in outputs]
-        record = _unit_record(unit, content_fingerprint(catalogue_path), unit_config)
+        record = _unit_record(unit, _catalogue_fingerprint(catalogue_path), unit_config)
         record["outputs"] = sorted(outputs)
         record["n_stars"] = int(products.n_stars)
         record["counts"] = products.counts
@@ -245,6 +263,7 @@ def _execute(todo, catalogue_path, unit_config, output_dir, targets, cfg, progre
             cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                    dashboard_address=None)
             client = Client(cluster)
+            client.run(_worker_init)  # (only the workers of the cluster started here)
         try:
             futures = [client.submit(run_unit, u, *args, pure=False, key=f"unit-{u.key}") for u in todo]
             for fut in dask_completed(futures):
@@ -261,10 +280,36 @@ def _execute(todo, catalogue_path, unit_config, output_dir, targets, cfg, progre
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
-    with _one_thread_per_worker(), ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx) as pool:
+    with _one_thread_per_worker(), ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx,
+                                                       initializer=_worker_init) as pool:
         futures = [pool.submit(run_unit, u, *args) for u in todo]
         for fut in as_completed(futures):
             yield fut.result()
+
+
+def _worker_init():
+    """Set up a worker process of the pipeline's own pool (local processes or a local dask cluster).
+
+    With glibc, large blocks (every image-sized array: ~33 MB for a full-size
+    CCD) are by default mapped fresh from the kernel and unmapped when freed,
+    so each unit pays a page fault and a page zeroing for every page of every
+    such array (~10^4 faults per unit). A worker processes one unit after
+    another with the same allocation pattern: serving large blocks from the
+    heap and keeping freed memory for reuse saves ~60 ms of CPU per
+    full-size unit; the worker's resident memory then stays at its per-unit
+    peak (~0.8 GB) between units instead of falling back to ~0.5 GB. A no-op
+    where glibc's ``mallopt`` is not available.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 1 << 30)
+    mallopt(m_trim_threshold, (1 << 31) - 1)
 
 
 #: Thread-pool variables of BLAS/OpenMP libraries. With one worker process per core, a
