@@ -422,7 +422,7 @@ def local_sky(
         idx[e] = np.clip(Y, 0, ny - 1) * nx + np.clip(X, 0, nx - 1)
         n_annulus[e] = inside_e.sum(axis=1)
     flat = img.reshape(-1)
-    vals = flat[idx]  # the one gather of the annulus pixels
+    vals = np.take(flat, idx)  # the one gather of the annulus pixels (np.take: faster than flat[idx])
     if vals.dtype != np.float32 and vals.dtype != np.float64:
         vals = vals.astype(np.float32)
     if gain is not None:
@@ -451,7 +451,7 @@ def local_sky(
             unusable |= covered
         else:
             unusable = np.ascontiguousarray(covered)
-        good = unusable.reshape(-1)[idx]
+        good = np.take(unusable.reshape(-1), idx)
         np.logical_not(good, out=good)
     else:
         fp = trail_footprint_image(img.shape, trails, mask_radius, direction, length, counts=True)
