@@ -29,6 +29,34 @@ def _edges(n, nb, split=None):
     return np.unique(np.concatenate([np.linspace(0, split, na + 1), np.linspace(split, n, nb_b + 1)]).astype(int))
 
 
+def _block_medians(sub, good, ey, ex, min_count=17):
+    """``np.median`` of the good values of each block ``[ey[j]:ey[j+1], ex[i]:ex[i+1]]``; NaN below ``min_count``.
+
+    Blocks of equal size (the usual case): one sort of all blocks with the bad
+    values as NaN (sorted last), the median read at each block's own count of
+    good values, as ``np.median`` computes it (mean of the two middle values in
+    the array's dtype); ~2.5x faster than a median per block. Otherwise a loop.
+    """
+    med = np.full((len(ey) - 1, len(ex) - 1), np.nan)
+    hy, hx = np.diff(ey), np.diff(ex)
+    if len(hy) and len(hx) and np.all(hy == hy[0]) and np.all(hx == hx[0]) and sub.dtype.kind == "f":
+        by, bx, h, w = len(hy), len(hx), int(hy[0]), int(hx[0])
+        win = (slice(ey[0], ey[-1]), slice(ex[0], ex[-1]))
+        S = np.where(good[win], sub[win], sub.dtype.type(np.nan))
+        S = np.sort(S.reshape(by, h, bx, w).transpose(0, 2, 1, 3).reshape(by, bx, h * w), axis=2)
+        n = h * w - np.count_nonzero(np.isnan(S), axis=2)
+        lo = np.take_along_axis(S, np.maximum((n - 1) // 2, 0)[..., None], 2)[..., 0]
+        hi = np.take_along_axis(S, np.maximum(n // 2, 0)[..., None], 2)[..., 0]
+        m = (lo + hi) / sub.dtype.type(2)
+        return np.where(n >= min_count, m, med)
+    for j in range(len(ey) - 1):
+        for i in range(len(ex) - 1):
+            v = sub[ey[j]:ey[j + 1], ex[i]:ex[i + 1]][good[ey[j]:ey[j + 1], ex[i]:ex[i + 1]]]
+            if v.size >= min_count:
+                med[j, i] = np.median(v)
+    return med
+
+
 def estimate_sky(image, bad=None, *, block_px=512, step=4, amp_boundary=None):
     """Separable per-amplifier sky model and sky noise.
 
@@ -67,12 +95,7 @@ def estimate_sky(image, bad=None, *, block_px=512, step=4, amp_boundary=None):
     split = None if amp_boundary is None else int(np.ceil(amp_boundary / step))
     ey = _edges(nsy, nb_y)
     ex = _edges(nsx, max(nb_x, 2 if split else 1), split)
-    med = np.full((len(ey) - 1, len(ex) - 1), np.nan)
-    for j in range(len(ey) - 1):
-        for i in range(len(ex) - 1):
-            v = sub[ey[j]:ey[j + 1], ex[i]:ex[i + 1]][good[ey[j]:ey[j + 1], ex[i]:ex[i + 1]]]
-            if v.size > 16:
-                med[j, i] = np.median(v)
+    med = _block_medians(sub, good, ey, ex)
     if not np.any(np.isfinite(med)):
         level = float(np.median(sub[good])) if good.any() else 0.0
         med = np.full(med.shape, level)

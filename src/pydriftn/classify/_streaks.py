@@ -83,8 +83,9 @@ def _hough(x, y, nyb, nxb, n_theta):
     for a in range(0, n_theta, 32):
         b = min(n_theta, a + 32)
         r = np.rint(x[None, :] * cos[a:b, None] + y[None, :] * sin[a:b, None]).astype(np.int64) + diag
-        idx = (np.arange(a, b)[:, None] * nr + r).ravel()
-        acc += np.bincount(idx, minlength=n_theta * nr)
+        idx = (np.arange(b - a)[:, None] * nr + r).ravel()
+        # counts of this chunk's angles only (the same integer counts as a bincount over the whole accumulator)
+        acc[a * nr:b * nr] += np.bincount(idx, minlength=(b - a) * nr)
     acc = acc.reshape(n_theta, nr)
     # band of 3 rho bins
     band = acc.copy()
