@@ -5,7 +5,8 @@ noise model of :func:`pydriftn.events.noise_per_sample` (S/N ~ 50 per 0.54 s
 sample at r = 17). Prints:
 
 * search time (scan + 20 scrambles + fits), target <= 60 s on 2 cores;
-* false positives on this event-free CCD-night at the 1e-4 threshold and the
+* false positives on this event-free CCD-night at the default threshold (FAP
+  5e-5 per star-night; target: a false-positive rate <= 1e-4) and the
   calibration of the reported false-alarm probabilities;
 * injection-recovery efficiency on a grid of tE, u0, rho, mag (t0 uniform
   over the observed samples, and over the whole night for one cell row).
@@ -30,6 +31,7 @@ import pandas as pd
 
 from pydriftn.events import build_blocks, efficiency, scan_block, search, simulate_lightcurves
 from pydriftn.events.series import _error_scale, _weighted_mean
+from pydriftn.events.search import DEFAULT_FALSE_ALARM_RATE as FAR
 
 
 def _fresh_noise_block(template, rng):
@@ -70,7 +72,7 @@ def main(argv=None):
           f"({t_sim:.1f} s to simulate)")
 
     t, c = time.perf_counter(), time.process_time()
-    res = search(lc, stars, n_scrambles=args.scrambles, false_alarm_rate=1e-4, n_workers=args.workers, seed=0, **psf)
+    res = search(lc, stars, n_scrambles=args.scrambles, false_alarm_rate=FAR, n_workers=args.workers, seed=0, **psf)
     t_search, c_search = time.perf_counter() - t, time.process_time() - c
     print(f"search time: {t_search:.1f} s wall, {c_search:.1f} s CPU, {args.workers} worker thread(s), "
           f"{args.scrambles} scrambles; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores   "
@@ -81,8 +83,8 @@ def main(argv=None):
     sn = res.star_nights
     n = len(sn)
     print("false positives on event-free data (no events injected):")
-    print(f"  detections at the 1e-4 threshold: {len(res.detections)} of {n} star-nights "
-          f"(expected {1e-4 * n:.2f}; target rate <= 1e-4)")
+    print(f"  detections at the default threshold (FAP {FAR:g}): {len(res.detections)} of {n} star-nights "
+          f"(expected {FAR * n:.2f}; target rate <= 1e-4)")
     for p in (1e-1, 1e-2, 1e-3):
         k = int((sn['false_alarm_prob'] <= p).sum())
         print(f"  star-nights with reported FAP <= {p:g}: {k} ({k / n:.2e}, expected {p:g})")
@@ -96,7 +98,7 @@ def main(argv=None):
                                 for _ in range(args.fp_nights)])
         print(f"  {args.fp_nights} more event-free realisations ({stats.size} star-nights, scan only, "
               f"{time.perf_counter() - t:.0f} s), thresholds from the scrambles of the first:")
-        for far in (1e-2, 1e-3, 1e-4):
+        for far in (1e-2, 1e-3, 1e-4, 5e-5, 3e-5):
             k = int((stats >= nd.threshold(far)).sum())
             print(f"    false-alarm rate {far:g}: threshold {nd.threshold(far):.1f}, false positives {k} "
                   f"(rate {k / stats.size:.2e}, expected {far * stats.size:.1f})")
@@ -106,11 +108,11 @@ def main(argv=None):
                 mags=(16.0, 18.0, 19.5))
     if args.quick:
         grid = dict(te_s=(1.0, 10.0), u0=(0.1, 0.5), rho=(0.01, 1.0), mags=(16.0, 19.0))
-    eff = efficiency(lc, stars, n_per_cell=args.per_cell, seed=3, null=res.null, false_alarm_rate=1e-4,
+    eff = efficiency(lc, stars, n_per_cell=args.per_cell, seed=3, null=res.null, false_alarm_rate=FAR,
                      return_result=True, **grid, **psf)
     t_eff = time.perf_counter() - t
     tab = eff.table
-    print(f"efficiency ({int(tab['n_injected'].sum())} injections, t0 inside exposures, FAR 1e-4; {t_eff:.0f} s):")
+    print(f"efficiency ({int(tab['n_injected'].sum())} injections, t0 inside exposures, FAR {FAR:g}; {t_eff:.0f} s):")
     with pd.option_context("display.width", 160):
         for by in (["mag", "te_s"], ["u0", "te_s"], ["rho", "te_s"]):
             piv = tab.groupby(by)[["n_detected", "n_injected"]].sum()
@@ -124,13 +126,13 @@ def main(argv=None):
           f"tE within 30 %: {strong['frac_te_within_30pct'].mul(strong['n_injected']).sum() / max(d, 1):.3f}")
     # the brief's reference case: peak A >= 1.5, duration above A = 1.1 >= 2 s, S/N ~ 50 (r ~ 17)
     ref = efficiency(lc, stars, te_s=(2.0, 5.0), u0=(0.3,), rho=(0.1, 0.6), mags=(17.0,), n_per_cell=args.per_cell,
-                     seed=4, null=res.null, false_alarm_rate=1e-4, return_result=True, **psf)
+                     seed=4, null=res.null, false_alarm_rate=FAR, return_result=True, **psf)
     inj = ref.injections
     ok = inj["detected"] & (inj["dt0_s"].abs() <= 0.5) & ((inj["te_ratio"] - 1).abs() <= 0.3)
     print(f"  reference events (A_peak >= 1.5, >= 2 s above A = 1.1, r = 17 / S/N ~ 50): found {inj['detected'].mean():.3f}, "
           f"found with t0 within 0.5 s and tE within 30 %: {ok.mean():.3f}   (target >= 0.9)")
     night = efficiency(lc, stars, te_s=(1.0, 10.0), u0=(0.1,), rho=(0.01,), mags=(17.0,), n_per_cell=args.per_cell,
-                       seed=5, null=res.null, false_alarm_rate=1e-4, t0_mode="night", **psf)
+                       seed=5, null=res.null, false_alarm_rate=FAR, t0_mode="night", **psf)
     print("  t0 uniform over the night (gaps included, duty cycle 37*0.54/(20+28) s ~ 0.42): "
           + ", ".join(f"tE={r.te_s:g} s: {r.efficiency:.2f}" for r in night.itertuples()))
 

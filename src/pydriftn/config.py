@@ -59,6 +59,10 @@ class CatalogueConfig(_Section):
     anchor_max_rms_arcsec: float | None = Field(
         None, gt=0, description="largest residual rms of an accepted Gaia anchor; null = half the match radius"
     )
+    gaia_edge_margin_arcsec: float = Field(
+        30.0, ge=0, description="Gaia stars this far outside a pointed CCD join its catalogue (their trails "
+        "drift onto the CCD); 0 = none"
+    )
 
 
 class AstrometryConfig(_Section):
@@ -123,7 +127,7 @@ class SearchConfig(_Section):
     """Event search over the light-curve store."""
 
     enabled: bool = Field(False, description="run the event search at the end of `pydriftn run` (into OUTPUT/search)")
-    false_alarm_per_star_night: float = Field(1e-4, gt=0, lt=1, description="target false-alarm rate")
+    false_alarm_per_star_night: float = Field(5e-5, gt=0, lt=1, description="target false-alarm probability per star-night")
     n_scrambles: int = Field(20, ge=1, description="time-scrambled copies used to calibrate the threshold")
     report_pages: int = Field(50, ge=0, description="candidate pages in the report (PDF/HTML)")
     efficiency_dir: Path | None = Field(None, description="`pydriftn efficiency` output shown in the report")

@@ -57,7 +57,7 @@ import pandas as pd
 from ..models import microlensing_magnification_curve
 from .fit import DEFAULT_PSF_FWHM_PX, Smear
 from .scan import DEFAULT_WIDTHS
-from .search import _star_table, calibrate_null, search
+from .search import DEFAULT_FALSE_ALARM_RATE, _star_table, calibrate_null, search
 from .series import LSF_PER_PSF_FWHM, SECONDS_PER_DAY, EventSearchError, build_blocks, check_columns, \
     with_modified_rows
 
@@ -546,7 +546,7 @@ def run_efficiency(out_dir, store=None, seed: int = 0, *, n_per_cell: int = 10, 
         lc, stars = simulate_lightcurves(n_stars, n_exposures,
                                          mags=np.random.default_rng(seed).uniform(15, 20.5, n_stars), seed=seed)
     kw = dict(te_s=(0.3, 1.0, 3.0, 10.0, 30.0, 100.0), u0=(0.1, 0.5), rho=(0.01, 1.0), mags=(16.0, 18.0, 20.0),
-              n_per_cell=n_per_cell, seed=seed, false_alarm_rate=1e-4)
+              n_per_cell=n_per_cell, seed=seed, false_alarm_rate=DEFAULT_FALSE_ALARM_RATE)
     kw.update(kwargs)
     res = efficiency(lc, stars, return_result=True, **kw)
     from matplotlib.figure import Figure  # no pyplot: the user's backend is left alone

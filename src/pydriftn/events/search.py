@@ -83,6 +83,11 @@ FLASH_FWHM_RANGE = (0.8, 1.05)
 FLASH_OWN_FWHM_RANGE = (0.8, 1.25)
 #: FWHM range of the free-width profile the flash profile is compared with.
 FREE_FWHM_RANGE = (0.5, 4.0)
+#: Default target false-alarm probability per star-night. The threshold comes from one night's own scrambled
+#: series, whose far tail (few thousand independent star-nights) is uncertain by a factor ~2: measured on event-free
+#: synthetic nights (``benchmarks/bench_events.py``) a 1e-4 target gave 1.8e-4 false positives per star-night,
+#: 5e-5 gave 1.0e-4. 5e-5 keeps the rate at or below 1e-4.
+DEFAULT_FALSE_ALARM_RATE = 5e-5
 
 
 def veto_names(bits: int) -> str:
@@ -113,7 +118,7 @@ class SearchResult:
     star_nights: pd.DataFrame
     null: dict = field(default_factory=dict)
     thresholds: dict = field(default_factory=dict)
-    false_alarm_rate: float = 1e-4
+    false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE
     files: list = field(default_factory=list)
 
     @property
@@ -268,7 +273,8 @@ def _sep_arcsec(ra1, dec1, ra2, dec2):
 
 def search(lc: pd.DataFrame, stars: pd.DataFrame | None = None, flashes: pd.DataFrame | None = None, *,
            widths=DEFAULT_WIDTHS, sign: str = "positive", bad_flag_mask: int | None = None,
-           rescale_errors: bool = True, n_scrambles: int = 20, false_alarm_rate: float = 1e-4,
+           rescale_errors: bool = True, n_scrambles: int = 20,
+           false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
            pre_false_alarm_rate: float = 1e-3, null=None, null_pool: str = "night", seed: int = 0,
            fit: bool = True, fit_blend: bool = False, supersample: int = SMEAR_SUPERSAMPLE, max_fits: int = 2000,
            psf_smear: bool = True, psf_fwhm_px: float = DEFAULT_PSF_FWHM_PX,
