@@ -153,6 +153,7 @@ class TrailTemplate:
         self.has_width = bool(np.any(eps != 0))
         self.cap = None
         self._t2 = None
+        self._fg = None  # (grid, f g, delta) of the last grid evaluated (see _evaluate_grid)
 
     def set_caps(self, s0, ds, c0, dc, table, s_in_lo, s_in_hi):
         """2-D correction (unit-flux) at the trail ends: used where s < s_in_lo or s > s_in_hi."""
@@ -274,22 +275,32 @@ class TrailTemplate:
         return T.reshape(shp), b.reshape(shp), Tc.reshape(shp)
 
     def _evaluate_grid(self, sg, cg):
-        """``_evaluate_direct`` on the grid ``sg`` x ``cg`` (same values); along-track tables looked up per row."""
+        """``_evaluate_direct`` on the grid ``sg`` x ``cg`` (same values); along-track tables looked up per row.
+
+        The separable part ``f g`` is kept for the grid: setting the end caps
+        afterwards (they do not change ``f``, ``delta``, ``eps``, ``g``) only adds
+        their correction to it.
+        """
         ns, nc = len(sg), len(cg)
-        f = self._lookup(self.f, self.s0, self.ds, sg)[:, None]
-        dl = self._lookup(self.delta, self.s0, self.ds, sg)[:, None]
         C = np.broadcast_to(cg[None, :], (ns, nc))
-        if self.has_width:
-            k = self._lookup(self.k, self.s0, self.ds, sg)[:, None]
-            cc = (C - dl) * k
+        key = (sg[0], sg[-1], ns, cg[0], cg[-1], nc)
+        if self._fg is not None and self._fg[0] == key:
+            T, dl = self._fg[1], self._fg[2]
         else:
-            k = 1.0
-            cc = C - dl
-        g = self._lookup(self.g, self.c0, self.dc, cc.ravel()).reshape(ns, nc) * k
-        T = f * g
+            f = self._lookup(self.f, self.s0, self.ds, sg)[:, None]
+            dl = self._lookup(self.delta, self.s0, self.ds, sg)[:, None]
+            if self.has_width:
+                k = self._lookup(self.k, self.s0, self.ds, sg)[:, None]
+                cc = (C - dl) * k
+            else:
+                k = 1.0
+                cc = C - dl
+            g = self._lookup(self.g, self.c0, self.dc, cc.ravel()).reshape(ns, nc) * k
+            T = f * g
+            self._fg = (key, T, dl)
         if self.cap is not None:
-            T = T + self._cap(np.repeat(sg, nc), (C - dl).ravel()).reshape(ns, nc)
-        return T
+            return T + self._cap(np.repeat(sg, nc), (C - dl).ravel()).reshape(ns, nc)
+        return T.copy()  # (the kept product is not handed out)
 
     def _evaluate_direct(self, s, c, derivatives=False):
         """Template value (and d/ds, d/dc) from the 1-D tables (used to fill the 2-D table)."""
@@ -623,7 +634,23 @@ def _shrink(value, err, smooth_px, step):
     return np.nan_to_num(vs * f)
 
 
-def _empirical_template(tp, d, w, F, da, dc, bright, base, half_width, sigma_psf, ds=0.5, dcbin=0.25):
+def _bright_entries(tp, d, w, F, da, dc, bright):
+    """The entries of the bright trails used by the template corrections (shared by both).
+
+    Returns ``(bright, sel, stg, s, c, dsel)``: the bright trails with a
+    positive finite flux, the indices of their unmasked entries, those
+    entries' trails, along/cross coordinates at the trails' offsets (float64)
+    and data.
+    """
+    bright = bright & (F > 0) & np.isfinite(F)
+    sel = np.flatnonzero(bright[tp.star] & (w > 0))
+    stg = tp.star[sel]
+    s = (tp.s[sel] - da[stg]).astype(np.float64, copy=False)  # (float32 - float64: float64 already)
+    c = (tp.c[sel] - dc[stg]).astype(np.float64, copy=False)
+    return bright, sel, stg, s, c, d[sel]
+
+
+def _empirical_template(tp, d, w, F, da, dc, bright, base, half_width, sigma_psf, ds=0.5, dcbin=0.25, pre=None):
     """Correct the analytic template with medians over bright stars.
 
     Works on the residuals from the analytic template (``d - F*T``), which are
@@ -632,21 +659,18 @@ def _empirical_template(tp, d, w, F, da, dc, bright, base, half_width, sigma_psf
     ``df(s) = median_i sum(r)/(F_i sum(g))``; cross offset:
     ``delta(s) = -median_i sum(r g')/(F_i sum(f g'^2))``; cross profile:
     ``dg(c) = median of r / (F f)`` over the interior of the trails.
+    ``pre``: :func:`_bright_entries` of the same arguments if already computed.
     """
-    bright = bright & (F > 0) & np.isfinite(F)
-    sel = bright[tp.star] & (w > 0)
-    if bright.sum() < 3 or not sel.any():
+    bright, sel, stg, s, c, dsel = pre if pre is not None else _bright_entries(tp, d, w, F, da, dc, bright)
+    if bright.sum() < 3 or not len(sel):
         return base
     ib = np.cumsum(bright) - 1
-    stg = tp.star[sel]
     st = ib[stg]
     nb = int(bright.sum())
-    s = (tp.s[sel] - da[stg]).astype(np.float64)
-    c = (tp.c[sel] - dc[stg]).astype(np.float64)
     Fi = F[stg]
     fb = base._lookup(base.f, base.s0, base.ds, s)
     gb, gpb = base._lookup((base.g, base.gp), base.c0, base.dc, c)  # one index for both tables
-    r = d[sel] - Fi * fb * gb
+    r = dsel - Fi * fb * gb
     h = gb + c * gpb  # -d g_eps / d eps
     s_lo = base.s0
     s_hi = base.s0 + base.ds * (len(base.f) - 1)
@@ -708,7 +732,7 @@ def _empirical_template(tp, d, w, F, da, dc, bright, base, half_width, sigma_psf
     gbi = base._lookup(base.g, base.c0, base.dc, cc)
     # residual in the frame scaled to the mean width: r/(F f k) is a sample of dg(cc)
     Fii = Fi[interior]
-    q = (d[sel][interior] / ks - Fii * fs * gbi) / (Fii * fs)
+    q = (dsel[interior] / ks - Fii * fs * gbi) / (Fii * fs)
     c_lo = base.c0
     nc = len(base.g)
     nbin = int(np.ceil((nc - 1) * base.dc / dcbin)) + 1
@@ -729,27 +753,23 @@ def _empirical_template(tp, d, w, F, da, dc, bright, base, half_width, sigma_psf
     return TrailTemplate(base.s0, base.ds, f_new, delta, base.c0, base.dc, g, eps)
 
 
-def _cap_correction(tp, d, w, F, da, dc, bright, tmpl, length, half_width, cap_px, ds=0.5, dcb=0.5):
+def _cap_correction(tp, d, w, F, da, dc, bright, tmpl, length, half_width, cap_px, ds=0.5, dcb=0.5, pre=None):
     """Median residual (per unit flux) of bright stars near the trail ends, on an (s, c) grid.
 
     The separable template ``f(s) g(c)`` is exact in the interior of a trail but
     not at its ends for a non-Gaussian PSF (the end cap is the PSF's own 2-D
     shape, whose wings a product of marginals does not reproduce).
+    ``pre``: :func:`_bright_entries` of the same arguments if already computed.
     """
-    bright = bright & (F > 0) & np.isfinite(F)
-    sel = np.flatnonzero(bright[tp.star] & (w > 0))
+    bright, sel, st, s, c, dsel = pre if pre is not None else _bright_entries(tp, d, w, F, da, dc, bright)
     if bright.sum() < 3 or len(sel) == 0:
         return
-    st = tp.star[sel]
-    s = (tp.s[sel] - da[st]).astype(np.float64)
-    c = (tp.c[sel] - dc[st]).astype(np.float64)
     lo, hi = cap_px, length - cap_px
     m = (s < lo + 1.0) | (s > hi - 1.0)
     if not m.any():
         return
-    sub = TrailPixels(st[m], tp.pix[sel][m], s[m].astype(np.float32), c[m].astype(np.float32), tp.n)
-    T = tmpl.evaluate(sub.s, sub.c)
-    r = (d[sel][m] - F[st[m]] * T) / F[st[m]]
+    T = tmpl.evaluate(s[m].astype(np.float32), c[m].astype(np.float32))
+    r = (dsel[m] - F[st[m]] * T) / F[st[m]]
     dl = tmpl._lookup(tmpl.delta, tmpl.s0, tmpl.ds, s[m])
     s0 = tmpl.s0
     s1 = tmpl.s0 + tmpl.ds * (len(tmpl.f) - 1)
@@ -973,8 +993,10 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
                          runs=runs_b)
         del Tsb, Tcb
         if bright.sum() >= min_bright:
-            tmpl = _empirical_template(sub, db, wb, F, da, dc, bright, base, hw_big, sigma_psf)
-            _cap_correction(sub, db, wb, F, da, dc, bright, tmpl, Lref, hw_big, cap_px=cap_px)
+            pre = _bright_entries(sub, db, wb, F, da, dc, bright)
+            tmpl = _empirical_template(sub, db, wb, F, da, dc, bright, base, hw_big, sigma_psf, pre=pre)
+            _cap_correction(sub, db, wb, F, da, dc, bright, tmpl, Lref, hw_big, cap_px=cap_px, pre=pre)
+            del pre
             if template_passes < 2:
                 # offsets relative to the empirical template (the analytic one misses the common along-track
                 # shift of the jitter: the instants of flashes on trails are read from these offsets)
@@ -1022,9 +1044,17 @@ def _final(tp, rep, ne, n, w, T, d, sky_sigma, shape, pairs=None, runs=None):
     # a float64 -> float32 cast inside the fancy assignment is 3x slower than the cast + a plain scatter)
     model[tp.pix] = own.astype(np.float32, copy=False)
     if len(shared):
+        # sum of the stamps on each shared pixel: bincount over compact labels of the shared pixels (their
+        # representative entries, all among pairs[1]) instead of over all entries (the same sums, in the same order)
         rs = rep[shared]
-        msum = np.bincount(rs, weights=own[shared], minlength=ne)
-        model[tp.pix[shared]] = msum[rs].astype(np.float32)
+        isrep = np.zeros(ne, bool)
+        isrep[pairs[1]] = True
+        reps = np.flatnonzero(isrep)
+        lab = np.empty(ne, np.intp)
+        lab[reps] = np.arange(len(reps))
+        ls = lab[rs]
+        msum = np.bincount(ls, weights=own[shared], minlength=len(reps))
+        model[tp.pix[shared]] = msum[ls].astype(np.float32)
     with np.errstate(divide="ignore", invalid="ignore"):
         ferr = sky_sigma / np.sqrt(sumT2)
     return model.reshape(shape), F, ferr

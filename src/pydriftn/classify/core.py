@@ -142,7 +142,7 @@ class ClassificationResult:
     meta: dict = field(default_factory=dict)
 
 
-def decode_mask(mask, shape, convention="flags", union=None):
+def decode_mask(mask, shape, convention="flags", union=None, images=None):
     """Split a data-quality mask into bad, saturated, cosmic-ray and streak pixels.
 
     Parameters
@@ -159,6 +159,9 @@ def decode_mask(mask, shape, convention="flags", union=None):
         With a decoded-flags mask: also return, as ``union_index``, the flat
         indices of the pixels in any of these groups (cheaper than OR-ing
         their images).
+    images : sequence of str, optional
+        With a decoded-flags mask: build the images of these groups only
+        (the others are None); default all.
 
     Returns
     -------
@@ -191,6 +194,8 @@ def decode_mask(mask, shape, convention="flags", union=None):
     nz = np.flatnonzero(flat != 0)  # via a boolean image: flatnonzero on uint16 is ~5x slower
     vals = flat[nz]
     for k, b in groups.items():
+        if images is not None and k not in images:
+            continue
         o = np.zeros(m.shape, bool)
         o.ravel()[nz[(vals & int(b)) != 0]] = True
         out[k] = o
@@ -430,7 +435,8 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
 
     # ---------------------------------------------------------------- masks
     excl_groups = ("bad", "sat", "cr")
-    dq = decode_mask(mask, data.shape, mask_convention, union=excl_groups)
+    # (images of the bad and saturated groups are not needed: they enter only the exclusion mask, via union_index)
+    dq = decode_mask(mask, data.shape, mask_convention, union=excl_groups, images=("cr", "streak"))
     # pixels excluded from all fits: non-finite (a finite sum proves there are none: one pass instead of two; the
     # float32 sum is ~3x faster than float64 and can only err towards the exact test, by overflowing),
     # dq-flagged bad, saturated, dq cosmic rays
@@ -443,7 +449,7 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
         if sat_ok:
             excl |= data >= 0.98 * float(saturation_adu)
     if "union_index" in dq:
-        excl.ravel()[dq["union_index"]] = True
+        excl.ravel()[dq.pop("union_index")] = True
     else:
         for k in excl_groups:
             if dq[k] is not None:
