@@ -563,6 +563,115 @@ def test_robust_median_equals_nanmedian():
     assert np.allclose(err[ok], 1.25 * 1.4826 * mad[ok] / np.sqrt(n[ok]))
 
 
+def test_sky_block_medians_equal_np_median():
+    from pydriftn.classify._background import _block_medians
+
+    rng = np.random.default_rng(6)
+    sub = rng.normal(100.0, 5.0, (96, 80)).astype(np.float32)
+    good = rng.random(sub.shape) > 0.2
+    good[:12, :20] = False  # a block with no good value
+    good[12:24, :20] = rng.random((12, 20)) > 0.97  # a block with a handful (below the minimum count)
+    for ey, ex, empty in ((np.arange(0, 97, 12), np.arange(0, 81, 20), True),  # equal blocks: the sorted path
+                          (np.array([0, 10, 40, 96]), np.array([0, 33, 80]), False)):  # unequal blocks: the loop
+        got = _block_medians(sub, good, ey, ex)
+        ref = np.full((len(ey) - 1, len(ex) - 1), np.nan)
+        for j in range(len(ey) - 1):
+            for i in range(len(ex) - 1):
+                v = sub[ey[j]:ey[j + 1], ex[i]:ex[i + 1]][good[ey[j]:ey[j + 1], ex[i]:ex[i + 1]]]
+                if v.size > 16:
+                    ref[j, i] = np.median(v)
+        assert np.isnan(ref).any() == empty and np.isfinite(ref).any()
+        assert np.array_equal(got, ref, equal_nan=True)
+
+
+def test_hough_chunked_accumulator_equals_one_bincount():
+    from pydriftn.classify._streaks import _hough
+
+    rng = np.random.default_rng(7)
+    nyb, nxb, n_theta = 60, 40, 100  # n_theta not a multiple of the chunk of 32 angles
+    x = rng.integers(0, nxb, 300).astype(float)
+    y = rng.integers(0, nyb, 300).astype(float)
+    band, th, diag = _hough(x, y, nyb, nxb, n_theta)
+    nr = 2 * diag + 1
+    r = np.rint(x[None, :] * np.cos(th)[:, None] + y[None, :] * np.sin(th)[:, None]).astype(np.int64) + diag
+    acc = np.bincount((np.arange(n_theta)[:, None] * nr + r).ravel(), minlength=n_theta * nr).reshape(n_theta, nr)
+    ref = acc.astype(float)
+    ref[:, 1:] += acc[:, :-1]
+    ref[:, :-1] += acc[:, 1:]
+    assert np.array_equal(band, ref)
+
+
+def test_bin_image_equals_block_sums():
+    from pydriftn.classify._streaks import bin_image
+
+    rng = np.random.default_rng(8)
+    a = rng.normal(size=(37, 50)).astype(np.float32)
+    for b in (1, 2, 3, 4):
+        ny, nx = 37 // b, 50 // b
+        ref = a[: ny * b, : nx * b].astype(np.float64).reshape(ny, b, nx, b).sum(axis=(1, 3))
+        got = bin_image(a, b)
+        assert got.dtype == np.float32 and got.shape == ref.shape
+        assert np.allclose(got, ref, rtol=0, atol=1e-5)
+
+
+def test_decode_mask_union_index_and_image_subset():
+    from pydriftn.flags import PixelFlag as P
+
+    rng = np.random.default_rng(9)
+    bits = np.zeros((40, 30), np.uint16)
+    for f in (P.BAD_PIXEL, P.SATURATED, P.COSMIC_RAY, P.STREAK, P.LOW_WEIGHT):
+        bits[rng.random(bits.shape) < 0.05] |= int(f)
+    full = decode_mask(bits, bits.shape)
+    part = decode_mask(bits, bits.shape, union=("bad", "sat", "cr"), images=("cr", "streak"))
+    assert np.array_equal(part["union_index"], np.flatnonzero(full["bad"] | full["sat"] | full["cr"]))
+    assert part["bad"] is None and part["sat"] is None
+    assert np.array_equal(part["cr"], full["cr"]) and np.array_equal(part["streak"], full["streak"])
+
+
+def test_trail_template_lookups_and_capped_table():
+    """Table look-ups (several tables at one index) equal linear interpolation; the 2-D table of a template
+    whose end caps are set after a first evaluation equals that of a template built with them."""
+    from pydriftn.classify._trailmodel import TrailTemplate
+
+    t = TrailTemplate.analytic(37.0, 1.6, 12.0)
+    x = np.random.default_rng(10).uniform(-20.0, 20.0, 5000)
+    g, gp = t._lookup((t.g, t.gp), t.c0, t.dc, x)
+    cg = t.c0 + t.dc * np.arange(len(t.g))
+    assert np.array_equal(g, t._lookup(t.g, t.c0, t.dc, x)) and np.array_equal(gp, t._lookup(t.gp, t.c0, t.dc, x))
+    assert np.allclose(g, np.interp(x, cg, t.g), rtol=0, atol=1e-12 * t.g.max())
+    delta = 0.2 * np.sin(np.arange(len(t.f)) * 0.1)
+    eps = 0.05 * np.cos(np.arange(len(t.f)) * 0.05)
+    caps = (t.s0, 0.5, -13.0, 0.5, np.random.default_rng(11).normal(0, 1e-4, (140, 53)), 8.0, 29.0)
+    a = TrailTemplate(t.s0, t.ds, t.f, delta, t.c0, t.dc, t.g, eps)
+    a.evaluate(np.zeros(3, np.float32), np.zeros(3, np.float32))  # table without caps built (and f g kept)
+    a.set_caps(*caps)
+    b = TrailTemplate(t.s0, t.ds, t.f, delta, t.c0, t.dc, t.g, eps)
+    b.set_caps(*caps)
+    assert np.array_equal(a._table2d()[3], b._table2d()[3])
+    assert np.abs(a._table2d()[3].view(np.float32)).max() > 0
+
+
+def test_final_model_sums_shared_pixels():
+    """The model image of the joint fit: each pixel the sum of the (fitted) stamps covering it."""
+    from pydriftn.classify._trailmodel import _final, _pairs, _pixel_index, trail_pixels
+
+    rng = np.random.default_rng(14)
+    n = 60
+    x0, y0 = rng.uniform(0, 80, n), rng.uniform(0, 60, n)  # dense: many blends of 2 and 3 stamps
+    ang = rng.normal(0.0, 0.05, n)
+    tp = trail_pixels(x0, y0, np.cos(ang), np.sin(ang), np.full(n, 20.0), (60, 90), 4.0)
+    ne = len(tp.pix)
+    rep = _pixel_index(tp.pix, 60 * 90)
+    pairs = _pairs(rep, ne, last=rep)
+    T = np.exp(-0.5 * tp.c.astype(np.float64) ** 2).astype(np.float32)
+    d = rng.normal(0, 1, ne).astype(np.float32) + 50.0 * T
+    w = np.ones(ne, np.float32)
+    model, F, _ = _final(tp, rep, ne, n, w, T, d, 1.0, (60, 90), pairs)
+    assert np.bincount(rep, minlength=ne).max() >= 3
+    ref = np.bincount(tp.pix, weights=F[tp.star] * T, minlength=60 * 90).reshape(60, 90)
+    assert np.allclose(model, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+
+
 def test_partial_streak_refit_equals_full_refit():
     import dataclasses
 
