@@ -24,6 +24,7 @@ from scipy.spatial import cKDTree
 
 from pydriftn.catalogue import (
     CATALOGUE_COLUMNS,
+    EDGE_ID_OFFSET,
     anchor_to_gaia,
     build_catalogue,
     catalogue_ccd,
@@ -365,6 +366,36 @@ def _truth_match(sim, cat):
     return stars, pointed, (txi, teta), (cxi, ceta)
 
 
+def test_gaia_edge_stars_against_truth(sim, sim_cat):
+    """Gaia stars just outside a pointed CCD join its catalogue (their trails drift onto it): each is a truth
+    star no pointed CCD measured (off the CCDs, or on an edge), at its Gaia position, with mag_r from G
+    on the CCD's instrumental r scale (bright ones within 0.3 mag of the measured scale), once only."""
+    cat, _ = sim_cat
+    edge = cat[cat["n_bands"] == 0]
+    assert len(edge) >= 10
+    assert ((edge["star_id"] % 1_000_000) > EDGE_ID_OFFSET).all()
+    assert edge["gaia_source_id"].notna().all() and edge["gaia_source_id"].is_unique
+    assert edge[["x_r", "y_r", "x_g", "y_g", "flux_g"]].isna().all().all() and not edge["is_reference"].any()
+    stars, pointed, (txi, teta), (cxi, ceta) = _truth_match(sim, cat)
+    d, it = cKDTree(np.c_[txi, teta]).query(np.c_[cxi, ceta])
+    e = (cat["n_bands"] == 0).to_numpy()
+    assert (d[e] < 0.1).all(), np.sort(d[e])[-5:]
+    on = pointed[pointed["band"] == "r"].groupby("star_id")["on_ccd_fraction"].max()
+    frac = on.reindex(stars["star_id"].to_numpy()[it[e]]).fillna(0.0).to_numpy()
+    assert (frac < 0.9).all(), frac.max()  # off every pointed CCD, or straddling an edge where none measured it
+    # the magnitude scale: measured stars' mag_r - r (truth) vs the edge stars' estimate - r
+    meas = ~e & np.isfinite(cat["mag_r"].to_numpy()) & (d < 0.3) & (cat["flags"].to_numpy() == 0)
+    zp_meas = np.median(cat["mag_r"].to_numpy()[meas] - stars["r"].to_numpy()[it[meas]])
+    bright = e & (stars["r"].to_numpy()[it] < 19)
+    assert bright.sum() >= 3
+    dz = cat["mag_r"].to_numpy()[bright] - stars["r"].to_numpy()[it[bright]] - zp_meas
+    assert np.abs(np.median(dz)) < 0.3, dz
+    # margin 0: none
+    none = build_catalogue(sim.pointed_images["g"], sim.pointed_images["r"], ["N4"], None, gaia=sim.gaia_reference,
+                           gaia_edge_margin_arcsec=0.0, stamps=False)
+    assert (none["n_bands"] > 0).all()
+
+
 def test_simulated_completeness_spurious_astrometry(sim, sim_cat):
     cat, _ = sim_cat
     stars, pointed, (txi, teta), (cxi, ceta) = _truth_match(sim, cat)
@@ -443,7 +474,8 @@ def test_simulated_catalogue_table_and_files(sim, sim_cat, tmp_path):
         assert grp["is_reference"].sum() == 20  # num_target default
         assert (grp["star_id"] // 1_000_000).nunique() == 1
         d = grp.sort_values("star_id")
-        assert (np.diff(d["dec"].to_numpy()) >= 0).all()
+        for _, block in d.groupby(d["star_id"] % 1_000_000 >= EDGE_ID_OFFSET):  # measured stars, Gaia edge stars
+            assert (np.diff(block["dec"].to_numpy()) >= 0).all()
     both = cat["n_bands"] == 2
     assert np.allclose(cat.loc[both, "g_r"], cat.loc[both, "mag_g"] - cat.loc[both, "mag_r"])
     one = cat["n_bands"] == 1
@@ -462,8 +494,12 @@ def test_simulated_catalogue_table_and_files(sim, sim_cat, tmp_path):
         assert (out / f"reference_stamps_{ccd}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # ids stable for identical input, and independent of the other CCDs processed
     again = build_catalogue(sim.pointed_images["g"], sim.pointed_images["r"], ["N4"], None, gaia=sim.gaia_reference)
-    pd.testing.assert_frame_equal(again.reset_index(drop=True),
-                                  cat[cat["ccd"] == "N4"].reset_index(drop=True))
+    # (measured stars; a Gaia edge star of N4 that S4 measured, or added first, is kept once: by S4)
+    mine = cat[(cat["ccd"] == "N4") & (cat["n_bands"] > 0)].reset_index(drop=True)
+    pd.testing.assert_frame_equal(again[again["n_bands"] > 0].reset_index(drop=True), mine)
+    e_all = set(cat.loc[(cat["ccd"] == "N4") & (cat["n_bands"] == 0), "gaia_source_id"])
+    e_alone = set(again.loc[again["n_bands"] == 0, "gaia_source_id"])
+    assert e_all <= e_alone and (e_alone - e_all) <= set(cat.loc[cat["ccd"] == "S4", "gaia_source_id"].dropna())
 
 
 def test_build_with_gaia_tap_stand_in(sim, tmp_path):

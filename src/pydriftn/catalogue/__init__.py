@@ -14,7 +14,8 @@ building blocks are pure functions over arrays and tables:
 * :func:`select_reference_stars` — reference stars with the 0.1.4 knobs.
 """
 
-from .build import CATALOGUE_COLUMNS, DEFAULT_KNOBS, build_catalogue, catalogue_ccd, read_catalogue, write_catalogue
+from .build import (CATALOGUE_COLUMNS, DEFAULT_KNOBS, EDGE_ID_OFFSET, build_catalogue, catalogue_ccd, read_catalogue,
+                    write_catalogue)
 from .flags import SourceFlag, flag_names
 from .gaia import GAIA_TAP_URL, normalise_gaia_columns, propagate_to_epoch, query_gaia_tap, read_gaia_file
 from .images import PointedCCD, read_pointed_ccd
@@ -24,6 +25,7 @@ from .reference import save_stamp_grid, select_reference_stars
 
 __all__ = [
     "CATALOGUE_COLUMNS",
+    "EDGE_ID_OFFSET",
     "DEFAULT_KNOBS",
     "GAIA_TAP_URL",
     "MeasureOptions",

@@ -19,6 +19,20 @@ Star ids: ``star_id = CCDNUM * 1_000_000 + k`` where ``k`` (1, 2, ...) runs
 over the CCD's stars sorted by (dec, ra) — unique across CCDs, stable for
 identical input and independent of which other CCDs are processed.
 
+Gaia-only stars beside a CCD (``n_bands = 0``): a star just outside a pointed
+CCD is in no g/r catalogue, yet during a drift exposure its trail runs onto
+the CCD (a 20 s drift at 0.5"/s moves it 10", plus the dither between the
+pointed and the drift images) and lays its light over the trails of the
+catalogued stars there; unmodelled, that light is read as a brightening of
+those stars at the instants their trails cross it. With a Gaia reference,
+the Gaia stars within ``gaia_edge_margin_arcsec`` outside each CCD join the
+catalogue (ids ``CCDNUM * 1_000_000 + 900_000 + k``, sorted by (dec, ra)),
+with Gaia positions, no g/r measurement and ``mag_r``/``flux_r`` estimated
+from G by the CCD's median ``mag_r - G`` of its Gaia-matched stars, so that
+the later stages predict, model and de-blend their trails. A Gaia star that
+another CCD catalogued, or that another CCD's margin already added, is kept
+once.
+
 Columns (:data:`CATALOGUE_COLUMNS`):
 
 ``star_id`` (int64), ``ccd``
@@ -69,6 +83,8 @@ __all__ = ["DEFAULT_KNOBS", "build_catalogue", "catalogue_ccd", "CATALOGUE_COLUM
 log = logging.getLogger(__name__)
 
 STAR_ID_STRIDE = 1_000_000
+#: ids of the Gaia-only stars beside a CCD: CCDNUM * STAR_ID_STRIDE + EDGE_ID_OFFSET + k
+EDGE_ID_OFFSET = 900_000
 
 DEFAULT_KNOBS = {
     # pydriftn 0.1.4 names (see pydriftn.config.CatalogueConfig)
@@ -89,6 +105,8 @@ DEFAULT_KNOBS = {
     # astrometric anchor validation (see pydriftn.catalogue.matching.anchor_to_gaia)
     "anchor_min_matches": 3,
     "anchor_max_rms_arcsec": None,  # None: 0.5 * gaia_match_radius_arcsec
+    # Gaia stars this far outside a CCD join its catalogue (their trails drift onto it; see _gaia_edge_stars)
+    "gaia_edge_margin_arcsec": 30.0,
     # photometry
     "aperture_fwhm": 0.8,
     "detect_thresh": 1.5,
@@ -386,6 +404,72 @@ def _merge_bands(sg, sr, ra0, dec0, radius_arcsec):
     return tab, int(len(ig))
 
 
+def _gaia_edge_stars(gp, gaia_xi_eta, pairs, images, tab, margin_arcsec, prefix):
+    """Gaia stars within ``margin_arcsec`` outside the CCD's g and r images, as catalogue rows (see the module
+    docstring); ``images``: the (g, r) PointedCCDs, r last.
+
+    ``gp``: Gaia at the catalogue's epoch, ``gaia_xi_eta`` its tangent-plane coordinates, ``pairs`` the
+    (catalogue row, Gaia row) indices of the matches; ``tab``: the CCD's catalogue with its Gaia match (``gaia_gmag``),
+    whose median ``mag_r - gaia_gmag`` (non-saturated, unblended stars; >= 5 of them) puts G on the
+    instrumental r scale (NaN magnitudes otherwise).
+    """
+    if not margin_arcsec or margin_arcsec <= 0 or gp is None or not len(gp):
+        return None
+    inside = np.zeros(len(gp), bool)
+    near = np.zeros(len(gp), bool)
+    # Gaia -> pixels of each band by an affine fit to the Gaia-matched stars' measured pixel positions (the
+    # image headers' WCS may be off by many pixels before the anchor)
+    gxi, geta = (np.asarray(v, float) for v in gaia_xi_eta)
+    ia, ib = (np.asarray(v, np.int64) for v in pairs)
+    for im, band in zip(images, ("g", "r")):
+        ny, nx = im.data.shape
+        px, py = tab[f"x_{band}"].to_numpy(float)[ia], tab[f"y_{band}"].to_numpy(float)[ia]
+        use = np.isfinite(px) & np.isfinite(py)
+        if use.sum() < 6:
+            log.warning("CCD %s: %d Gaia-matched stars in %s, too few to place the Gaia edge stars", im.ccd,
+                        int(use.sum()), band)
+            return None
+        A = np.column_stack([gxi[ib[use]], geta[ib[use]], np.ones(int(use.sum()))])
+        cx, *_ = np.linalg.lstsq(A, px[use], rcond=None)
+        cy, *_ = np.linalg.lstsq(A, py[use], rcond=None)
+        Aall = np.column_stack([gxi, geta, np.ones(len(gp))])
+        x, y = Aall @ cx, Aall @ cy
+        m = float(margin_arcsec) / float(im.pixscale_arcsec)
+        inside |= (x >= -0.5) & (x <= nx - 0.5) & (y >= -0.5) & (y <= ny - 0.5)
+        near |= (np.isfinite(x) & np.isfinite(y) & (x > -0.5 - m) & (x < nx - 0.5 + m) & (y > -0.5 - m)
+                 & (y < ny - 0.5 + m))
+    r = images[-1]
+    sel = np.flatnonzero(near & ~inside)
+    if sel.size == 0:
+        return None
+    bad = int(SourceFlag.SATURATED | SourceFlag.BLENDED)
+    ok = (np.isfinite(tab["gaia_gmag"].to_numpy(float)) & np.isfinite(tab["mag_r"].to_numpy(float))
+          & ((tab["flags"].to_numpy(np.int64) & bad) == 0))
+    offset = float(np.median((tab["mag_r"] - tab["gaia_gmag"]).to_numpy(float)[ok])) if ok.sum() >= 5 else np.nan
+    g = gp.iloc[sel]
+    gmag = g["gmag"].to_numpy(float)
+    mag_r = gmag + offset
+    exptime = float(r.exptime) if getattr(r, "exptime", None) and np.isfinite(r.exptime) else np.nan
+    edge = pd.DataFrame({c: np.full(sel.size, np.nan) for c in CATALOGUE_COLUMNS})
+    edge["ra"] = g["ra"].to_numpy(float)
+    edge["dec"] = g["dec"].to_numpy(float)
+    edge["mag_r"] = mag_r
+    edge["flux_r"] = 10.0 ** (-0.4 * mag_r) * exptime
+    for b in ("g", "r"):
+        edge[f"flags_{b}"] = np.int64(0)
+    edge["flags"] = np.int64(0)
+    edge["centroid_fallback"] = False
+    edge["n_bands"] = np.int64(0)
+    edge["is_reference"] = False
+    edge["gaia_source_id"] = pd.array(g["source_id"].to_numpy(), dtype="Int64")
+    edge["gaia_sep_arcsec"] = 0.0
+    edge["gaia_gmag"] = gmag
+    edge = edge.sort_values(["dec", "ra"], kind="mergesort").reset_index(drop=True)
+    edge["star_id"] = np.int64(prefix) * STAR_ID_STRIDE + EDGE_ID_OFFSET + np.arange(1, len(edge) + 1, dtype=np.int64)
+    edge["ccd"] = r.ccd
+    return edge
+
+
 def catalogue_ccd(g: PointedCCD, r: PointedCCD, *, gaia=None, knobs=None, ccd_index=0):
     """Catalogue of one CCD from its g and r images (already read).
 
@@ -441,8 +525,8 @@ def catalogue_ccd(g: PointedCCD, r: PointedCCD, *, gaia=None, knobs=None, ccd_in
     # ids: CCDNUM * 1e6 + rank by (dec, ra)
     tab = tab.sort_values(["dec", "ra"], kind="mergesort").reset_index(drop=True)
     prefix = g.ccdnum or r.ccdnum or (ccd_index + 1)
-    if len(tab) >= STAR_ID_STRIDE:
-        raise CatalogueError(f"CCD {g.ccd}: {len(tab)} stars exceed the id range ({STAR_ID_STRIDE - 1} per CCD)")
+    if len(tab) >= EDGE_ID_OFFSET:
+        raise CatalogueError(f"CCD {g.ccd}: {len(tab)} stars exceed the id range ({EDGE_ID_OFFSET - 1} per CCD)")
     tab.insert(0, "star_id", np.int64(prefix) * STAR_ID_STRIDE + np.arange(1, len(tab) + 1, dtype=np.int64))
     tab.insert(1, "ccd", g.ccd)
     # reference stars (r leads, as in 0.1.4; detected in both bands)
@@ -470,7 +554,16 @@ def catalogue_ccd(g: PointedCCD, r: PointedCCD, *, gaia=None, knobs=None, ccd_in
         tab.loc[ia, "gaia_sep_arcsec"] = dist
         tab.loc[ia, "gaia_gmag"] = gp["gmag"].to_numpy(float)[ib]
         gmeta = {"n_gaia_matched": int(len(ia)), "gaia_sep_median_arcsec": float(np.median(dist)) if len(ia) else None}
-    tab = tab.drop(columns=["_xi", "_eta"])[CATALOGUE_COLUMNS]
+        edge = _gaia_edge_stars(gp, (gxi, geta), (ia, ib), (g, r), tab, float(knobs["gaia_edge_margin_arcsec"]),
+                                prefix)
+        gmeta["n_gaia_edge"] = 0 if edge is None else int(len(edge))
+    else:
+        edge = None
+    tab = tab.drop(columns=["_xi", "_eta"])
+    if edge is not None and len(edge):
+        tab = pd.concat([tab, edge], ignore_index=True)
+        tab["gaia_source_id"] = tab["gaia_source_id"].astype("Int64")
+    tab = tab[CATALOGUE_COLUMNS]
     meta = {
         "g": mg, "r": mr, "n_stars": int(len(tab)), "n_matched_gr": n_pairs, "gr_registration": reg,
         "n_only_g": int(((tab["n_bands"] == 1) & tab["x_r"].isna()).sum()),
@@ -555,6 +648,28 @@ def read_catalogue(path):
     if b"pydriftn_catalogue" in md:
         df.attrs.update(json.loads(md[b"pydriftn_catalogue"]))
     return df
+
+
+def _drop_duplicate_edge_stars(cat, radius_arcsec):
+    """Keep each Gaia-only edge star once, and none that another CCD measured (same Gaia source, or a
+    measured star within ``radius_arcsec``)."""
+    edge = (cat["n_bands"] == 0).to_numpy()
+    if not edge.any():
+        return cat
+    sid = cat["gaia_source_id"]
+    measured_ids = set(sid[~edge].dropna().astype("int64"))
+    drop = edge & sid.isin(measured_ids).to_numpy(bool)
+    drop |= edge & sid.duplicated(keep="first").to_numpy(bool) & sid.notna().to_numpy(bool)
+    if (~edge).any():
+        from scipy.spatial import cKDTree
+
+        dec0 = float(np.radians(np.nanmedian(cat["dec"])))
+        xy = np.column_stack([cat["ra"].to_numpy(float) * np.cos(dec0), cat["dec"].to_numpy(float)]) * 3600.0
+        d, _ = cKDTree(xy[~edge]).query(xy[edge], k=1)
+        drop[np.flatnonzero(edge)[d <= float(radius_arcsec)]] = True
+    if drop.any():
+        log.info("catalogue: %d Gaia edge stars already catalogued by another CCD dropped", int(drop.sum()))
+    return cat[~drop].reset_index(drop=True)
 
 
 def build_catalogue(g_path, r_path, ccds=None, out_dir=None, gaia=None, *, config=None, **knobs):
@@ -652,6 +767,7 @@ def build_catalogue(g_path, r_path, ccds=None, out_dir=None, gaia=None, *, confi
         )
     cat = pd.concat(parts, ignore_index=True).sort_values("star_id", kind="mergesort").reset_index(drop=True)
     cat["gaia_source_id"] = cat["gaia_source_id"].astype("Int64")
+    cat = _drop_duplicate_edge_stars(cat, kn["match_radius_arcsec"])
     photometry = next(iter(metas.values()))["r"]["photometry"]
     cat.attrs = _jsonable({
         "photometry": photometry,

@@ -112,8 +112,11 @@ def process_exposure_ccd(unit, catalogue: pd.DataFrame, cfg, *, targets=None) ->
         from ..classify import classify_exposure_ccd
 
         dq = pixmask if img.mask is None else (img.mask | pixmask)
+        # the trail model of the classification: stars measured on the pointed images (the Gaia-only stars
+        # beside the CCD, n_bands = 0, are modelled by the extraction only)
+        measured = forced if "n_bands" not in forced else forced[forced["n_bands"].fillna(1).to_numpy() > 0]
         classification = classify_exposure_ccd(
-            img.data, dq, forced, geometry, fwhm_px=float(fwhm_px or 4.0),
+            img.data, dq, measured, geometry, fwhm_px=float(fwhm_px or 4.0),
             gain=float(np.mean(info.gain)), read_noise=float(np.mean(info.read_noise)), wcs=astro.wcs,
             mjd_obs=info.mjd, exptime=info.exptime, saturation_adu=float(min(info.saturation)),
             flash_sigma=cfg.classify.flash_sigma,
