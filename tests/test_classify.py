@@ -584,6 +584,19 @@ def test_sky_block_medians_equal_np_median():
         assert np.array_equal(got, ref, equal_nan=True)
 
 
+def test_sky_percentiles_equal_np_percentile():
+    from pydriftn.classify._background import _percentiles
+
+    rng = np.random.default_rng(15)
+    for n in (11, 12, 1000, 100001):
+        v = rng.standard_t(3, n) * 7.0
+        q = [15.865525, 50.0]
+        assert np.array_equal(_percentiles(v.copy(), q), np.percentile(v, q))
+    v = np.round(rng.normal(0, 3, 5000))  # ties
+    assert np.array_equal(_percentiles(v.copy(), [10.0, 15.865525, 50.0, 99.0]),
+                          np.percentile(v, [10.0, 15.865525, 50.0, 99.0]))
+
+
 def test_hough_chunked_accumulator_equals_one_bincount():
     from pydriftn.classify._streaks import _hough
 

@@ -57,6 +57,25 @@ def _block_medians(sub, good, ey, ex, min_count=17):
     return med
 
 
+def _percentiles(v, q):
+    """``np.percentile(v, q, overwrite_input=True)`` (linear method) of a 1-D array without NaN; same values.
+
+    numpy also partitions at the first and last element (to detect NaN);
+    partitioning at the needed order statistics only is ~20 % faster. The
+    interpolation is numpy's (``_lerp``), to the last bit.
+    """
+    n = len(v)
+    qs = np.true_divide(np.asarray(q, dtype=np.float64), 100)
+    vi = (n - 1) * qs
+    prev = np.floor(vi).astype(np.intp)
+    nxt = np.minimum(prev + 1, n - 1)
+    v.partition(np.unique(np.concatenate([prev, nxt])))
+    a, b = v[prev], v[nxt]
+    t = vi - prev
+    d = b - a
+    return np.where(t >= 0.5, b - d * (1 - t), a + d * t)
+
+
 def estimate_sky(image, bad=None, *, block_px=512, step=4, amp_boundary=None):
     """Separable per-amplifier sky model and sky noise.
 
@@ -119,7 +138,7 @@ def estimate_sky(image, bad=None, *, block_px=512, step=4, amp_boundary=None):
     v = r[good]
     if v.size < 10:
         return rows, cols, 1.0, level
-    p16, p50 = np.percentile(v, [15.865525, 50.0], overwrite_input=True)  # v is a fresh copy
+    p16, p50 = _percentiles(v, [15.865525, 50.0])  # v is a fresh copy (partitioned in place)
     sigma = float(max(p50 - p16, 1e-6))
     return rows, cols, sigma, level
 

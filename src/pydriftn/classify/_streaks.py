@@ -50,7 +50,10 @@ class Streak:
 
 
 def bin_image(a, b):
-    """Sum ``a`` in ``b`` x ``b`` blocks (the ragged edge is dropped); float32 unless ``a`` is float64."""
+    """Sum ``a`` in ``b`` x ``b`` blocks (the ragged edge is dropped); float32 unless ``a`` is float64.
+
+    A boolean ``a`` is summed as 0/1 (counts), without a float copy of the image.
+    """
     ny, nx = a.shape
     nyb, nxb = ny // b, nx // b
     v = a[: nyb * b, : nxb * b]

@@ -509,9 +509,10 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
         for st in streaks:
             streak_mask |= rasterize_streak(st, data.shape)
     dq_streaks = []
-    if dq["streak"] is not None and dq["streak"].any():
+    dq_streak = dq["streak"] is not None and dq["streak"].any()
+    if dq_streak:
         # streaks flagged in the dq mask: one line fit per connected group (binned 4x4 for speed)
-        sb4 = bin_image(dq["streak"].astype(np.float32), 4) > 0
+        sb4 = bin_image(dq["streak"], 4) > 0
         lab4, nlab = ndi.label(sb4, structure=np.ones((3, 3)))
         yy, xx = np.divmod(np.flatnonzero(dq["streak"]), nx)
         g = lab4[np.minimum(yy // 4, lab4.shape[0] - 1), np.minimum(xx // 4, lab4.shape[1] - 1)]
@@ -541,7 +542,7 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
                 dq_streaks.append(st)
                 streak_mask |= rasterize_streak(st, data.shape)
         streak_mask |= dq["streak"]
-    any_streak = bool(streak_mask.any())
+    any_streak = bool(streak_mask.any()) if (streaks or dq_streak) else False  # (nothing was added otherwise)
     if any_streak:
         B0 = None  # residual changes below
     if any_streak and len(tidx):
@@ -570,11 +571,11 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
     else:
         B = bin_image(resid, 2)
         mesh, _ = residual_mesh(B)
-    B = B - mesh
+    B = np.subtract(B, mesh, out=B)  # in place: the binned residual is not needed again
     M = _smooth(B, sig_b)
     Kb, _ = _gauss_kernel(sig_b)
     knorm_b = float(np.sqrt(np.sum(Kb**2)))
-    Mz = M / np.float32(2.0 * sigma * knorm_b)
+    Mz = np.divide(M, np.float32(2.0 * sigma * knorm_b), out=M)
     pre = 0.6 * flash_sigma
     cand = np.flatnonzero(Mz > pre)
     nyb, nxb = Mz.shape
@@ -938,7 +939,7 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
                     new_mask = rasterize_streak(st, data.shape)
                     streak_mask |= new_mask
                     segment_streaks.append(st)
-                    bm = bin_image(new_mask.astype(np.float32), 2) > 0
+                    bm = bin_image(new_mask, 2) > 0
                     claimed |= bm[:nyb, :nxb]
                     continue
             if (elongated and drift_ok and len_ok) or (trail_like and not elongated) or (
