@@ -142,7 +142,8 @@ class ExtractionResult:
 
 
 # --------------------------------------------------------------------------- neighbours
-def find_neighbours(x_start, y_start, x_end, y_end, reach_px, max_neighbours=3, along_margin_px=10.0):
+def find_neighbours(x_start, y_start, x_end, y_end, reach_px, max_neighbours=3, along_margin_px=10.0,
+                    brightness=None, alpha_px=None):
     """Trails whose cross-track windows may overlap (all trails of the table).
 
     Parameters
@@ -151,9 +152,17 @@ def find_neighbours(x_start, y_start, x_end, y_end, reach_px, max_neighbours=3, 
     reach_px : float
         Largest cross-track separation that counts as overlapping.
     max_neighbours : int
-        Keep at most this many per star (closest in cross-track distance).
+        Keep at most this many per star: the closest in cross-track distance,
+        or with ``brightness`` the ones whose light reaches the star's centre
+        most (``brightness_j (1 + (d / alpha_px)^2)^-2.5``): in a crowded field
+        a star can have several faint trails closer than one bright one, and
+        the bright one is the neighbour the joint fit must not leave out.
     along_margin_px : float
         Trails overlap along-track if their extents, padded by this, overlap.
+    brightness : ndarray (S,), optional
+        Flux of every trail (any unit; negative counts as 0).
+    alpha_px : float, optional
+        Moffat scale of that ranking (default: ``reach_px / 4``).
 
     Returns
     -------
@@ -194,7 +203,12 @@ def find_neighbours(x_start, y_start, x_end, y_end, reach_px, max_neighbours=3, 
     src = np.concatenate([a, b])
     dst = np.concatenate([b, a])
     dist = np.concatenate([d_cr, d_cr])
-    order = np.lexsort((dist, src))
+    if brightness is None:
+        order = np.lexsort((dist, src))
+    else:
+        alpha = float(alpha_px) if alpha_px else 0.25 * float(reach_px)
+        light = np.maximum(np.nan_to_num(np.asarray(brightness, float)[dst]), 0.0) * (1.0 + (dist / alpha) ** 2) ** -2.5
+        order = np.lexsort((dist, -light, src))
     src, dst, dist = src[order], dst[order], dist[order]
     n_all = np.bincount(src, minlength=S)
     first = np.concatenate([[0], np.cumsum(n_all)[:-1]])
@@ -658,15 +672,18 @@ def extract_trails(
 
     # ---- neighbours and profile references
     fwhm_guess = fwhm_px if fwhm_px is not None else W / half_width_fwhm
-    if S > 1:
-        nb, n_all, dcross = find_neighbours(x0, y0, x1, y1, reach_px=W + 2.0 * fwhm_guess,
-                                            max_neighbours=max_neighbours, along_margin_px=3 * fwhm_guess)
-    else:
-        nb, n_all, dcross = np.full((S, 0), -1, np.int64), np.zeros(S, np.int64), np.zeros((S, 0))
     snr, box = _snr_per_sample(strips, return_flux=True)
     # contamination of each star's core by its neighbours: flux ratio x their
     # line-spread function at the star's centre relative to their peak
     alpha = max(fwhm_guess, 1.0)
+    if S > 1:
+        # the neighbours that contaminate most (not the closest: a bright trail 1 FWHM away matters more than
+        # faint ones nearer)
+        nb, n_all, dcross = find_neighbours(x0, y0, x1, y1, reach_px=W + 2.0 * fwhm_guess,
+                                            max_neighbours=max_neighbours, along_margin_px=3 * fwhm_guess,
+                                            brightness=box, alpha_px=alpha)
+    else:
+        nb, n_all, dcross = np.full((S, 0), -1, np.int64), np.zeros(S, np.int64), np.zeros((S, 0))
     nbv = nb >= 0
     bratio = np.where(nbv, np.maximum(box[np.where(nbv, nb, 0)], 0) / np.maximum(box, 1e-9)[:, None], 0.0)
     contamination = (bratio * (1.0 + (np.where(nbv, dcross, np.inf) / alpha) ** 2) ** -2.5).sum(axis=1)
