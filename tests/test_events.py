@@ -576,6 +576,29 @@ def test_flash_veto_keeps_short_events_reported_as_flashes():
     assert c.loc[8, "delta_chi2_microlensing"] - c.loc[8, "delta_chi2_flash"] < 4
 
 
+def test_unreported_flash_is_vetoed_as_unresolved_in_time():
+    """A flash the classification did not report (no flash table) is the PSF's line-spread function in the
+    series: the event fits do not beat an instantaneous flash of the exposure's PSF width, so it is vetoed
+    (unresolved_in_time); an event of the searched durations (tE = 3 s) beats it by far and is kept."""
+    from pydriftn.events.series import LSF_PER_PSF_FWHM
+
+    lc, stars = simulate_lightcurves(80, 4, snr=50, seed=171)
+    lc = lc.copy()
+    lc["lsf_fwhm_px"] = np.float32(3.8 * LSF_PER_PSF_FWHM)
+    row = lambda s, e, k: lc[(lc["star_id"] == s) & (lc["expnum"] == e) & (lc["sample"] == k)].iloc[0]  # noqa: E731
+    lc = _flash_on_series(lc, 8, row(8, 1002, 20)["mjd"] + 0.1 / DAY, 1.5, fwhm=3.8)
+    lc = inject_microlensing(lc, {"star_id": 5, "t0_mjd": row(5, 1001, 18)["mjd"], "te_s": 3.0, "u0": 0.3,
+                                  "rho": 0.01}, seed=3)
+    res = search(lc, stars, n_scrambles=6, false_alarm_rate=1e-3)
+    c = res.candidates.set_index("star_id")
+    assert c.loc[8, "above_threshold"] and c.loc[8, "veto_reasons"] == "unresolved_in_time"
+    best8 = max(c.loc[8, "delta_chi2_microlensing"], c.loc[8, "delta_chi2_flare"])
+    assert best8 - c.loc[8, "delta_chi2_flash"] < 4
+    assert c.loc[5, "vetoes"] == 0 and c.loc[5, "model"] == "microlensing"
+    assert c.loc[5, "delta_chi2_microlensing"] - c.loc[5, "delta_chi2_flash"] > 50
+    assert list(res.detections["star_id"]) == [5]
+
+
 def test_search_store_finds_the_pipeline_catalogue_and_flashes(tmp_path):
     """``search_store(OUT)`` on a run's layout: catalogue/master_catalogue.parquet (mag_r, mag_g) and
     flashes.parquet (classification rows): candidates get ra/dec/mags and the flash veto works."""
@@ -605,7 +628,7 @@ def test_excursion_repeating_at_the_same_samples_of_every_exposure_is_vetoed():
     samples of each exposure of a night; an event happens once."""
     lc, stars = simulate_lightcurves(60, 5, snr=40, seed=7)
     lc = lc.copy()
-    bump = np.exp(-0.5 * ((lc["sample"] - 25) / 2.0) ** 2)
+    bump = np.exp(-0.5 * ((lc["sample"] - 25) / 4.0) ** 2)  # ~5 s FWHM: resolved in time (not PSF-shaped)
     static = lc["star_id"] == 3
     lc.loc[static, "norm_flux"] += 0.4 * bump[static]  # same samples, every exposure
     once = (lc["star_id"] == 9) & (lc["expnum"] == lc["expnum"].min() + 2)

@@ -41,6 +41,7 @@ from .search import (
     VETO_FLAGGED,
     VETO_FLASH,
     VETO_REPEATS,
+    VETO_UNRESOLVED,
     VETO_NEIGHBOUR,
     SearchResult,
     calibrate_null,
@@ -60,5 +61,6 @@ __all__ = [
     "fit_microlensing", "fit_flare", "fit_flat", "FitResult", "microlensing_model", "flare_model",
     "scan_block", "scramble_block", "window_statistic", "ScanResult", "NullDistribution", "DEFAULT_WIDTHS",
     "build_blocks", "SeriesBlock", "default_bad_flag_mask", "EventSearchError",
-    "VETO_FLAGGED", "VETO_COMMON_MODE", "VETO_NEIGHBOUR", "VETO_FLASH", "VETO_REPEATS", "VETO_BITS", "veto_names",
+    "VETO_FLAGGED", "VETO_COMMON_MODE", "VETO_NEIGHBOUR", "VETO_FLASH", "VETO_REPEATS", "VETO_UNRESOLVED",
+    "VETO_BITS", "veto_names",
 ]

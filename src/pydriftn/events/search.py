@@ -64,8 +64,10 @@ VETO_COMMON_MODE = 2
 VETO_NEIGHBOUR = 4
 VETO_FLASH = 8
 VETO_REPEATS = 16
+VETO_UNRESOLVED = 32
 VETO_BITS = {VETO_FLAGGED: "flagged_samples", VETO_COMMON_MODE: "common_mode",
-             VETO_NEIGHBOUR: "bright_neighbour", VETO_FLASH: "flash", VETO_REPEATS: "repeats_each_exposure"}
+             VETO_NEIGHBOUR: "bright_neighbour", VETO_FLASH: "flash", VETO_REPEATS: "repeats_each_exposure",
+             VETO_UNRESOLVED: "unresolved_in_time"}
 
 MAG_COLUMNS = ("r", "mag_r", "g", "mag_g", "vr", "mag", "i", "z")
 #: The fits use the star's samples within max(3 x window duration, this) seconds of the candidate window:
@@ -573,6 +575,14 @@ def _block_candidates(block, sc, scr_p, idx, fap, thr, star_tab, mcol, fl, *, fi
             row["delta_chi2_flash_free_width"] = d_free
             if is_flash:
                 vet |= VETO_FLASH
+        elif row["model"] != "none":
+            default_fwhm, ml_margin = flash_test[3], flash_test[4]
+            unresolved, d_flash = _unresolved_in_time(block, i, row, t_lo, t_hi, sample_s, default_fwhm,
+                                                      flash_test[5] if len(flash_test) > 5 else LSF_PER_PSF_FWHM,
+                                                      ml_margin)
+            row["delta_chi2_flash"] = d_flash
+            if unresolved:
+                vet |= VETO_UNRESOLVED
         row["vetoes"] = vet
         row["veto_reasons"] = veto_names(vet)
         rows.append(row)
@@ -681,11 +691,7 @@ def _flash_veto(block, i, row, t_lo, t_hi, width, sample_s, fl, fidx, fl_pad, fl
     if not fit_done:
         return True, np.nan, np.nan
     t_ref, t_s, yy, ee, _dur, gidx = _fit_data(block, i, t_lo, t_hi, sample_s)
-    psf_fwhm = np.nan
-    if block.lsf_fwhm_px is not None:
-        fw = np.asarray(block.lsf_fwhm_px, float)[np.asarray(gidx) // block.samples_per_exposure] / column_per_fwhm
-        fw = fw[np.isfinite(fw) & (fw > 0)]
-        psf_fwhm = float(np.median(fw)) if fw.size else np.nan
+    psf_fwhm = _psf_fwhm(block, gidx, column_per_fwhm)
     span = 10.0 * sample_s
     best, best_free = -np.inf, -np.inf
     for j in fidx:
@@ -712,6 +718,45 @@ def _flash_veto(block, i, row, t_lo, t_hi, width, sample_s, fl, fidx, fl_pad, fl
     d_ml = row.get("delta_chi2_microlensing", np.nan)
     ml_better = bool(np.isfinite(d_ml) and d_ml - best >= ml_margin_dchi2)
     return bool(flash_shaped and not ml_better), float(best), float(best_free)
+
+
+def _psf_fwhm(block, gidx, column_per_fwhm):
+    """PSF FWHM (px) of the exposures of grid columns ``gidx``: the store's ``lsf_fwhm_px`` /
+    ``column_per_fwhm`` (median), NaN without that column."""
+    if block.lsf_fwhm_px is None:
+        return np.nan
+    fw = np.asarray(block.lsf_fwhm_px, float)[np.asarray(gidx) // block.samples_per_exposure] / column_per_fwhm
+    fw = fw[np.isfinite(fw) & (fw > 0)]
+    return float(np.median(fw)) if fw.size else np.nan
+
+
+def _unresolved_in_time(block, i, row, t_lo, t_hi, sample_s, default_fwhm, column_per_fwhm, margin_dchi2):
+    """Is the candidate as well explained by an instantaneous flash as by the event models?
+
+    An event shorter than the seeing crossing (~2 s) is, in the series, the
+    PSF's line-spread function along the drift, whatever made it: a flash the
+    classification did not report (faint, on a bright trail), a cosmic-ray or
+    a microlensing event too short to resolve. The microlensing and flare fits
+    (PSF-smeared) must beat the flash profile with the exposure's PSF width
+    (``FLASH_FWHM_RANGE``; :func:`_flash_veto`), its instant anywhere in the
+    candidate window +- 2 samples, by ``margin_dchi2``; events of the
+    searched durations (>= 2 s above magnification 1.1) beat it by tens to
+    thousands. Returns ``(veto, delta_chi2 of the flash)``.
+    """
+    t_ref, t_s, yy, ee, _dur, gidx = _fit_data(block, i, t_lo, t_hi, sample_s)
+    fwhm = _psf_fwhm(block, gidx, column_per_fwhm)
+    if not np.isfinite(fwhm):
+        fwhm = float(default_fwhm)
+    pad = 2.0 * sample_s
+    a = (t_lo - t_ref) * SECONDS_PER_DAY - pad
+    b = (t_hi - t_ref) * SECONDS_PER_DAY + pad
+    r = fit_flash(t_s, yy, ee, t_lo=a, t_hi=b, fwhm_samples=fwhm, sample_s=sample_s, fwhm_range=FLASH_FWHM_RANGE,
+                  n_fwhm=15, t_step_samples=0.02)
+    if not r.success:
+        return False, np.nan
+    best_event = np.nanmax([row.get("delta_chi2_microlensing", np.nan), row.get("delta_chi2_flare", np.nan),
+                            -np.inf])
+    return bool(best_event - r.delta_chi2 < margin_dchi2), float(r.delta_chi2)
 
 
 def _fit_data(block, i, t_lo, t_hi, sample_s):
