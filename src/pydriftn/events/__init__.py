@@ -10,7 +10,7 @@ Public API
 ----------
 search(lc, stars=None, flashes=None, **options) -> SearchResult
 search_store(store, nights=None, out_dir=None, **options) -> SearchResult   (``pydriftn search``)
-calibrate_null(blocks, ...) -> {pool: NullDistribution}
+calibrate_null(blocks, ...) -> {pool: CombinedNull}
 plot_candidate(lc, candidate, ax=None)
 inject_microlensing(lc, params, seed=0, ...) -> lc with events
 efficiency(lc, stars=None, te_s=..., u0=..., rho=..., mags=..., ...) -> table
@@ -34,7 +34,8 @@ from .imagelevel import (
 from .inject import EfficiencyResult, efficiency, inject_microlensing, plot_efficiency, run_efficiency
 from .plot import plot_candidate
 from .report import candidate_cutouts, write_report
-from .scan import DEFAULT_WIDTHS, NullDistribution, ScanResult, scan_block, scramble_block, window_statistic
+from .scan import (DEFAULT_WIDTHS, CombinedNull, NullDistribution, ScanResult, gaussian_null_block, scan_block,
+                   scramble_block, window_statistic)
 from .search import (
     VETO_BITS,
     VETO_COMMON_MODE,
@@ -59,7 +60,8 @@ __all__ = [
     "image_level_efficiency", "ImageCell", "ImageEfficiencyResult", "DEFAULT_CELLS", "plot_image_efficiency",
     "wilson_interval", "write_report", "candidate_cutouts",
     "fit_microlensing", "fit_flare", "fit_flat", "FitResult", "microlensing_model", "flare_model",
-    "scan_block", "scramble_block", "window_statistic", "ScanResult", "NullDistribution", "DEFAULT_WIDTHS",
+    "scan_block", "scramble_block", "window_statistic", "ScanResult", "NullDistribution", "CombinedNull",
+    "gaussian_null_block", "DEFAULT_WIDTHS",
     "build_blocks", "SeriesBlock", "default_bad_flag_mask", "EventSearchError",
     "VETO_FLAGGED", "VETO_COMMON_MODE", "VETO_NEIGHBOUR", "VETO_FLASH", "VETO_REPEATS", "VETO_UNRESOLVED",
     "VETO_BITS", "veto_names",

@@ -8,7 +8,9 @@ Steps (all stars of a CCD-night at once, see :mod:`.series` and :mod:`.scan`):
    the detection statistic of a star-night is its best Delta-chi2 against the
    flat model.
 3. The null distribution of that statistic from time-scrambled copies of every
-   star-night (seeded), pooled per night (or per block / over everything):
+   star-night (seeded), pooled per night (or per block / over everything),
+   combined with that of as many Gaussian realisations of the star-nights'
+   error bars (the stricter of the two; :class:`~.scan.CombinedNull`):
    false-alarm probability per star-night of every candidate, and the
    threshold for the target false-alarm rate.
 4. Star-nights above a looser pre-threshold are fitted with the finite-source
@@ -25,7 +27,9 @@ Steps (all stars of a CCD-night at once, see :mod:`.series` and :mod:`.scan`):
    and time (or reported on the candidate's star) whose light curve is
    consistent with that flash (see ``_flash_veto``); an excursion that recurs
    at the same samples (the same detector pixels) in the star's other
-   exposures of the night (see ``_repeats_each_exposure``).
+   exposures of the night (see ``_repeats_each_exposure``); an excursion an
+   instantaneous flash of the PSF's width explains as well as the event
+   models (``unresolved_in_time``, see ``_unresolved_in_time``).
 
 The result is a :class:`SearchResult` with the candidate table, the per
 star-night statistics, the null distributions and thresholds.
@@ -41,7 +45,8 @@ import numpy as np
 import pandas as pd
 
 from .fit import DEFAULT_PSF_FWHM_PX, SMEAR_SUPERSAMPLE, fit_flare, fit_flash, fit_microlensing
-from .scan import DEFAULT_WIDTHS, NullDistribution, scan_block, scramble_block, window_statistic
+from .scan import (DEFAULT_WIDTHS, CombinedNull, NullDistribution, gaussian_null_block, scan_block, scramble_block,
+                   window_statistic)
 from .series import LSF_PER_PSF_FWHM, SECONDS_PER_DAY, EventSearchError, build_blocks, check_columns
 
 __all__ = [
@@ -109,7 +114,7 @@ class SearchResult:
         ``star_id, night, ccd, n_samples, statistic, width, start, sign,
         false_alarm_prob`` for every star-night searched.
     null : dict
-        Pool key -> :class:`~.scan.NullDistribution`.
+        Pool key -> :class:`~.scan.CombinedNull` (or the given null).
     thresholds : dict
         Pool key -> detection threshold at ``false_alarm_rate``.
     false_alarm_rate : float
@@ -186,6 +191,8 @@ def _null_members(scr, exclude_sigma):
     if not np.isfinite(mad) or mad <= 0:
         mad = max(float(np.std(med)), 1e-12)
     return med <= centre + exclude_sigma * mad
+
+
 def calibrate_null(blocks, *, n_scrambles=20, seed=0, widths=DEFAULT_WIDTHS, sign="positive",
                    null_pool="night", n_workers=1, null_exclude_sigma=10.0) -> dict:
     """Null distributions of the detection statistic from time-scrambled series.
@@ -193,8 +200,9 @@ def calibrate_null(blocks, *, n_scrambles=20, seed=0, widths=DEFAULT_WIDTHS, sig
     Returns
     -------
     dict
-        Pool key -> :class:`~.scan.NullDistribution` (star-nights excluded by
-        :func:`_null_members` left out).
+        Pool key -> :class:`~.scan.CombinedNull` (scrambled star-nights
+        excluded by :func:`_null_members` left out; Gaussian realisations of
+        every star-night).
     """
     pooled: dict = {}
     for i, b in enumerate(blocks):
@@ -202,8 +210,15 @@ def calibrate_null(blocks, *, n_scrambles=20, seed=0, widths=DEFAULT_WIDTHS, sig
         scr = _scrambled(b, i, rows, n_scrambles=n_scrambles, seed=seed, widths=widths, sign=sign,
                          n_workers=n_workers)
         keep = _null_members(scr, null_exclude_sigma)
-        pooled.setdefault(_pool_key(b, null_pool), []).append(scr[keep].ravel())
-    return {k: NullDistribution(np.concatenate(v)) for k, v in pooled.items()}
+        gauss = gaussian_null_block(b, n_scrambles, seed=[int(seed), i, 1], widths=widths, sign=sign, rows=rows)
+        pooled.setdefault(_pool_key(b, null_pool), []).append((scr[keep].ravel(), gauss.ravel()))
+    return _combined_nulls(pooled)
+
+
+def _combined_nulls(pooled) -> dict:
+    """Pool key -> :class:`~.scan.CombinedNull` of the pooled (scrambled, Gaussian) statistics."""
+    return {k: CombinedNull(NullDistribution(np.concatenate([a for a, _ in v])),
+                            NullDistribution(np.concatenate([b for _, b in v]))) for k, v in pooled.items()}
 
 
 def _star_table(stars, lc):
@@ -321,7 +336,7 @@ def search(lc: pd.DataFrame, stars: pd.DataFrame | None = None, flashes: pd.Data
     pre_false_alarm_rate : float
         Star-nights with a false-alarm probability below this are fitted and
         reported (with ``above_threshold`` False if above the threshold).
-    null : NullDistribution or dict, optional
+    null : NullDistribution, CombinedNull or dict, optional
         Pre-computed null distribution(s) (skip the scrambling; used by the
         injection-recovery runs).
     null_pool : {"night", "block", "all"}
@@ -432,10 +447,12 @@ def search(lc: pd.DataFrame, stars: pd.DataFrame | None = None, flashes: pd.Data
             keep = _null_members(scr, null_exclude_sigma)
             in_null[rows[keep]] = True
             if null is None:
-                pooled.setdefault(_pool_key(block, null_pool), []).append(scr[keep].ravel())
+                gauss = gaussian_null_block(block, n_scrambles, seed=[int(seed), i, 1], widths=widths, sign=sign,
+                                            rows=rows)
+                pooled.setdefault(_pool_key(block, null_pool), []).append((scr[keep].ravel(), gauss.ravel()))
         scans.append((block, sc, scr_p, in_null))
     if null is None:
-        null = {k: NullDistribution(np.concatenate(v)) for k, v in pooled.items()}
+        null = _combined_nulls(pooled)
 
     # pass 2: false-alarm probabilities, candidates, vetoes, fits
     thresholds = {}
