@@ -614,6 +614,25 @@ def test_hough_chunked_accumulator_equals_one_bincount():
     assert np.array_equal(band, ref)
 
 
+def test_streak_refine_chunk_and_segment_medians_equal_per_chunk():
+    from pydriftn.classify._streaks import _chunk_medians, _nanmedian0, _segment_nanmedians
+
+    rng = np.random.default_rng(16)
+    for n in (5, 32, 63, 100, 4093, 4094):
+        v = rng.normal(size=n) * 10
+        nch = max(1, n // 32)
+        ref = np.array([np.median(v[ch]) for ch in np.array_split(np.arange(n), nch)])
+        assert np.array_equal(_chunk_medians(v, nch), ref)
+    for n, nseg in ((2047, 16), (100, 2), (131, 3), (5, 2)):
+        S = rng.normal(size=(n, 49)).astype(np.float32)
+        S[rng.random(S.shape) < 0.1] = np.nan  # off the image
+        S[:, 3] = np.nan
+        with np.errstate(all="ignore"):
+            ref = [_nanmedian0(S[sg]) for sg in np.array_split(np.arange(n), nseg)]
+        got = _segment_nanmedians(S, nseg)
+        assert len(got) == nseg and all(np.array_equal(x, y, equal_nan=True) for x, y in zip(got, ref))
+
+
 def test_bin_image_equals_block_sums():
     from pydriftn.classify._streaks import bin_image
 

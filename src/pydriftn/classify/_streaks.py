@@ -134,6 +134,48 @@ def _nanmedian0(S):
     return np.where(n > 0, out, np.nan)
 
 
+def _chunk_medians(v, nch):
+    """``[np.median(v[ch]) for ch in np.array_split(np.arange(len(v)), nch)]`` (the same values) as an array.
+
+    ``array_split`` gives ``len(v) % nch`` chunks of ``len(v) // nch + 1``
+    values, then chunks of ``len(v) // nch``: one ``np.median`` along the rows
+    of each of the two reshaped blocks instead of one call per chunk.
+    """
+    q, n1 = divmod(len(v), nch)
+    k = n1 * (q + 1)
+    parts = []
+    if n1:
+        parts.append(np.median(v[:k].reshape(n1, q + 1), axis=1))
+    if nch > n1:
+        parts.append(np.median(v[k:].reshape(nch - n1, q), axis=1))
+    return np.concatenate(parts)
+
+
+def _segment_nanmedians(S, nseg):
+    """``[_nanmedian0(S[sg]) for sg in np.array_split(np.arange(len(S)), nseg)]`` (the same values).
+
+    The segments come in two lengths (``array_split``): each group is sorted
+    at once along its rows (NaN last) and read at every column's count.
+    """
+    q, n1 = divmod(len(S), nseg)
+    k = n1 * (q + 1)
+    out = []
+    for blk, m, ln in ((S[:k], n1, q + 1), (S[k:], nseg - n1, q)):
+        if m == 0:
+            continue
+        if ln == 0:  # (empty segments: all-NaN profiles, as _nanmedian0 of no rows)
+            out.extend(np.full((m, S.shape[1]), np.nan))
+            continue
+        B = np.sort(blk.reshape(m, ln, S.shape[1]), axis=1)
+        n = ln - np.count_nonzero(np.isnan(B), axis=1)  # (m, ncol)
+        lo = np.take_along_axis(B, np.maximum((n - 1) // 2, 0)[:, None, :], 1)[:, 0]
+        hi = np.take_along_axis(B, np.maximum(n // 2, 0)[:, None, :], 1)[:, 0]
+        with np.errstate(all="ignore"):
+            med = (lo + hi) / 2.0
+        out.extend(np.where(n > 0, med, np.nan))
+    return out
+
+
 def _refine(img, sigma, theta, rho, fwhm, nx, ny, band_px, gain=None):
     """Refine a coarse line at full resolution; return a Streak or None."""
     for it in range(2):
@@ -148,10 +190,9 @@ def _refine(img, sigma, theta, rho, fwhm, nx, ny, band_px, gain=None):
         S = _straighten(img, xc0, yc0, vx, vy, a, c)
         nseg = max(2, min(16, int((hi - lo) // 128)))
         segs = np.array_split(np.arange(len(a)), nseg)
+        profs = _segment_nanmedians(S, nseg)
         cen, wts, amid = [], [], []
-        for sg in segs:
-            with np.errstate(all="ignore"):
-                prof = _nanmedian0(S[sg])
+        for sg, prof in zip(segs, profs):
             if not np.isfinite(prof).any():
                 continue
             prof = np.nan_to_num(prof)
@@ -217,8 +258,8 @@ def _refine(img, sigma, theta, rho, fwhm, nx, ny, band_px, gain=None):
     nch = max(1, len(a) // 32)
     chunks = np.array_split(np.arange(len(a)), nch)
     # noise of a chunk median of band sums: sigma*sqrt(2 hwb) per px of length, / sqrt(len)
-    chunk_val = np.array([np.median(along[ch]) for ch in chunks])
-    chunk_err = np.array([sigma * math.sqrt(2 * hwb) / math.sqrt(len(ch)) * 1.25 for ch in chunks])
+    chunk_val = _chunk_medians(along, nch)
+    chunk_err = sigma * math.sqrt(2 * hwb) / np.sqrt(np.array([len(ch) for ch in chunks], float)) * 1.25
     sig_ch = chunk_val / chunk_err
     on = sig_ch > 3.0
     if not on.any():
