@@ -232,12 +232,18 @@ def _smooth(B, sigma, truncate=3.0):
     if r == 0 or n < r + 1:
         return ndi.gaussian_filter(B, sigma, truncate=truncate)
     P = np.pad(B, [(r, r), (0, 0)], mode="symmetric")  # = scipy's 'reflect'
-    acc = P[r:r + n] * np.float32(k[r])
-    for j in range(1, r + 1):
-        t = P[r - j:r - j + n] + P[r + j:r + j + n]
-        t *= np.float32(k[r + j])
-        acc += t
-    return ndi.correlate1d(acc, k, axis=1, mode="reflect")
+    out = np.empty(B.shape, np.float32)
+    # both passes on blocks of 64 rows, which stay in the cache between them (the same sums per pixel as the
+    # passes over the whole image; ~30 % faster)
+    for a in range(0, n, 64):
+        b = min(n, a + 64)
+        acc = P[r + a:r + b] * np.float32(k[r])
+        for j in range(1, r + 1):
+            t = P[r - j + a:r - j + b] + P[r + j + a:r + j + b]
+            t *= np.float32(k[r + j])
+            acc += t
+        ndi.correlate1d(acc, k, axis=1, mode="reflect", output=out[a:b])
+    return out
 
 
 def _trail_norm(sigma_b, ux, uy, length_px, step=0.5):
@@ -701,8 +707,7 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
         if crm is not None:
             c3, _ = _gather(crm, ys5[:, 1:4, 1:4], xs5[:, 1:4, 1:4])
             dq_cr = c3.reshape(len(PY), -1).max(axis=1) > 0
-        near_mask, _ = _gather(excl, ys5, xs5)
-        near_mask = near_mask.reshape(len(PY), -1).max(axis=1) > 0
+        near_mask = m5.reshape(len(PY), -1).max(axis=1) > 0  # (m5: excl on the 5x5 stamps, gathered above)
         # candidates below flash_sigma on the matched filter (whose variance includes a crude model-error floor)
         # get a second chance from the local fit, which treats the model error honestly (flashes only)
         keep = (psf_snr >= weak_frac * flash_sigma) | ((peak_sigma >= cr_sigma) & (sharp_ratio > sharp_threshold))
