@@ -21,10 +21,17 @@ Usage::
 
     python benchmarks/bench_classify.py [--preset full] [--exposures 5] [--seed 11] [--out bench_output/classify]
     python benchmarks/bench_classify.py --timing 3 [--max-units 4]   # CPU time only: min of 3 runs per unit
+    python benchmarks/bench_classify.py --timing 3 --worker-malloc   # ... with the pipeline workers' allocator
 
 ``--timing K`` skips the accuracy figures and prints, per CCD-exposure (dq
 mask read and not), the smallest CPU time of K runs (the least disturbed by
 other jobs on a shared machine) and their median.
+
+``--worker-malloc`` sets up this process's allocator as the pipeline sets up
+its worker processes (``pydriftn.pipeline.run._worker_init``: image-sized
+arrays served from the heap and reused, no page faults and zeroing for each
+new one), i.e. measures the classification as it runs inside the pipeline;
+by default the process keeps glibc's defaults (as a stand-alone call would).
 
 The S/N of an injected flash is computed from the truth: counts over the
 noise of an optimal PSF fit on the local background (sky + read noise + the
@@ -322,7 +329,13 @@ def main(argv=None):
     ap.add_argument("--timing", type=int, default=0, metavar="K",
                     help="CPU time only: smallest of K runs per CCD-exposure (no accuracy figures)")
     ap.add_argument("--max-units", type=int, default=None, help="with --timing: first N CCD-exposures only")
+    ap.add_argument("--worker-malloc", action="store_true",
+                    help="allocator set up as in the pipeline's worker processes (see the module docstring)")
     a = ap.parse_args(argv)
+    if a.worker_malloc:
+        from pydriftn.pipeline.run import _worker_init
+
+        _worker_init()
     from pydriftn.simulate import simulate_dataset
 
     data = Path(a.out) / f"{a.preset}-s{a.seed}-n{a.exposures}-p{a.satellite_prob}"
