@@ -626,7 +626,9 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
         px_list.append(pk_x)
         fv_list.append(np.stack([fv, pk_x + dxs, pk_y + dys], axis=1))
     # single pixels far above the noise (cosmic-ray hits)
-    hot = np.flatnonzero(resid.ravel() > cr_sigma * sigma)
+    # (in blocks of 128 rows: no image-sized boolean temporary; the same indices in the same order)
+    thr_hot = cr_sigma * sigma
+    hot = np.concatenate([np.flatnonzero(resid[a:a + 128] > thr_hot) + a * nx for a in range(0, ny, 128)])
     if len(hot):
         hy, hx = np.divmod(hot, nx)
         hv = resid[hy, hx]
