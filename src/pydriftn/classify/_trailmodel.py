@@ -353,6 +353,14 @@ class _Runs:
         off = np.repeat(st - np.concatenate([[0], np.cumsum(ln)[:-1]]), ln)
         return off + np.arange(tot)
 
+    def count_true(self, flag):
+        """``self.sum(flag)`` of a boolean ``flag`` (float64 counts): int32 sums of its bytes, ~2x faster."""
+        if not self.ok:
+            return self.sum(flag)
+        out = np.zeros(self.n)
+        out[self.ids] = np.add.reduceat(np.asarray(flag, bool).view(np.int8), self.starts, dtype=np.int32)
+        return out
+
     def count(self):
         """``np.bincount(star, minlength=n)``."""
         if not self.ok:
@@ -907,7 +915,7 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
     def aperture(tp, d, w, runs):
         """Flux and S/N from a box of half-width 1.5 sigma across the trail (no template needed)."""
         core = (np.abs(tp.c) <= 1.5 * sigma_psf) & (w > 0)
-        ncore = runs.sum(core)
+        ncore = runs.count_true(core)
         F = runs.sum(d * core) / 0.866
         with np.errstate(divide="ignore", invalid="ignore"):
             snr = np.nan_to_num(F * 0.866 / (sky_sigma * np.sqrt(ncore)))
