@@ -277,7 +277,10 @@ def _rowcount(mask):
 
 
 def _snr_per_sample(strips, return_flux=False):
-    """Median over samples of a box-sum signal-to-noise (per star) [and of the box sum]."""
+    """Median over samples of a box-sum signal-to-noise (per star) [and of the box sum].
+
+    Samples off the image are left out of the medians: a bright trail mostly beyond the CCD edge keeps its
+    brightness (its on-CCD part lies over its neighbours' trails as much as a whole trail would)."""
     # strips.data is zero at bad cells
     B = _rowsum(strips.data)
     if strips.var0.strides[-1] == 0:  # one variance per strip (drift along x)
@@ -285,8 +288,20 @@ def _snr_per_sample(strips, return_flux=False):
     else:
         V = _rowsum(np.where(strips.bad, np.float32(0), strips.var0))
     V = V + np.maximum(B, 0) * strips.q
-    snr = np.median(B / np.sqrt(np.maximum(V, 1e-9)), axis=1)
-    return (snr, np.median(B, axis=1)) if return_flux else snr
+    R = B / np.sqrt(np.maximum(V, 1e-9))
+    off = (strips.sample_flags & fb.OFF_IMAGE) != 0
+    part = off.any(axis=1) & ~off.all(axis=1)
+    snr = np.median(R, axis=1)
+    box = np.median(B, axis=1) if return_flux else None
+    if part.any():
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            snr[part] = np.nanmedian(np.where(off[part], np.nan, R[part]), axis=1)
+            if return_flux:
+                box[part] = np.nanmedian(np.where(off[part], np.nan, B[part]), axis=1)
+    return (snr, box) if return_flux else snr
 
 
 def _reject_worst(d, M, V, bad, outlier_sigma, sys_frac, overwrite=False):
