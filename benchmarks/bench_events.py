@@ -6,7 +6,7 @@ sample at r = 17). Prints:
 
 * search time (scan + 20 scrambles + fits), target <= 60 s on 2 cores;
 * false positives on this event-free CCD-night at the default threshold (FAP
-  5e-5 per star-night; target: a false-positive rate <= 1e-4) and the
+  3e-5 per star-night; target: a false-positive rate <= 1e-4) and the
   calibration of the reported false-alarm probabilities;
 * injection-recovery efficiency on a grid of tE, u0, rho, mag (t0 uniform
   over the observed samples, and over the whole night for one cell row).

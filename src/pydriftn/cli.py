@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="report folder (default: STORE/search)")
     p.add_argument("--config", default=None, help="take the `search` section of this run configuration")
     p.add_argument("--false-alarm-rate", type=float, default=None,
-                   help="target false-alarm probability per star-night (default 5e-5)")
+                   help="target false-alarm probability per star-night (default 3e-5)")
     p.add_argument("--scrambles", type=int, default=None,
                    help="time-scrambled copies calibrating the threshold (default 20)")
     p.add_argument("--pages", type=int, default=None, help="candidate pages in the report (default 50)")

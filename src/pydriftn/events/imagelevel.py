@@ -487,7 +487,7 @@ def image_level_efficiency(out_dir, *, cells=None, events_per_ccd: int = 10, pre
         Further run-configuration keys (e.g. ``executor``).
     search_kwargs : dict, optional
         Passed to :func:`~.search.search_store` and :func:`~.inject.efficiency`
-        (e.g. ``false_alarm_rate``; default the search's own, 5e-5).
+        (e.g. ``false_alarm_rate``; default the search's own, 3e-5).
     n_series : int
         Series-level injections per cell (0: skip the series level).
     match_radius_arcsec : float
