@@ -90,6 +90,9 @@ FLASH_FWHM_RANGE = (0.8, 1.05)
 FLASH_OWN_FWHM_RANGE = (0.8, 1.25)
 #: FWHM range of the free-width profile the flash profile is compared with.
 FREE_FWHM_RANGE = (0.5, 4.0)
+#: Longest candidate window (samples) tested for ``unresolved_in_time``: an instantaneous flash's best boxcar
+#: spans ~1 FWHM (3-5 samples); the grid of flash instants grows with the window.
+UNRESOLVED_MAX_WINDOW = 12
 #: Default target false-alarm probability per star-night. The threshold comes from the night's own nulls
 #: (:func:`calibrate_null`), whose far tail rests on a few tens of thousands of star-nights per CCD-night: measured
 #: on 100000 event-free synthetic star-nights (``benchmarks/bench_events.py --fp-nights 50``) the false-positive
@@ -759,8 +762,12 @@ def _unresolved_in_time(block, i, row, t_lo, t_hi, sample_s, default_fwhm, colum
     (``FLASH_FWHM_RANGE``; :func:`_flash_veto`), its instant anywhere in the
     candidate window +- 2 samples, by ``margin_dchi2``; events of the
     searched durations (>= 2 s above magnification 1.1) beat it by tens to
-    thousands. Returns ``(veto, delta_chi2 of the flash)``.
+    thousands. Candidates whose window spans more than ``UNRESOLVED_MAX_WINDOW``
+    samples are not tested (a flash's best boxcar is a few samples wide).
+    Returns ``(veto, delta_chi2 of the flash)``.
     """
+    if (t_hi - t_lo) * SECONDS_PER_DAY > UNRESOLVED_MAX_WINDOW * sample_s:
+        return False, np.nan
     t_ref, t_s, yy, ee, _dur, gidx = _fit_data(block, i, t_lo, t_hi, sample_s)
     fwhm = _psf_fwhm(block, gidx, column_per_fwhm)
     if not np.isfinite(fwhm):
