@@ -284,6 +284,11 @@ def test_flagged_samples_excluded_and_marked():
     t0 = lc.loc[(lc["star_id"] == 7) & (lc["expnum"] == 1002) & (lc["sample"] == 18), "mjd"].iloc[0]
     lc = inject_microlensing(lc, {"star_id": 7, "t0_mjd": t0, "te_s": 4.0, "u0": 0.2, "rho": 0.1}, seed=1)
     lc.loc[(lc["star_id"] == 7) & (lc["expnum"] == 1002) & (lc["sample"] == 18), "flags"] = int(flags.SATELLITE)
+    # star 9: the same event with its peak samples lost (masked/saturated pixels: excluded, nothing added): kept
+    t9 = lc.loc[(lc["star_id"] == 9) & (lc["expnum"] == 1002) & (lc["sample"] == 18), "mjd"].iloc[0]
+    lc = inject_microlensing(lc, {"star_id": 9, "t0_mjd": t9, "te_s": 4.0, "u0": 0.2, "rho": 0.1}, seed=1)
+    lost = (lc["star_id"] == 9) & (lc["expnum"] == 1002) & lc["sample"].between(18, 19)
+    lc.loc[lost, "flags"] = int(flags.MASKED_PIXELS)
     res = search(lc, stars, n_scrambles=10, false_alarm_rate=1e-2)  # default mask: COSMIC_RAY|SATELLITE|...
     sn = res.star_nights.set_index("star_id")
     assert sn.loc[5, "false_alarm_prob"] > 1e-3  # the flagged spike is invisible
@@ -294,6 +299,7 @@ def test_flagged_samples_excluded_and_marked():
     assert c.loc[7, "above_threshold"]
     assert c.loc[7, "vetoes"] & VETO_FLAGGED
     assert "flagged_samples" in c.loc[7, "veto_reasons"]
+    assert c.loc[9, "above_threshold"] and c.loc[9, "vetoes"] == 0
     # without the flag mask the spike is a (spurious) detection
     res2 = search(lc, stars, n_scrambles=10, false_alarm_rate=1e-2, bad_flag_mask=0, fit=False)
     assert res2.star_nights.set_index("star_id").loc[5, "false_alarm_prob"] < 1e-4

@@ -101,6 +101,20 @@ UNRESOLVED_MAX_WINDOW = 12
 DEFAULT_FALSE_ALARM_RATE = 3e-5
 
 
+def _artefact_flags() -> int:
+    """Sample flags of light that is not the star's (``COSMIC_RAY | SATELLITE | BLENDED``; every bit if the
+    registry lacks them)."""
+    from .. import flags as _flags
+
+    mask = 0
+    for name in ("COSMIC_RAY", "SATELLITE", "BLENDED"):
+        mask |= int(getattr(_flags, name, 0))
+    return mask if mask else ~0
+
+
+_ARTEFACT_FLAGS = _artefact_flags()
+
+
 def veto_names(bits: int) -> str:
     """``"common_mode|flash"`` etc. for a veto bitmask ('' if none)."""
     return "|".join(name for bit, name in VETO_BITS.items() if int(bits) & bit)
@@ -548,7 +562,11 @@ def _block_candidates(block, sc, scr_p, idx, fap, thr, star_tab, mcol, fl, *, fi
         # ---- vetoes
         vet = 0
         lo_k, hi_k = max(j0 - 1, 0), min(j0 + width + 1, block.n_grid)
-        if np.any(block.present[i, lo_k:hi_k] & ~block.valid[i, lo_k:hi_k]):  # flag-excluded samples at the peak
+        # samples at the peak excluded for something that adds light (a cosmic ray, a satellite, a blend): its
+        # wings may be in the neighbouring samples; samples only lost (masked or saturated pixels, no data)
+        # do not veto: the event's other samples stand on their own
+        excluded = block.present[i, lo_k:hi_k] & ~block.valid[i, lo_k:hi_k]
+        if np.any(excluded & ((block.flags[i, lo_k:hi_k] & _ARTEFACT_FLAGS) != 0)):
             vet |= VETO_FLAGGED
         wkey = (j0, width)
         if wkey not in window_cache:
