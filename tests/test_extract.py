@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from pydriftn.extract import extract_trails, find_neighbours, flagbits as fb
+from pydriftn.flags import PixelFlag
 from pydriftn.extract.evaluate import robust_sigma
 from pydriftn.extract.synthetic import make_geometry, render_field
 from pydriftn.sky import local_sky
@@ -141,13 +142,18 @@ def test_masked_pixels_are_bridged_and_outliers_rejected(noisy_pair):
         if n_i == 0:
             img[y - 12:y + 12, x - 20] = 0.0
             mask[y - 12:y + 12, x - 20] = 1
+        if n_i == 1:  # a masked satellite streak across the trail, further along
+            img[y - 12:y + 12, x - 24:x - 22] += 500.0
+            mask[y - 12:y + 12, x - 24:x - 22] = int(PixelFlag.STREAK)
         hits.append(i)
     sky = local_sky(img, mask, trails, f.geometry, gain=f.gain)
     r = extract_trails(img, mask, trails, f.geometry, sky, gain=f.gain, read_noise_e=f.read_noise_e,
                        saturation_adu=f.saturation_adu, fwhm_px=3.7)
     for i in hits:
-        masked = (r.flags[i] & fb.MASKED_PIXELS) != 0
-        nodata = (r.flags[i] & fb.NO_DATA) != 0
+        satellite = (r.flags[i] & fb.SATELLITE) != 0  # streak pixels are reported as such (the search vetoes them)
+        assert (1 <= satellite.sum() <= 4) if i == hits[1] else not satellite.any()
+        masked = ((r.flags[i] & fb.MASKED_PIXELS) != 0) & ~satellite
+        nodata = ((r.flags[i] & fb.NO_DATA) != 0) & ~satellite
         bridged = masked & ~nodata
         assert 1 <= bridged.sum() <= 4 and (r.n_masked[i, bridged] > 0).all()
         assert ((r.flags[i, bridged] & fb.COSMIC_RAY) != 0).all()  # the dq bit is reported

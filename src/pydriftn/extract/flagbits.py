@@ -69,14 +69,16 @@ BAD_SKY = lookup_bit("BAD_SKY")
 NOT_NORMALISED = lookup_bit("NOT_NORMALISED")
 BLENDED = lookup_bit("BLENDED")
 BLEND_MINOR = lookup_bit("BLEND_MINOR")
+SATELLITE = lookup_bit("SATELLITE", 0)
 
 #: Pixel-mask bits (from pydriftn.flags) that mark cosmic rays / saturation, if defined.
 PIXEL_COSMIC_RAY = lookup_bit("COSMIC_RAY", 0, kinds=("Pixel", "Mask", ""))
 PIXEL_SATURATED = lookup_bit("SATURATED", 0, kinds=("Pixel", "Mask", ""))
+PIXEL_STREAK = lookup_bit("STREAK", 0, kinds=("Pixel", "Mask", ""))
 
 _NAMES = ["SHUTTER_RAMP", "DEBLENDED", "MASKED_PIXELS", "SATURATED", "COSMIC_RAY", "OFF_IMAGE",
           "NO_DATA", "OUTLIER_PIXELS", "FEW_VALID_SAMPLES", "BAD_SKY", "NOT_NORMALISED", "BLENDED",
-          "BLEND_MINOR"]
+          "BLEND_MINOR", "SATELLITE"]
 
 
 def describe(value):

@@ -246,6 +246,7 @@ def cut_strips(image, mask, x_start, y_start, x_end, y_end, geometry, sky_e, gai
     flags = np.zeros((S, K), dtype=np.int32)
     sat_any = np.zeros((S, K), dtype=bool)
     cr_any = np.zeros((S, K), dtype=bool)
+    streak_any = np.zeros((S, K), dtype=bool)
     hit = bad.any(axis=2)
     if hit.any():
         hs, hk = np.nonzero(hit)
@@ -259,11 +260,14 @@ def cut_strips(image, mask, x_start, y_start, x_end, y_end, geometry, sky_e, gai
                     cr_any[hs, hk] |= (((hm & fb.PIXEL_COSMIC_RAY) != 0) & u_).any(axis=1)
                 if fb.PIXEL_SATURATED:
                     sat_any[hs, hk] |= (((hm & fb.PIXEL_SATURATED) != 0) & u_).any(axis=1)
+                if fb.PIXEL_STREAK:
+                    streak_any[hs, hk] |= (((hm & fb.PIXEL_STREAK) != 0) & u_).any(axis=1)
     off_c = (jc - W < 0) | (jc + W >= n_cross)
     off_image = off_along | off_c
     flags |= np.where(off_image, fb.OFF_IMAGE, 0).astype(np.int32)
     flags |= np.where(sat_any, fb.SATURATED, 0).astype(np.int32)
     flags |= np.where(cr_any, fb.COSMIC_RAY, 0).astype(np.int32)
+    flags |= np.where(streak_any, fb.SATELLITE, 0).astype(np.int32)  # masked satellite/aircraft streak pixels
     var0 = np.broadcast_to(var0, (S, K, C))
     q = np.where(wsum > 0, (w1 * w1 + w2 * w2) / np.where(wsum > 0, w1 + w2, 1.0), 1.0).astype(np.float32)
     return Strips(
