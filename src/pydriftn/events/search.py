@@ -615,10 +615,9 @@ def _block_candidates(block, sc, scr_p, idx, fap, thr, star_tab, mcol, fl, *, fi
             if is_flash:
                 vet |= VETO_FLASH
         elif row["model"] != "none":
-            default_fwhm, ml_margin = flash_test[3], flash_test[4]
+            _w, _m, _f, default_fwhm, ml_margin, column_per_fwhm = flash_test
             unresolved, d_flash = _unresolved_in_time(block, i, row, t_lo, t_hi, sample_s, default_fwhm,
-                                                      flash_test[5] if len(flash_test) > 5 else LSF_PER_PSF_FWHM,
-                                                      ml_margin)
+                                                      column_per_fwhm, ml_margin)
             row["delta_chi2_flash"] = d_flash
             if unresolved:
                 vet |= VETO_UNRESOLVED
@@ -725,8 +724,7 @@ def _flash_veto(block, i, row, t_lo, t_hi, width, sample_s, fl, fidx, fl_pad, fl
         Veto, the Delta-chi2 (vs flat) of the best flash-width profile and of
         the best free-width profile (NaN if not fitted).
     """
-    max_width, margin_dchi2, margin_frac, default_fwhm, ml_margin_dchi2 = flash_test[:5]
-    column_per_fwhm = flash_test[5] if len(flash_test) > 5 else LSF_PER_PSF_FWHM
+    max_width, margin_dchi2, margin_frac, default_fwhm, ml_margin_dchi2, column_per_fwhm = flash_test
     if not fit_done:
         return True, np.nan, np.nan
     t_ref, t_s, yy, ee, _dur, gidx = _fit_data(block, i, t_lo, t_hi, sample_s)
