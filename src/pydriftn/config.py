@@ -127,7 +127,8 @@ class SearchConfig(_Section):
     """Event search over the light-curve store."""
 
     enabled: bool = Field(False, description="run the event search at the end of `pydriftn run` (into OUTPUT/search)")
-    false_alarm_per_star_night: float = Field(3e-5, gt=0, lt=1, description="target false-alarm probability per star-night")
+    false_alarm_per_star_night: float = Field(3e-5, gt=0, lt=1,
+                                              description="target false-alarm probability per star-night")
     n_scrambles: int = Field(20, ge=1, description="time-scrambled copies used to calibrate the threshold")
     report_pages: int = Field(50, ge=0, description="candidate pages in the report (PDF/HTML)")
     efficiency_dir: Path | None = Field(None, description="`pydriftn efficiency` output shown in the report")

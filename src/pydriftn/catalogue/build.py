@@ -449,12 +449,11 @@ def _gaia_edge_stars(gp, gaia_xi_eta, pairs, images, tab, margin_arcsec, prefix)
     g = gp.iloc[sel]
     gmag = g["gmag"].to_numpy(float)
     mag_r = gmag + offset
-    exptime = float(r.exptime) if getattr(r, "exptime", None) and np.isfinite(r.exptime) else np.nan
     edge = pd.DataFrame({c: np.full(sel.size, np.nan) for c in CATALOGUE_COLUMNS})
     edge["ra"] = g["ra"].to_numpy(float)
     edge["dec"] = g["dec"].to_numpy(float)
     edge["mag_r"] = mag_r
-    edge["flux_r"] = 10.0 ** (-0.4 * mag_r) * exptime
+    edge["flux_r"] = 10.0 ** (-0.4 * mag_r) * float(r.exptime)  # (read_pointed_ccd requires EXPTIME > 0)
     for b in ("g", "r"):
         edge[f"flags_{b}"] = np.int64(0)
     edge["flags"] = np.int64(0)

@@ -412,8 +412,8 @@ def gaussian_null_block(block: SeriesBlock, n_realisations: int, seed=0, widths=
     the sample's (rescaled) error, at the star's own grid positions, and is
     scanned like the scrambles (:func:`scramble_block`, same arguments and
     output shape), with its error scale re-measured on the realisation as
-    :func:`~.series.build_blocks` measures the data's. Unlike the scrambles it does not reuse the data's own
-    values: the few most extreme samples of a night drive the far tail of
+    :func:`~.series.build_blocks` measures the data's. Unlike the scrambles
+    it does not reuse the data's own values: the few most extreme samples of a night drive the far tail of
     every scrambled copy, so the scrambled tail of one CCD-night is uncertain
     by a factor ~2 at 1e-4 (measured, ``benchmarks/bench_events.py``); the
     Gaussian copies are independent. See :class:`CombinedNull`.

@@ -47,7 +47,7 @@ import pandas as pd
 from .fit import DEFAULT_PSF_FWHM_PX, SMEAR_SUPERSAMPLE, fit_flare, fit_flash, fit_microlensing
 from .scan import (DEFAULT_WIDTHS, CombinedNull, NullDistribution, gaussian_null_block, scan_block, scramble_block,
                    window_statistic)
-from .series import LSF_PER_PSF_FWHM, SECONDS_PER_DAY, EventSearchError, build_blocks, check_columns
+from .series import LSF_PER_PSF_FWHM, SECONDS_PER_DAY, EventSearchError, build_blocks, check_columns, flag_mask
 
 __all__ = [
     "VETO_FLAGGED",
@@ -101,18 +101,8 @@ UNRESOLVED_MAX_WINDOW = 12
 DEFAULT_FALSE_ALARM_RATE = 3e-5
 
 
-def _artefact_flags() -> int:
-    """Sample flags of light that is not the star's (``COSMIC_RAY | SATELLITE | BLENDED``; every bit if the
-    registry lacks them)."""
-    from .. import flags as _flags
-
-    mask = 0
-    for name in ("COSMIC_RAY", "SATELLITE", "BLENDED"):
-        mask |= int(getattr(_flags, name, 0))
-    return mask if mask else ~0
-
-
-_ARTEFACT_FLAGS = _artefact_flags()
+#: Sample flags of light that is not the star's: excluded samples with these at a candidate's peak veto it.
+_ARTEFACT_FLAGS = flag_mask(("COSMIC_RAY", "SATELLITE", "BLENDED"))
 
 
 def veto_names(bits: int) -> str:
@@ -228,9 +218,16 @@ def calibrate_null(blocks, *, n_scrambles=20, seed=0, widths=DEFAULT_WIDTHS, sig
         scr = _scrambled(b, i, rows, n_scrambles=n_scrambles, seed=seed, widths=widths, sign=sign,
                          n_workers=n_workers)
         keep = _null_members(scr, null_exclude_sigma)
-        gauss = gaussian_null_block(b, n_scrambles, seed=[int(seed), i, 1], widths=widths, sign=sign, rows=rows)
-        pooled.setdefault(_pool_key(b, null_pool), []).append((scr[keep].ravel(), gauss.ravel()))
+        pooled.setdefault(_pool_key(b, null_pool), []).append(
+            _null_entry(b, i, rows, scr, keep, n_scrambles=n_scrambles, seed=seed, widths=widths, sign=sign))
     return _combined_nulls(pooled)
+
+
+def _null_entry(block, i, rows, scr, keep, *, n_scrambles, seed, widths, sign):
+    """One block's contribution to its pool: the kept scrambled statistics and as many Gaussian realisations
+    of ``rows`` (seeded by ``(seed, i, 1)``)."""
+    gauss = gaussian_null_block(block, n_scrambles, seed=[int(seed), int(i), 1], widths=widths, sign=sign, rows=rows)
+    return scr[keep].ravel(), gauss.ravel()
 
 
 def _combined_nulls(pooled) -> dict:
@@ -465,9 +462,9 @@ def search(lc: pd.DataFrame, stars: pd.DataFrame | None = None, flashes: pd.Data
             keep = _null_members(scr, null_exclude_sigma)
             in_null[rows[keep]] = True
             if null is None:
-                gauss = gaussian_null_block(block, n_scrambles, seed=[int(seed), i, 1], widths=widths, sign=sign,
-                                            rows=rows)
-                pooled.setdefault(_pool_key(block, null_pool), []).append((scr[keep].ravel(), gauss.ravel()))
+                pooled.setdefault(_pool_key(block, null_pool), []).append(
+                    _null_entry(block, i, rows, scr, keep, n_scrambles=n_scrambles, seed=seed, widths=widths,
+                                sign=sign))
         scans.append((block, sc, scr_p, in_null))
     if null is None:
         null = _combined_nulls(pooled)
@@ -760,10 +757,8 @@ def _flash_veto(block, i, row, t_lo, t_hi, width, sample_s, fl, fidx, fl_pad, fl
 def _psf_fwhm(block, gidx, column_per_fwhm):
     """PSF FWHM (px) of the exposures of grid columns ``gidx``: the store's ``lsf_fwhm_px`` /
     ``column_per_fwhm`` (median), NaN without that column."""
-    if block.lsf_fwhm_px is None:
-        return np.nan
-    fw = np.asarray(block.lsf_fwhm_px, float)[np.asarray(gidx) // block.samples_per_exposure] / column_per_fwhm
-    fw = fw[np.isfinite(fw) & (fw > 0)]
+    fw = block.exposure_fwhm_px(np.nan, column_per_fwhm)[np.asarray(gidx) // block.samples_per_exposure]
+    fw = fw[np.isfinite(fw)]
     return float(np.median(fw)) if fw.size else np.nan
 
 

@@ -55,6 +55,7 @@ __all__ = [
     "SeriesBlock",
     "build_blocks",
     "default_bad_flag_mask",
+    "flag_mask",
     "night_factors",
     "with_modified_rows",
     "REQUIRED_COLUMNS",
@@ -87,12 +88,17 @@ def default_bad_flag_mask() -> int:
     de-blended: its series carries the neighbour's variations (leakage up to
     100x the star's own flux), so it is not searched.
     """
+    return flag_mask(("COSMIC_RAY", "SATELLITE", "BLENDED", "MASKED_PIXELS"))
+
+
+def flag_mask(names) -> int:
+    """OR of the :mod:`pydriftn.flags` bits ``names`` (every bit, ``~0``, if the registry has none of them)."""
     try:
         from .. import flags as _flags  # noqa: PLC0415  (module written by another stage)
     except ImportError:
         return ~0
     mask = 0
-    for name in ("COSMIC_RAY", "SATELLITE", "BLENDED", "MASKED_PIXELS"):
+    for name in names:
         mask |= int(getattr(_flags, name, 0))
     return mask if mask else ~0
 
