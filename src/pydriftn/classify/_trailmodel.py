@@ -237,21 +237,39 @@ class TrailTemplate:
             self._t2 = (c_lo, ns, nc, P.reshape(-1, 4).view(np.complex128).ravel())
         return self._t2
 
-    def evaluate(self, s, c, derivatives=False):
+    def evaluate(self, s, c, derivatives=False, block=32768):
         """Template value (and d/ds, d/dc) at trail coordinates (float32).
 
         One bilinear look-up in the 2-D table of the template (one gather of
         the cell's 4 bilinear coefficients, stored side by side; the derivatives
         are those of the bilinear interpolant), instead of 5-7 separate 1-D
-        look-ups per entry.
+        look-ups per entry. Evaluated in blocks of ``block`` entries, whose
+        ~15 temporaries stay in the cache (the same values; ~2x faster on a
+        full CCD's 1e6 entries than whole-array passes).
         """
+        shp = np.shape(s)
+        s = np.asarray(s, np.float32).ravel()
+        c = np.asarray(c, np.float32).ravel()
+        n = len(s)
+        outs = tuple(np.empty(n, np.float32) for _ in range(3 if derivatives else 1))
+        for a in range(0, n, block):
+            b = min(n, a + block)
+            self._evaluate_block(s[a:b], c[a:b], tuple(o[a:b] for o in outs))
+        if not derivatives:
+            return outs[0].reshape(shp)
+        return tuple(o.reshape(shp) for o in outs)
+
+    def _evaluate_block(self, s, c, out):
+        """:meth:`evaluate` of float32 ``s``, ``c`` into ``out`` = (T,) or (T, dT/ds, dT/dc)."""
         c_lo, ns, nc, tab = self._table2d()
         f32 = np.float32
-        u = (np.asarray(s, f32) - f32(self.s0)) * f32(1.0 / self.ds)
+        u = s - f32(self.s0)
+        u *= f32(1.0 / self.ds)
         np.clip(u, 0.0, ns - 1.001, out=u)
         i = u.astype(np.int32)
         u -= np.floor(u)  # = u - i exactly, in float32 (u -= i runs a float64 loop)
-        v = (np.asarray(c, f32) - f32(c_lo)) * f32(1.0 / self.dc)
+        v = c - f32(c_lo)
+        v *= f32(1.0 / self.dc)
         np.clip(v, 0.0, nc - 1.001, out=v)
         j = v.astype(np.int32)
         v -= np.floor(v)
@@ -261,18 +279,18 @@ class TrailTemplate:
         c0, c1, c2, c3 = q[:, 0], q[:, 1], q[:, 2], q[:, 3]
         b = c3 * v
         b += c2  # dT/du
-        T = b * u
+        T = out[0]
+        np.multiply(b, u, out=T)
         T += c0
         v *= c1
         T += v
-        shp = np.shape(s)
-        if not derivatives:
-            return T.reshape(shp)
-        b *= f32(1.0 / self.ds)
-        Tc = c3 * u
+        if len(out) == 1:
+            return
+        np.multiply(b, f32(1.0 / self.ds), out=out[1])
+        Tc = out[2]
+        np.multiply(c3, u, out=Tc)
         Tc += c1
         Tc *= f32(1.0 / self.dc)
-        return T.reshape(shp), b.reshape(shp), Tc.reshape(shp)
 
     def _evaluate_grid(self, sg, cg):
         """``_evaluate_direct`` on the grid ``sg`` x ``cg`` (same values); along-track tables looked up per row.
@@ -340,6 +358,41 @@ class _Runs:
         else:
             self.ok = False
 
+    def blocks(self, size=32768):
+        """Entry ranges of about ``size`` entries cut at run boundaries: ``[(a, b, starts, ids), ...]``.
+
+        ``starts`` are the run starts within ``[a, b)`` relative to ``a`` and
+        ``ids`` their trails: ``out[ids] = np.add.reduceat(x[a:b], starts)``
+        gives the same per-trail sums as :meth:`sum` (the same entries of each
+        run, in the same order), while the per-entry products of a block stay
+        in the cache. One block ``(0, n_entries, None, None)`` when the runs
+        are not contiguous (then sum with :meth:`sum` instead).
+        """
+        ne = len(self.star)
+        if not self.ok:
+            return [(0, ne, None, None)]
+        cut = np.unique(np.searchsorted(self.starts, np.arange(0, ne, size)))
+        cut = cut[cut < len(self.starts)]
+        out = []
+        for k, r0 in enumerate(cut):
+            r1 = cut[k + 1] if k + 1 < len(cut) else len(self.starts)
+            a = int(self.starts[r0])
+            b = int(self.starts[r1]) if r1 < len(self.starts) else ne
+            out.append((a, b, self.starts[r0:r1] - a, self.ids[r0:r1]))
+        return out
+
+    def block_sum(self, out, blk, x, dtype=np.float64):
+        """``out[trails] = per-trail sums`` of ``x``, the values of the entries of block ``blk`` (from :meth:`blocks`).
+
+        ``dtype``: accumulator of ``np.add.reduceat`` (int32 for counts of a
+        boolean viewed as int8, as :meth:`count_true`).
+        """
+        a, b, starts, ids = blk
+        if ids is None:
+            out[:] = np.bincount(self.star[a:b], weights=x, minlength=self.n)
+        else:
+            out[ids] = np.add.reduceat(x, starts, dtype=dtype)
+
     def entries(self, select):
         """Indices of the entries of the trails where ``select`` (bool per trail) is True, ascending."""
         if not self.ok:
@@ -385,11 +438,6 @@ def _masked_in_core(tp, w, c_max):
     return np.bincount(tp.star[z], minlength=tp.n).astype(np.float64)
 
 
-def _sums(star, n, *cols, runs=None):
-    r = runs if runs is not None else _Runs(star, n)
-    return [r.sum(c) for c in cols]
-
-
 def _fit(tp, d, w, tmpl, F, da, dc, fit_off, n_iter=2, max_off=1.0, noise=None, first=None, runs=None):
     """Linearised least squares of (F, da, dc) per star; offsets only where ``fit_off``.
 
@@ -402,37 +450,46 @@ def _fit(tp, d, w, tmpl, F, da, dc, fit_off, n_iter=2, max_off=1.0, noise=None, 
     """
     n = tp.n
     st = tp.star
-    w0 = w
     runs = runs if runs is not None else _Runs(st, n)
+    blocks = runs.blocks()
+    f32 = np.float32
     for it in range(n_iter):
-        if it == 0 and first is not None:
-            T, Ts, Tc = first
-        else:
-            s = tp.s - da.astype(np.float32)[st]  # float32 throughout: evaluate() works in float32
-            c = tp.c - dc.astype(np.float32)[st]
-            T, Ts, Tc = tmpl.evaluate(s, c, derivatives=True)
-        Fi = F[st]
-        FT = Fi * T
-        r = d - FT
-        if noise is not None:
-            sky_sigma, gain = noise
-            m = np.abs(FT)
-            q = 0.03 * m
-            q *= q
-            sig = m / gain  # sqrt(sky^2 + m / gain + (0.03 m)^2), evaluated in place (the same values)
-            sig += sky_sigma**2
-            sig += q
-            np.sqrt(sig, out=sig)
-            sig *= 5.0
-            np.abs(r, out=q)
-            w = w0 * (q < sig)
-        J1 = -Fi * Ts
-        J2 = -Fi * Tc
-        wT, wJ1, wJ2 = w * T, w * J1, w * J2  # (w * T) * T etc.: the same products, evaluated once
-        a00, a01, a02, a11, a12, a22, b0, b1, b2 = _sums(
-            st, n, wT * T, wT * J1, wT * J2, wJ1 * J1, wJ1 * J2, wJ2 * J2,
-            wT * r, wJ1 * r, wJ2 * r, runs=runs,
-        )
+        da32, dc32 = da.astype(f32), dc.astype(f32)
+        S = np.zeros((9, n))
+        # per block of whole trails: template, robust weights, the nine products and their per-trail sums while
+        # the block's arrays are in the cache (the same values as whole-array passes)
+        for blk in blocks:
+            sl = slice(blk[0], blk[1])
+            stb = st[sl]
+            if it == 0 and first is not None:
+                T, Ts, Tc = (x[sl] for x in first)
+            else:
+                s = tp.s[sl] - da32[stb]  # float32 throughout: evaluate() works in float32
+                c = tp.c[sl] - dc32[stb]
+                T, Ts, Tc = tmpl.evaluate(s, c, derivatives=True)
+            Fi = F[stb]
+            FT = Fi * T
+            r = d[sl] - FT
+            wb = w[sl]
+            if noise is not None:
+                sky_sigma, gain = noise
+                m = np.abs(FT)
+                q = 0.03 * m
+                q *= q
+                sig = m / gain  # sqrt(sky^2 + m / gain + (0.03 m)^2), evaluated in place (the same values)
+                sig += sky_sigma**2
+                sig += q
+                np.sqrt(sig, out=sig)
+                sig *= 5.0
+                np.abs(r, out=q)
+                wb = wb * (q < sig)
+            J1 = -Fi * Ts
+            J2 = -Fi * Tc
+            wT, wJ1, wJ2 = wb * T, wb * J1, wb * J2  # (w * T) * T etc.: the same products, evaluated once
+            for k, x in enumerate((wT * T, wT * J1, wT * J2, wJ1 * J1, wJ1 * J2, wJ2 * J2, wT * r, wJ1 * r,
+                                   wJ2 * r)):
+                runs.block_sum(S[k], blk, x)
+        a00, a01, a02, a11, a12, a22, b0, b1, b2 = S
         A = np.empty((n, 3, 3))
         A[:, 0, 0], A[:, 0, 1], A[:, 0, 2] = a00, a01, a02
         A[:, 1, 0], A[:, 1, 1], A[:, 1, 2] = a01, a11, a12
@@ -511,10 +568,16 @@ def _solve_fluxes(star, rep, ne, n, w, T, d, pairs=None, runs=None):
     share no pixel get the closed-form amplitude ``sum(w T d) / sum(w T^2)``;
     only the coupled ones (blend groups) go to a small sparse solve.
     """
-    v = T * w
     runs = runs if runs is not None else _Runs(star, n)
-    diag = runs.sum(v * v)
-    b = runs.sum(v * d)
+    # v = T w and the per-trail sums of v^2 and v d, per block of whole trails (in the cache; the same values)
+    v = np.empty(len(T), np.result_type(T, w))
+    diag = np.zeros(n)
+    b = np.zeros(n)
+    for blk in runs.blocks():
+        sl = slice(blk[0], blk[1])
+        vb = np.multiply(T[sl], w[sl], out=v[sl])
+        runs.block_sum(diag, blk, vb * vb)
+        runs.block_sum(b, blk, vb * d[sl])
     dead = diag <= 0
     F = np.zeros(n)
     live = ~dead
@@ -914,9 +977,15 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
 
     def aperture(tp, d, w, runs):
         """Flux and S/N from a box of half-width 1.5 sigma across the trail (no template needed)."""
-        core = (np.abs(tp.c) <= 1.5 * sigma_psf) & (w > 0)
-        ncore = runs.count_true(core)
-        F = runs.sum(d * core) / 0.866
+        ncore = np.zeros(n)
+        F = np.zeros(n)
+        for blk in runs.blocks():  # per block of whole trails (in the cache; the same sums)
+            sl = slice(blk[0], blk[1])
+            core = np.abs(tp.c[sl]) <= 1.5 * sigma_psf
+            core &= w[sl] > 0
+            runs.block_sum(ncore, blk, core.view(np.int8), dtype=np.int32)
+            runs.block_sum(F, blk, d[sl] * core)
+        F /= 0.866
         with np.errstate(divide="ignore", invalid="ignore"):
             snr = np.nan_to_num(F * 0.866 / (sky_sigma * np.sqrt(ncore)))
         return F, snr
