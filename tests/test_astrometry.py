@@ -675,3 +675,63 @@ def test_trail_window_samples_are_the_pixels_of_the_grid(direction):
     np.testing.assert_array_equal(vals, np.where(valid, img[Yc, Xc], 0.0))
     assert vals.flags.c_contiguous and valid.flags.c_contiguous
     assert 0 < (~on).sum() and on.any(axis=(1, 2)).sum() > 30  # both edge and inner windows exercised
+
+
+@pytest.mark.parametrize("angle_deg, dense", [(180.0, False), (-179.98, False), (90.01, False), (33.3, False),
+                                              (-179.98, True)])
+def test_pixel_counts_are_those_of_each_footprint(angle_deg, dense):
+    """Cosmic-ray / masked pixel and sample counts and the SATURATED / SATELLITE flags of each trail = a direct count
+    over its footprint pixels rint(start + s u + c v) (edge trails included), from the flagged pixels (sparse masks)
+    or by gathering every footprint (dense ones); the dq mask's flat indices are those of its boolean images."""
+    from types import SimpleNamespace
+
+    from pydriftn.astrometry.core import _pixel_counts
+    from pydriftn.flags import PixelFlag
+
+    rng = np.random.default_rng(21)
+    ny, nx = 300, 200
+    th = math.radians(angle_deg)
+    geo = SimpleNamespace(direction=(math.cos(th), math.sin(th)), length_px=37.3, n_samples=37)
+    sigma = 1.6
+    n = 150
+    xs = rng.uniform(-45, nx + 45, n)
+    ys = rng.uniform(-45, ny + 45, n)
+    dq = np.zeros((ny, nx), np.uint16)
+    scale = 60.0 if dense else 1.0
+    for bit, frac in ((PixelFlag.COSMIC_RAY, 0.004), (PixelFlag.BAD_PIXEL, 0.003), (PixelFlag.SATURATED, 0.0005),
+                      (PixelFlag.STREAK, 0.0005)):
+        dq[rng.random((ny, nx)) < scale * frac] |= np.uint16(bit)
+    dq[:, 57] |= np.uint16(PixelFlag.BAD_PIXEL)  # a bad column
+    masks = resolve_mask(dq, dq.shape)
+    for key in ("bad", "cr", "saturated", "streak"):
+        np.testing.assert_array_equal(masks["index"][key], np.flatnonzero(masks[key]))
+    cr, bad, sat, streak = masks["cr"], masks["bad"], masks["saturated"], masks["streak"]
+    cols = {"x_start": xs, "y_start": ys, "flags": np.zeros(n, np.int64)}
+    _pixel_counts(cols, cr, bad, sat, streak, geo, sigma, index=masks["index"])
+    # direct count, trail by trail
+    ux, uy = geo.direction
+    hw = int(math.ceil(2.5 * sigma))
+    s_off = np.arange(-1, int(math.ceil(geo.length_px)) + 2, dtype=float)
+    c_off = np.arange(-hw, hw + 1, dtype=float)
+    for i in range(n):
+        X = np.rint(xs[i] + (s_off[:, None] * ux + c_off[None, :] * -uy)).astype(int)
+        Y = np.rint(ys[i] + (s_off[:, None] * uy + c_off[None, :] * ux)).astype(int)
+        on = (X >= 0) & (X < nx) & (Y >= 0) & (Y < ny)
+        Xc, Yc = np.clip(X, 0, nx - 1), np.clip(Y, 0, ny - 1)
+        c_hit = cr[Yc, Xc] & on
+        m_hit = bad[Yc, Xc] & ~cr[Yc, Xc] & on
+        samples = set()
+        for s in s_off[c_hit.any(axis=1)]:
+            samples |= {k for k in (math.floor(s - 0.5), math.floor(s + 0.5)) if 0 <= k < geo.n_samples}
+        assert cols["n_cr_pixels"][i] == c_hit.sum()
+        assert cols["n_masked_pixels"][i] == m_hit.sum()
+        assert cols["n_cr_samples"][i] == len(samples)
+        assert bool(cols["flags"][i] & TrailFlag.SATURATED) == bool((sat[Yc, Xc] & on).any())
+        assert bool(cols["flags"][i] & TrailFlag.SATELLITE) == bool((streak[Yc, Xc] & on).any())
+        assert bool(cols["flags"][i] & TrailFlag.COSMIC_RAY) == bool(c_hit.any())
+    assert cols["n_cr_pixels"].sum() > 20 and cols["n_masked_pixels"].sum() > 20
+    # without the indices (found from the images): the same
+    cols2 = {"x_start": xs, "y_start": ys, "flags": np.zeros(n, np.int64)}
+    _pixel_counts(cols2, cr, bad, sat, streak, geo, sigma)
+    for key in ("n_cr_pixels", "n_cr_samples", "n_masked_pixels", "flags"):
+        np.testing.assert_array_equal(cols2[key], cols[key])

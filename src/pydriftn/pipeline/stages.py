@@ -102,8 +102,11 @@ def process_exposure_ccd(unit, catalogue: pd.DataFrame, cfg, *, targets=None) ->
     # (the flagged pixels are < 1 %: set through their flat indices, ~2x faster than boolean indexing)
     pixmask = np.zeros(img.shape, dtype=np.uint16)
     flat = pixmask.reshape(-1)
-    flat[np.flatnonzero(astro.bad_mask)] |= np.uint16(PixelFlag.BAD_PIXEL)
-    flat[np.flatnonzero(astro.cr_mask)] |= np.uint16(PixelFlag.COSMIC_RAY)
+    # (the astrometry passes the flat indices on when it knows them from the dq mask: no image pass)
+    bad_idx = astro.bad_index if astro.bad_index is not None else np.flatnonzero(astro.bad_mask)
+    cr_idx = astro.cr_index if astro.cr_index is not None else np.flatnonzero(astro.cr_mask)
+    flat[bad_idx] |= np.uint16(PixelFlag.BAD_PIXEL)
+    flat[cr_idx] |= np.uint16(PixelFlag.COSMIC_RAY)
 
     classification = None
     counts = {}
