@@ -470,13 +470,20 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
     rows, cols, sigma, level = estimate_sky(data, excl, amp_boundary=amp_boundary)
     if not sigma > 0:
         sigma = float(read_noise or 1.0) / gain
-    r0 = data - rows.astype(np.float32)[:, None]
-    r0 -= cols.astype(np.float32)[None, :]
-    if mask is None:
+    # sky-subtracted image in blocks of 64 rows (the block stays in the cache between the passes; the same values)
+    r0 = np.empty(data.shape, np.float32)
+    rows32, cols32 = rows.astype(np.float32), cols.astype(np.float32)
+    zero_now = mask is not None  # without a dq mask, dead columns are found on r0 before the zeroing
+    for a in range(0, ny, 64):
+        rb = np.subtract(data[a:a + 64], rows32[a:a + 64, None], out=r0[a:a + 64])
+        rb -= cols32[None, :]
+        if zero_now:
+            np.copyto(rb, 0.0, where=excl[a:a + 64])  # = r0[excl] = 0, ~2x faster
+    if not zero_now:
         dead = _dead_columns(r0, sigma)
         if dead is not None:
             excl |= dead
-    np.copyto(r0, 0.0, where=excl)  # = r0[excl] = 0, ~2x faster
+        np.copyto(r0, 0.0, where=excl)
     timings["sky"] = time.perf_counter() - t_start
 
     # ---------------------------------------------------------------- trail model
@@ -496,18 +503,24 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
     fit = fit_trails(r0, excl, tx0[tidx], ty0[tidx], tx1[tidx], ty1[tidx], sigma_psf=sigma_psf, sky_sigma=sigma,
                      analytic_length=L, gain=gain)
     model = fit.model
-    resid = np.subtract(r0, model, out=r0)  # in place: r0 is not needed again (see the streak refit below)
+    # residual in place of r0 (not needed again: see the streak refit below), excluded pixels zeroed and (for the
+    # streak search) binned 2x2, in blocks of 64 rows that stay in the cache (the same values as whole-image passes)
+    resid = r0
     del r0
-    np.copyto(resid, 0.0, where=excl)
+    B0 = np.empty((ny // 2, nx // 2), np.float32) if detect_streaks else None
+    for a in range(0, ny, 64):
+        rb = np.subtract(resid[a:a + 64], model[a:a + 64], out=resid[a:a + 64])
+        np.copyto(rb, 0.0, where=excl[a:a + 64])
+        if B0 is not None:
+            bb = bin_image(rb, 2)
+            B0[a // 2:a // 2 + len(bb)] = bb
     timings["trail_model"] = time.perf_counter() - t0
 
     # ---------------------------------------------------------------- streaks
     t0 = time.perf_counter()
     streak_mask = np.zeros(data.shape, bool)
     streaks: list[Streak] = []
-    B0 = None
     if detect_streaks:
-        B0 = bin_image(resid, 2)
         mesh0, _ = residual_mesh(B0)
         streaks = find_streaks(resid, sigma, fwhm_px=fwhm_px, bin_px=streak_bin_px, background_binned2=mesh0,
                                binned2=B0, detect_sigma=streak_detect_sigma, max_streaks=max_streaks,
