@@ -389,7 +389,7 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
                        max_rotation_deg=0.2, sip_order=None, max_sip_order=3, bad_bits=None, cr_bits=None,
                        detect_cosmics_without_mask=True, n_bright=200, expnum=None, ccd=None,
                        wcs=None, exptime_s=None, fwhm_px=None, gain=None, saturation=None,
-                       min_snr_position=20.0, max_position_fits=400,
+                       min_snr_position=20.0, max_position_fits=200,
                        position_estimator="moment"):
     """Find every trail on a drift CCD, identify its star and re-fit the WCS.
 
@@ -433,7 +433,9 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
         Unblended, untruncated trails of at least this S/N get a measured
         position (``x_meas``, ``y_meas``) and may enter the WCS fit ...
     max_position_fits : int
-        ... at most this many, the most significant.
+        ... at most this many, the most significant (200: on full simulated
+        CCDs the WCS of the 200 brightest matched that of 400 within 0.0003"
+        rms against the truth, and the position fits cost half as much).
     position_estimator : {'moment', 'edges'}
         Along-track position of a measured trail: the first moment of its line
         density (the image position averaged over the exposure) or halfway
@@ -704,7 +706,8 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
         # positions of the significant ones, with their neighbours' models subtracted
         t = time.perf_counter()
         # measured positions for the clean, significant trails (the WCS needs no more than
-        # the best few hundred: its error falls as 1/sqrt(N) while the cost grows as N)
+        # the best couple of hundred: its error falls as 1/sqrt(N), less for the fainter ones added,
+        # while the cost grows as N)
         fxs, fxe = fx - 0.5 * geo_c.displacement_px[0], fx + 0.5 * geo_c.displacement_px[0]
         fys, fye = fy - 0.5 * geo_c.displacement_px[1], fy + 0.5 * geo_c.displacement_px[1]
         ins = ((np.minimum(fxs, fxe) >= fwhm_px) & (np.maximum(fxs, fxe) <= nx - 1 - fwhm_px)
