@@ -616,6 +616,12 @@ def test_neighbour_models_equal_rendered_image_minus_own(direction):
     expected = sampled - own
     assert nb.shape == expected.shape and np.abs(expected).max() > 5.0
     np.testing.assert_allclose(np.where(inside, nb, 0.0), np.where(inside, expected, 0.0), atol=1e-4)
+    # unit templates of a subset scaled on the fly = the scaled models of that subset, exactly
+    sub = np.arange(1, ns, 2)
+    pre = trailfit.neighbour_models(grid, tx, ty, sx[sub], sy[sub], T[sub] * h[sub][:, None, None])
+    onfly = trailfit.neighbour_models(grid, tx, ty, sx[sub], sy[sub], T, scale=h[sub], model_index=sub)
+    np.testing.assert_array_equal(onfly, pre)
+    assert np.abs(pre).max() > 5.0
     # a target alone: no neighbours
     far = trailfit.neighbour_models(grid, [1e4], [1e4], sx, sy, T * h[:, None, None])
     assert not far.any()

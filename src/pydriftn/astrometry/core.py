@@ -719,13 +719,14 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
         ucand = np.nonzero(~near)[0]
         if grid.snapped:
             # the neighbours' models on each fitted trail's grid, pair by pair (no full-size rendering)
+            # (the unit templates scaled by the fluxes only where they overlap a target)
             src = np.nonzero(hj > 0)[0]
-            src_models = templ[src] * hj[src][:, None, None]
             self_src = np.full(fx.size, -1, np.intp)
             self_src[src] = np.arange(src.size)
-            nb_pos = trailfit.neighbour_models(grid, fx[pos_sel], fy[pos_sel], fx[src], fy[src], src_models,
-                                               self_index=self_src[pos_sel])
-            nb_u = trailfit.neighbour_models(grid, cx_all[ucand], cy_all[ucand], fx[src], fy[src], src_models)
+            nb_pos = trailfit.neighbour_models(grid, fx[pos_sel], fy[pos_sel], fx[src], fy[src], templ,
+                                               self_index=self_src[pos_sel], scale=hj[src], model_index=src)
+            nb_u = trailfit.neighbour_models(grid, cx_all[ucand], cy_all[ucand], fx[src], fy[src], templ,
+                                             scale=hj[src], model_index=src)
             pf = trailfit.fit_trails(sub, fx[pos_sel], fy[pos_sel], grid, rms=rms_f[pos_sel], gain=gain,
                                      bad=fit_bad, neighbours=nb_pos, use_moment=position_estimator == "moment",
                                      n_iter=3)

@@ -676,7 +676,8 @@ def render_trails(shape, grid: TrailGrid, x_mid, y_mid, h, dtype=np.float32, tem
     return img
 
 
-def neighbour_models(grid: TrailGrid, x_mid, y_mid, src_x, src_y, src_models, *, self_index=None):
+def neighbour_models(grid: TrailGrid, x_mid, y_mid, src_x, src_y, src_models, *, self_index=None, scale=None,
+                     model_index=None):
     """Sum of the other trails' models on each target trail's grid (whole-pixel grids only).
 
     What :func:`render_trails` followed by a sampling of the rendered image on
@@ -700,6 +701,15 @@ def neighbour_models(grid: TrailGrid, x_mid, y_mid, src_x, src_y, src_models, *,
     self_index : array_like of int, optional
         Per target, the index of the source that is the target itself
         (left out), or -1.
+    scale : array_like of float, optional
+        Per source, a factor of its model (e.g. its flux, with unit templates
+        as ``src_models``): the model is ``float32(src_models[j] * scale[j])``,
+        the product taken in float64, as when the scaled models are passed.
+        Only the overlapping pieces are scaled (no scaled copy of all models).
+    model_index : array_like of int, optional
+        Per source, the row of ``src_models`` holding its model (default: row
+        ``j`` for source ``j``), so that a subset of a larger template array
+        needs no copy.
 
     Returns
     -------
@@ -749,8 +759,14 @@ def neighbour_models(grid: TrailGrid, x_mid, y_mid, src_x, src_y, src_models, *,
     okB = (B >= 0) & (B < n_q)
     np.clip(A, 0, n_p - 1, out=A)
     np.clip(B, 0, n_q - 1, out=B)
-    idx = (sj * (n_p * n_q))[:, None, None] + (A * n_q)[:, :, None] + B[:, None, :]
-    g = np.take(np.asarray(src_models, np.float32).reshape(-1), idx)
+    rows = sj if model_index is None else np.asarray(model_index, np.intp)[sj]
+    idx = (rows * (n_p * n_q))[:, None, None] + (A * n_q)[:, :, None] + B[:, None, :]
+    if scale is None:
+        g = np.take(np.asarray(src_models, np.float32).reshape(-1), idx)
+    else:
+        g = np.take(np.asarray(src_models).reshape(-1), idx).astype(np.float64)
+        g *= np.asarray(scale, np.float64)[sj][:, None, None]
+        g = g.astype(np.float32)
     g *= okA[:, :, None] & okB[:, None, :]
     starts = np.flatnonzero(np.r_[True, ti[1:] != ti[:-1]])
     out[ti[starts]] = np.add.reduceat(g, starts, axis=0)
