@@ -454,10 +454,10 @@ def _fit(tp, d, w, tmpl, F, da, dc, fit_off, n_iter=2, max_off=1.0, noise=None, 
     blocks = runs.blocks()
     f32 = np.float32
     for it in range(n_iter):
-        da32, dc32 = da.astype(f32), dc.astype(f32)
+        da32, dc32, F32 = da.astype(f32), dc.astype(f32), F.astype(f32)
         S = np.zeros((9, n))
-        # per block of whole trails: template, robust weights, the nine products and their per-trail sums while
-        # the block's arrays are in the cache (the same values as whole-array passes)
+        # per block of whole trails: template, robust weights, the nine products (float32; the sums accumulate in
+        # float64) and their per-trail sums while the block's arrays are in the cache
         for blk in blocks:
             sl = slice(blk[0], blk[1])
             stb = st[sl]
@@ -467,7 +467,7 @@ def _fit(tp, d, w, tmpl, F, da, dc, fit_off, n_iter=2, max_off=1.0, noise=None, 
                 s = tp.s[sl] - da32[stb]  # float32 throughout: evaluate() works in float32
                 c = tp.c[sl] - dc32[stb]
                 T, Ts, Tc = tmpl.evaluate(s, c, derivatives=True)
-            Fi = F[stb]
+            Fi = F32[stb]
             FT = Fi * T
             r = d[sl] - FT
             wb = w[sl]
@@ -1000,21 +1000,31 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
     # faint stars: narrower stamps (their wings are below the noise; see _faint_half_width)
     hwt = _faint_half_width(snr, hw, sigma_psf, faint_snr)
     hwt[wide] = -1.0  # replaced by the wide stamps below
-    keep = None
     if wide.any() or np.any(hwt < hw):
-        keep = np.abs(tp.c) <= hwt[tp.star]
-        tp = TrailPixels(tp.star[keep], tp.pix[keep], tp.s[keep], tp.c[keep], n)
-        d = d[keep]
-        w = w[keep]
-    if wide.any():
+        # the kept entries and (after them) the wide stamps, each array filled once (no boolean-mask copies and
+        # concatenations: the same entries in the same order)
+        idx = np.flatnonzero(np.abs(tp.c) <= hwt[tp.star])
+        m = len(idx)
         iw = np.flatnonzero(wide)
-        tpw = trail_pixels(x0[iw], y0[iw], ux[iw], uy[iw], L[iw], (ny, nx), hw_big)
-        tp = TrailPixels(np.concatenate([tp.star, iw[tpw.star]]), np.concatenate([tp.pix, tpw.pix]),
-                         np.concatenate([tp.s, tpw.s]), np.concatenate([tp.c, tpw.c]), n)
-        dw, ww = gather(tpw)
-        d = np.concatenate([d, dw])
-        w = np.concatenate([w, ww])
-        npx[iw] = _Runs(tpw.star, len(iw)).count()
+        tpw = trail_pixels(x0[iw], y0[iw], ux[iw], uy[iw], L[iw], (ny, nx), hw_big) if len(iw) else None
+        if tpw is not None:
+            dw, ww = gather(tpw)
+            npx[iw] = _Runs(tpw.star, len(iw)).count()
+
+        def kept(a, b=None):
+            out = np.empty(m + (0 if b is None else len(b)), a.dtype)
+            np.take(a, idx, out=out[:m])
+            if b is not None:
+                out[m:] = b
+            return out
+
+        if tpw is None:
+            tp = TrailPixels(kept(tp.star), kept(tp.pix), kept(tp.s), kept(tp.c), n)
+            d, w = kept(d), kept(w)
+        else:
+            tp = TrailPixels(kept(tp.star, iw[tpw.star]), kept(tp.pix, tpw.pix), kept(tp.s, tpw.s),
+                             kept(tp.c, tpw.c), n)
+            d, w = kept(d, dw), kept(w, ww)
     ne = len(tp.pix)
     rep = _pixel_index(tp.pix, ny * nx)
     pairs = _pairs(rep, ne, last=rep)  # rep is the last entry on each pixel already
