@@ -99,7 +99,8 @@ def estimate_sky(image, bad=None, *, block_px=512, step=4, amp_boundary=None):
     col : ndarray (nx,)
         Column term, to be broadcast as ``col[None, :]``.
     sigma : float
-        Robust sky noise per pixel (ADU).
+        Robust sky noise per pixel (ADU): median minus the 15.87th percentile
+        of the sky-subtracted values on every other row of the sub-sampled grid.
     level : float
         Median sky level (ADU).
     """
@@ -134,8 +135,11 @@ def estimate_sky(image, bad=None, *, block_px=512, step=4, amp_boundary=None):
         cols[b:] = np.interp(xs[b:], cx[~left], colm[~left])
     else:
         cols = np.interp(xs, cx, colm)
-    r = sub - rows[::step][:nsy, None] - cols[::step][None, :nsx]
-    v = r[good]
+    # the noise from every other row of the sub-sampled grid (~2.5e5 values on a full CCD: its statistical
+    # error, ~0.25 %, is still far below what matters for the thresholds, at half the cost)
+    r = sub[::2] - rows[::step][:nsy:2, None]
+    r -= cols[::step][None, :nsx]
+    v = r[good[::2]]
     if v.size < 10:
         return rows, cols, 1.0, level
     p16, p50 = _percentiles(v, [15.865525, 50.0])  # v is a fresh copy (partitioned in place)
