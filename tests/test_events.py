@@ -668,3 +668,32 @@ def test_gaussian_null_matches_independent_event_free_nights():
     both = CombinedNull(scr, NullDistribution(g))
     assert both.threshold(1e-2) == pytest.approx(NullDistribution(g).threshold(1e-2))
     assert both.false_alarm_probability(20.0) >= scr.false_alarm_probability(20.0)
+
+
+def test_static_step_at_the_end_of_each_exposure_is_vetoed_when_the_window_runs_into_the_next():
+    """A neighbour's trail entering the star's late in the trail (an uncatalogued star on the same line)
+    raises the last samples of every exposure; the boxcar of that step may run into the next exposure's
+    first samples, and the repeat test then looks at the part in the exposure holding more of it."""
+    from pydriftn.events.scan import window_statistic
+    from pydriftn.events.search import _repeats_each_exposure
+    from pydriftn.events.series import build_blocks
+
+    lc, stars = simulate_lightcurves(40, 5, snr=40, seed=11)
+    lc = lc.copy()
+    n_smp = int(lc["sample"].max()) + 1
+    late = lc["sample"] >= n_smp - 8
+    lc.loc[(lc["star_id"] == 4) & late, "norm_flux"] += 1.0  # every exposure: static
+    once = (lc["star_id"] == 7) & late & (lc["expnum"] == lc["expnum"].min() + 1)
+    lc.loc[once, "norm_flux"] += 1.0  # one exposure only: an event
+    block = build_blocks(lc)[0]
+    k = block.samples_per_exposure
+    i4, i7 = (int(np.flatnonzero(block.star_id == s)[0]) for s in (4, 7))
+    j0, width = 2 * k - 8, 11  # the step of the second exposure and 3 samples of the third
+    d, s, _ = window_statistic(block, j0, width)
+    assert _repeats_each_exposure(block, i4, j0, width, 1, float(d[i4]), {}, 9.0)
+    assert not _repeats_each_exposure(block, i7, j0, width, 1, float(d[i7]), {}, 9.0)
+    # the whole search: the static step is vetoed, the one-off is kept
+    res = search(lc, stars, n_scrambles=6, false_alarm_rate=1e-3)
+    c = res.candidates.set_index("star_id")
+    assert "repeats_each_exposure" in c.loc[4, "veto_reasons"]
+    assert "repeats_each_exposure" not in c.loc[7, "veto_reasons"]

@@ -628,20 +628,40 @@ def _repeats_each_exposure(block, i, j0, width, sign, dchi2, window_cache, min_d
                            min_exposures=2):
     """Does the candidate's excursion recur at the same samples of the star's other exposures?
 
-    The drift exposures of a night repeat the same pointing, so sample ``k``
-    of a star lies on the same detector pixels in every exposure: an
-    excursion tied to the detector or to a static neighbour (an uncatalogued
-    star's trail crossing the same pixels, a CCD edge, a bad column) comes
-    back at the same samples each time, while an event happens once. A
-    window inside one exposure is vetoed when the same window of at least
-    ``max(min_exposures, half)`` of the star's other exposures (with data)
-    shows an excursion of the same sign with Delta-chi2 >= ``max(min_dchi2,
-    min_fraction * dchi2)``. Windows spanning exposures are not tested.
+    Sample ``k`` of a star's trail sees the sky at the same offset from the
+    star (the drift times ``t_k``) in every exposure, and, where the pointing
+    repeats, the same detector pixels: an excursion tied to a static
+    neighbour (an uncatalogued or merged star whose trail enters or leaves
+    the star's, a bright neighbour's imperfectly modelled wing) or to the
+    detector (a bad column, a CCD edge) comes back at the same samples each
+    time, while an event happens once. The window is vetoed when the same
+    window of at least ``max(min_exposures, half)`` of the star's other
+    exposures (with data) shows an excursion of the same sign with
+    Delta-chi2 >= ``max(min_dchi2, min_fraction * dchi2)``. A window running
+    from one exposure into the next is tested on its part in the exposure
+    holding more of it (with that part's own Delta-chi2): the boxcar of a
+    step at the end of an exposure often takes in the next one's first
+    samples. Windows longer than an exposure are not tested (a long event
+    brightens the neighbouring exposures at the same samples too).
     """
     k = block.samples_per_exposure
     e0, off = divmod(int(j0), k)
-    if off + int(width) > k:
+    width = int(width)
+    if width > k:
         return False
+    if off + width > k:
+        before, after = k - off, off + width - k
+        if after > before:
+            e0, off, width = e0 + 1, 0, after
+        else:
+            width = before
+        key = (e0 * k + off, width)
+        if key not in window_cache:
+            window_cache[key] = window_statistic(block, *key)
+        d_own, s_own, has_own = window_cache[key]
+        if not has_own[i] or np.sign(s_own[i]) != sign:
+            return False
+        dchi2 = float(d_own[i])
     n_exp = block.n_grid // k
     n_with, n_rep = 0, 0
     for e in range(n_exp):
