@@ -741,3 +741,20 @@ def test_pixel_counts_are_those_of_each_footprint(angle_deg, dense):
     _pixel_counts(cols2, cr, bad, sat, streak, geo, sigma)
     for key in ("n_cr_pixels", "n_cr_samples", "n_masked_pixels", "flags"):
         np.testing.assert_array_equal(cols2[key], cols[key])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_ndtr_along_equals_scipy_ndtr(dtype):
+    """The along-track edge profiles' normal CDF, filled where it saturates, equals scipy's ndtr value for value."""
+    from scipy.special import ndtr
+
+    from pydriftn.astrometry.trailfit import _ndtr_along
+
+    rng = np.random.default_rng(5)
+    P = np.arange(-40, 41, dtype=float)[None, :]
+    for sigma in (0.4, 1.3, 2.8, 6.0):
+        edge = rng.uniform(-25.0, 25.0, (300, 1))
+        z = ((P - edge) / sigma).astype(dtype)
+        np.testing.assert_array_equal(_ndtr_along(z), ndtr(z))
+        np.testing.assert_array_equal(_ndtr_along(z[:, :, None]), ndtr(z[:, :, None]))
+    assert _ndtr_along(np.zeros((0, 5), dtype)).shape == (0, 5)
