@@ -142,6 +142,11 @@ class ExtractionResult:
 
 
 # --------------------------------------------------------------------------- neighbours
+#: Neighbours considered beyond ``max_neighbours``: coincident ones (flagged, not fitted) must not push a
+#: separable one that matters out of the joint fit.
+_EXTRA_CANDIDATES = 3
+
+
 def find_neighbours(x_start, y_start, x_end, y_end, reach_px, max_neighbours=3, along_margin_px=10.0,
                     brightness=None, alpha_px=None):
     """Trails whose cross-track windows may overlap (all trails of the table).
@@ -695,7 +700,8 @@ def extract_trails(
         # the neighbours that contaminate most (not the closest: a bright trail 1 FWHM away matters more than
         # faint ones nearer)
         nb, n_all, dcross = find_neighbours(x0, y0, x1, y1, reach_px=W + 2.0 * fwhm_guess,
-                                            max_neighbours=max_neighbours, along_margin_px=3 * fwhm_guess,
+                                            max_neighbours=max_neighbours + _EXTRA_CANDIDATES,
+                                            along_margin_px=3 * fwhm_guess,
                                             brightness=box, alpha_px=alpha)
     else:
         nb, n_all, dcross = np.full((S, 0), -1, np.int64), np.zeros(S, np.int64), np.zeros((S, 0))
@@ -710,7 +716,10 @@ def extract_trails(
     matters = nbv & (contrib > 1e-3)
     coincident = matters & (dcross < min_separation_fwhm * alpha)
     nb_co = np.where(coincident, nb, -1)  # flagged BLENDED / BLEND_MINOR once the fluxes are known
-    nb = np.where(matters & ~coincident, nb, -1)
+    # the joint fit takes the max_neighbours separable neighbours whose light reaches the star most (the list
+    # is ranked by it): coincident ones, which are not fitted, do not take their places
+    separable = matters & ~coincident
+    nb = np.where(separable & (np.cumsum(separable, axis=1) <= max_neighbours), nb, -1)
     sat_star = (strips.sample_flags & fb.SATURATED).any(axis=1)
     off_star = (strips.sample_flags & fb.OFF_IMAGE).any(axis=1)
     cand = (snr >= ref_snr_min) & ~sat_star & ~off_star & isolated & (in_flags == 0) & sky_ok
