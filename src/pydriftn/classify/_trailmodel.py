@@ -56,6 +56,7 @@ class TrailPixels:
     s: np.ndarray  # along-track coordinate from the trail start (px)
     c: np.ndarray  # cross-track coordinate (px)
     n: int  # number of trails
+    counts: np.ndarray | None = None  # entries per trail (as made by trail_pixels: entries sorted by trail)
 
 
 def trail_pixels(x0, y0, ux, uy, length, shape, half_width, *, chunk=4096):
@@ -96,7 +97,7 @@ def trail_pixels(x0, y0, ux, uy, length, shape, half_width, *, chunk=4096):
     gy = np.arange(H)
     box = (gy[:, None] * nx + gx[None, :]).astype(np.int64)  # flat-index offsets within a box
     corner = by0 * nx + bx0
-    out = {k: [] for k in ("star", "pix", "s", "c")}
+    out = {k: [] for k in ("star", "pix", "s", "c", "cnt")}
     f32 = np.float32
     for a in range(0, n, chunk):
         b = min(n, a + chunk)
@@ -114,6 +115,7 @@ def trail_pixels(x0, y0, ux, uy, length, shape, half_width, *, chunk=4096):
         ok &= ((X >= 0) & (X < nx))[:, None, :]
         ok &= ((Y >= 0) & (Y < ny))[:, :, None]
         cnt = np.count_nonzero(ok.reshape(b - a, -1), axis=1)
+        out["cnt"].append(cnt)
         out["star"].append(np.repeat(np.arange(a, b, dtype=np.int64), cnt))
         out["pix"].append((corner[a:b, None, None] + box[None]).reshape(ok.shape)[ok])
         out["s"].append(s[ok])
@@ -125,6 +127,7 @@ def trail_pixels(x0, y0, ux, uy, length, shape, half_width, *, chunk=4096):
         cat(out["s"]),
         cat(out["c"]),
         n,
+        cat(out["cnt"]),
     )
 
 
@@ -348,10 +351,17 @@ class _Runs:
     weights; falls back to ``np.bincount`` if a trail's entries are not contiguous.
     """
 
-    def __init__(self, star, n):
+    def __init__(self, star, n, runs=None):
+        """``runs``: ``(ids, lengths)`` of the runs in entry order if known (each trail once; no scan of ``star``)."""
         self.star = np.asarray(star)
         self.n = int(n)
-        if len(self.star):
+        if runs is not None and len(self.star):
+            ids, ln = (np.asarray(v) for v in runs)
+            nz = ln > 0
+            self.ids = ids[nz]
+            self.starts = np.concatenate([[0], np.cumsum(ln[nz])[:-1]])
+            self.ok = True
+        elif len(self.star):
             self.starts = np.concatenate([[0], np.flatnonzero(self.star[1:] != self.star[:-1]) + 1])
             self.ids = self.star[self.starts]
             self.ok = len(np.unique(self.ids)) == len(self.ids)
@@ -991,7 +1001,7 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
         return F, snr
 
     d, w = gather(tp)
-    runs0 = _Runs(tp.star, n)
+    runs0 = _Runs(tp.star, n, runs=(np.arange(n), tp.counts))
     F, snr = aperture(tp, d, w, runs0)
     npx = runs0.count()
     # bright stars: wider stamps (PSF wings beyond 3 sigma are significant)
@@ -1003,13 +1013,18 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
     if wide.any() or np.any(hwt < hw):
         # the kept entries and (after them) the wide stamps, each array filled once (no boolean-mask copies and
         # concatenations: the same entries in the same order)
-        idx = np.flatnonzero(np.abs(tp.c) <= hwt[tp.star])
+        keep = np.abs(tp.c) <= hwt[tp.star]
+        kcnt = runs0.count_true(keep).astype(np.int64)
+        idx = np.flatnonzero(keep)
+        del keep
         m = len(idx)
         iw = np.flatnonzero(wide)
         tpw = trail_pixels(x0[iw], y0[iw], ux[iw], uy[iw], L[iw], (ny, nx), hw_big) if len(iw) else None
+        run_desc = (np.arange(n), kcnt)  # runs of the entries below: every trail's kept entries, then the wide stamps
         if tpw is not None:
             dw, ww = gather(tpw)
-            npx[iw] = _Runs(tpw.star, len(iw)).count()
+            npx[iw] = tpw.counts
+            run_desc = (np.concatenate([np.arange(n), iw]), np.concatenate([kcnt, tpw.counts]))
 
         def kept(a, b=None):
             out = np.empty(m + (0 if b is None else len(b)), a.dtype)
@@ -1025,10 +1040,12 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
             tp = TrailPixels(kept(tp.star, iw[tpw.star]), kept(tp.pix, tpw.pix), kept(tp.s, tpw.s),
                              kept(tp.c, tpw.c), n)
             d, w = kept(d, dw), kept(w, ww)
+    else:
+        run_desc = (np.arange(n), tp.counts)
     ne = len(tp.pix)
     rep = _pixel_index(tp.pix, ny * nx)
     pairs = _pairs(rep, ne, last=rep)  # rep is the last entry on each pixel already
-    runs = _Runs(tp.star, n)
+    runs = _Runs(tp.star, n, runs=run_desc)
     n_masked = _masked_in_core(tp, w, 2.0 * sigma_psf)
     da = np.zeros(n)
     dc = np.zeros(n)
