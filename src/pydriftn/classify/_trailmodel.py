@@ -1069,7 +1069,11 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
         # other trails' entries on the bright trails' pixels: the partners of bright entries among the pairs of
         # entries sharing a pixel (same set as marking the bright pixels in an image, without the image)
         pu1, pu2 = use[tp.star[pairs[0]]], use[tp.star[pairs[1]]]
-        en = np.unique(np.concatenate([pairs[1][pu1 & ~pu2], pairs[0][pu2 & ~pu1]]))
+        en_m = np.zeros(ne, bool)  # (their sorted distinct indices: a mark and one scan instead of np.unique's sort)
+        en_m[pairs[1][pu1 & ~pu2]] = True
+        en_m[pairs[0][pu2 & ~pu1]] = True
+        en = np.flatnonzero(en_m)
+        del en_m
         # analytic template at zero offsets, with derivatives: also the first iteration of the offset fit below
         Tb, Tsb, Tcb = base.evaluate(sub.s, sub.c, derivatives=True)
         # joint fluxes of the bright stars on their own pixels (blends among them)
@@ -1125,12 +1129,13 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
         bkg_used = np.zeros(n)
     # final: template with offsets, simultaneous fluxes of all trails (blends)
     # sub-pixel offsets: only trails with non-zero ones (all among the bright entries) are shifted
-    s_f, c_f = tp.s, tp.c
-    if use.any() and (np.any(da != 0) or np.any(dc != 0)):
-        s_f, c_f = tp.s.copy(), tp.c.copy()
-        s_f[eb] = sub.s - da[sub.star].astype(np.float32)
-        c_f[eb] = sub.c - dc[sub.star].astype(np.float32)
-    T = tmpl.evaluate(s_f, c_f)
+    # (evaluated at zero offsets for all, then again for the shifted trails' entries: no copies of s and c)
+    T = tmpl.evaluate(tp.s, tp.c)
+    moved = (da != 0) | (dc != 0)
+    if moved.any():
+        em = runs.entries(moved)
+        sm = tp.star[em]
+        T[em] = tmpl.evaluate(tp.s[em] - da[sm].astype(np.float32), tp.c[em] - dc[sm].astype(np.float32))
     model, F, ferr = _final(tp, rep, ne, n, w, T, d, sky_sigma, (ny, nx), pairs, runs)
     return TrailFit(model, F, ferr, da, dc, n_masked.astype(int), tmpl, tp, empirical, bright, hw_big,
                     float(sigma_psf), T, bkg_used, rep, pairs, w)
