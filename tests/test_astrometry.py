@@ -758,3 +758,35 @@ def test_ndtr_along_equals_scipy_ndtr(dtype):
         np.testing.assert_array_equal(_ndtr_along(z), ndtr(z))
         np.testing.assert_array_equal(_ndtr_along(z[:, :, None]), ndtr(z[:, :, None]))
     assert _ndtr_along(np.zeros((0, 5), dtype)).shape == (0, 5)
+
+
+def test_background_from_every_other_binned_row():
+    """row_step=2: sep's background and rms of every other row of the 2x2 means, each standing for two binned rows;
+    the level and noise agree with the estimate from all rows."""
+    import sep
+
+    from pydriftn.astrometry.detect import _bin2, estimate_background
+
+    rng = np.random.default_rng(6)
+    ny, nx = 1024, 640
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    level = np.where(xx < 320, 100.0, 130.0) + 0.01 * yy + 0.004 * xx
+    data = (level + rng.normal(0.0, 7.0, (ny, nx))).astype(np.float32)
+    bad = rng.random((ny, nx)) < 0.003
+    sub, rms, grms, b2 = estimate_background(data, bad, amp_boundary=320, return_binned=True, row_step=2)
+    sub1, rms1, grms1 = estimate_background(data, bad, amp_boundary=320)
+    means = _bin2(data) * np.float32(0.25)
+    mb = _bin2(bad)
+    for sl in (slice(0, 160), slice(160, 320)):
+        bk = sep.Background(np.ascontiguousarray(means[::2, sl]), mask=np.ascontiguousarray(mb[::2, sl]), bw=64, bh=32,
+                            fw=3, fh=3)
+        back = np.repeat(np.repeat(bk.back(), 4, axis=0), 2, axis=1)
+        cols = slice(2 * sl.start, 2 * sl.stop)
+        np.testing.assert_allclose(sub[:, cols], np.where(bad[:, cols], 0.0, data[:, cols] - back), atol=1e-4)
+        np.testing.assert_allclose(rms[:, sl], 2.0 * np.repeat(bk.rms(), 2, axis=0), rtol=1e-6)
+    np.testing.assert_allclose(b2, _bin2(sub), rtol=1e-5, atol=1e-3)
+    # the same background as from all rows, within the noise of a mesh (7 / 2 / sqrt(64 * 32) ~ 0.08 ADU)
+    good = ~bad
+    assert abs(float(np.mean(sub[good] - sub1[good]))) < 0.03
+    assert float(np.std(sub[good] - sub1[good])) < 0.15
+    assert grms == pytest.approx(grms1, rel=0.02) and np.median(rms / rms1) == pytest.approx(1.0, abs=0.02)

@@ -390,7 +390,7 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
                        detect_cosmics_without_mask=True, n_bright=200, expnum=None, ccd=None,
                        wcs=None, exptime_s=None, fwhm_px=None, gain=None, saturation=None,
                        min_snr_position=20.0, max_position_fits=200,
-                       position_estimator="moment"):
+                       position_estimator="moment", background_row_step=2):
     """Find every trail on a drift CCD, identify its star and re-fit the WCS.
 
     Parameters
@@ -441,6 +441,9 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
         density (the image position averaged over the exposure) or halfway
         between its fitted ends (sensitive to the image jitter at shutter
         open and close).
+    background_row_step : int
+        The background and its rms are estimated from every this-th row of the
+        2x2-binned image (see :func:`.detect.estimate_background`; 1 = all).
     expnum, ccd, wcs, exptime_s, fwhm_px, gain, saturation : optional
         Override values read from ``image``.
 
@@ -549,7 +552,7 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
     elif header.get("GAINB") is not None:
         amp_boundary = nx // 2
     sub, rms_map, grms, sub_b2 = detect.estimate_background(data, bad, amp_boundary=amp_boundary,
-                                                            return_binned=True)
+                                                            return_binned=True, row_step=background_row_step)
     if masks is None:
         # no dq mask: dead / hot column segments from the image itself
         bcols = detect.find_bad_columns(sub, grms)
@@ -557,7 +560,8 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
         if bcols.any():
             bad = bad | bcols
             sub, rms_map, grms, sub_b2 = detect.estimate_background(data, bad, amp_boundary=amp_boundary,
-                                                                    return_binned=True)
+                                                                    return_binned=True,
+                                                                    row_step=background_row_step)
     timings["background"] = time.perf_counter() - t_det
     t = time.perf_counter()
     snr, fbin = detect.matched_filter_snr(sub, rms_map, geo.direction, geo.length_px, sigma0, return_binning=True,

@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 __all__ = ["estimate_background", "matched_filter_snr", "find_candidates", "find_streaks"]
 
 
-def estimate_background(data, bad=None, *, box=128, filter_size=3, amp_boundary=None, return_binned=False):
+def estimate_background(data, bad=None, *, box=128, filter_size=3, amp_boundary=None, return_binned=False,
+                        row_step=1):
     """Background and rms maps with :class:`sep.Background`.
 
     Parameters
@@ -49,6 +50,18 @@ def estimate_background(data, bad=None, *, box=128, filter_size=3, amp_boundary=
         Also return ``sub`` summed in 2x2 blocks (for :func:`matched_filter_snr`;
         on the fast path it comes from the binned image the background was
         estimated on, corrected only where a block holds a bad pixel).
+    row_step : int
+        On the fast path, estimate from every ``row_step``-th row of the
+        2x2-binned image only (meshes of the same ``box`` pixels on the sky,
+        ``row_step`` times fewer samples each), each estimated row standing for
+        the ``row_step`` binned rows from it. ``sep`` costs ~11 ns per sample:
+        2 halves the cost of the mesh statistics and of their interpolation.
+        The samples keep the 2x2 noise statistics (binning 4x4 instead would
+        clip faint sources less and bias the level and rms). On full simulated
+        CCDs (10 amplifier halves) the level moved by +0.006 +- 0.008 ADU (its
+        bias from faint sources is ~+0.12 ADU either way; sky rms 6.7 ADU), the
+        global rms by < 0.3 %; the astrometry's WCS, detection and
+        identification figures were unchanged.
 
     Returns
     -------
@@ -90,13 +103,18 @@ def estimate_background(data, bad=None, *, box=128, filter_size=3, amp_boundary=
         back2 = np.empty((ny2, nx2), np.float32)  # background per pixel on the 2x2 grid
         rms = np.empty((ny2, nx2), np.float32)  # rms per (unbinned) pixel on the 2x2 grid
         grms = []
+        rs = max(int(row_step), 1) if box % (2 * max(int(row_step), 1)) == 0 else 1
         for p_ in parts:
             bs = slice(p_.start // 2, p_.stop // 2)
-            db = np.ascontiguousarray(db2[:, bs])
-            mb = None if mb2 is None else np.ascontiguousarray(mb2[:, bs])
-            bkg = sep.Background(db, mask=mb, bw=box // 2, bh=box // 2, fw=filter_size, fh=filter_size)
-            back2[:, bs] = bkg.back()
-            rms[:, bs] = bkg.rms()
+            db = np.ascontiguousarray(db2[::rs, bs])
+            mb = None if mb2 is None else np.ascontiguousarray(mb2[::rs, bs])
+            bkg = sep.Background(db, mask=mb, bw=box // 2, bh=box // (2 * rs), fw=filter_size, fh=filter_size)
+            if rs == 1:
+                back2[:, bs] = bkg.back()
+                rms[:, bs] = bkg.rms()
+            else:  # each estimated row stands for the rs binned rows from it
+                back2[:, bs] = np.repeat(bkg.back(), rs, axis=0)[:ny2]
+                rms[:, bs] = np.repeat(bkg.rms(), rs, axis=0)[:ny2]
             grms.append(float(bkg.globalrms) * 2.0)
         rms *= np.float32(2.0)  # rms per unbinned pixel
         # expand along x first: a contiguous inner axis makes the subtraction ~2x faster
