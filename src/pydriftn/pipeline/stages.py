@@ -114,7 +114,12 @@ def process_exposure_ccd(unit, catalogue: pd.DataFrame, cfg, *, targets=None) ->
     if cfg.classify.enabled:
         from ..classify import classify_exposure_ccd
 
-        dq = pixmask if img.mask is None else (img.mask | pixmask)
+        if img.mask is None:
+            dq = pixmask
+        else:  # img.mask | pixmask, whose nonzero pixels are those of bad_idx and cr_idx
+            dq = np.array(img.mask, dtype=np.result_type(img.mask, pixmask))
+            dq.reshape(-1)[bad_idx] |= np.uint16(PixelFlag.BAD_PIXEL)
+            dq.reshape(-1)[cr_idx] |= np.uint16(PixelFlag.COSMIC_RAY)
         # the trail model of the classification: stars measured on the pointed images (the Gaia-only stars
         # beside the CCD, n_bands = 0, are modelled by the extraction only)
         measured = forced if "n_bands" not in forced else forced[forced["n_bands"].fillna(1).to_numpy() > 0]
