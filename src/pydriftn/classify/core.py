@@ -299,29 +299,43 @@ def _empty_table():
     return df
 
 
-def _finish_table(rows):
-    """Table with COLUMNS and their dtypes from a list of row dicts or a DataFrame."""
-    if rows is None or len(rows) == 0:
+def _table_from_parts(trail_cols, n_tr, rows):
+    """Table with :data:`COLUMNS` and their dtypes: the catalogued trails, then ``rows`` (list of dicts).
+
+    ``trail_cols`` maps columns to arrays of ``n_tr`` values or scalars. Each
+    column is assembled once from the two parts (no DataFrame per part and no
+    concatenation of DataFrames, ~2x faster); missing values are NaN (<NA> in
+    the integer columns, 0 in ``flags``).
+    """
+    n = n_tr + len(rows)
+    if n == 0:
         return _empty_table()
-    df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
-    n = len(df)
     out = {}
-    # column by column into one dict (one DataFrame construction instead of ~40 column assignments)
     for c in COLUMNS:
-        if c not in df:
-            v = pd.Series(np.full(n, np.nan), index=df.index)
-        else:
-            v = df[c]
-        if c in ("class", "subclass"):
-            out[c] = v.to_numpy()
-        elif c in ("star_id", "on_star_id", "sample_index", "npix"):
-            out[c] = pd.array(pd.to_numeric(v, errors="coerce").round(), dtype="Int64")
+        text = c in ("class", "subclass")
+        parts = []
+        if n_tr:
+            v = trail_cols.get(c, np.nan)
+            if np.ndim(v) == 0:
+                v = np.full(n_tr, v, dtype=object if text else None)
+            parts.append(np.asarray(v, dtype=object if text else None))
+        if rows:
+            vals = [r.get(c, np.nan) for r in rows]
+            vals = [np.nan if x is None else x for x in vals]
+            parts.append(np.array(vals, dtype=object if text else np.float64))
+        if text:
+            out[c] = np.concatenate(parts) if len(parts) > 1 else parts[0]
+            continue
+        col = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        if col.dtype.kind not in "fiub":  # (e.g. nullable integers as objects: pandas' conversion)
+            col = pd.to_numeric(pd.Series(col), errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+        col = col.astype(np.float64, copy=False)
+        if c in ("star_id", "on_star_id", "sample_index", "npix"):
+            out[c] = pd.array(np.round(col), dtype="Int64")
         elif c == "flags":
-            out[c] = pd.to_numeric(v, errors="coerce").fillna(0).astype("int64").to_numpy()
-        elif v.dtype == np.float64:
-            out[c] = v.to_numpy()
+            out[c] = np.where(np.isnan(col), 0.0, col).astype(np.int64)
         else:
-            out[c] = pd.to_numeric(v, errors="coerce").astype("float64").to_numpy()
+            out[c] = col
     return pd.DataFrame(out, columns=COLUMNS)
 
 
@@ -1090,7 +1104,7 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
         flags_t = flags_t | np.where(edge, FLAG_EDGE, 0)
         with np.errstate(divide="ignore", invalid="ignore"):
             snr_t = fit.flux / fit.flux_err
-        trow = pd.DataFrame({
+        trow = {
             "class": "star_trail", "subclass": "catalogued", "score": 1.0,
             "star_id": tr["star_id"].to_numpy()[tidx], "x": mid_x, "y": mid_y,
             "flux_e": fit.flux * gain_e, "flux_err_e": fit.flux_err * gain_e, "snr": snr_t,
@@ -1099,11 +1113,10 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
             "angle_rel_drift_deg": (np.degrees(np.arctan2(uyc, uxc)) - ang_drift + 90.0) % 180.0 - 90.0,
             "x0": sx0, "y0": sy0, "x1": sx0 + Lc * uxc, "y1": sy0 + Lc * uyc,
             "mjd_start": mjd_start, "mjd_end": mjd_end, "flags": flags_t.astype(np.int64),
-        })
+        }
     else:
-        trow = None
-    parts = [p for p in (trow, pd.DataFrame(rows_out) if rows_out else None) if p is not None]
-    table = _finish_table(pd.concat(parts, ignore_index=True) if len(parts) > 1 else (parts[0] if parts else None))
+        trow = {}
+    table = _table_from_parts(trow, n_tr, rows_out)
 
     # ---------------------------------------------------------------- sky coordinates
     if wcs is not None and len(table):
