@@ -737,6 +737,19 @@ def test_partial_streak_refit_equals_full_refit():
     assert np.allclose(part.flux, full.flux, rtol=1e-6, atol=1e-6 * np.abs(full.flux).max())
     assert np.allclose(part.model, full.model, rtol=0, atol=1e-6 * np.abs(full.model).max())
     assert np.array_equal(part.n_masked, full.n_masked)
+    # from the residual, updated in place (as the classification calls it): the same fluxes and model, and the
+    # residual of the new model (0 on the excluded pixels)
+    model0 = fit.model.copy()
+    resid = img - fit.model
+    inpl = refit_fluxes(fit, resid, streak, sky_sigma=sky, residual=True, inplace=True)
+    assert inpl.model is fit.model
+    assert np.allclose(inpl.flux, part.flux, rtol=1e-6, atol=1e-6 * np.abs(full.flux).max())
+    assert np.allclose(inpl.model, part.model, rtol=0, atol=1e-6 * np.abs(full.model).max())
+    want = np.where(streak, 0.0, img - part.model)
+    changed_px = inpl.model != model0
+    assert changed_px.any()
+    assert np.allclose(resid[changed_px], want[changed_px], rtol=0, atol=1e-5 * np.abs(img).max())
+    assert np.array_equal(resid[~changed_px], (img - model0)[~changed_px])  # other pixels untouched
 
 
 def test_faint_trails_narrow_stamps_unbiased():

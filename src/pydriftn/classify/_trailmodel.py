@@ -1169,7 +1169,7 @@ def _final(tp, rep, ne, n, w, T, d, sky_sigma, shape, pairs=None, runs=None):
     return model.reshape(shape), F, ferr
 
 
-def refit_fluxes(fit, resid0, bad, *, sky_sigma):
+def refit_fluxes(fit, resid0, bad, *, sky_sigma, residual=False, inplace=False):
     """Joint fluxes again with more pixels excluded (e.g. a satellite streak), template and offsets kept.
 
     Costs one sparse solve instead of a full :func:`fit_trails` (the
@@ -1179,6 +1179,20 @@ def refit_fluxes(fit, resid0, bad, *, sky_sigma):
     with them (the joint fit couples trails only through shared pixels), are
     solved again and re-rendered; every other trail keeps its flux and its
     model pixels.
+
+    Parameters
+    ----------
+    fit : TrailFit
+    resid0 : ndarray float32 (ny, nx)
+        Sky-subtracted image (ADU); with ``residual``, the residual
+        ``sky-subtracted - fit.model`` instead: the data are read as
+        ``resid0 + fit.model`` on the pixels refitted, and ``resid0`` is
+        updated in place there (new residual, 0 where ``bad``), so a caller
+        need not restore and re-subtract the whole image.
+    bad : ndarray bool or None
+        Pixels excluded (those of the first fit and the new ones).
+    inplace : bool
+        Update ``fit.model`` in place instead of a copy.
     """
     tp = fit.pixels
     if fit.T is None or tp.n == 0 or len(tp.pix) == 0:
@@ -1186,13 +1200,24 @@ def refit_fluxes(fit, resid0, bad, *, sky_sigma):
     ny, nx = resid0.shape
     ne = len(tp.pix)
     n = tp.n
+    f32 = np.float32
     rep = fit.rep if fit.rep is not None else _pixel_index(tp.pix, ny * nx)
     pairs = fit.pairs if fit.pairs is not None else _pairs(rep, ne, last=rep)
-    w = np.ones(ne, np.float32) if bad is None else (~bad.ravel()[tp.pix]).astype(np.float32)
+    w = np.ones(ne, f32) if bad is None else (~bad.ravel()[tp.pix]).astype(f32)
     runs = _Runs(tp.star, n)
+    old_flat = fit.model.ravel()
+    res_flat = resid0.ravel()
     if fit.w is None or not runs.ok:
-        d = resid0.ravel()[tp.pix] - fit.bkg.astype(np.float32)[tp.star]
+        data = resid0 + fit.model if residual else resid0
+        d = data.ravel()[tp.pix] - fit.bkg.astype(f32)[tp.star]
         model, F, ferr = _final(tp, rep, ne, n, w, fit.T, d, sky_sigma, (ny, nx), pairs, runs)
+        if inplace:
+            fit.model[...] = model
+            model = fit.model
+        if residual:
+            np.subtract(data, model, out=resid0)
+            if bad is not None:
+                np.copyto(resid0, 0.0, where=bad)
         n_masked = _masked_in_core(tp, w, 2.0 * fit.sigma_psf).astype(int)
         return TrailFit(model, F, ferr, fit.d_along, fit.d_cross, n_masked, fit.template, tp, fit.empirical,
                         fit.bright, fit.half_width_px, fit.sigma_psf, fit.T, fit.bkg, rep, pairs, w)
@@ -1216,15 +1241,23 @@ def refit_fluxes(fit, resid0, bad, *, sky_sigma):
     sub = _subset(tp, ea)
     pairs_a = (pos[pairs[0][kp]], pos[pairs[1][kp]])
     rep_a = pos[rep[ea]]
-    d = resid0.ravel()[sub.pix] - fit.bkg.astype(np.float32)[sub.star]
+    data = res_flat[sub.pix]
+    if residual:
+        data += old_flat[sub.pix]  # the sky-subtracted data, as (residual + model) in float32
+    d = data - fit.bkg.astype(f32)[sub.star]
     wa = w[ea]
-    shp = (ny, nx)
-    m_a, F_a, ferr_a = _final(sub, rep_a, len(ea), n, wa, fit.T[ea], d, sky_sigma, (1, ny * nx), pairs_a,
+    # the affected trails' model on their own pixels only: compact pixel labels (each entry's representative
+    # entry among them) instead of a model image
+    sub_c = TrailPixels(sub.star, rep_a, sub.s, sub.c, n)
+    m_a, F_a, ferr_a = _final(sub_c, rep_a, len(ea), n, wa, fit.T[ea], d, sky_sigma, (1, len(ea)), pairs_a,
                               _Runs(sub.star, n))
-    model = fit.model.copy()
-    model.ravel()[sub.pix] = m_a.ravel()[sub.pix]  # only affected trails' light on these pixels
+    new_vals = m_a.ravel()[rep_a]  # model of each affected entry's pixel (only affected trails' light there)
+    model = fit.model if inplace else fit.model.copy()
+    model.ravel()[sub.pix] = new_vals
+    if residual:
+        res_flat[sub.pix] = np.where(wa > 0, data - new_vals, f32(0.0))
     F = np.where(aff, F_a, fit.flux)
     ferr = np.where(aff, ferr_a, fit.flux_err)
     n_masked = np.where(aff, _masked_in_core(sub, wa, 2.0 * fit.sigma_psf), fit.n_masked).astype(int)
-    return TrailFit(model.reshape(shp), F, ferr, fit.d_along, fit.d_cross, n_masked, fit.template, tp, fit.empirical,
-                    fit.bright, fit.half_width_px, fit.sigma_psf, fit.T, fit.bkg, rep, pairs, w)
+    return TrailFit(model, F, ferr, fit.d_along, fit.d_cross, n_masked, fit.template, tp,
+                    fit.empirical, fit.bright, fit.half_width_px, fit.sigma_psf, fit.T, fit.bkg, rep, pairs, w)

@@ -579,16 +579,12 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
     if any_streak:
         B0 = None  # residual changes below
     if any_streak and len(tidx):
-        # refit the fluxes without the streak's pixels (template and offsets kept), on the sky-subtracted
-        # image restored in place from the residual (excluded pixels are 0 there, as before the fit)
-        resid += model
-        np.copyto(resid, 0.0, where=excl)
-        fit = refit_fluxes(fit, resid, excl | streak_mask, sky_sigma=sigma)
+        # refit the fluxes without the streak's pixels (template and offsets kept); the data are read back from the
+        # residual and the residual and model are updated in place on the refitted trails' pixels only
+        fit = refit_fluxes(fit, resid, excl | streak_mask, sky_sigma=sigma, residual=True, inplace=True)
         model = fit.model
-        resid -= model
-        np.copyto(resid, 0.0, where=excl)
     if any_streak:
-        resid[streak_mask] = 0.0
+        np.copyto(resid, 0.0, where=streak_mask)
     timings["streaks"] = time.perf_counter() - t0
 
     # ---------------------------------------------------------------- candidates
