@@ -272,15 +272,23 @@ def clipped_stats_rows(values, sigma=3.0, maxiters=10):
     mid = np.where(nfin > 0, mid, 0.0).astype(np.float32)
     # NaN sort last, so they only reach the cumulative sums beyond each row's
     # ``nfin``, which are never looked up (``hi <= nfin``)
-    c1 = v - mid[:, None]
+    # the cumulative sums along each row, computed on the transposed rows (one vector add across all rows
+    # per position: the same sequential float32 sums as np.cumsum(axis=1), whose row-by-row loop is ~5x slower)
+    c1 = np.empty((m, n_rows), dtype=np.float32)
+    np.subtract(v.T, mid[None, :], out=c1)
     c2 = np.square(c1)
-    np.cumsum(c1, axis=1, out=c1)
-    np.cumsum(c2, axis=1, out=c2)
+    if n_rows >= 32:
+        for j in range(1, m):
+            np.add(c1[j - 1], c1[j], out=c1[j])
+            np.add(c2[j - 1], c2[j], out=c2[j])
+    else:  # few rows: numpy's loop (the same sums)
+        np.cumsum(c1, axis=0, out=c1)
+        np.cumsum(c2, axis=0, out=c2)
     lo = np.zeros(n_rows, dtype=np.intp)
     hi = nfin.astype(np.intp)
 
-    def csum(c, i):  # sum of the first i values of each row
-        return np.where(i > 0, c[rows, np.maximum(i - 1, 0)].astype(np.float64), 0.0)
+    def csum(c, i):  # sum of the first i values of each row (c transposed: position, row)
+        return np.where(i > 0, c[np.maximum(i - 1, 0), rows].astype(np.float64), 0.0)
 
     def stats(lo, hi):
         cnt = hi - lo
