@@ -709,8 +709,11 @@ def test_pixel_counts_are_those_of_each_footprint(angle_deg, dense):
         dq[rng.random((ny, nx)) < scale * frac] |= np.uint16(bit)
     dq[:, 57] |= np.uint16(PixelFlag.BAD_PIXEL)  # a bad column
     masks = resolve_mask(dq, dq.shape)
+    known = resolve_mask(dq, dq.shape, nonzero_index=np.flatnonzero(dq))  # (indices from the mask's decoding)
     for key in ("bad", "cr", "saturated", "streak"):
         np.testing.assert_array_equal(masks["index"][key], np.flatnonzero(masks[key]))
+        np.testing.assert_array_equal(known[key], masks[key])
+        np.testing.assert_array_equal(known["index"][key], masks["index"][key])
     cr, bad, sat, streak = masks["cr"], masks["bad"], masks["saturated"], masks["streak"]
     cols = {"x_start": xs, "y_start": ys, "flags": np.zeros(n, np.int64)}
     _pixel_counts(cols, cr, bad, sat, streak, geo, sigma, index=masks["index"])

@@ -564,6 +564,12 @@ def test_simulator_style_mask_via_read_ccd(tmp_path):
     assert np.all(im.mask[20:22, 30] == PixelFlag.SATURATED)
     assert np.all(im.mask[40, 40:50] == PixelFlag.STREAK)
     assert im.bad_pixels().sum() == (codes != 0).sum()
+    # the flagged pixels' flat indices found while decoding: those of the decoded mask
+    np.testing.assert_array_equal(im.mask_index, np.flatnonzero(im.mask))
+    out, index = pio.decode_cp_dq(codes, "codes", return_index=True)
+    np.testing.assert_array_equal(out, im.mask)
+    np.testing.assert_array_equal(index, np.flatnonzero(out))
+    assert pio.read_ccd(p, "S4").mask_index is None
 
 
 # --------------------------------------------------------------------------- writers

@@ -383,6 +383,10 @@ class CCDImage:
         mask was read).
     mask_path : str or None
         The dq-mask file, when ``mask`` was read.
+    mask_index : ndarray of intp or None
+        Flat indices (ascending) of the non-zero pixels of ``mask``, found
+        while decoding it (None without a mask): consumers need no pass over
+        the image to find the flagged pixels.
     """
 
     data: np.ndarray
@@ -393,6 +397,7 @@ class CCDImage:
     extname: str
     mask: np.ndarray | None = None
     mask_path: str | None = None
+    mask_index: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -472,7 +477,7 @@ def read_ccd(path, ccd, *, mask=None, img_keyword="image", mask_keyword="dqmask"
             raise
         log.warning("%s[%s]: no usable WCS; continuing without one", path, name)
     info = HeaderInfo.from_header(header, path=path, extname=name, wcs=wcs, require_timing=require_timing)
-    mask_arr, mask_path = None, None
+    mask_arr, mask_path, mask_index = None, None, None
     if mask is not None and mask is not False:
         from .masks import find_mask, read_mask
 
@@ -487,10 +492,11 @@ def read_ccd(path, ccd, *, mask=None, img_keyword="image", mask_keyword="dqmask"
                 )
         else:
             mask_path = Path(mask)
-        mask_arr = read_mask(mask_path, name, shape=data.shape, image_path=path, dq_convention=dq_convention)
+        mask_arr, mask_index = read_mask(mask_path, name, shape=data.shape, image_path=path,
+                                         dq_convention=dq_convention, return_index=True)
         mask_path = str(mask_path)
     return CCDImage(data=data, header=header, wcs=wcs, info=info, path=str(path), extname=name,
-                    mask=mask_arr, mask_path=mask_path)
+                    mask=mask_arr, mask_path=mask_path, mask_index=mask_index)
 
 
 # --------------------------------------------------------------------------- describe

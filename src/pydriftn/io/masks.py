@@ -190,7 +190,7 @@ def _bits_lut():
 _BITS_LUT = _bits_lut()
 
 
-def decode_cp_dq(dq, convention="auto", *, header=None, where=None):
+def decode_cp_dq(dq, convention="auto", *, header=None, where=None, return_index=False):
     """Decode a CP dq array to the internal :class:`~pydriftn.flags.PixelFlag` bitmask.
 
     Zero (good) decodes to zero in both conventions, so only the non-zero
@@ -211,10 +211,16 @@ def decode_cp_dq(dq, convention="auto", *, header=None, where=None):
         Used by ``'auto'`` (``PLVER``).
     where : str, optional
         File/extension named in warnings.
+    return_index : bool
+        Also return the flat indices (ascending) of the non-zero decoded
+        pixels, found here anyway (callers then need no pass over the image
+        to find them).
 
     Returns
     -------
     ndarray of uint16, same shape
+    index : ndarray of intp
+        With ``return_index``.
     """
     dq = np.asarray(dq)
     where = where or "dq mask"
@@ -262,6 +268,9 @@ def decode_cp_dq(dq, convention="auto", *, header=None, where=None):
                         where, int(np.count_nonzero(unknown)), np.unique(vals[unknown])[:10].tolist())
     out = np.zeros(dq.shape, dtype=PIXEL_DTYPE)
     out.reshape(-1)[idx] = flags
+    if return_index:
+        nz = flags != 0
+        return out, (idx if nz.all() else idx[nz])
     return out
 
 
@@ -283,7 +292,7 @@ def bad_pixel_mask(bitmask, flags=DEFAULT_BAD_PIXEL_FLAGS):
 
 
 # --------------------------------------------------------------------------- reading
-def read_mask(path, ccd, shape=None, *, image_path=None, dq_convention="auto", memmap=True):
+def read_mask(path, ccd, shape=None, *, image_path=None, dq_convention="auto", memmap=True, return_index=False):
     """Read and decode extension ``ccd`` of a dq-mask file.
 
     Parameters
@@ -298,11 +307,15 @@ def read_mask(path, ccd, shape=None, *, image_path=None, dq_convention="auto", m
         The image, named in the shape-mismatch message.
     dq_convention : {'auto', 'codes', 'bits'}
         See :func:`decode_cp_dq`.
+    return_index : bool
+        Also return the flat indices of its non-zero pixels (see :func:`decode_cp_dq`).
 
     Returns
     -------
     ndarray of uint16
         :class:`~pydriftn.flags.PixelFlag` bitmask.
+    index : ndarray of intp
+        With ``return_index``.
 
     Raises
     ------
@@ -331,4 +344,4 @@ def read_mask(path, ccd, shape=None, *, image_path=None, dq_convention="auto", m
             )
         # decoded while the file is open, straight from the (memory-mapped) pixels:
         # the result is a new array, so no private copy of the raw mask is needed
-        return decode_cp_dq(raw, dq_convention, header=header, where=f"{path}[{name}]")
+        return decode_cp_dq(raw, dq_convention, header=header, where=f"{path}[{name}]", return_index=return_index)
