@@ -697,3 +697,50 @@ def test_static_step_at_the_end_of_each_exposure_is_vetoed_when_the_window_runs_
     c = res.candidates.set_index("star_id")
     assert "repeats_each_exposure" in c.loc[4, "veto_reasons"]
     assert "repeats_each_exposure" not in c.loc[7, "veto_reasons"]
+
+
+def test_exposure_level_offset_within_the_level_scatter_is_vetoed_and_events_are_kept():
+    """Errors of the stars' levels per exposure (flat within it: a de-blending split, a merged neighbour)
+    are not in the null distributions. A candidate that a level offset explains (the event fits beat a free
+    level per exposure by less than the threshold) and whose offset is within the block's measured level
+    scatter is vetoed (exposure_level); a tE = 10 s event is told by its shape, and a flat-topped one
+    filling an exposure by an offset far beyond the level scatter."""
+    from pydriftn.events.search import _exposure_level, exposure_level_scatter
+    from pydriftn.events.series import build_blocks
+
+    lc, stars = simulate_lightcurves(200, 5, snr=10, seed=177)
+    lc = lc.copy()
+    rng = np.random.default_rng(3)
+    sigma_level = 0.02  # every star-exposure's level off by 2 % rms
+    pairs = lc[["star_id", "expnum"]].drop_duplicates()
+    err = pd.Series(rng.normal(0.0, sigma_level, len(pairs)), index=pd.MultiIndex.from_frame(pairs))
+    lc["norm_flux"] *= 1.0 + err.reindex(pd.MultiIndex.from_frame(lc[["star_id", "expnum"]])).to_numpy()
+    e2, e3 = lc["expnum"].min() + 2, lc["expnum"].min() + 3
+    lc.loc[(lc["star_id"] == 6) & (lc["expnum"] == e2), "norm_flux"] *= 1.1  # 5 sigma_L, 6 sigma of its noise
+    lc.loc[(lc["star_id"] == 7) & (lc["expnum"] == e2), "norm_flux"] *= 2.0  # flat top filling the exposure
+    t0 = lc[(lc["star_id"] == 9) & (lc["expnum"] == e3) & (lc["sample"] == 18)]["mjd"].iloc[0]
+    lc = inject_microlensing(lc, {"star_id": 9, "t0_mjd": t0, "te_s": 10.0, "u0": 0.3, "rho": 0.01}, seed=5)
+    block = build_blocks(lc)[0]
+    assert exposure_level_scatter(block) == pytest.approx(sigma_level, rel=0.25)
+    res = search(lc, stars, n_scrambles=4, false_alarm_rate=1e-3)
+    c = res.candidates.set_index("star_id")
+    assert c.loc[6, "above_threshold"] and "exposure_level" in c.loc[6, "veto_reasons"]
+    assert c.loc[6, "delta_chi2_over_level"] < c.loc[6, "threshold"] > c.loc[6, "delta_chi2_level_sys"]
+    for sid in (7, 9):
+        assert c.loc[sid, "above_threshold"] and "exposure_level" not in c.loc[sid, "veto_reasons"], sid
+    assert c.loc[9, "delta_chi2_over_level"] > c.loc[9, "threshold"]
+    assert c.loc[7, "delta_chi2_over_level"] < c.loc[7, "threshold"] < c.loc[7, "delta_chi2_level_sys"]
+    # the level model's Delta-chi2 is that of the least-squares fit with free levels in the window's
+    # exposures (and the ones beside) and one common level elsewhere
+    i = int(np.flatnonzero(block.star_id == 6)[0])
+    k = block.samples_per_exposure
+    w = np.where(block.valid[i], (block.err[i] * block.err_scale[i]) ** -2.0, 0.0).reshape(-1, k)
+    y = np.where(block.valid[i], block.y[i], 0.0).reshape(-1, k)
+    free = [1, 2, 3]
+    fixed = [e for e in range(w.shape[0]) if e not in free]
+    b = (w[fixed] * y[fixed]).sum() / w[fixed].sum()
+    chi_level = (w[fixed] * (y[fixed] - b) ** 2).sum() + sum(
+        (w[e] * (y[e] - (w[e] * y[e]).sum() / w[e].sum()) ** 2).sum() for e in free)
+    expect = (w * (y - block.ybar[i]) ** 2).sum() - chi_level
+    margin, _ = _exposure_level(block, i, 2 * k + 3, 20, {"delta_chi2_microlensing": 500.0})
+    assert margin == pytest.approx(500.0 - expect, rel=1e-9)

@@ -29,7 +29,10 @@ Steps (all stars of a CCD-night at once, see :mod:`.series` and :mod:`.scan`):
    at the same samples (the same detector pixels) in the star's other
    exposures of the night (see ``_repeats_each_exposure``); an excursion an
    instantaneous flash of the PSF's width explains as well as the event
-   models (``unresolved_in_time``, see ``_unresolved_in_time``).
+   models (``unresolved_in_time``, see ``_unresolved_in_time``); an
+   excursion that a level error of the star in the window's exposures,
+   within the block's measured level scatter, explains to within the
+   detection threshold (``exposure_level``, see ``_exposure_level``).
 
 The result is a :class:`SearchResult` with the candidate table, the per
 star-night statistics, the null distributions and thresholds.
@@ -54,6 +57,9 @@ __all__ = [
     "VETO_COMMON_MODE",
     "VETO_NEIGHBOUR",
     "VETO_FLASH",
+    "VETO_REPEATS",
+    "VETO_UNRESOLVED",
+    "VETO_LEVEL",
     "VETO_BITS",
     "veto_names",
     "SearchResult",
@@ -70,9 +76,10 @@ VETO_NEIGHBOUR = 4
 VETO_FLASH = 8
 VETO_REPEATS = 16
 VETO_UNRESOLVED = 32
+VETO_LEVEL = 64
 VETO_BITS = {VETO_FLAGGED: "flagged_samples", VETO_COMMON_MODE: "common_mode",
              VETO_NEIGHBOUR: "bright_neighbour", VETO_FLASH: "flash", VETO_REPEATS: "repeats_each_exposure",
-             VETO_UNRESOLVED: "unresolved_in_time"}
+             VETO_UNRESOLVED: "unresolved_in_time", VETO_LEVEL: "exposure_level"}
 
 MAG_COLUMNS = ("r", "mag_r", "g", "mag_g", "vr", "mag", "i", "z")
 #: The fits use the star's samples within max(3 x window duration, this) seconds of the candidate window:
@@ -618,6 +625,12 @@ def _block_candidates(block, sc, scr_p, idx, fap, thr, star_tab, mcol, fl, *, fi
             row["delta_chi2_flash"] = d_flash
             if unresolved:
                 vet |= VETO_UNRESOLVED
+        if row["model"] != "none":
+            margin, level_sys = _exposure_level(block, i, j0, width, row)
+            row["delta_chi2_over_level"] = margin
+            row["delta_chi2_level_sys"] = level_sys
+            if margin < thr and level_sys < thr:
+                vet |= VETO_LEVEL
         row["vetoes"] = vet
         row["veto_reasons"] = veto_names(vet)
         rows.append(row)
@@ -676,6 +689,140 @@ def _repeats_each_exposure(block, i, j0, width, sign, dchi2, window_cache, min_d
         n_with += 1
         n_rep += bool(d_all[i] >= max(min_dchi2, min_fraction * dchi2) and np.sign(s_all[i]) == sign)
     return n_with >= min_exposures and n_rep >= max(min_exposures, 0.5 * n_with)
+
+
+def _exposure_means(block):
+    """Weighted mean, its error and weight of every star-exposure of the block (cached on it).
+
+    Returns ``(mean, err, weight)``, arrays ``(S, E)``; errors as the fits use
+    them (``err * err_scale``), the error of a mean times the boxcar variance
+    factor of an exposure's samples (:func:`~.scan.variance_inflation`:
+    adjacent samples are correlated); NaN/0 without valid samples.
+    """
+    cached = getattr(block, "_exposure_means", None)
+    if cached is not None:
+        return cached
+    from .scan import variance_inflation
+
+    k = block.samples_per_exposure
+    n_s, n_g = block.y.shape
+    e = block.err * block.err_scale[:, None]
+    w = np.where(block.valid, 1.0 / np.where(block.valid, e, 1.0) ** 2, 0.0).reshape(n_s, n_g // k, k)
+    y = np.where(block.valid, block.y, 0.0).reshape(w.shape)
+    W = w.sum(axis=2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(W > 0, (w * y).sum(axis=2) / W, np.nan)
+        err = np.where(W > 0, np.sqrt(variance_inflation(block, [k])[k] / W), np.nan)
+    block._exposure_means = (mean, err, W)
+    return block._exposure_means
+
+
+def exposure_level_scatter(block, min_fraction=1.0 / 3.0) -> float:
+    """Relative scatter of the stars' exposure levels beyond their noise (cached on the block).
+
+    The extraction sets a star's level in each exposure from its own trail and
+    its neighbours' (a de-blended pair's split, a merged or uncatalogued
+    neighbour, all depending on the seeing): an error of that level shifts
+    every sample of the exposure alike. ``sigma_L`` is the value for which the
+    median over the block's star-exposures (with at least ``min_fraction`` of
+    the samples valid) of ``(m_se - ybar_s)^2 / (err_se^2 (1 - W_se / W_s) +
+    (sigma_L ybar_s)^2 (1 - 1 / n_s))`` is the median of a chi-square with one
+    degree of freedom (0.455); 0 when the noise alone reaches it. Robust:
+    the rare star-exposures with an event do not move it.
+    """
+    cached = getattr(block, "_level_scatter", None)
+    if cached is not None:
+        return cached
+    mean, err, W = _exposure_means(block)
+    k = block.samples_per_exposure
+    n_valid = block.valid.reshape(block.n_stars, -1, k).sum(axis=2)
+    ok = (n_valid >= max(2, min_fraction * k)) & np.isfinite(mean) & (block.ybar[:, None] > 0)
+    n_e = ok.sum(axis=1)
+    ok &= (n_e >= 2)[:, None]
+    sigma = 0.0
+    if ok.sum() >= 20:
+        Wt = np.where(ok, W, 0.0).sum(axis=1)
+        ybar = np.where(Wt > 0, np.where(ok, W * np.nan_to_num(mean), 0.0).sum(axis=1) / np.where(Wt > 0, Wt, 1), 0)
+        si, ei = np.nonzero(ok)
+        d2 = (mean[si, ei] - ybar[si]) ** 2
+        v_stat = err[si, ei] ** 2 * np.clip(1.0 - W[si, ei] / Wt[si], 0.0, 1.0)
+        v_lvl = ybar[si] ** 2 * (1.0 - 1.0 / n_e[si])
+
+        def med(sig):
+            return float(np.median(d2 / (v_stat + sig * sig * v_lvl)))
+
+        if med(0.0) > _CHI2_1_MEDIAN:
+            lo, hi = 0.0, 1.0
+            for _ in range(40):
+                mid = 0.5 * (lo + hi)
+                lo, hi = (mid, hi) if med(mid) > _CHI2_1_MEDIAN else (lo, mid)
+            sigma = hi
+    block._level_scatter = sigma
+    return sigma
+
+
+#: Median of a chi-square distribution with one degree of freedom.
+_CHI2_1_MEDIAN = 0.454936
+
+
+def _exposure_level(block, i, j0, width, row):
+    """Could a level error of the window's exposures be the candidate? ``(margin, level_dchi2_sys)``.
+
+    Such level errors (see :func:`exposure_level_scatter`) are not in the
+    null distributions (the scrambles and the Gaussian realisations have
+    none), so a long candidate that is one passes the threshold. The
+    alternative model gives each exposure the window touches, and the one
+    before and after it (the boxcar may cover only the part of an offset that
+    stands out), a free level, the other exposures a common one (least
+    squares, errors as the fits use them). ``margin`` is
+    ``max(Delta-chi2_microlensing, Delta-chi2_flare)`` minus that model's
+    Delta-chi2 against the flat one: what the event's shape within the
+    exposures adds. ``level_dchi2_sys`` is the significance of the largest
+    offset of one of the window's exposures from the star's other exposures
+    when both also have the block's level scatter ``sigma_L``:
+    ``max_e (m_e - b_e)^2 / (err_e^2 + err_b^2 + 2 (sigma_L b_e)^2)``, ``b_e``
+    the weighted mean level of the other exposures. The search
+    vetoes the candidate when both are below the detection threshold: it is
+    not detected by its shape, and its level offset is within what the
+    extraction's level errors make. An event whose light curve is flat over
+    an exposure (a finite source of rho ~ 1 and tE ~ 10 s crossing for ~20
+    s) is kept by the second condition: its offset (A - 1 ~ 1) is far beyond
+    the level scatter (~1 %).
+    """
+    k = block.samples_per_exposure
+    n_exp = block.n_grid // k
+    e0 = max(int(j0) // k - 1, 0)
+    e1 = min((int(j0) + int(width) - 1) // k + 1, n_exp - 1)
+    mean, err, W = _exposure_means(block)
+    m, s, w = mean[i], err[i], W[i]
+    has = w > 0
+    inside = np.zeros(n_exp, bool)
+    inside[e0:e1 + 1] = True
+    e = block.err[i] * block.err_scale[i]
+    wt = np.where(block.valid[i], 1.0 / np.where(block.valid[i], e, 1.0) ** 2, 0.0)
+    yv = np.where(block.valid[i], block.y[i], 0.0)
+    chi_flat = float(np.sum(wt * (yv - block.ybar[i]) ** 2))
+    out = has & ~inside
+    base = float(np.sum(w[out] * m[out]) / np.sum(w[out])) if out.any() else block.ybar[i]
+    levels = np.where(inside[:, None] | ~out[:, None], np.nan_to_num(m)[:, None], base)  # (E, 1)
+    fit = np.repeat(levels[:, 0], k)
+    chi_level = float(np.sum(wt * (yv - fit) ** 2))
+    fits = [row.get(c, np.nan) for c in ("delta_chi2_microlensing", "delta_chi2_flare")]
+    fits = [float(v) for v in fits if v is not None and np.isfinite(v)]
+    best = max(fits) if fits else float(row.get("statistic", 0.0))
+    # each of the window's exposures against the weighted mean of all the star's other exposures
+    sig_rel = exposure_level_scatter(block)
+    level_sys = 0.0
+    for ex in np.flatnonzero(inside & has):
+        others = has.copy()
+        others[ex] = False
+        if not others.any():
+            continue
+        w_o = w[others].sum()
+        b = float(np.sum(w[others] * m[others]) / w_o)
+        var = s[ex] ** 2 + 1.0 / w_o + 2.0 * (sig_rel * b) ** 2
+        level_sys = max(level_sys, float((m[ex] - b) ** 2 / var))
+    return best - (chi_flat - chi_level), level_sys
 
 
 def _unstored_extension(block, i, j0, width, t_lo, t_hi, sample_s):
