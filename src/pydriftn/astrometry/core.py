@@ -566,7 +566,8 @@ def solve_exposure_ccd(image, catalogue, drift_rate_arcsec_s=geometry.DEFAULT_DR
     elif header.get("GAINB") is not None:
         amp_boundary = nx // 2
     sub, rms_map, grms, sub_b2 = detect.estimate_background(data, bad, amp_boundary=amp_boundary,
-                                                            return_binned=True, row_step=background_row_step)
+                                                            return_binned=True, row_step=background_row_step,
+                                                            bad_index=index.get("bad"))
     if masks is None:
         # no dq mask: dead / hot column segments from the image itself
         bcols = detect.find_bad_columns(sub, grms)

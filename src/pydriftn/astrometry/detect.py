@@ -32,7 +32,7 @@ __all__ = ["estimate_background", "matched_filter_snr", "find_candidates", "find
 
 
 def estimate_background(data, bad=None, *, box=128, filter_size=3, amp_boundary=None, return_binned=False,
-                        row_step=1):
+                        row_step=1, bad_index=None):
     """Background and rms maps with :class:`sep.Background`.
 
     Parameters
@@ -62,6 +62,9 @@ def estimate_background(data, bad=None, *, box=128, filter_size=3, amp_boundary=
         bias from faint sources is ~+0.12 ADU either way; sky rms 6.7 ADU), the
         global rms by < 0.3 %; the astrometry's WCS, detection and
         identification figures were unchanged.
+    bad_index : ndarray of int, optional
+        Flat indices of the True pixels of ``bad`` when known (no pass over it
+        to find them).
 
     Returns
     -------
@@ -124,7 +127,7 @@ def estimate_background(data, bad=None, *, box=128, filter_size=3, amp_boundary=
         _level_odd_column(sub, m, odd_col)
         if m is not None:
             # the bad pixels are a few per cent: zeroed through their flat indices
-            sub.reshape(-1)[np.flatnonzero(m)] = 0.0
+            sub.reshape(-1)[np.flatnonzero(m) if bad_index is None else bad_index] = 0.0
         if not return_binned:
             return sub, rms, float(np.mean(grms))
         b2 = db2
