@@ -113,6 +113,12 @@ def test_other_trails_and_flagged_pixels_are_masked():
     masked = local_sky(img, mask, f.trails, geo, sigma=50)
     assert abs(masked["sky_adu"].iloc[0] - true) < 5 * masked["sky_err_adu"].iloc[0]
     assert masked["n_sky_pixels"].iloc[0] < good["n_sky_pixels"].iloc[0]
+    # the flagged pixels given by their flat indices: the same table (with and without a choice of bits)
+    mask[30:33, :] = 256
+    for bits in (None, 0xFF):
+        ref = local_sky(img, mask, f.trails, geo, sigma=50, bad_bits=bits)
+        via = local_sky(img, mask, f.trails, geo, sigma=50, bad_bits=bits, mask_index=np.flatnonzero(mask))
+        pd.testing.assert_frame_equal(via, ref)
 
 
 def test_verbose_save_and_filename(field):

@@ -334,6 +334,7 @@ def local_sky(
     gain=None,
     bad_bits=None,
     verbose_save=False,
+    mask_index=None,
 ):
     """Local sky of every trail in a stadium annulus, other trails masked.
 
@@ -378,6 +379,10 @@ def local_sky(
     bad_bits : int, optional
         Mask bits that make a pixel unusable (default: any nonzero value), e.g.
         :data:`pydriftn.flags.DEFAULT_BAD_PIXEL_FLAGS` for a decoded bitmask.
+    mask_index : ndarray of int, optional
+        Flat indices (ascending) of the non-zero pixels of ``mask`` when known:
+        the unusable pixels are then set through them (the flagged pixels are
+        < 1 %) instead of testing every pixel of the mask.
     verbose_save : bool
         If True also return the annulus pixels: a dict with ``offsets``
         (dx, dy arrays), ``values`` (n_stars, n_pixels) ADU with NaN where
@@ -453,7 +458,14 @@ def local_sky(
     if mask_radius <= radius:
         fox, foy = stadium_offsets(direction, length, 0.0, mask_radius)
         covered = _covered(img.shape, cx, cy, fox, foy)
-        if mask is not None:
+        if mask is not None and mask_index is not None:
+            m = np.asarray(mask).reshape(-1)
+            idx_m = np.asarray(mask_index, dtype=np.intp)
+            if bad_bits is not None:
+                idx_m = idx_m[(m[idx_m] & bad_bits) != 0]
+            unusable = np.array(covered, order="C")
+            unusable.reshape(-1)[idx_m] = True
+        elif mask is not None:
             m = np.asarray(mask)
             unusable = (m != 0) if bad_bits is None else ((m & bad_bits) != 0)
             unusable |= covered

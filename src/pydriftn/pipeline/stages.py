@@ -108,6 +108,8 @@ def process_exposure_ccd(unit, catalogue: pd.DataFrame, cfg, *, targets=None) ->
     flat[bad_idx] |= np.uint16(PixelFlag.BAD_PIXEL)
     flat[cr_idx] |= np.uint16(PixelFlag.COSMIC_RAY)
 
+    # flat indices of pixmask's non-zero pixels (the sky stage needs no pass over the image to find them)
+    pix_idx = np.union1d(bad_idx, cr_idx)
     classification = None
     counts = {}
     products_files = {}
@@ -133,11 +135,13 @@ def process_exposure_ccd(unit, catalogue: pd.DataFrame, cfg, *, targets=None) ->
         if cfg.classify.save_cutouts:
             products_files = _cutout_pngs(classification, img.data, unit)
         if classification.streak_mask is not None and classification.streak_mask.any():
-            pixmask[classification.streak_mask] |= np.uint16(PixelFlag.STREAK)
+            streak_idx = np.flatnonzero(classification.streak_mask)
+            flat[streak_idx] |= np.uint16(PixelFlag.STREAK)
+            pix_idx = np.union1d(pix_idx, streak_idx)
 
     s = cfg.sky
     sky = local_sky(img.data, pixmask, forced, geometry, radius=s.radius, pad=s.pad, length=s.length,
-                    gain=info.gain)
+                    gain=info.gain, mask_index=pix_idx)
     ext = extract_trails(
         img.data, pixmask, forced, geometry, sky,
         gain=info.gain, read_noise_e=info.read_noise, saturation_adu=info.saturation,
