@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["estimate_sky", "residual_mesh"]
+__all__ = ["estimate_sky", "residual_mesh", "sky_noise"]
 
 
 def _edges(n, nb, split=None):
@@ -139,12 +139,31 @@ def estimate_sky(image, bad=None, *, block_px=512, step=4, amp_boundary=None):
     # error, ~0.25 %, is still far below what matters for the thresholds, at half the cost)
     r = sub[::2] - rows[::step][:nsy:2, None]
     r -= cols[::step][None, :nsx]
-    v = r[good[::2]]
+    sigma = _noise(r[good[::2]])
+    return rows, cols, (1.0 if sigma is None else sigma), level
+
+
+def _noise(v):
+    """Median minus the 15.87th percentile of the values ``v`` (a fresh 1-D copy, partitioned in place); None
+    below 10 values."""
     if v.size < 10:
-        return rows, cols, 1.0, level
-    p16, p50 = _percentiles(v, [15.865525, 50.0])  # v is a fresh copy (partitioned in place)
-    sigma = float(max(p50 - p16, 1e-6))
-    return rows, cols, sigma, level
+        return None
+    p16, p50 = _percentiles(v, [15.865525, 50.0])
+    return float(max(p50 - p16, 1e-6))
+
+
+def sky_noise(resid, bad=None, *, step=4):
+    """Sky noise per pixel (ADU) of an image whose sky is already subtracted, as :func:`estimate_sky` measures it.
+
+    Median minus the 15.87th percentile of the finite, not-``bad`` values on
+    every ``2 step``-th row and ``step``-th column; None with fewer than 10
+    such values.
+    """
+    sub = resid[::2 * step, ::step]
+    good = np.isfinite(sub)
+    if bad is not None:
+        good &= ~bad[::2 * step, ::step]
+    return _noise(sub[good])
 
 
 def _interp_matrix(n, m, block):

@@ -52,7 +52,7 @@ import pandas as pd
 from scipy import ndimage as ndi
 
 from ..errors import MaskError
-from ._background import estimate_sky, residual_mesh
+from ._background import estimate_sky, residual_mesh, sky_noise
 from ._local import local_point_fit
 from ._streaks import Streak, bin_image, find_streaks, rasterize_streak
 from ._streaks import _refine as _refine_streak
@@ -370,7 +370,7 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
                           flash_sigma=7.0, cr_sigma=6.0, sharp_threshold=1.3, trail_ratio_threshold=1.2,
                           model_error_frac=0.015, position_error_px=0.05, angle_tol_deg=15.0, streak_detect_sigma=8.0,
                           streak_bin_px=16, max_streaks=5, detect_streaks=True, amp_boundary="half",
-                          model_pos_err_px=(0.5, 0.3), model_flux_err=0.03, broad_ratio_max=1.0):
+                          model_pos_err_px=(0.5, 0.3), model_flux_err=0.03, broad_ratio_max=1.0, sky=None):
     """Classify every significant source on one CCD of a drift exposure.
 
     Parameters
@@ -426,6 +426,14 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
     broad_ratio_max : float
         A flash must be PSF-shaped: the S/N of a Gaussian twice the PSF's
         width over the PSF's S/N (0.8 for a point source) must stay below this.
+    sky : (ndarray, float or None), optional
+        A sky already estimated by the caller (e.g. the astrometry's
+        background): ``(sky_subtracted, sigma)`` with ``sky_subtracted`` the
+        image minus its sky (ADU, float32, the image's shape), which this
+        function takes over and overwrites (it becomes the residual; pass a
+        copy to keep it), and ``sigma`` the sky noise per pixel (ADU), or None
+        to measure it here (:func:`~._background.sky_noise`). Default None:
+        the sky is estimated here (:func:`~._background.estimate_sky`).
 
     Returns
     -------
@@ -481,18 +489,42 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
     # ---------------------------------------------------------------- sky
     if amp_boundary == "half":
         amp_boundary = nx // 2 if nx >= 64 else None
-    rows, cols, sigma, level = estimate_sky(data, excl, amp_boundary=amp_boundary)
+    cr_vals = None
+    if sky is None:
+        rows, cols, sigma, level = estimate_sky(data, excl, amp_boundary=amp_boundary)
+    else:
+        # the caller's sky-subtracted image becomes r0 (no sky estimate, no subtraction pass here)
+        r0, sigma = sky
+        r0 = np.asarray(r0)
+        if r0.shape != data.shape:
+            raise ValueError(f"sky: sky-subtracted image of shape {r0.shape}, expected the image's {data.shape}")
+        if r0.dtype != np.float32:
+            r0 = r0.astype(np.float32)
+        if not np.isfinite(np.sum(r0)):
+            nf = ~np.isfinite(r0)
+            np.copyto(r0, 0.0, where=nf)
+            excl |= nf
+        if sigma is None:
+            sigma = sky_noise(r0, excl)
+        sigma = float(sigma) if sigma is not None else float("nan")
+        lv = data[::64, ::64] - r0[::64, ::64]
+        level = float(np.median(lv[~excl[::64, ::64]])) if (~excl[::64, ::64]).any() else float("nan")
+        if crm is not None:
+            cr_vals = r0.ravel()[np.flatnonzero(crm)].astype(np.float64)  # (before the excluded pixels are zeroed)
     if not sigma > 0:
         sigma = float(read_noise or 1.0) / gain
-    # sky-subtracted image in blocks of 64 rows (the block stays in the cache between the passes; the same values)
-    r0 = np.empty(data.shape, np.float32)
-    rows32, cols32 = rows.astype(np.float32), cols.astype(np.float32)
     zero_now = mask is not None  # without a dq mask, dead columns are found on r0 before the zeroing
-    for a in range(0, ny, 64):
-        rb = np.subtract(data[a:a + 64], rows32[a:a + 64, None], out=r0[a:a + 64])
-        rb -= cols32[None, :]
-        if zero_now:
-            np.copyto(rb, 0.0, where=excl[a:a + 64])  # = r0[excl] = 0, ~2x faster
+    if sky is None:
+        # sky-subtracted image in blocks of 64 rows (the block stays in the cache between the passes)
+        r0 = np.empty(data.shape, np.float32)
+        rows32, cols32 = rows.astype(np.float32), cols.astype(np.float32)
+        for a in range(0, ny, 64):
+            rb = np.subtract(data[a:a + 64], rows32[a:a + 64, None], out=r0[a:a + 64])
+            rb -= cols32[None, :]
+            if zero_now:
+                np.copyto(rb, 0.0, where=excl[a:a + 64])  # = r0[excl] = 0, ~2x faster
+    elif zero_now:
+        np.copyto(r0, 0.0, where=excl)
     if not zero_now:
         dead = _dead_columns(r0, sigma)
         if dead is not None:
@@ -1049,7 +1081,7 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
         g = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])) if len(pairs) else ([], ([], [])),
                        shape=(n, n))
         ncomp, labels = connected_components(g, directed=False)
-        vals = data[cy_, cx_] - (rows[cy_] + cols[cx_])
+        vals = data[cy_, cx_] - (rows[cy_] + cols[cx_]) if cr_vals is None else cr_vals
         cnt = np.bincount(labels, minlength=ncomp)
         wsum = np.bincount(labels, weights=np.clip(vals, 1e-3, None), minlength=ncomp)
         mx = np.bincount(labels, weights=np.clip(vals, 1e-3, None) * cx_, minlength=ncomp) / wsum
