@@ -310,13 +310,16 @@ class TrailTemplate:
         else:
             f = self._lookup(self.f, self.s0, self.ds, sg)[:, None]
             dl = self._lookup(self.delta, self.s0, self.ds, sg)[:, None]
-            if self.has_width:
-                k = self._lookup(self.k, self.s0, self.ds, sg)[:, None]
-                cc = (C - dl) * k
+            if not self.has_width and not dl.any():
+                g = self._lookup(self.g, self.c0, self.dc, cg)[None, :] * 1.0  # (every row the same: one look-up)
             else:
-                k = 1.0
-                cc = C - dl
-            g = self._lookup(self.g, self.c0, self.dc, cc.ravel()).reshape(ns, nc) * k
+                if self.has_width:
+                    k = self._lookup(self.k, self.s0, self.ds, sg)[:, None]
+                    cc = (C - dl) * k
+                else:
+                    k = 1.0
+                    cc = C - dl
+                g = self._lookup(self.g, self.c0, self.dc, cc.ravel()).reshape(ns, nc) * k
             T = f * g
             self._fg = (key, T, dl)
         if self.cap is not None:
