@@ -570,6 +570,8 @@ def test_simulator_style_mask_via_read_ccd(tmp_path):
     np.testing.assert_array_equal(out, im.mask)
     np.testing.assert_array_equal(index, np.flatnonzero(out))
     assert pio.read_ccd(p, "S4").mask_index is None
+    with pytest.raises(ValueError):  # read-only: the index cannot go stale
+        im.mask[0, 0] = 1
 
 
 # --------------------------------------------------------------------------- writers

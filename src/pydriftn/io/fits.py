@@ -380,7 +380,8 @@ class CCDImage:
         The extension's name.
     mask : ndarray of uint16 or None
         Decoded :class:`~pydriftn.flags.PixelFlag` bitmask (``None`` if no dq
-        mask was read).
+        mask was read); read-only, so that ``mask_index`` stays valid (copy it
+        to modify it).
     mask_path : str or None
         The dq-mask file, when ``mask`` was read.
     mask_index : ndarray of intp or None
@@ -494,6 +495,7 @@ def read_ccd(path, ccd, *, mask=None, img_keyword="image", mask_keyword="dqmask"
             mask_path = Path(mask)
         mask_arr, mask_index = read_mask(mask_path, name, shape=data.shape, image_path=path,
                                          dq_convention=dq_convention, return_index=True)
+        mask_arr.flags.writeable = False  # (mask_index lists its flagged pixels)
         mask_path = str(mask_path)
     return CCDImage(data=data, header=header, wcs=wcs, info=info, path=str(path), extname=name,
                     mask=mask_arr, mask_path=mask_path, mask_index=mask_index)
