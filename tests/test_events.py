@@ -118,6 +118,15 @@ def test_smeared_model_is_the_psf_convolution():
     lsf = np.array([np.trapezoid((1 + (xx * xx + yy * yy) / alpha**2) ** -3, yy) for xx in (0.0, *xf[::500])])
     half = xf[::500][np.argmin(np.abs(lsf[1:] / lsf[0] - 0.5))]
     assert 2 * half == pytest.approx(3.7 * LSF_PER_PSF_FWHM, abs=0.11)
+    # the kernel of optimally extracted (sky-limited) samples along the drift: the PSF weighted across by the
+    # line-spread function (the cross-track profile), K(x) = int PSF(x, y) LSF(y) dy, is narrower
+    from pydriftn.events.series import KERNEL_PER_PSF_FWHM
+
+    lsf_y = (1 + yy * yy / alpha**2) ** -2.5  # the Moffat's line-spread function in closed form
+    xk = np.linspace(0, 3.0, 3001)
+    kern = np.array([np.trapezoid((1 + (xx * xx + yy * yy) / alpha**2) ** -3 * lsf_y, yy) for xx in xk])
+    k_half = xk[np.argmin(np.abs(kern / kern[0] - 0.5))]
+    assert 2 * k_half == pytest.approx(3.7 * KERNEL_PER_PSF_FWHM, abs=0.005)
     t = (np.arange(37) + 0.5) * SAMPLE_S
     for t0, te, u0, rho, fw in ((10.03, 1.5, 0.1, 1e-3, 3.7), (9.9, 0.4, 0.3, 0.5, 3.7), (12.0, 3.0, 0.05, 0.02, 5.0)):
         ref = _brute_smeared(t, t0, te, u0, rho, fw)
@@ -187,7 +196,12 @@ def test_search_uses_the_store_seeing():
     lc.loc[lc["expnum"] == 1000, "lsf_fwhm_px"] = np.nan
     blk = build_blocks(lc)[0]
     np.testing.assert_allclose(blk.lsf_fwhm_px, [np.nan] + [5.5 * LSF_PER_PSF_FWHM] * 4, equal_nan=True, rtol=1e-6)
-    np.testing.assert_allclose(blk.exposure_fwhm_px(3.7), [3.7, 5.5, 5.5, 5.5, 5.5], rtol=1e-6)
+    # the fits' PSF parameter: its line-spread function has the FWHM of the optimal-extraction kernel
+    from pydriftn.events.series import KERNEL_PER_PSF_FWHM
+
+    psf_par = 5.5 * KERNEL_PER_PSF_FWHM / LSF_PER_PSF_FWHM
+    np.testing.assert_allclose(blk.exposure_fwhm_px(3.7), [3.7] + [psf_par] * 4, rtol=1e-6)
+    np.testing.assert_allclose(blk.exposure_fwhm_px(3.7, LSF_PER_PSF_FWHM), [3.7, 5.5, 5.5, 5.5, 5.5], rtol=1e-6)
     t0 = lc.loc[(lc["star_id"] == 7) & (lc["expnum"] == 1002) & (lc["sample"] == 18), "mjd"].iloc[0] + 0.1 / DAY
     p = pd.DataFrame([{"star_id": 7, "t0_mjd": t0, "te_s": 2.0, "u0": 0.15, "rho": 0.01}])
     lci = inject_microlensing(lc, p, seed=1)  # smeared with the table's 5.5 px

@@ -58,7 +58,7 @@ from ..models import microlensing_magnification_curve
 from .fit import DEFAULT_PSF_FWHM_PX, Smear
 from .scan import DEFAULT_WIDTHS
 from .search import DEFAULT_FALSE_ALARM_RATE, _star_table, calibrate_null, search
-from .series import LSF_PER_PSF_FWHM, SECONDS_PER_DAY, EventSearchError, build_blocks, check_columns, \
+from .series import COLUMN_PER_KERNEL_FWHM, SECONDS_PER_DAY, EventSearchError, build_blocks, check_columns, \
     with_modified_rows
 
 __all__ = ["inject_microlensing", "efficiency", "EfficiencyResult", "plot_efficiency", "run_efficiency"]
@@ -83,7 +83,7 @@ def _sample_seconds(lc) -> float:
 def inject_microlensing(lc_table: pd.DataFrame, params, seed=0, *, source_noise_fraction: float = 1.0,
                         supersample: int | None = None, sample_s: float | None = None, psf_smear: bool = True,
                         psf_fwhm_px: float = DEFAULT_PSF_FWHM_PX,
-                        psf_column_per_fwhm: float = LSF_PER_PSF_FWHM) -> pd.DataFrame:
+                        psf_column_per_fwhm: float = COLUMN_PER_KERNEL_FWHM) -> pd.DataFrame:
     """Copy of ``lc_table`` with point-lens events added to chosen stars.
 
     Parameters
@@ -177,7 +177,7 @@ def inject_microlensing(lc_table: pd.DataFrame, params, seed=0, *, source_noise_
     return out
 
 
-def _table_psf_columns(lc, default_fwhm, sample_s, column_per_fwhm=LSF_PER_PSF_FWHM):
+def _table_psf_columns(lc, default_fwhm, sample_s, column_per_fwhm=COLUMN_PER_KERNEL_FWHM):
     """Per row of ``lc``: PSF FWHM (px; ``default_fwhm`` where unknown) and the shutter window (mjd) of
     its exposure (``None, None`` without ``sample`` and ``expnum`` columns)."""
     if "lsf_fwhm_px" in lc.columns:
@@ -223,7 +223,7 @@ def _event_flux(t_s, te, u0, rho, fs, sample_s, supersample, fwhm_px=None, windo
 
 
 def _inject_blocks(blocks, params, rng, *, source_noise_fraction, supersample, sample_s, psf_smear=True,
-                   psf_fwhm_px=DEFAULT_PSF_FWHM_PX, psf_column_per_fwhm=LSF_PER_PSF_FWHM):
+                   psf_fwhm_px=DEFAULT_PSF_FWHM_PX, psf_column_per_fwhm=COLUMN_PER_KERNEL_FWHM):
     """Blocks with the events of ``params`` added (same recipe as :func:`inject_microlensing`)."""
     q = float(np.clip(source_noise_fraction, 0.0, 1.0))
     out = []
@@ -425,7 +425,7 @@ def efficiency(lc: pd.DataFrame, stars: pd.DataFrame | None = None, *, te_s=(1.0
                                   source_noise_fraction=source_noise_fraction, supersample=None, sample_s=sample_s,
                                   psf_smear=search_kwargs.get("psf_smear", True),
                                   psf_fwhm_px=search_kwargs.get("psf_fwhm_px", DEFAULT_PSF_FWHM_PX),
-                                  psf_column_per_fwhm=search_kwargs.get("psf_column_per_fwhm", LSF_PER_PSF_FWHM))
+                                  psf_column_per_fwhm=search_kwargs.get("psf_column_per_fwhm", COLUMN_PER_KERNEL_FWHM))
         res = search(None, stars=stars_tab, null=null, only_star_ids=grp["star_id"].unique(), blocks=blocks_b,
                      **skw)
         thresholds.update(res.thresholds)

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .fit import DEFAULT_PSF_FWHM_PX, flare_model, microlensing_model
-from .series import LSF_PER_PSF_FWHM, SECONDS_PER_DAY, build_blocks, default_bad_flag_mask
+from .series import COLUMN_PER_KERNEL_FWHM, SECONDS_PER_DAY, build_blocks, default_bad_flag_mask
 
 __all__ = ["plot_candidate"]
 
@@ -78,7 +78,7 @@ def plot_candidate(lc: pd.DataFrame, candidate, ax=None, *, bad_flag_mask: int |
     # sample times, as fitted), and thin: the intrinsic light curves
     fw = np.full(len(t), DEFAULT_PSF_FWHM_PX)
     if "lsf_fwhm_px" in d.columns:
-        col = pd.to_numeric(d["lsf_fwhm_px"], errors="coerce").to_numpy(float) / LSF_PER_PSF_FWHM
+        col = pd.to_numeric(d["lsf_fwhm_px"], errors="coerce").to_numpy(float) / COLUMN_PER_KERNEL_FWHM
         fw = np.where(np.isfinite(col) & (col > 0), col, fw)
     if pd.notna(c.get("te_s", np.nan)):
         t0 = (c["t0_mjd"] - t_ref) * SECONDS_PER_DAY

@@ -50,7 +50,7 @@ import pandas as pd
 from .fit import DEFAULT_PSF_FWHM_PX, SMEAR_SUPERSAMPLE, fit_flare, fit_flash, fit_microlensing
 from .scan import (DEFAULT_WIDTHS, CombinedNull, NullDistribution, gaussian_null_block, scan_block, scramble_block,
                    window_statistic)
-from .series import LSF_PER_PSF_FWHM, SECONDS_PER_DAY, EventSearchError, build_blocks, check_columns, flag_mask
+from .series import COLUMN_PER_KERNEL_FWHM, SECONDS_PER_DAY, EventSearchError, build_blocks, check_columns, flag_mask
 
 __all__ = [
     "VETO_FLAGGED",
@@ -317,7 +317,7 @@ def search(lc: pd.DataFrame, stars: pd.DataFrame | None = None, flashes: pd.Data
            pre_false_alarm_rate: float = 1e-3, null=None, null_pool: str = "night", seed: int = 0,
            fit: bool = True, fit_blend: bool = False, supersample: int = SMEAR_SUPERSAMPLE, max_fits: int = 2000,
            psf_smear: bool = True, psf_fwhm_px: float = DEFAULT_PSF_FWHM_PX,
-           psf_column_per_fwhm: float = LSF_PER_PSF_FWHM,
+           psf_column_per_fwhm: float = COLUMN_PER_KERNEL_FWHM,
            only_star_ids=None, common_mode_fraction: float = 0.1, common_mode_dchi2: float = 9.0,
            common_mode_min_stars: int = 3, neighbour_radius_arcsec: float = 10.0, neighbour_dchi2: float = 9.0,
            flash_radius_arcsec: float = 2.0, flash_window_s: float = 1.0, flash_max_width: int = 2,
@@ -380,9 +380,12 @@ def search(lc: pd.DataFrame, stars: pd.DataFrame | None = None, flashes: pd.Data
         absent or NaN (old stores, synthetic series); default
         :data:`~.fit.DEFAULT_PSF_FWHM_PX` (1.0" at 0.27"/px).
     psf_column_per_fwhm : float
-        The ``lsf_fwhm_px`` column divided by this is the PSF's FWHM (default:
-        the column is the FWHM of the cross-track trail profile, i.e. of the
-        line-spread function, 1.109 x the PSF's; see :mod:`.series`).
+        The ``lsf_fwhm_px`` column divided by this is the FWHM of the PSF whose
+        line-spread function the fits convolve with (default
+        :data:`~.series.COLUMN_PER_KERNEL_FWHM`: the column is the cross-track
+        trail profile's FWHM, 1.109 x the PSF's, and the kernel of optimally
+        extracted samples along the drift is 1.052 x the PSF's; see
+        :mod:`.series`).
     max_fits : int
         At most this many candidates are fitted (most significant first).
     only_star_ids : array_like, optional
@@ -521,7 +524,7 @@ def search(lc: pd.DataFrame, stars: pd.DataFrame | None = None, flashes: pd.Data
 
 
 def _block_candidates(block, sc, scr_p, idx, fap, thr, star_tab, mcol, fl, *, fit, fit_blend, supersample, max_fits,
-                      common_mode, neighbour, flash, flash_test, psf=(True, DEFAULT_PSF_FWHM_PX, LSF_PER_PSF_FWHM)):
+                      common_mode, neighbour, flash, flash_test, psf=(True, DEFAULT_PSF_FWHM_PX, COLUMN_PER_KERNEL_FWHM)):
     rows = []
     if len(idx) == 0:
         return rows
@@ -986,7 +989,7 @@ def _psf_inputs(block, i, gidx, t_ref, sample_s, psf):
 
 
 def _fit_one(block, i, t_lo, t_hi, amp, sample_s, supersample, fit_blend,
-             psf=(True, DEFAULT_PSF_FWHM_PX, LSF_PER_PSF_FWHM)):
+             psf=(True, DEFAULT_PSF_FWHM_PX, COLUMN_PER_KERNEL_FWHM)):
     t_ref, t_s, yy, ee, dur_s, gidx = _fit_data(block, i, t_lo, t_hi, sample_s)
     out = {"n_fit": int(len(yy))}
     fw, window = _psf_inputs(block, i, gidx, t_ref, sample_s, psf)
