@@ -14,7 +14,11 @@ single-threaded per worker and freed memory kept for the next unit, as
 Target: a 60-CCD exposure processed in <= 20 s on 2 cores (DECam takes one
 every ~48 s).
 
-Usage: python benchmarks/bench_pipeline.py [--units 60] [--stars 2000]
+Also prints the process CPU time per unit and per stage (median of
+``--cpu-units`` units in one worker set up as the pipeline's): unlike the wall
+times, valid on a busy machine.
+
+Usage: python benchmarks/bench_pipeline.py [--units 60] [--stars 2000] [--cpu-units 5]
 """
 
 from __future__ import annotations
@@ -58,6 +62,51 @@ def _warm_up(_):
     return os.getpid()
 
 
+#: Stage functions timed by :func:`_cpu_breakdown`: (label, module, attribute). The stages import them from
+#: these modules when called, so wrapping the module attributes times every call.
+_STAGES = [("read_ccd", "pydriftn.io", "read_ccd"), ("astrometry", "pydriftn.astrometry", "solve_exposure_ccd"),
+           ("forced trails", "pydriftn.astrometry", "predict_trails"),
+           ("classification", "pydriftn.classify", "classify_exposure_ccd"), ("sky", "pydriftn.sky", "local_sky"),
+           ("extraction", "pydriftn.extract", "extract_trails"), ("normalisation", "pydriftn.detrend", "normalise"),
+           ("writes", "pydriftn.io", "write_table_atomic"),
+           ("process_exposure_ccd", "pydriftn.pipeline.stages", "process_exposure_ccd")]
+
+
+def _cpu_breakdown(units, args):
+    """Process CPU time of each unit and of its stages, in a worker set up as the pipeline's (run in a pool).
+
+    CPU time of the process (``time.process_time``), not wall time: valid on a
+    busy machine, where wall times are not. Returns ``(totals, {label: [per unit]})``.
+    """
+    import importlib
+    import logging
+
+    logging.disable(logging.WARNING)
+    spent = {}
+
+    def timed(label, f):
+        def g(*a, **k):
+            t = time.process_time()
+            try:
+                return f(*a, **k)
+            finally:
+                spent[label] = spent.get(label, 0.0) + time.process_time() - t
+        return g
+
+    for label, mod, name in _STAGES:
+        m = importlib.import_module(mod)
+        setattr(m, name, timed(label, getattr(m, name)))
+    totals, per = [], {label: [] for label, _, _ in _STAGES}
+    for u in units:
+        spent.clear()
+        t = time.process_time()
+        run_unit(u, *args)
+        totals.append(time.process_time() - t)
+        for label in per:
+            per[label].append(spent.get(label, 0.0))
+    return totals, per
+
+
 def _run_all(units, args, workers):
     """Wall time of ``units`` on ``workers`` processes: (cold, incl. start-up), (warm pool), statuses."""
     if workers == 1:
@@ -89,6 +138,8 @@ def main(argv=None):
     ap.add_argument("--units", type=int, default=60)
     ap.add_argument("--stars", type=int, default=2000)
     ap.add_argument("--fresh", action="store_true", help="re-simulate the data")
+    ap.add_argument("--cpu-units", type=int, default=5,
+                    help="units timed by process CPU per stage in one worker (0: skip)")
     ns = ap.parse_args(argv)
 
     data = _dataset(ns.stars, ns.fresh)
@@ -131,6 +182,27 @@ def main(argv=None):
     units = [Unit(u.night, 9_000_000 + i, real_units[i % len(real_units)].ccd,
                   real_units[i % len(real_units)].image_path, real_units[i % len(real_units)].mask_path)
              for i, u in enumerate([real_units[0]] * ns.units)]
+
+    # process CPU per unit and stage in one worker set up as the pipeline's (valid under load)
+    if ns.cpu_units > 0:
+        import multiprocessing
+
+        cpu_units = [Unit(u.night, 8_000_000 + i, u.ccd, u.image_path, u.mask_path)
+                     for i, u in enumerate([real_units[0]] * (ns.cpu_units + 1))]
+        with _one_thread_per_worker(), ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                                           initializer=_worker_init) as pool:
+            totals, per = pool.submit(_cpu_breakdown, cpu_units, args).result()
+        totals, per = totals[1:], {k: v[1:] for k, v in per.items()}  # (the first unit pays the imports)
+
+        def med(v):
+            return sorted(v)[len(v) // 2]
+
+        rest = [t - sum(per[k][i] for k in per if k != "process_exposure_ccd") for i, t in enumerate(totals)]
+        stages = "  ".join(f"{k} {med(v):.3f}" for k, v in per.items() if k != "process_exposure_ccd")
+        print(f"\nprocess CPU per unit, one worker set up as the pipeline's (median of {ns.cpu_units}, valid under "
+              f"load): {med(totals):.3f} s (min {min(totals):.3f}); without classification "
+              f"{med([t - c for t, c in zip(totals, per['classification'])]):.3f} s")
+        print(f"  {stages}  rest {med(rest):.3f}")
     print(f"\n{ns.units} units (one DECam exposure has 60 CCDs):")
     for workers in (1, 2):
         cold, warm, statuses = _run_all(units, args, workers)
