@@ -1026,6 +1026,16 @@ def _rows_from_fit(fit, keep, geo, anchor):
     }
 
 
+def _zero_count_columns(cols) -> int:
+    """Add zeroed ``n_cr_pixels``, ``n_cr_samples``, ``n_masked_pixels`` columns to ``cols``; return the row count."""
+    n = len(cols["x_start"])
+    zeros = np.zeros(n, dtype=np.int64)
+    cols["n_cr_pixels"] = zeros
+    cols["n_cr_samples"] = zeros.copy()
+    cols["n_masked_pixels"] = zeros.copy()
+    return n
+
+
 def _pixel_counts(cols, cr, bad, sat, streak, geo, sigma, index=None):
     """Count cosmic-ray / masked pixels and affected samples in each trail footprint.
 
@@ -1046,11 +1056,7 @@ def _pixel_counts(cols, cr, bad, sat, streak, geo, sigma, index=None):
     the True pixels of ``cr``, ``bad``, ``sat``, ``streak`` (keys ``cr``, ``bad``,
     ``saturated``, ``streak``; see :func:`resolve_mask`) when they are known.
     """
-    n = len(cols["x_start"])
-    zeros = np.zeros(n, dtype=np.int64)
-    cols["n_cr_pixels"] = zeros
-    cols["n_cr_samples"] = zeros.copy()
-    cols["n_masked_pixels"] = zeros.copy()
+    n = _zero_count_columns(cols)
     if n == 0:
         return
     ny, nx = cr.shape
@@ -1158,11 +1164,7 @@ def _pixel_counts_dense(cols, cr, bad, sat, streak, geo, sigma):
     ``n_cr_pixels``, ``n_cr_samples``, ``n_masked_pixels`` are added and
     ``flags`` updated. Masked pixels are those of ``bad`` that are not cosmic rays.
     """
-    n = len(cols["x_start"])
-    zeros = np.zeros(n, dtype=np.int64)
-    cols["n_cr_pixels"] = zeros
-    cols["n_cr_samples"] = zeros.copy()
-    cols["n_masked_pixels"] = zeros.copy()
+    n = _zero_count_columns(cols)
     if n == 0:
         return
     ny, nx = cr.shape
