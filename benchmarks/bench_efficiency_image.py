@@ -19,7 +19,9 @@ stars left out). Both levels are printed side by side:
 * ``found``: an unvetoed candidate above threshold on the event's star with t0 within 0.5 s and tE within 30 %;
 * ``detected``: the same with t0 only inside the event (``max(1 s, tE max(1, rho))``), the criterion of
   ``pydriftn efficiency``;
-* intervals: Wilson, 68 %.
+* intervals: Wilson, 68 %;
+* false positives: unvetoed candidates above threshold on the stars without a simulated event, per event-free
+  star-night (target <= 1e-4), each listed.
 
 Results are cached per cell in ``bench_output/efficiency_image/`` (a cell is re-run only if its parameters
 change; ``--fresh`` re-runs everything).
@@ -53,6 +55,27 @@ class _OnlyOurs(logging.Filter):
 
     def filter(self, record):
         return record.name == "pydriftn.events.imagelevel" or record.levelno >= logging.WARNING
+
+
+def false_positives(out: Path, inj: pd.DataFrame) -> tuple[int, int, list]:
+    """Unvetoed candidates above threshold on stars without a simulated event, over every cell's search.
+
+    Returns ``(n_false, n_event_free_star_nights, rows)`` (rows: cell, repeat, star_id, statistic, model).
+    """
+    n_false, n_free, rows = 0, 0, []
+    for cand_path in sorted(Path(out).glob("cells/*/rep*/search/candidates.parquet")):
+        cell, rep = cand_path.parts[-4], int(cand_path.parts[-3][3:])
+        c = pd.read_parquet(cand_path)
+        sel = (inj["cell"] == cell) & (inj["repeat"] == rep) & inj["star_id"].notna()
+        events = set(inj.loc[sel, "star_id"].astype("int64"))
+        if len(c):
+            c = c[c["above_threshold"].astype(bool) & (c["vetoes"] == 0) & ~c["star_id"].isin(events)]
+            rows += [dict(cell=cell, repeat=rep, star_id=r.star_id, statistic=round(float(r.statistic), 1),
+                          model=r.model) for r in c.itertuples()]
+            n_false += len(c)
+        sn = pd.read_parquet(cand_path.with_name("star_nights.parquet"), columns=["star_id"])
+        n_free += int((~sn["star_id"].isin(events)).sum())
+    return n_false, n_free, rows
 
 
 def loss_breakdown(inj: pd.DataFrame) -> pd.DataFrame:
@@ -92,7 +115,7 @@ def main(argv=None):
     ns = ap.parse_args(argv)
     out = Path(ns.out) if ns.out else OUT
 
-    from pydriftn.events.imagelevel import image_level_efficiency
+    from pydriftn.events.imagelevel import image_level_efficiency, wilson_interval
 
     h = logging.StreamHandler(sys.stdout)
     h.addFilter(_OnlyOurs())
@@ -123,6 +146,14 @@ def main(argv=None):
         d = s[s["detected"]]
         print(d.groupby("cell", sort=False).agg(median_dt0_s=("dt0_s", "median"),
                                                 median_te_ratio=("te_ratio", "median")).to_string())
+    n_false, n_free, rows = false_positives(out, res.injections)
+    if n_free:
+        lo, hi = wilson_interval(n_false, n_free)
+        print(f"\nfalse positives (unvetoed candidates above threshold on stars without a simulated event): "
+              f"{n_false} in {n_free} event-free star-nights = {n_false / n_free:.1e} per star-night "
+              f"[68 %: {lo:.1e}, {hi:.1e}]   (target <= 1e-4)")
+        for r in rows:
+            print(f"  {r['cell']} rep {r['repeat']}: star {r['star_id']}, statistic {r['statistic']}, {r['model']}")
     print(f"\nwall time {wall:.0f} s (cached cells are not re-run)")
     return res
 
