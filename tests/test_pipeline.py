@@ -291,3 +291,15 @@ def test_worker_init_keeps_freed_image_memory_for_reuse():
         faults[mode] = int(res.stdout.split()[-1])
     assert faults["init"] < 20, faults
     assert faults["default"] > faults["init"] + 20, faults  # (the effect the worker set-up removes)
+
+
+def test_sorted_union_of_pixel_indices_equals_numpy_union():
+    from pydriftn.pipeline.stages import _sorted_union
+
+    rng = np.random.default_rng(5)
+    a = np.sort(rng.choice(10**6, 5000, replace=False))
+    b = np.sort(rng.choice(10**6, 7000, replace=False))
+    c = rng.choice(10**6, 300)  # unsorted, with repeats
+    np.testing.assert_array_equal(_sorted_union(a, b, c), np.union1d(np.union1d(a, b), c))
+    assert _sorted_union(np.zeros(0, np.int64), a).dtype == np.int64
+    assert len(_sorted_union(np.zeros(0, np.int64))) == 0
