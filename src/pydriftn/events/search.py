@@ -807,8 +807,7 @@ def _exposure_level(block, i, j0, width, row):
     chi_flat = float(np.sum(wt * (yv - block.ybar[i]) ** 2))
     out = has & ~inside
     base = float(np.sum(w[out] * m[out]) / np.sum(w[out])) if out.any() else block.ybar[i]
-    levels = np.where(inside[:, None] | ~out[:, None], np.nan_to_num(m)[:, None], base)  # (E, 1)
-    fit = np.repeat(levels[:, 0], k)
+    fit = np.repeat(np.where(out, base, np.nan_to_num(m)), k)  # free levels inside, the common one outside
     chi_level = float(np.sum(wt * (yv - fit) ** 2))
     fits = [row.get(c, np.nan) for c in ("delta_chi2_microlensing", "delta_chi2_flare")]
     fits = [float(v) for v in fits if v is not None and np.isfinite(v)]
@@ -823,7 +822,7 @@ def _exposure_level(block, i, j0, width, row):
             continue
         w_o = w[others].sum()
         b = float(np.sum(w[others] * m[others]) / w_o)
-        var = s[ex] ** 2 + 1.0 / w_o + 2.0 * (sig_rel * b) ** 2
+        var = s[ex] ** 2 * (1.0 + w[ex] / w_o) + 2.0 * (sig_rel * b) ** 2  # err_b^2 = err_e^2 W_e / W_others
         level_sys = max(level_sys, float((m[ex] - b) ** 2 / var))
     return best - (chi_flat - chi_level), level_sys
 
