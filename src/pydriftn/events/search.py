@@ -575,10 +575,7 @@ def _block_candidates(block, sc, scr_p, idx, fap, thr, star_tab, mcol, fl, *, fi
         excluded = block.present[i, lo_k:hi_k] & ~block.valid[i, lo_k:hi_k]
         if np.any(excluded & ((block.flags[i, lo_k:hi_k] & _ARTEFACT_FLAGS) != 0)):
             vet |= VETO_FLAGGED
-        wkey = (j0, width)
-        if wkey not in window_cache:
-            window_cache[wkey] = window_statistic(block, j0, width)
-        d_all, s_all, has = window_cache[wkey]
+        d_all, s_all, has = _window(block, window_cache, j0, width)
         exc = has & (d_all >= cm_dchi2) & (np.sign(s_all) == sg)
         exc_other = exc.copy()
         exc_other[i] = False
@@ -640,6 +637,14 @@ def _block_candidates(block, sc, scr_p, idx, fap, thr, star_tab, mcol, fl, *, fi
     return rows
 
 
+def _window(block, cache, start, width):
+    """:func:`~.scan.window_statistic` of a grid window, computed once per block (``cache``: a dict)."""
+    key = (int(start), int(width))
+    if key not in cache:
+        cache[key] = window_statistic(block, *key)
+    return cache[key]
+
+
 def _repeats_each_exposure(block, i, j0, width, sign, dchi2, window_cache, min_dchi2, min_fraction=0.25,
                            min_exposures=2):
     """Does the candidate's excursion recur at the same samples of the star's other exposures?
@@ -671,10 +676,7 @@ def _repeats_each_exposure(block, i, j0, width, sign, dchi2, window_cache, min_d
             e0, off, width = e0 + 1, 0, after
         else:
             width = before
-        key = (e0 * k + off, width)
-        if key not in window_cache:
-            window_cache[key] = window_statistic(block, *key)
-        d_own, s_own, has_own = window_cache[key]
+        d_own, s_own, has_own = _window(block, window_cache, e0 * k + off, width)
         if not has_own[i] or np.sign(s_own[i]) != sign:
             return False
         dchi2 = float(d_own[i])
@@ -683,10 +685,7 @@ def _repeats_each_exposure(block, i, j0, width, sign, dchi2, window_cache, min_d
     for e in range(n_exp):
         if e == e0:
             continue
-        key = (e * k + off, int(width))
-        if key not in window_cache:
-            window_cache[key] = window_statistic(block, *key)
-        d_all, s_all, has = window_cache[key]
+        d_all, s_all, has = _window(block, window_cache, e * k + off, width)
         if not has[i]:
             continue
         n_with += 1
@@ -709,8 +708,7 @@ def _exposure_means(block):
 
     k = block.samples_per_exposure
     n_s, n_g = block.y.shape
-    e = block.err * block.err_scale[:, None]
-    w = np.where(block.valid, 1.0 / np.where(block.valid, e, 1.0) ** 2, 0.0).reshape(n_s, n_g // k, k)
+    w = block.weights.reshape(n_s, n_g // k, k)
     y = np.where(block.valid, block.y, 0.0).reshape(w.shape)
     W = w.sum(axis=2)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -801,8 +799,7 @@ def _exposure_level(block, i, j0, width, row):
     has = w > 0
     inside = np.zeros(n_exp, bool)
     inside[e0:e1 + 1] = True
-    e = block.err[i] * block.err_scale[i]
-    wt = np.where(block.valid[i], 1.0 / np.where(block.valid[i], e, 1.0) ** 2, 0.0)
+    wt = block.row_weights(i)
     yv = np.where(block.valid[i], block.y[i], 0.0)
     chi_flat = float(np.sum(wt * (yv - block.ybar[i]) ** 2))
     out = has & ~inside

@@ -206,9 +206,13 @@ class SeriesBlock:
     @property
     def weights(self) -> np.ndarray:
         """Inverse variances with the rescaled errors; 0 for invalid samples."""
-        w = np.zeros_like(self.y)
-        e = self.err * self.err_scale[:, None]
-        np.divide(1.0, e * e, out=w, where=self.valid)
+        return self.row_weights(slice(None))
+
+    def row_weights(self, rows) -> np.ndarray:
+        """:attr:`weights` of star rows ``rows`` only (an index or a slice)."""
+        w = np.zeros_like(self.y[rows])
+        e = self.err[rows] * np.expand_dims(self.err_scale[rows], -1)
+        np.divide(1.0, e * e, out=w, where=self.valid[rows])
         return w
 
     @property
