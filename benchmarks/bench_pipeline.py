@@ -55,6 +55,14 @@ def _dataset(stars: int, fresh: bool):
     return out
 
 
+def _quiet_worker_init():
+    """The pipeline's worker set-up, without the stages' warnings on stderr (the run's own log is not kept here)."""
+    import logging
+
+    logging.disable(logging.WARNING)
+    _worker_init()
+
+
 def _warm_up(_):
     """Import the stages in a worker (what a pool that stays up for the night has done long before)."""
     import pydriftn.pipeline.stages  # noqa: F401
@@ -119,11 +127,11 @@ def _run_all(units, args, workers):
     with _one_thread_per_worker():
         t0 = time.perf_counter()
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_worker_init) as pool:
+                                 initializer=_quiet_worker_init) as pool:
             statuses = list(pool.map(run_unit, units, *[[a] * len(units) for a in args]))
         cold = time.perf_counter() - t0
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_worker_init) as pool:
+                                 initializer=_quiet_worker_init) as pool:
             # start every worker and let it read the catalogue once, as a night's run has long done
             list(pool.map(_warm_up, range(4 * workers)))
             list(pool.map(run_unit, units[:workers], *[[a] * workers for a in args]))
@@ -142,6 +150,9 @@ def main(argv=None):
                     help="units timed by process CPU per stage in one worker (0: skip)")
     ns = ap.parse_args(argv)
 
+    import logging
+
+    logging.disable(logging.WARNING)  # (the stages' warnings, e.g. trails with little sky, are not the figures)
     data = _dataset(ns.stars, ns.fresh)
     out = ROOT / "bench_output" / "pipeline_run"
     if out.exists():
@@ -190,7 +201,7 @@ def main(argv=None):
         cpu_units = [Unit(u.night, 8_000_000 + i, u.ccd, u.image_path, u.mask_path)
                      for i, u in enumerate([real_units[0]] * (ns.cpu_units + 1))]
         with _one_thread_per_worker(), ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                                           initializer=_worker_init) as pool:
+                                                           initializer=_quiet_worker_init) as pool:
             totals, per = pool.submit(_cpu_breakdown, cpu_units, args).result()
         totals, per = totals[1:], {k: v[1:] for k, v in per.items()}  # (the first unit pays the imports)
 

@@ -303,3 +303,25 @@ def test_sorted_union_of_pixel_indices_equals_numpy_union():
     np.testing.assert_array_equal(_sorted_union(a, b, c), np.union1d(np.union1d(a, b), c))
     assert _sorted_union(np.zeros(0, np.int64), a).dtype == np.int64
     assert len(_sorted_union(np.zeros(0, np.int64))) == 0
+
+
+def test_worker_log_records_reach_the_run_log_file(two_nights, tmp_path):
+    """A unit skipped inside a worker process is logged in the run's log file (not only on its stderr)."""
+    from astropy.io import fits
+
+    night = tmp_path / "night_x"
+    shutil.copytree(Path(two_nights.out_dir) / "night_1", night)
+    victim = sorted(night.glob("*-image.fits"))[0]
+    with fits.open(victim) as hdul:
+        for hdu in hdul:
+            if hdu.data is not None:
+                hdu.data = np.full_like(hdu.data, 100.0)  # a blank exposure: no trails, no astrometry
+        hdul.writeto(victim, overwrite=True)
+    cfg = _config(two_nights, tmp_path / "out", workers=2)
+    cfg["drifts_dirs"] = [str(night)]
+    result = run_pipeline(config_from_dict(cfg), progress=False)
+    skipped = [u for u in result.units if u.status == "skipped"]
+    assert skipped and result.n_done >= 1
+    text = (tmp_path / "out" / "pydriftn.log").read_text()
+    for u in skipped:  # the worker's own warning, relayed (the summary lines are logged at DEBUG)
+        assert any("WARNING" in line and f"{u.key} skipped:" in line for line in text.splitlines()), text[-2000:]

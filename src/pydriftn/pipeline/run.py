@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import logging.handlers
 import os
 import sys
 import time
@@ -280,15 +281,37 @@ def _execute(todo, catalogue_path, unit_config, output_dir, targets, cfg, progre
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
-    with _one_thread_per_worker(), ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx,
-                                                       initializer=_worker_init) as pool:
-        futures = [pool.submit(run_unit, u, *args) for u in todo]
-        for fut in as_completed(futures):
-            yield fut.result()
+    # the workers' log records (a unit's warnings, a failed unit's traceback) come back to this process's
+    # handlers (the run's log file, the CLI's console), instead of each worker's bare stderr
+    records = ctx.Queue()
+    listener = logging.handlers.QueueListener(records, _Relay(), respect_handler_level=False)
+    listener.start()
+    try:
+        with _one_thread_per_worker(), ProcessPoolExecutor(
+                max_workers=min(workers, len(todo)), mp_context=ctx, initializer=_worker_init,
+                initargs=(records, logging.getLogger("pydriftn").getEffectiveLevel())) as pool:
+            futures = [pool.submit(run_unit, u, *args) for u in todo]
+            for fut in as_completed(futures):
+                yield fut.result()
+    finally:
+        listener.stop()
+        records.close()
 
 
-def _worker_init():
+class _Relay(logging.Handler):
+    """Hands a worker's log record to the logger of the same name in this process (and so its handlers)."""
+
+    def emit(self, record):
+        logger = logging.getLogger(record.name)
+        if logger.isEnabledFor(record.levelno):
+            logger.handle(record)
+
+
+def _worker_init(log_records=None, log_level=logging.WARNING):
     """Set up a worker process of the pipeline's own pool (local processes or a local dask cluster).
+
+    ``log_records``: a queue to which the worker's ``pydriftn`` log records of
+    ``log_level`` and above are sent (the parent relays them to its handlers).
 
     With glibc, large blocks (every image-sized array: ~33 MB for a full-size
     CCD) are by default mapped fresh from the kernel and unmapped when freed,
@@ -302,6 +325,13 @@ def _worker_init():
     """
     import ctypes
 
+    if log_records is not None:
+        import logging.handlers
+
+        pkg = logging.getLogger("pydriftn")
+        pkg.addHandler(logging.handlers.QueueHandler(log_records))
+        pkg.setLevel(log_level)
+        pkg.propagate = False
     try:
         libc = ctypes.CDLL("libc.so.6")
         mallopt = libc.mallopt
