@@ -305,9 +305,13 @@ def test_sorted_union_of_pixel_indices_equals_numpy_union():
     assert len(_sorted_union(np.zeros(0, np.int64))) == 0
 
 
-def test_worker_log_records_reach_the_run_log_file(two_nights, tmp_path):
+@pytest.mark.parametrize("executor", ["local", "dask"])
+def test_worker_log_records_reach_the_run_log_file(two_nights, tmp_path, executor):
     """A unit skipped inside a worker process is logged in the run's log file (not only on its stderr)."""
     from astropy.io import fits
+
+    if executor == "dask":
+        pytest.importorskip("distributed")
 
     night = tmp_path / "night_x"
     shutil.copytree(Path(two_nights.out_dir) / "night_1", night)
@@ -317,7 +321,7 @@ def test_worker_log_records_reach_the_run_log_file(two_nights, tmp_path):
             if hdu.data is not None:
                 hdu.data = np.full_like(hdu.data, 100.0)  # a blank exposure: no trails, no astrometry
         hdul.writeto(victim, overwrite=True)
-    cfg = _config(two_nights, tmp_path / "out", workers=2)
+    cfg = _config(two_nights, tmp_path / "out", workers=2, executor=executor)
     cfg["drifts_dirs"] = [str(night)]
     result = run_pipeline(config_from_dict(cfg), progress=False)
     skipped = [u for u in result.units if u.status == "skipped"]

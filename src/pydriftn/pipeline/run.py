@@ -266,6 +266,11 @@ def _execute(todo, catalogue_path, unit_config, output_dir, targets, cfg, progre
             client = Client(cluster)
             client.run(_worker_init)  # (only the workers of the cluster started here)
         try:
+            # the units' log records (warnings, a skipped unit's reason, a failed unit's traceback) come back
+            # to this process's handlers: the run's log file and the console
+            level = logging.getLogger("pydriftn").getEffectiveLevel()
+            client.run(_set_pydriftn_level, level)
+            client.forward_logging("pydriftn", level=level)
             futures = [client.submit(run_unit, u, *args, pure=False, key=f"unit-{u.key}") for u in todo]
             for fut in dask_completed(futures):
                 yield fut.result()
@@ -296,6 +301,11 @@ def _execute(todo, catalogue_path, unit_config, output_dir, targets, cfg, progre
     finally:
         listener.stop()
         records.close()
+
+
+def _set_pydriftn_level(level):
+    """(On a dask worker) log pydriftn records from ``level`` on, for :meth:`distributed.Client.forward_logging`."""
+    logging.getLogger("pydriftn").setLevel(level)
 
 
 class _Relay(logging.Handler):
