@@ -153,3 +153,155 @@ def test_few_sky_pixels_are_logged_not_warned(field, caplog):
             sky = local_sky(f.image, mask, f.trails.iloc[:4], f.geometry, gain=f.gain)
     assert not sky["sky_ok"].any() and sky["n_sky_pixels"].eq(0).all() and sky["sky_adu"].isna().all()
     assert any("fewer than 20 usable sky pixels" in r.getMessage() for r in caplog.records)
+
+
+# --------------------------------------------------------------------------- compiled kernels vs numpy
+def _row_search_numpy(v, thr, n, side):
+    """The vectorised per-row binary search that :func:`pydriftn.extract._kernels.clip_rows` replaced."""
+    n_rows, m = v.shape
+    thr = np.asarray(thr, dtype=v.dtype)
+    hi = np.array(np.broadcast_to(n, np.broadcast_shapes(np.shape(n), thr.shape)), dtype=np.intp)
+    thr = np.broadcast_to(thr, hi.shape)
+    lo = np.zeros_like(hi)
+    flat = v.reshape(-1)
+    base = np.arange(n_rows, dtype=np.intp) * m
+    for _ in range(max(int(m).bit_length(), 1)):
+        mid = (lo + hi) >> 1
+        val = flat[base + np.minimum(mid, m - 1)]
+        right = (val < thr) if side == "left" else (val <= thr)
+        right &= lo < hi
+        lo = np.where(right, mid + 1, lo)
+        hi = np.where(right | (lo >= hi), hi, mid)
+    return lo
+
+
+def _clipped_stats_rows_numpy(values, sigma=3.0, maxiters=10):
+    """The numpy clipping of sorted rows that the compiled kernel replaced (same arithmetic)."""
+    v = np.sort(np.asarray(values, dtype=np.float32), axis=1)
+    n_rows, m = v.shape
+    rows = np.arange(n_rows)
+    nfin = _row_search_numpy(v, np.float32(np.inf), np.full(n_rows, m), "right")
+    if np.isinf(v[rows, 0]).any() or np.isinf(v[rows, np.maximum(nfin - 1, 0)]).any():
+        v = np.where(np.isinf(v), np.float32(np.nan), v)
+        v.sort(axis=1)
+        nfin = _row_search_numpy(v, np.float32(np.inf), np.full(n_rows, m), "right")
+    mid = v[rows, np.clip((nfin - 1) // 2, 0, m - 1)]
+    mid = np.where(nfin > 0, mid, 0.0).astype(np.float32)
+    c1 = np.cumsum(np.subtract(v.T, mid[None, :]), axis=0, dtype=np.float32)
+    c2 = np.cumsum(np.square(np.subtract(v.T, mid[None, :])), axis=0, dtype=np.float32)
+    lo = np.zeros(n_rows, dtype=np.intp)
+    hi = nfin.astype(np.intp)
+
+    def csum(c, i):
+        return np.where(i > 0, c[np.maximum(i - 1, 0), rows].astype(np.float64), 0.0)
+
+    def stats(lo, hi):
+        cnt = hi - lo
+        safe = cnt > 0
+        i1 = np.clip(lo + (cnt - 1) // 2, 0, m - 1)
+        i2 = np.clip(lo + cnt // 2, 0, m - 1)
+        med = 0.5 * (v[rows, i1].astype(np.float64) + v[rows, i2])
+        s1 = csum(c1, hi) - csum(c1, lo)
+        s2 = csum(c2, hi) - csum(c2, lo)
+        cn = np.where(safe, cnt, 1)
+        var = np.maximum(s2 / cn - (s1 / cn) ** 2, 0.0)
+        return np.where(safe, med, np.nan), np.where(safe, np.sqrt(var), np.nan), cnt
+
+    med, std, cnt = stats(lo, hi)
+    for _ in range(int(maxiters)):
+        new_lo = _row_search_numpy(v, (med - sigma * std).astype(np.float32), nfin, "left")
+        new_hi = _row_search_numpy(v, (med + sigma * std).astype(np.float32), nfin, "right")
+        bad = ~np.isfinite(med) | (new_hi <= new_lo)
+        new_lo = np.where(bad, lo, new_lo)
+        new_hi = np.where(bad, hi, new_hi)
+        if np.array_equal(new_lo, lo) and np.array_equal(new_hi, hi):
+            break
+        lo, hi = new_lo, new_hi
+        med, std, cnt = stats(lo, hi)
+    return med, std, cnt
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_clip_rows_kernel_is_the_numpy_clipping(seed):
+    """The compiled clipping gives bit for bit the statistics of the numpy version it replaced."""
+    rng = np.random.default_rng(seed)
+    v = rng.normal(300.0, 5.0, (64, 250)).astype(np.float32)
+    v[:, :30] += rng.exponential(60.0, (64, 30)).astype(np.float32)  # one-sided contamination
+    v[rng.random(v.shape) < 0.2] = np.nan
+    v[5] = np.nan  # empty row
+    v[6, 1:] = np.nan  # one value
+    v[7, :] = 42.0  # constant row (std 0)
+    v[8, 3] = np.inf  # infinities count as missing
+    v[9, 4] = -np.inf
+    for sigma, maxiters in ((3.0, 10), (2.0, 1), (1.5, 0)):
+        got = clipped_stats_rows(v, sigma=sigma, maxiters=maxiters)
+        ref = _clipped_stats_rows_numpy(v, sigma=sigma, maxiters=maxiters)
+        for g, r in zip(got, ref):
+            np.testing.assert_array_equal(g, r)
+    assert np.isnan(got[0][5]) and got[2][5] == 0 and got[2][6] == 1 and got[1][7] == 0.0
+    # no rows, no columns
+    assert clipped_stats_rows(np.zeros((0, 5)))[0].shape == (0,)
+    assert np.isnan(clipped_stats_rows(np.zeros((3, 0)))[0]).all()
+
+
+def _annulus_values_numpy(img, mask, bad_bits, covered, cx, cy, ox, oy, g_col):
+    """The numpy gather of the annulus pixels that the compiled kernel replaced."""
+    ny, nx = img.shape
+    n = len(cx)
+    cxc = np.clip(cx, -(10 * nx), 11 * nx)
+    cyc = np.clip(cy, -(10 * ny), 11 * ny)
+    X = cxc[:, None] + ox[None, :]
+    Y = cyc[:, None] + oy[None, :]
+    inside = (X >= 0) & (X < nx) & (Y >= 0) & (Y < ny)
+    idx = np.clip(Y, 0, ny - 1) * nx + np.clip(X, 0, nx - 1)
+    flat = img.reshape(-1)
+    vals = np.take(flat, idx)
+    if g_col is not None:
+        xmin = np.clip(cx + ox.min(), 0, nx - 1)
+        xmax = np.clip(cx + ox.max(), 0, nx - 1)
+        straddle = g_col[xmin] != g_col[xmax]
+        vals *= g_col[np.clip(cx, 0, nx - 1)][:, None].astype(vals.dtype)
+        sidx = np.flatnonzero(straddle)
+        vals[sidx] = flat[idx[sidx]] * g_col[idx[sidx] % nx]
+    unusable = covered.copy()
+    if mask is not None:
+        unusable |= (mask != 0) if bad_bits is None else ((mask & bad_bits) != 0)
+    good = ~np.take(unusable.reshape(-1), idx) & inside & np.isfinite(vals)
+    np.copyto(vals, np.nan, where=~good)
+    return vals, good.sum(axis=1), inside.sum(axis=1)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_annulus_values_kernel_is_the_numpy_gather(dtype):
+    """Annulus pixels (edges, far-off trails, masked, non-finite, gain boundary) as the numpy gather gave them."""
+    from pydriftn.extract._kernels import annulus_values
+    from pydriftn.sky import _covered_buffer
+
+    rng = np.random.default_rng(4)
+    ny, nx = 90, 120
+    img = rng.normal(100.0, 3.0, (ny, nx)).astype(dtype)
+    img[rng.random(img.shape) < 0.01] = np.nan
+    img[3, 7] = np.inf
+    mask = (rng.random(img.shape) < 0.03).astype(np.uint16) * rng.choice([1, 256], img.shape).astype(np.uint16)
+    ox, oy = stadium_offsets((0.96, 0.28), 9.0, 4.0, 7.0)
+    fox, foy = stadium_offsets((0.96, 0.28), 9.0, 0.0, 4.0)
+    # interior trails, trails over every edge, one straddling the gain boundary, far off the image
+    cx = np.concatenate([rng.integers(-8, nx + 8, 40), [nx // 2, -10**7, 5 * nx]]).astype(np.int64)
+    cy = np.concatenate([rng.integers(-8, ny + 8, 40), [ny // 2, 3, -10**6]]).astype(np.int64)
+    buf, bx, by = _covered_buffer((ny, nx), cx, cy, fox, foy)
+    covered = buf[by : by + ny, bx : bx + nx]
+    g_col = np.where(np.arange(nx) < nx // 2, 4.07, 3.96).astype(np.float32)
+    for g, m, bits in ((g_col, mask, None), (None, mask, 0xFF), (g_col, None, None)):
+        ref = _annulus_values_numpy(img, m, bits, covered, cx, cy, ox, oy, g)
+        got = annulus_values(img.reshape(-1), buf.reshape(-1), buf.shape[1], bx, by,
+                             mask.reshape(-1) if m is not None else np.zeros(1, np.uint8), m is not None,
+                             -1 if bits is None else bits, cx, cy, ox, oy,
+                             g if g is not None else np.ones(nx, np.float32), g is not None)
+        assert got[0].dtype == ref[0].dtype
+        np.testing.assert_array_equal(got[0], ref[0])
+        np.testing.assert_array_equal(got[1], ref[1])
+        np.testing.assert_array_equal(got[2], ref[2])
+    assert (ref[2] < len(ox)).any() and (ref[2] == 0).any()  # the edge cases were there
+    # no trails
+    assert annulus_values(img.reshape(-1), buf.reshape(-1), buf.shape[1], bx, by, np.zeros(1, np.uint8), False, -1,
+                          cx[:0], cy[:0], ox, oy, g_col, True)[0].shape == (0, len(ox))

@@ -13,8 +13,9 @@ Python loop (or a ragged masked array, which is slow). All annuli here share
 the same pixel offsets (the trail shape is common to the CCD), so the annulus
 values form a dense ``(n_stars, n_pixels)`` array; it is sorted once per row
 and every clipping iteration is then a per-row binary search of the two
-thresholds and a cumulative-sum lookup (no pass over the values). The
-statistics are those of astropy's default (median centre, standard deviation
+thresholds and a cumulative-sum lookup (no pass over the values); this
+clipping, and the gather of the annulus pixels, are compiled loops
+(:mod:`pydriftn.extract._kernels`). The statistics are those of astropy's default (median centre, standard deviation
 of the kept values, ``sigma`` both sides, iterate to convergence); the test
 suite checks them against astropy.
 """
@@ -127,6 +128,14 @@ def _covered(shape, cx, cy, ox, oy):
     centres farther out than ``R`` are clamped to ``R + 1`` outside, where
     their footprint still cannot reach the image. Returns a view.
     """
+    buf, bx, by = _covered_buffer(shape, cx, cy, ox, oy)
+    ny, nx = shape
+    return buf[by : by + ny, bx : bx + nx]
+
+
+def _covered_buffer(shape, cx, cy, ox, oy):
+    """The padded buffer of :func:`_covered` (C-contiguous, ``(ny + 2 by, nx + 2 bx)``) and ``bx, by``:
+    image pixel ``(x, y)`` is ``buf[y + by, x + bx]``."""
     ny, nx = shape
     rx = int(np.abs(ox).max(initial=0))
     ry = int(np.abs(oy).max(initial=0))
@@ -148,7 +157,7 @@ def _covered(shape, cx, cy, ox, oy):
             win[base + (int(r) * nxp + xlo)] = True
         else:
             buf[base[:, None] + (int(r) * nxp + xs.astype(np.intp))[None, :]] = True
-    return buf.reshape(ny + 2 * by, nxp)[by : by + ny, bx : bx + nx]
+    return buf.reshape(ny + 2 * by, nxp), bx, by
 
 
 def trail_footprint_image(shape, trails, radius, direction=None, length=None, counts=True):
@@ -202,31 +211,6 @@ def trail_footprint_image(shape, trails, radius, direction=None, length=None, co
     return out
 
 
-def _row_search(v, thr, n, side):
-    """Per-row ``searchsorted`` of ``thr`` in the first ``n`` (sorted) values of each row of ``v``.
-
-    A vectorised binary search over all rows at once (``log2(m)`` gathers of
-    one value per row), for thresholds that change every clipping iteration.
-    ``side='left'``: number of values ``< thr``; ``'right'``: number ``<= thr``.
-    ``thr`` and ``n`` may have a leading axis of searches: shape ``(q, n_rows)``.
-    """
-    n_rows, m = v.shape
-    thr = np.asarray(thr, dtype=v.dtype)
-    hi = np.array(np.broadcast_to(n, np.broadcast_shapes(np.shape(n), thr.shape)), dtype=np.intp)
-    thr = np.broadcast_to(thr, hi.shape)
-    lo = np.zeros_like(hi)
-    flat = v.reshape(-1)
-    base = np.arange(n_rows, dtype=np.intp) * m
-    for _ in range(max(int(m).bit_length(), 1)):
-        mid = (lo + hi) >> 1
-        val = flat[base + np.minimum(mid, m - 1)]
-        right = (val < thr) if side == "left" else (val <= thr)
-        right &= lo < hi
-        lo = np.where(right, mid + 1, lo)
-        hi = np.where(right | (lo >= hi), hi, mid)
-    return lo
-
-
 def clipped_stats_rows(values, sigma=3.0, maxiters=10):
     """Sigma-clipped median, standard deviation and count of each row.
 
@@ -261,60 +245,15 @@ def clipped_stats_rows(values, sigma=3.0, maxiters=10):
     if m == 0:
         nan = np.full(n_rows, np.nan)
         return nan, nan.copy(), np.zeros(n_rows, dtype=np.intp)
-    rows = np.arange(n_rows)
-    nfin = _row_search(v, np.float32(np.inf), np.full(n_rows, m), "right")  # non-NaN values
-    if np.isinf(v[rows, 0]).any() or np.isinf(v[rows, np.maximum(nfin - 1, 0)]).any():
+    # the clipping of each sorted row is a compiled loop (pydriftn.extract._kernels.clip_rows)
+    from pydriftn.extract._kernels import clip_rows
+
+    med, std, cnt, has_inf = clip_rows(v, float(sigma), int(maxiters))
+    if has_inf:
         # infinities count as missing too (rare: sort again with them as NaN)
         v = np.where(np.isinf(v), np.float32(np.nan), v)
         v.sort(axis=1)
-        nfin = _row_search(v, np.float32(np.inf), np.full(n_rows, m), "right")
-    mid = v[rows, np.clip((nfin - 1) // 2, 0, m - 1)]
-    mid = np.where(nfin > 0, mid, 0.0).astype(np.float32)
-    # NaN sort last, so they only reach the cumulative sums beyond each row's
-    # ``nfin``, which are never looked up (``hi <= nfin``)
-    # the cumulative sums along each row, computed on the transposed rows (one vector add across all rows
-    # per position: the same sequential float32 sums as np.cumsum(axis=1), whose row-by-row loop is ~5x slower)
-    c1 = np.empty((m, n_rows), dtype=np.float32)
-    np.subtract(v.T, mid[None, :], out=c1)
-    c2 = np.square(c1)
-    if n_rows >= 32:
-        for j in range(1, m):
-            np.add(c1[j - 1], c1[j], out=c1[j])
-            np.add(c2[j - 1], c2[j], out=c2[j])
-    else:  # few rows: numpy's loop (the same sums)
-        np.cumsum(c1, axis=0, out=c1)
-        np.cumsum(c2, axis=0, out=c2)
-    lo = np.zeros(n_rows, dtype=np.intp)
-    hi = nfin.astype(np.intp)
-
-    def csum(c, i):  # sum of the first i values of each row (c transposed: position, row)
-        return np.where(i > 0, c[np.maximum(i - 1, 0), rows].astype(np.float64), 0.0)
-
-    def stats(lo, hi):
-        cnt = hi - lo
-        safe = cnt > 0
-        i1 = np.clip(lo + (cnt - 1) // 2, 0, m - 1)
-        i2 = np.clip(lo + cnt // 2, 0, m - 1)
-        med = 0.5 * (v[rows, i1].astype(np.float64) + v[rows, i2])
-        s1 = csum(c1, hi) - csum(c1, lo)
-        s2 = csum(c2, hi) - csum(c2, lo)
-        cn = np.where(safe, cnt, 1)
-        var = np.maximum(s2 / cn - (s1 / cn) ** 2, 0.0)
-        return np.where(safe, med, np.nan), np.where(safe, np.sqrt(var), np.nan), cnt
-
-    med, std, cnt = stats(lo, hi)
-    for _ in range(int(maxiters)):
-        lo_thr = (med - sigma * std).astype(np.float32)
-        hi_thr = (med + sigma * std).astype(np.float32)
-        new_lo = _row_search(v, lo_thr, nfin, "left")
-        new_hi = _row_search(v, hi_thr, nfin, "right")
-        bad = ~np.isfinite(med) | (new_hi <= new_lo)
-        new_lo = np.where(bad, lo, new_lo)
-        new_hi = np.where(bad, hi, new_hi)
-        if np.array_equal(new_lo, lo) and np.array_equal(new_hi, hi):
-            break
-        lo, hi = new_lo, new_hi
-        med, std, cnt = stats(lo, hi)
+        med, std, cnt, _ = clip_rows(v, float(sigma), int(maxiters))
     return med, std, cnt
 
 
@@ -381,8 +320,8 @@ def local_sky(
         :data:`pydriftn.flags.DEFAULT_BAD_PIXEL_FLAGS` for a decoded bitmask.
     mask_index : ndarray of int, optional
         Flat indices (ascending) of the non-zero pixels of ``mask`` when known:
-        the unusable pixels are then set through them (the flagged pixels are
-        < 1 %) instead of testing every pixel of the mask.
+        the unusable pixels are then marked through them (the flagged pixels
+        are < 1 %) instead of reading the mask at every annulus pixel.
     verbose_save : bool
         If True also return the annulus pixels: a dict with ``offsets``
         (dx, dy arrays), ``values`` (n_stars, n_pixels) ADU with NaN where
@@ -421,59 +360,66 @@ def local_sky(
     ox, oy = stadium_offsets(direction, length, float(radius), r_out)
     cx = np.rint(0.5 * (x0 + x1)).astype(np.int64)
     cy = np.rint(0.5 * (y0 + y1)).astype(np.int64)
-    # flat pixel indices; only trails whose annulus box crosses the border need per-pixel checks
-    cxc = np.clip(cx, -(10 * nx), 11 * nx)  # far-off (position-less) trails: no index overflow
-    cyc = np.clip(cy, -(10 * ny), 11 * ny)
-    idx = (cyc * nx + cxc).astype(np.intp)[:, None] + (oy.astype(np.intp) * nx + ox)[None, :]
-    edge = (cx + ox.min() < 0) | (cx + ox.max() >= nx) | (cy + oy.min() < 0) | (cy + oy.max() >= ny)
-    e = np.flatnonzero(edge)
-    n_annulus = np.full(n, len(ox), dtype=np.int64)
-    if len(e):
-        X = cxc[e, None] + ox[None, :]
-        Y = cyc[e, None] + oy[None, :]
-        inside_e = (X >= 0) & (X < nx) & (Y >= 0) & (Y < ny)
-        idx[e] = np.clip(Y, 0, ny - 1) * nx + np.clip(X, 0, nx - 1)
-        n_annulus[e] = inside_e.sum(axis=1)
-    flat = img.reshape(-1)
-    vals = np.take(flat, idx)  # the one gather of the annulus pixels (np.take: faster than flat[idx])
-    if vals.dtype != np.float32 and vals.dtype != np.float64:
-        vals = vals.astype(np.float32)
     if gain is not None:
         from pydriftn.extract.stamps import per_column
 
         g_col = per_column(gain, nx, "gain").astype(np.float32)
-        # one gain per trail, except where the annulus straddles the amplifier boundary
-        xmin = np.clip(cx + ox.min(), 0, nx - 1)
-        xmax = np.clip(cx + ox.max(), 0, nx - 1)
-        straddle = g_col[xmin] != g_col[xmax]
-        vals *= g_col[np.clip(cx, 0, nx - 1)][:, None].astype(vals.dtype)
-        if straddle.any():
-            sidx = np.flatnonzero(straddle)
-            vals[sidx] = flat[idx[sidx]] * g_col[idx[sidx] % nx]
-    # unusable pixels: flagged, or within mask_radius of another trail. The
-    # footprints use the same rounded centres and offsets as the annuli, so with
-    # mask_radius <= radius a star's own footprint never touches its own
-    # annulus and one boolean image suffices; otherwise footprints are counted
-    # and the star's own is subtracted.
     if mask_radius <= radius:
+        # one compiled pass (pydriftn.extract._kernels.annulus_values): each annulus pixel is read once,
+        # times the gain (the trail's amplifier's, or each pixel's own where the annulus straddles the
+        # amplifier boundary, so that it is not biased by their different ADU levels), NaN where it is
+        # off the image, flagged, not finite or within mask_radius of another trail. The footprints use
+        # the same rounded centres and offsets as the annuli, so with mask_radius <= radius a star's own
+        # footprint never touches its own annulus and one boolean image of them suffices.
+        from pydriftn.extract._kernels import annulus_values
+
         fox, foy = stadium_offsets(direction, length, 0.0, mask_radius)
-        covered = _covered(img.shape, cx, cy, fox, foy)
-        if mask is not None and mask_index is not None:
+        cov, bx, by = _covered_buffer(img.shape, cx, cy, fox, foy)
+        src = img if img.dtype in (np.float32, np.float64) else img.astype(np.float32)
+        use_mask = mask is not None
+        if use_mask and mask_index is not None:
+            # mark the flagged pixels in the footprint buffer (a fresh one: ours to write)
             m = np.asarray(mask).reshape(-1)
             idx_m = np.asarray(mask_index, dtype=np.intp)
             if bad_bits is not None:
                 idx_m = idx_m[(m[idx_m] & bad_bits) != 0]
-            unusable = np.array(covered, order="C")
-            unusable.reshape(-1)[idx_m] = True
-        elif mask is not None:
-            m = np.asarray(mask)
-            unusable = (m != 0) if bad_bits is None else ((m & bad_bits) != 0)
-            unusable |= covered
-        else:
-            unusable = np.ascontiguousarray(covered)
-        good = np.take(unusable.reshape(-1), idx)
-        np.logical_not(good, out=good)
+            cov[idx_m // nx + by, idx_m % nx + bx] = True
+            use_mask = False
+        m2 = np.ascontiguousarray(mask).reshape(-1) if use_mask else np.zeros(1, dtype=np.uint8)
+        if use_mask and m2.dtype.kind not in "iub":
+            m2 = m2.astype(np.int64)
+        vals, n_good, n_annulus = annulus_values(
+            np.ascontiguousarray(src).reshape(-1), cov.reshape(-1), cov.shape[1], bx, by, m2, use_mask,
+            -1 if bad_bits is None else int(bad_bits), cx, cy, ox.astype(np.intp), oy.astype(np.intp),
+            g_col if gain is not None else np.ones(nx, dtype=np.float32), gain is not None)
     else:
+        # flat pixel indices; only trails whose annulus box crosses the border need per-pixel checks
+        cxc = np.clip(cx, -(10 * nx), 11 * nx)  # far-off (position-less) trails: no index overflow
+        cyc = np.clip(cy, -(10 * ny), 11 * ny)
+        idx = (cyc * nx + cxc).astype(np.intp)[:, None] + (oy.astype(np.intp) * nx + ox)[None, :]
+        edge = (cx + ox.min() < 0) | (cx + ox.max() >= nx) | (cy + oy.min() < 0) | (cy + oy.max() >= ny)
+        e = np.flatnonzero(edge)
+        n_annulus = np.full(n, len(ox), dtype=np.int64)
+        if len(e):
+            X = cxc[e, None] + ox[None, :]
+            Y = cyc[e, None] + oy[None, :]
+            inside_e = (X >= 0) & (X < nx) & (Y >= 0) & (Y < ny)
+            idx[e] = np.clip(Y, 0, ny - 1) * nx + np.clip(X, 0, nx - 1)
+            n_annulus[e] = inside_e.sum(axis=1)
+        flat = img.reshape(-1)
+        vals = np.take(flat, idx)
+        if vals.dtype != np.float32 and vals.dtype != np.float64:
+            vals = vals.astype(np.float32)
+        if gain is not None:
+            # one gain per trail, except where the annulus straddles the amplifier boundary
+            xmin = np.clip(cx + ox.min(), 0, nx - 1)
+            xmax = np.clip(cx + ox.max(), 0, nx - 1)
+            straddle = g_col[xmin] != g_col[xmax]
+            vals *= g_col[np.clip(cx, 0, nx - 1)][:, None].astype(vals.dtype)
+            if straddle.any():
+                sidx = np.flatnonzero(straddle)
+                vals[sidx] = flat[idx[sidx]] * g_col[idx[sidx] % nx]
+        # footprints are counted and the star's own is subtracted
         fp = trail_footprint_image(img.shape, trails, mask_radius, direction, length, counts=True)
         hx, hy = 0.5 * length * direction[0], 0.5 * length * direction[1]
         own = segment_distance(ox, oy, -hx, -hy, hx, hy) < mask_radius
@@ -481,14 +427,14 @@ def local_sky(
         if mask is not None:
             mv = np.asarray(mask).reshape(-1)[idx]
             good &= (mv == 0) if bad_bits is None else ((mv & bad_bits) == 0)
-    if len(e):
-        good[e] &= inside_e
-    good &= np.isfinite(vals)
-    np.copyto(vals, np.nan, where=~good)
+        if len(e):
+            good[e] &= inside_e
+        good &= np.isfinite(vals)
+        np.copyto(vals, np.nan, where=~good)
+        n_good = good.sum(axis=1)
     med, std, cnt = clipped_stats_rows(vals, sigma=sigma, maxiters=maxiters)
     with np.errstate(invalid="ignore", divide="ignore"):
         err = _MEDIAN_EFFICIENCY * std / np.sqrt(np.where(cnt > 0, cnt, np.nan))
-    n_good = good.sum(axis=1)
     if gain is not None:
         g_mid = g_col[np.clip(cx, 0, nx - 1)].astype(np.float64)
         sky_e, err_e = med, err
