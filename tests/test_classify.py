@@ -829,3 +829,312 @@ def test_precomputed_sky_gives_the_same_classification(synth_images, mask):
         assert not np.array_equal(mine, sub)  # taken over: the residual now
     with pytest.raises(ValueError, match="sky-subtracted image"):
         run(d, mask, sky=(sub[:10], None))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# compiled kernels of the trail model (pydriftn.classify._kernels) against the numpy expressions they replaced
+
+
+def _np_trail_pixels(x0, y0, ux, uy, length, shape, hw):
+    """The numpy trail_pixels (boxes of the common size, masks, boolean-mask copies), one chunk."""
+    ny, nx = shape
+    x1, y1 = x0 + ux * length, y0 + uy * length
+    bx0 = np.floor(np.minimum(x0, x1) - hw).astype(np.int64)
+    bx1 = np.ceil(np.maximum(x0, x1) + hw).astype(np.int64)
+    by0 = np.floor(np.minimum(y0, y1) - hw).astype(np.int64)
+    by1 = np.ceil(np.maximum(y0, y1) + hw).astype(np.int64)
+    W, H = int((bx1 - bx0).max()) + 1, int((by1 - by0).max()) + 1
+    gx, gy = np.arange(W), np.arange(H)
+    box = (gy[:, None] * nx + gx[None, :]).astype(np.int64)
+    X, Y = bx0[:, None] + gx[None, :], by0[:, None] + gy[None, :]
+    f32 = np.float32
+    dx = (X - x0[:, None]).astype(f32)[:, None, :]
+    dy = (Y - y0[:, None]).astype(f32)[:, :, None]
+    uxx, uyy = ux[:, None, None].astype(f32), uy[:, None, None].astype(f32)
+    s = dx * uxx + dy * uyy
+    c = dy * uxx - dx * uyy
+    ok = (np.abs(c) <= hw) & (s >= -hw) & (s <= (length[:, None, None] + hw).astype(f32))
+    ok &= ((X >= 0) & (X < nx))[:, None, :]
+    ok &= ((Y >= 0) & (Y < ny))[:, :, None]
+    cnt = np.count_nonzero(ok.reshape(len(x0), -1), axis=1)
+    star = np.repeat(np.arange(len(x0)), cnt)
+    pix = ((by0 * nx + bx0)[:, None, None] + box[None]).reshape(ok.shape)[ok]
+    return star, pix, s[ok], c[ok], cnt
+
+
+def _random_trails(rng, n, shape, length=30.0):
+    ny, nx = shape
+    x0 = rng.uniform(-15, nx + 15, n)  # some off the edges
+    y0 = rng.uniform(-40, ny + 5, n)
+    th = np.radians(rng.uniform(60, 120, n))
+    L = rng.uniform(0.5, 1.0, n) * length
+    return x0, y0, np.cos(th), np.sin(th), L
+
+
+def test_kernel_stamp_pixels_matches_numpy():
+    """stamp_pixels: the same entries (order, float32 s and c bit for bit) and data/weights as the numpy
+    trail_pixels and gather, with trails across and beyond the image edges, a masked image, and no trails."""
+    from pydriftn.classify._kernels import stamp_pixels
+    from pydriftn.classify._trailmodel import trail_pixels
+
+    rng = np.random.default_rng(5)
+    shape = (120, 90)
+    img = rng.normal(0, 1, shape).astype(np.float32)
+    bad = rng.random(shape) < 0.05
+    for hw in (5.0, 7.0, 3.3):
+        x0, y0, ux, uy, L = _random_trails(rng, 60, shape)
+        ref = _np_trail_pixels(x0, y0, ux, uy, L, shape, hw)
+        star, pix, s, c, d, w, cnt = stamp_pixels(x0, y0, ux, uy, L, shape, hw, img.ravel(), bad.ravel())
+        for a, b in zip(ref, (star, pix, s, c, cnt)):
+            assert a.dtype.kind == b.dtype.kind and np.array_equal(a, b)
+        assert np.array_equal(d, img.ravel()[ref[1]])
+        assert np.array_equal(w, (~bad.ravel()[ref[1]]).astype(np.float32))
+        assert (pix < 0).sum() == 0 and (pix >= img.size).sum() == 0
+        tp = trail_pixels(x0, y0, ux, uy, L, shape, hw)
+        assert np.array_equal(tp.pix, ref[1]) and np.array_equal(tp.counts, ref[4])
+    _, _, _, _, d, w, _ = stamp_pixels(x0, y0, ux, uy, L, shape, 5.0, img.ravel())  # no mask: all weights 1
+    assert np.all(w == 1)
+    assert trail_pixels(np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0), shape, 5.0).n == 0
+    out = stamp_pixels(np.array([-100.0]), np.array([-100.0]), np.array([0.0]), np.array([1.0]), np.array([10.0]),
+                       shape, 5.0, img.ravel())  # a trail entirely off the image: no entries
+    assert all(len(a) == 0 for a in out[:6]) and out[6][0] == 0
+
+
+def test_kernel_restamp_matches_numpy():
+    """restamp: the kept entries (|c| <= per-trail half-width) then the wide stamps, as mask + take + concatenate."""
+    from pydriftn.classify._kernels import restamp, stamp_pixels
+
+    rng = np.random.default_rng(6)
+    shape = (100, 80)
+    img = rng.normal(0, 1, shape).astype(np.float32)
+    x0, y0, ux, uy, L = _random_trails(rng, 40, shape)
+    star, pix, s, c, d, w, cnt = stamp_pixels(x0, y0, ux, uy, L, shape, 6.0, img.ravel())
+    hwt = rng.choice([4.0, 5.0, 6.0], 40).astype(np.float32)
+    for iw in (np.array([1, 7, 30]), np.zeros(0, np.int64)):
+        hw_t = hwt.copy()
+        hw_t[iw] = -1.0
+        sw, pw, ssw, cw, dw, ww, cntw = stamp_pixels(x0[iw], y0[iw], ux[iw], uy[iw], L[iw], shape, 9.0, img.ravel())
+        out = restamp(star, pix, s, c, d, w, hw_t, iw, sw, pw, ssw, cw, dw, ww, 40)
+        keep = np.abs(c) <= hw_t[star]
+        ref = (np.concatenate([star[keep], iw[sw]]), np.concatenate([pix[keep], pw]), np.concatenate([s[keep], ssw]),
+               np.concatenate([c[keep], cw]), np.concatenate([d[keep], dw]), np.concatenate([w[keep], ww]),
+               np.bincount(star[keep], minlength=40))
+        for a, b in zip(ref, out):
+            assert np.array_equal(a, b)
+
+
+def _np_pairs(lab, size):
+    """The numpy _pixel_index + _pairs."""
+    m = len(lab)
+    idx = np.arange(m)
+    lk = np.empty(size, np.int64)
+    lk[lab] = idx
+    last = lk[lab]
+    dup = np.flatnonzero(last != idx)
+    ld = last[dup]
+    p1, p2 = [dup], [ld]
+    if len(dup):
+        multi = np.bincount(ld)[ld] > 1
+        if multi.any():
+            md, ml = dup[multi], ld[multi]
+            o = np.argsort(ml, kind="stable")
+            md, ml = md[o], ml[o]
+            for k in range(1, len(md)):
+                same = ml[k:] == ml[:-k]
+                if not same.any():
+                    break
+                p1.append(md[:-k][same])
+                p2.append(md[k:][same])
+    return last, np.concatenate(p1), np.concatenate(p2)
+
+
+def test_kernel_pixel_pairs_matches_numpy():
+    """pixel_pairs: the same representative entries and the same pairs in the same order as the numpy code
+    (pixels of 1 to 6 stamps), and nothing for no entries."""
+    from pydriftn.classify._kernels import pixel_pairs
+
+    rng = np.random.default_rng(7)
+    for npix, ne in ((50, 200), (5000, 3000), (10, 0)):
+        pix = rng.integers(0, npix, ne).astype(np.int64)
+        rep, p1, p2 = pixel_pairs(pix, np.empty(npix, np.int32))
+        r_rep, r1, r2 = _np_pairs(pix, npix)
+        assert rep.dtype == np.int32 and np.array_equal(rep, r_rep)
+        assert np.array_equal(p1, r1) and np.array_equal(p2, r2)
+        if ne:
+            assert np.bincount(pix).max() >= 3 or npix > ne
+        # on int32 labels (the compact labels of the flux refit)
+        rep2, q1, q2 = pixel_pairs(rep, np.empty(max(ne, 1), np.int32))
+        assert np.array_equal(rep2, rep) and np.array_equal(q1, r1) and np.array_equal(q2, r2)
+
+
+def _np_evaluate(tmpl, s, c, derivatives):
+    """The numpy TrailTemplate._evaluate_block (float32 bilinear look-up in the 2-D table)."""
+    c_lo, ns, nc, P = tmpl._table2d()
+    tab = np.ascontiguousarray(P).view(np.complex128).ravel()
+    f32 = np.float32
+    u = s - f32(tmpl.s0)
+    u *= f32(1.0 / tmpl.ds)
+    np.clip(u, 0.0, ns - 1.001, out=u)
+    i = u.astype(np.int32)
+    u -= np.floor(u)
+    v = c - f32(c_lo)
+    v *= f32(1.0 / tmpl.dc)
+    np.clip(v, 0.0, nc - 1.001, out=v)
+    j = v.astype(np.int32)
+    v -= np.floor(v)
+    i *= np.int32(nc)
+    i += j
+    q = tab[i.astype(np.intp)].view(np.float32).reshape(-1, 4)
+    c0, c1, c2, c3 = q[:, 0], q[:, 1], q[:, 2], q[:, 3]
+    b = c3 * v
+    b += c2
+    T = b * u
+    T += c0
+    v *= c1
+    T += v
+    if not derivatives:
+        return T
+    Tc = c3 * u
+    Tc += c1
+    Tc *= f32(1.0 / tmpl.dc)
+    return T, b * f32(1.0 / tmpl.ds), Tc
+
+
+def _test_template():
+    from pydriftn.classify._trailmodel import TrailTemplate
+
+    base = TrailTemplate.analytic(30.0, 1.6, 9.0)
+    rng = np.random.default_rng(8)
+    nf = len(base.f)
+    tm = TrailTemplate(base.s0, base.ds, base.f * (1 + 0.1 * np.sin(np.arange(nf) / 7.0)),
+                       0.3 * np.sin(np.arange(nf) / 11.0), base.c0, base.dc, base.g, 0.05 * np.cos(np.arange(nf) / 5.0))
+    tm.set_caps(base.s0, 0.5, -10.0, 0.5, rng.normal(0, 1e-4, (int((40 + 20) / 0.5), 41)), 5.0, 25.0)
+    return base, tm
+
+
+def test_kernel_template_eval_matches_numpy():
+    """TrailTemplate.evaluate (compiled): bit for bit the numpy 2-D table look-up and its derivatives, inside,
+    at and beyond the table's edges, with per-trail offsets applied as ``s - da[star]``; empty input."""
+    rng = np.random.default_rng(9)
+    for tm in _test_template():
+        s = rng.uniform(-20, 55, 5000).astype(np.float32)
+        c = rng.uniform(-15, 15, 5000).astype(np.float32)
+        s[:3] = [tm.s0, -1e3, 1e3]
+        T = tm.evaluate(s, c)
+        assert np.array_equal(T, _np_evaluate(tm, s, c, False))
+        for a, b in zip(tm.evaluate(s, c, derivatives=True), _np_evaluate(tm, s, c, True)):
+            assert np.array_equal(a, b)
+        star = rng.integers(0, 50, 5000)
+        da = rng.uniform(-1, 1, 50)
+        dc = rng.uniform(-1, 1, 50)
+        da[::3] = 0.0
+        f32 = np.float32
+        ref = _np_evaluate(tm, s - da.astype(f32)[star], c - dc.astype(f32)[star], True)
+        for a, b in zip(tm.evaluate(s, c, derivatives=True, shift=(star, da, dc)), ref):
+            assert np.array_equal(a, b)
+        assert tm.evaluate(s[:0], c[:0]).shape == (0,)
+        assert tm.evaluate(s.reshape(50, 100), c.reshape(50, 100)).shape == (50, 100)
+
+
+def _np_fit_sums(s, c, star, d, w, tmpl, F, da, dc, noise, first, n):
+    """The numpy per-block sums of one _fit iteration (products in float32, float64 sums by bincount)."""
+    f32 = np.float32
+    da32, dc32, F32 = da.astype(f32), dc.astype(f32), F.astype(f32)
+    if first is not None:
+        T, Ts, Tc = first
+    else:
+        T, Ts, Tc = _np_evaluate(tmpl, s - da32[star], c - dc32[star], True)
+    Fi = F32[star]
+    FT = Fi * T
+    r = d - FT
+    wb = w
+    if noise is not None:
+        sky_sigma, gain = noise
+        m = np.abs(FT)
+        q = 0.03 * m
+        q *= q
+        sig = m / gain
+        sig += sky_sigma**2
+        sig += q
+        np.sqrt(sig, out=sig)
+        sig *= 5.0
+        np.abs(r, out=q)
+        wb = wb * (q < sig)
+    J1, J2 = -Fi * Ts, -Fi * Tc
+    wT, wJ1, wJ2 = wb * T, wb * J1, wb * J2
+    return np.array([np.bincount(star, weights=x, minlength=n) for x in
+                     (wT * T, wT * J1, wT * J2, wJ1 * J1, wJ1 * J2, wJ2 * J2, wT * r, wJ1 * r, wJ2 * r)])
+
+
+def test_kernel_fit_sums_matches_numpy():
+    """fit_sums: the nine per-trail sums of the offset fit equal the numpy products' sums to float64 rounding
+    (float32 and float64 data, robust weights on and off, the first iteration's template given, masked
+    entries, a trail without entries)."""
+    from pydriftn.classify import _kernels as K
+    from pydriftn.classify._trailmodel import _NO_F32
+
+    rng = np.random.default_rng(10)
+    n, ne = 40, 20000
+    star = np.sort(rng.integers(0, n - 1, ne))  # trail n-1: no entries
+    s = rng.uniform(-8, 40, ne).astype(np.float32)
+    c = rng.uniform(-9, 9, ne).astype(np.float32)
+    w = (rng.random(ne) > 0.1).astype(np.float32)
+    F = rng.uniform(1e3, 1e5, n)
+    da, dc = rng.uniform(-0.5, 0.5, n), rng.uniform(-0.5, 0.5, n)
+    f32 = np.float32
+    for tm in _test_template():
+        Tt = _np_evaluate(tm, s - da.astype(f32)[star], c - dc.astype(f32)[star], False)
+        d32 = (F.astype(f32)[star] * Tt + rng.normal(0, 3, ne).astype(f32)).astype(f32)
+        d32[::97] += 500.0  # outliers the robust weights drop
+        for d in (d32, d32.astype(np.float64)):
+            for noise in (None, (3.0, 4.0)):
+                for first in (None, _np_evaluate(tm, s, c, True)):
+                    ref = _np_fit_sums(s, c, star, d, w, tm, F, da, dc, noise, first, n)
+                    S = np.zeros((9, n))
+                    robust = noise is not None
+                    sky2, gain = (f32(noise[0] ** 2), f32(noise[1])) if robust else (f32(0), f32(1))
+                    ft = first if first is not None else (_NO_F32, _NO_F32, _NO_F32)
+                    K.fit_sums(s, c, star, d, w, da.astype(f32), dc.astype(f32), F.astype(f32), *tm._kernel_args(),
+                               *ft, robust, sky2, gain, S)
+                    scale = np.abs(ref).max(axis=1, keepdims=True)
+                    assert np.all(np.abs(S - ref) <= 1e-12 * scale)
+                    assert np.all(S[:, -1] == 0)
+
+
+def test_kernel_flux_sums_and_render_match_numpy():
+    """flux_sums (v = T w and the per-trail sums v^2, v d) and render_model (stamps, summed on shared pixels)
+    against the numpy expressions: sums to float64 rounding, the model image bit for bit."""
+    from pydriftn.classify import _kernels as K
+
+    rng = np.random.default_rng(11)
+    shape = (60, 50)
+    n = 30
+    x0, y0, ux, uy, L = _random_trails(rng, n, shape, length=20.0)
+    img = rng.normal(0, 1, shape).astype(np.float32)
+    star, pix, s, c, d, w, cnt = K.stamp_pixels(x0, y0, ux, uy, L, shape, 5.0, img.ravel())
+    w[::13] = 0.0
+    T = rng.random(len(s)).astype(np.float32)
+    v = np.empty(len(T), np.float32)
+    diag, b = np.zeros(n), np.zeros(n)
+    K.flux_sums(T, w, d, star, v, diag, b)
+    vr = T * w
+    assert np.array_equal(v, vr)
+    assert np.allclose(diag, np.bincount(star, vr * vr, n), rtol=1e-13, atol=0)
+    assert np.allclose(b, np.bincount(star, vr * d, n), rtol=1e-13, atol=1e-300)
+    F = rng.uniform(10, 1000, n)
+    rep, p1, p2 = K.pixel_pairs(pix, np.empty(img.size, np.int32))
+    assert len(p1) > 20  # shared pixels
+    model = np.zeros(img.size, np.float32)
+    K.render_model(F.astype(np.float32), T, star, pix, rep, model, np.zeros(len(T), np.int32))
+    # numpy: scatter, then the shared pixels' float64 sums (np.bincount over their representative entries)
+    own = F.astype(np.float32)[star] * T
+    ref = np.zeros(img.size, np.float32)
+    ref[pix] = own
+    sh = np.zeros(len(T), bool)
+    sh[p1] = sh[p2] = True
+    shared = np.flatnonzero(sh)
+    msum = np.bincount(rep[shared], weights=own[shared], minlength=len(T))
+    ref[pix[shared]] = msum[rep[shared]].astype(np.float32)
+    assert np.array_equal(model, ref)
+    empty = np.zeros(0, np.int64)
+    K.render_model(F.astype(np.float32), T[:0], empty, empty, rep[:0], model, np.zeros(0, np.int32))

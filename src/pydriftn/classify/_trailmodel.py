@@ -21,6 +21,10 @@ Subtracting this model leaves, on top of a trail, only what does not belong
 to the star's smooth trail: a millisecond flash is a PSF-shaped bump there.
 The model amplitude is deliberately not free per sample: a per-sample fit
 would absorb the flash.
+
+The per-entry passes (stamps and data, pixel pairs, template look-ups, the
+fits' per-trail sums, the model image) are compiled kernels
+(:mod:`._kernels`): ~1e6 entries per full-size CCD.
 """
 
 from __future__ import annotations
@@ -36,11 +40,16 @@ from scipy.sparse.linalg import spsolve
 from scipy.ndimage import gaussian_filter1d as _gf1
 from scipy.special import ndtr
 
+from . import _kernels as _k
+from ._kernels import stamp_pixels
+
 __all__ = ["TrailPixels", "TrailTemplate", "trail_pixels", "fit_trails", "refit_fluxes"]
 
 log = logging.getLogger(__name__)
 
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+_NO_IDX = np.zeros(0, np.int64)  # (empty arguments of the kernels: "not used")
+_NO_F32 = np.zeros(0, np.float32)
 
 
 def ndi_gaussian(a, sigma):
@@ -59,7 +68,7 @@ class TrailPixels:
     counts: np.ndarray | None = None  # entries per trail (as made by trail_pixels: entries sorted by trail)
 
 
-def trail_pixels(x0, y0, ux, uy, length, shape, half_width, *, chunk=4096):
+def trail_pixels(x0, y0, ux, uy, length, shape, half_width):
     """Collect the pixels within ``half_width`` of each trail segment.
 
     Parameters
@@ -77,58 +86,16 @@ def trail_pixels(x0, y0, ux, uy, length, shape, half_width, *, chunk=4096):
     Returns
     -------
     TrailPixels
-        Entries sorted by trail; ``s``/``c`` in float32.
+        Entries sorted by trail; ``s``/``c`` in float32 (one compiled pass:
+        :func:`._kernels.stamp_pixels`, which also gathers the data for
+        :func:`fit_trails`).
     """
-    ny, nx = shape
     n = len(x0)
-    hw = float(half_width)
-    x1 = x0 + ux * length
-    y1 = y0 + uy * length
-    bx0 = np.floor(np.minimum(x0, x1) - hw).astype(np.int64)
-    bx1 = np.ceil(np.maximum(x0, x1) + hw).astype(np.int64)
-    by0 = np.floor(np.minimum(y0, y1) - hw).astype(np.int64)
-    by1 = np.ceil(np.maximum(y0, y1) + hw).astype(np.int64)
     if n == 0:
         e = np.zeros(0, np.float32)
         return TrailPixels(e.astype(np.int64), e.astype(np.int64), e, e, 0)
-    W = int((bx1 - bx0).max()) + 1
-    H = int((by1 - by0).max()) + 1
-    gx = np.arange(W)
-    gy = np.arange(H)
-    box = (gy[:, None] * nx + gx[None, :]).astype(np.int64)  # flat-index offsets within a box
-    corner = by0 * nx + bx0
-    out = {k: [] for k in ("star", "pix", "s", "c", "cnt")}
-    f32 = np.float32
-    for a in range(0, n, chunk):
-        b = min(n, a + chunk)
-        X = bx0[a:b, None] + gx[None, :]  # (m, W)
-        Y = by0[a:b, None] + gy[None, :]  # (m, H)
-        dx = (X - x0[a:b, None]).astype(f32)[:, None, :]
-        dy = (Y - y0[a:b, None]).astype(f32)[:, :, None]
-        uxx = ux[a:b, None, None].astype(f32)
-        uyy = uy[a:b, None, None].astype(f32)
-        s = dx * uxx + dy * uyy
-        c = dy * uxx - dx * uyy
-        ok = np.abs(c) <= hw
-        ok &= s >= -hw
-        ok &= s <= (length[a:b, None, None] + hw).astype(f32)
-        ok &= ((X >= 0) & (X < nx))[:, None, :]
-        ok &= ((Y >= 0) & (Y < ny))[:, :, None]
-        cnt = np.count_nonzero(ok.reshape(b - a, -1), axis=1)
-        out["cnt"].append(cnt)
-        out["star"].append(np.repeat(np.arange(a, b, dtype=np.int64), cnt))
-        out["pix"].append((corner[a:b, None, None] + box[None]).reshape(ok.shape)[ok])
-        out["s"].append(s[ok])
-        out["c"].append(c[ok])
-    cat = (lambda v: v[0]) if len(out["s"]) == 1 else np.concatenate  # one chunk: no copy
-    return TrailPixels(
-        cat(out["star"]).astype(np.int64, copy=False),
-        cat(out["pix"]).astype(np.int64, copy=False),
-        cat(out["s"]),
-        cat(out["c"]),
-        n,
-        cat(out["cnt"]),
-    )
+    star, pix, s, c, _, _, cnt = stamp_pixels(x0, y0, ux, uy, length, shape, half_width, np.zeros(0, np.float32))
+    return TrailPixels(star, pix, s, c, n, cnt)
 
 
 class TrailTemplate:
@@ -237,63 +204,44 @@ class TrailTemplate:
             P[:-1, :-1, 1] = T01 - T00
             P[:-1, :-1, 2] = T10 - T00
             P[:-1, :-1, 3] = (T11 - T10) - (T01 - T00)
-            self._t2 = (c_lo, ns, nc, P.reshape(-1, 4).view(np.complex128).ravel())
+            self._t2 = (c_lo, ns, nc, P.reshape(-1, 4))
         return self._t2
 
-    def evaluate(self, s, c, derivatives=False, block=32768):
-        """Template value (and d/ds, d/dc) at trail coordinates (float32).
-
-        One bilinear look-up in the 2-D table of the template (one gather of
-        the cell's 4 bilinear coefficients, stored side by side; the derivatives
-        are those of the bilinear interpolant), instead of 5-7 separate 1-D
-        look-ups per entry. Evaluated in blocks of ``block`` entries, whose
-        ~15 temporaries stay in the cache (the same values; ~2x faster on a
-        full CCD's 1e6 entries than whole-array passes).
-        """
-        shp = np.shape(s)
-        s = np.asarray(s, np.float32).ravel()
-        c = np.asarray(c, np.float32).ravel()
-        n = len(s)
-        outs = tuple(np.empty(n, np.float32) for _ in range(3 if derivatives else 1))
-        for a in range(0, n, block):
-            b = min(n, a + block)
-            self._evaluate_block(s[a:b], c[a:b], tuple(o[a:b] for o in outs))
-        if not derivatives:
-            return outs[0].reshape(shp)
-        return tuple(o.reshape(shp) for o in outs)
-
-    def _evaluate_block(self, s, c, out):
-        """:meth:`evaluate` of float32 ``s``, ``c`` into ``out`` = (T,) or (T, dT/ds, dT/dc)."""
+    def _kernel_args(self):
+        """The table and the float32 constants of :func:`._kernels.template_eval` (as ``_evaluate_block`` used them)."""
         c_lo, ns, nc, tab = self._table2d()
         f32 = np.float32
-        u = s - f32(self.s0)
-        u *= f32(1.0 / self.ds)
-        np.clip(u, 0.0, ns - 1.001, out=u)
-        i = u.astype(np.int32)
-        u -= np.floor(u)  # = u - i exactly, in float32 (u -= i runs a float64 loop)
-        v = c - f32(c_lo)
-        v *= f32(1.0 / self.dc)
-        np.clip(v, 0.0, nc - 1.001, out=v)
-        j = v.astype(np.int32)
-        v -= np.floor(v)
-        i *= np.int32(nc)
-        i += j
-        q = tab[i.astype(np.intp)].view(np.float32).reshape(-1, 4)  # intp: a gather with int32 indices is ~2x slower
-        c0, c1, c2, c3 = q[:, 0], q[:, 1], q[:, 2], q[:, 3]
-        b = c3 * v
-        b += c2  # dT/du
-        T = out[0]
-        np.multiply(b, u, out=T)
-        T += c0
-        v *= c1
-        T += v
-        if len(out) == 1:
-            return
-        np.multiply(b, f32(1.0 / self.ds), out=out[1])
-        Tc = out[2]
-        np.multiply(c3, u, out=Tc)
-        Tc += c1
-        Tc *= f32(1.0 / self.dc)
+        return (tab, f32(self.s0), f32(1.0 / self.ds), f32(ns - 1.001), f32(c_lo), f32(1.0 / self.dc),
+                f32(nc - 1.001), nc)
+
+    def evaluate(self, s, c, derivatives=False, shift=None):
+        """Template value (and d/ds, d/dc) at trail coordinates (float32).
+
+        One bilinear look-up in the 2-D table of the template (the cell's 4
+        bilinear coefficients stored side by side; the derivatives are those
+        of the bilinear interpolant), instead of 5-7 separate 1-D look-ups per
+        entry; compiled (:func:`._kernels.template_eval`). ``shift = (star,
+        da, dc)``: evaluated at ``(s - da[star], c - dc[star])`` (float32
+        offsets per trail), without shifted copies of ``s`` and ``c``.
+        """
+        shp = np.shape(s)
+        s = np.ascontiguousarray(np.ravel(s), np.float32)
+        c = np.ascontiguousarray(np.ravel(c), np.float32)
+        n = len(s)
+        T = np.empty(n, np.float32)
+        Ts = np.empty(n if derivatives else 0, np.float32)
+        Tc = np.empty(n if derivatives else 0, np.float32)
+        if shift is None:
+            star, da, dc = _NO_IDX, _NO_F32, _NO_F32
+        else:
+            star, da, dc = shift
+            star = np.asarray(star, np.int64)
+            da = np.asarray(da, np.float32)
+            dc = np.asarray(dc, np.float32)
+        _k.template_eval(s, c, star, da, dc, *self._kernel_args(), T, Ts, Tc)
+        if not derivatives:
+            return T.reshape(shp)
+        return T.reshape(shp), Ts.reshape(shp), Tc.reshape(shp)
 
     def _evaluate_grid(self, sg, cg):
         """``_evaluate_direct`` on the grid ``sg`` x ``cg`` (same values); along-track tables looked up per row.
@@ -462,46 +410,18 @@ def _fit(tp, d, w, tmpl, F, da, dc, fit_off, n_iter=2, max_off=1.0, noise=None, 
     ``runs``: ``_Runs(tp.star, tp.n)`` if already built.
     """
     n = tp.n
-    st = tp.star
-    runs = runs if runs is not None else _Runs(st, n)
-    blocks = runs.blocks()
     f32 = np.float32
+    targs = tmpl._kernel_args()
+    robust = noise is not None
+    sky2, gain = (f32(noise[0] ** 2), f32(noise[1])) if robust else (f32(0.0), f32(1.0))
+    st = np.asarray(tp.star, np.int64)
     for it in range(n_iter):
-        da32, dc32, F32 = da.astype(f32), dc.astype(f32), F.astype(f32)
+        # template, robust weights, the nine products (float32; float64 where d is) and their per-trail sums
+        # (float64), in one compiled pass (:func:`._kernels.fit_sums`)
         S = np.zeros((9, n))
-        # per block of whole trails: template, robust weights, the nine products (float32; the sums accumulate in
-        # float64) and their per-trail sums while the block's arrays are in the cache
-        for blk in blocks:
-            sl = slice(blk[0], blk[1])
-            stb = st[sl]
-            if it == 0 and first is not None:
-                T, Ts, Tc = (x[sl] for x in first)
-            else:
-                s = tp.s[sl] - da32[stb]  # float32 throughout: evaluate() works in float32
-                c = tp.c[sl] - dc32[stb]
-                T, Ts, Tc = tmpl.evaluate(s, c, derivatives=True)
-            Fi = F32[stb]
-            FT = Fi * T
-            r = d[sl] - FT
-            wb = w[sl]
-            if noise is not None:
-                sky_sigma, gain = noise
-                m = np.abs(FT)
-                q = 0.03 * m
-                q *= q
-                sig = m / gain  # sqrt(sky^2 + m / gain + (0.03 m)^2), evaluated in place (the same values)
-                sig += sky_sigma**2
-                sig += q
-                np.sqrt(sig, out=sig)
-                sig *= 5.0
-                np.abs(r, out=q)
-                wb = wb * (q < sig)
-            J1 = -Fi * Ts
-            J2 = -Fi * Tc
-            wT, wJ1, wJ2 = wb * T, wb * J1, wb * J2  # (w * T) * T etc.: the same products, evaluated once
-            for k, x in enumerate((wT * T, wT * J1, wT * J2, wJ1 * J1, wJ1 * J2, wJ2 * J2, wT * r, wJ1 * r,
-                                   wJ2 * r)):
-                runs.block_sum(S[k], blk, x)
+        ft = first if (it == 0 and first is not None) else (_NO_F32, _NO_F32, _NO_F32)
+        _k.fit_sums(tp.s, tp.c, st, d, w, da.astype(f32), dc.astype(f32), F.astype(f32), *targs, *ft, robust, sky2,
+                    gain, S)
         a00, a01, a02, a11, a12, a22, b0, b1, b2 = S
         A = np.empty((n, 3, 3))
         A[:, 0, 0], A[:, 0, 1], A[:, 0, 2] = a00, a01, a02
@@ -527,49 +447,27 @@ def _fit(tp, d, w, tmpl, F, da, dc, fit_off, n_iter=2, max_off=1.0, noise=None, 
 
 
 def _pixel_index(pix, npix):
-    """``rep[e]``: one entry index per distinct pixel (the last entry on it), for every entry ``e``."""
-    ne = len(pix)
-    lookup = np.empty(npix, np.int32)
-    lookup[pix] = np.arange(ne, dtype=np.int32)
-    return lookup[pix]  # int32: half the memory traffic of int64 in every later gather
+    """``rep[e]``: one entry index per distinct pixel (the last entry on it), for every entry ``e`` (int32)."""
+    return _pixel_pairs(pix, npix)[0]
+
+
+def _pixel_pairs(pix, npix):
+    """:func:`_pixel_index` and :func:`_pairs` of its result in one compiled pass: ``rep, (p1, p2)``."""
+    rep, p1, p2 = _k.pixel_pairs(pix, np.empty(npix, np.int32))
+    return rep, (p1, p2)
 
 
 def _pairs(lab, size, last=None):
     """Every pair of entries with the same pixel label ``lab`` (labels < ``size``), each pair once.
 
     Pixels of two stamps (most shared pixels) give the pair (entry, last entry
-    on the pixel) directly; the few pixels of three or more stamps are sorted.
+    on the pixel) directly; then the pairs among the other entries of pixels
+    of three or more stamps (:func:`._kernels.pixel_pairs`). ``last``: the
+    last entry of each label, if known (then it is the label itself or the
+    same pairs follow from it).
     """
-    m = len(lab)
-    idx = np.arange(m)
-    if last is None:
-        lk = np.empty(size, np.int64)
-        lk[lab] = idx
-        last = lk[lab]
-    dup = np.flatnonzero(last != idx)
-    ld = last[dup]
-    p1, p2 = [dup], [ld]
-    if len(dup):
-        multi = np.bincount(ld)[ld] > 1
-        if multi.any():
-            md, ml = dup[multi], ld[multi]
-            o = np.argsort(ml, kind="stable")
-            md, ml = md[o], ml[o]
-            for k in range(1, len(md)):
-                same = ml[k:] == ml[:-k]
-                if not same.any():
-                    break
-                p1.append(md[:-k][same])
-                p2.append(md[k:][same])
-    return np.concatenate(p1), np.concatenate(p2)
-
-
-def _shared_from_pairs(pairs, ne):
-    """Indices of the entries on pixels that two or more stamps share (the only ones coupling trails)."""
-    sh = np.zeros(ne, bool)
-    sh[pairs[0]] = True
-    sh[pairs[1]] = True
-    return np.flatnonzero(sh)
+    _, p1, p2 = _k.pixel_pairs(lab, np.empty(size, np.int32))
+    return p1, p2
 
 
 def _solve_fluxes(star, rep, ne, n, w, T, d, pairs=None, runs=None):
@@ -581,16 +479,11 @@ def _solve_fluxes(star, rep, ne, n, w, T, d, pairs=None, runs=None):
     share no pixel get the closed-form amplitude ``sum(w T d) / sum(w T^2)``;
     only the coupled ones (blend groups) go to a small sparse solve.
     """
-    runs = runs if runs is not None else _Runs(star, n)
-    # v = T w and the per-trail sums of v^2 and v d, per block of whole trails (in the cache; the same values)
+    # v = T w and the per-trail sums of v^2 and v d (float64) in one compiled pass
     v = np.empty(len(T), np.result_type(T, w))
     diag = np.zeros(n)
     b = np.zeros(n)
-    for blk in runs.blocks():
-        sl = slice(blk[0], blk[1])
-        vb = np.multiply(T[sl], w[sl], out=v[sl])
-        runs.block_sum(diag, blk, vb * vb)
-        runs.block_sum(b, blk, vb * d[sl])
+    _k.flux_sums(T, w, d, np.asarray(star, np.int64), v, diag, b)
     dead = diag <= 0
     F = np.zeros(n)
     live = ~dead
@@ -976,20 +869,19 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
     L = np.where(ok_len, L, Lref)
     hw = float(half_width if half_width is not None else math.ceil(3.0 * sigma_psf) + 1.0)
     hw_big = max(hw, math.ceil(3.0 * FWHM_PER_SIGMA * sigma_psf))
-    tp = trail_pixels(x0, y0, ux, uy, L, (ny, nx), hw)
-    n = tp.n
+    n = len(x0)
     base = TrailTemplate.analytic(Lref, sigma_psf, hw_big)
-    if n == 0 or len(tp.pix) == 0:
-        return TrailFit(np.zeros((ny, nx), np.float32), np.zeros(n), np.full(n, np.inf), np.zeros(n), np.zeros(n),
-                        np.zeros(n, int), base, tp, False, np.zeros(n, bool))
     flat_bad = None if bad is None else bad.ravel()
     flat = resid0.ravel()
-
-    def gather(tp):
-        # np.take: the same values as fancy indexing, ~15 % faster on these 1e6 entries
-        d = flat.take(tp.pix)  # float32: products in float32, all sums accumulated in float64
-        w = np.ones(len(tp.pix), np.float32) if flat_bad is None else (~flat_bad.take(tp.pix)).astype(np.float32)
-        return d, w
+    # the stamps' entries and the data and weights on them, in one compiled pass
+    tp = None
+    if n:
+        st_, pix_, s_, c_, d, w, cnt = stamp_pixels(x0, y0, ux, uy, L, (ny, nx), hw, flat, flat_bad)
+        tp = TrailPixels(st_, pix_, s_, c_, n, cnt)
+    if n == 0 or len(tp.pix) == 0:
+        tp = tp if tp is not None else trail_pixels(x0, y0, ux, uy, L, (ny, nx), hw)
+        return TrailFit(np.zeros((ny, nx), np.float32), np.zeros(n), np.full(n, np.inf), np.zeros(n), np.zeros(n),
+                        np.zeros(n, int), base, tp, False, np.zeros(n, bool))
 
     def aperture(tp, d, w, runs):
         """Flux and S/N from a box of half-width 1.5 sigma across the trail (no template needed)."""
@@ -1006,7 +898,6 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
             snr = np.nan_to_num(F * 0.866 / (sky_sigma * np.sqrt(ncore)))
         return F, snr
 
-    d, w = gather(tp)
     runs0 = _Runs(tp.star, n, runs=(np.arange(n), tp.counts))
     F, snr = aperture(tp, d, w, runs0)
     npx = runs0.count()
@@ -1017,40 +908,25 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
     hwt = _faint_half_width(snr, hw, sigma_psf, faint_snr)
     hwt[wide] = -1.0  # replaced by the wide stamps below
     if wide.any() or np.any(hwt < hw):
-        # the kept entries and (after them) the wide stamps, each array filled once (no boolean-mask copies and
-        # concatenations: the same entries in the same order)
-        keep = np.abs(tp.c) <= hwt[tp.star]
-        kcnt = runs0.count_true(keep).astype(np.int64)
-        idx = np.flatnonzero(keep)
-        del keep
-        m = len(idx)
+        # the kept entries and (after them) the wide stamps, each array filled once, in one compiled pass (the
+        # same entries in the same order as a boolean mask, take and concatenation)
         iw = np.flatnonzero(wide)
-        tpw = trail_pixels(x0[iw], y0[iw], ux[iw], uy[iw], L[iw], (ny, nx), hw_big) if len(iw) else None
-        run_desc = (np.arange(n), kcnt)  # runs of the entries below: every trail's kept entries, then the wide stamps
-        if tpw is not None:
-            dw, ww = gather(tpw)
-            npx[iw] = tpw.counts
-            run_desc = (np.concatenate([np.arange(n), iw]), np.concatenate([kcnt, tpw.counts]))
-
-        def kept(a, b=None):
-            out = np.empty(m + (0 if b is None else len(b)), a.dtype)
-            np.take(a, idx, out=out[:m], mode="clip")  # (with out=, mode "raise" buffers: ~2x slower)
-            if b is not None:
-                out[m:] = b
-            return out
-
-        if tpw is None:
-            tp = TrailPixels(kept(tp.star), kept(tp.pix), kept(tp.s), kept(tp.c), n)
-            d, w = kept(d), kept(w)
+        if len(iw):
+            wst, wpix, ws, wc, dw, ww, wcnt = stamp_pixels(x0[iw], y0[iw], ux[iw], uy[iw], L[iw], (ny, nx), hw_big,
+                                                           flat, flat_bad)
         else:
-            tp = TrailPixels(kept(tp.star, iw[tpw.star]), kept(tp.pix, tpw.pix), kept(tp.s, tpw.s),
-                             kept(tp.c, tpw.c), n)
-            d, w = kept(d, dw), kept(w, ww)
+            wst, wpix, ws, wc, dw, ww, wcnt = (_NO_IDX, _NO_IDX, _NO_F32, _NO_F32, d[:0], _NO_F32, _NO_IDX)
+        star_, pix_, s_, c_, d, w, kcnt = _k.restamp(tp.star, tp.pix, tp.s, tp.c, d, w, hwt, iw, wst, wpix, ws, wc,
+                                                     dw, ww, n)
+        tp = TrailPixels(star_, pix_, s_, c_, n)
+        run_desc = (np.arange(n), kcnt)  # runs of the entries: every trail's kept entries, then the wide stamps
+        if len(iw):
+            npx[iw] = wcnt
+            run_desc = (np.concatenate([np.arange(n), iw]), np.concatenate([kcnt, wcnt]))
     else:
         run_desc = (np.arange(n), tp.counts)
     ne = len(tp.pix)
-    rep = _pixel_index(tp.pix, ny * nx)
-    pairs = _pairs(rep, ne, last=rep)  # rep is the last entry on each pixel already
+    rep, pairs = _pixel_pairs(tp.pix, ny * nx)
     runs = _Runs(tp.star, n, runs=run_desc)
     n_masked = _masked_in_core(tp, w, 2.0 * sigma_psf)
     da = np.zeros(n)
@@ -1118,7 +994,7 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
                 empirical = True
         if bright.sum() >= min_bright and template_passes >= 2:
             # neighbours' light again, with the empirical template (Moffat-like wings of bright neighbours)
-            Tb = tmpl.evaluate(sub.s - da[sub.star].astype(np.float32), sub.c - dc[sub.star].astype(np.float32))
+            Tb = tmpl.evaluate(sub.s, sub.c, shift=(sub.star, da, dc))
             Tn = tmpl.evaluate(tp.s[en], tp.c[en])
             other_n = np.bincount(rep[en], weights=F[tp.star[en]] * Tn, minlength=ne)
             own_b = F[sub.star] * Tb
@@ -1136,12 +1012,8 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
     # final: template with offsets, simultaneous fluxes of all trails (blends)
     # sub-pixel offsets: only trails with non-zero ones (all among the bright entries) are shifted
     # (evaluated at zero offsets for all, then again for the shifted trails' entries: no copies of s and c)
-    T = tmpl.evaluate(tp.s, tp.c)
-    moved = (da != 0) | (dc != 0)
-    if moved.any():
-        em = runs.entries(moved)
-        sm = tp.star[em]
-        T[em] = tmpl.evaluate(tp.s[em] - da[sm].astype(np.float32), tp.c[em] - dc[sm].astype(np.float32))
+    # (zero offsets for most trails: s - 0 = s, the same values as evaluating only the moved trails shifted)
+    T = tmpl.evaluate(tp.s, tp.c, shift=(tp.star, da, dc))
     model, F, ferr = _final(tp, rep, ne, n, w, T, d, sky_sigma, (ny, nx), pairs, runs)
     return TrailFit(model, F, ferr, da, dc, n_masked.astype(int), tmpl, tp, empirical, bright, hw_big,
                     float(sigma_psf), T, bkg_used, rep, pairs, w)
@@ -1151,25 +1023,11 @@ def _final(tp, rep, ne, n, w, T, d, sky_sigma, shape, pairs=None, runs=None):
     """Joint fluxes of all trails and the model image."""
     if pairs is None:
         pairs = _pairs(rep, ne, last=rep)
-    shared = _shared_from_pairs(pairs, ne)
     F, sumT2 = _solve_fluxes(tp.star, rep, ne, n, w, T, d, pairs, runs)
-    own = F.astype(T.dtype)[tp.star] * T
     model = np.zeros(shape[0] * shape[1], np.float32)
-    # pixels of one stamp only; shared pixels get the sum of their stamps below (scattering float32 values:
-    # a float64 -> float32 cast inside the fancy assignment is 3x slower than the cast + a plain scatter)
-    model[tp.pix] = own.astype(np.float32, copy=False)
-    if len(shared):
-        # sum of the stamps on each shared pixel: bincount over compact labels of the shared pixels (their
-        # representative entries, all among pairs[1]) instead of over all entries (the same sums, in the same order)
-        rs = rep[shared]
-        isrep = np.zeros(ne, bool)
-        isrep[pairs[1]] = True
-        reps = np.flatnonzero(isrep)
-        lab = np.empty(ne, np.intp)
-        lab[reps] = np.arange(len(reps))
-        ls = lab[rs]
-        msum = np.bincount(ls, weights=own[shared], minlength=len(reps))
-        model[tp.pix[shared]] = msum[ls].astype(np.float32)
+    # stamps scattered; a pixel of several stamps gets the (float64) sum of theirs (:func:`._kernels.render_model`)
+    _k.render_model(F.astype(np.float32), np.asarray(T, np.float32), np.asarray(tp.star, np.int64),
+                    np.asarray(tp.pix, np.int64), rep, model, np.zeros(ne, np.int32))
     with np.errstate(divide="ignore", invalid="ignore"):
         ferr = sky_sigma / np.sqrt(sumT2)
     return model.reshape(shape), F, ferr
@@ -1207,8 +1065,10 @@ def refit_fluxes(fit, resid0, bad, *, sky_sigma, residual=False, inplace=False):
     ne = len(tp.pix)
     n = tp.n
     f32 = np.float32
-    rep = fit.rep if fit.rep is not None else _pixel_index(tp.pix, ny * nx)
-    pairs = fit.pairs if fit.pairs is not None else _pairs(rep, ne, last=rep)
+    if fit.rep is None or fit.pairs is None:
+        rep, pairs = _pixel_pairs(tp.pix, ny * nx)
+    else:
+        rep, pairs = fit.rep, fit.pairs
     w = np.ones(ne, f32) if bad is None else (~bad.ravel()[tp.pix]).astype(f32)
     runs = _Runs(tp.star, n)
     old_flat = fit.model.ravel()

@@ -1,0 +1,444 @@
+"""Compiled kernels (numba, :func:`pydriftn._jit.jit`) of the classification's trail model.
+
+:func:`pydriftn.classify._trailmodel.fit_trails` works on per-pixel entry
+lists of ~2000 trails x ~37 x ~15 px (~1e6 entries per full-size CCD). Written
+as numpy expressions, each step built several million-entry temporaries
+(boxes of candidate pixels, masks, index arrays, products); each kernel here
+is one pass over the entries instead. The arithmetic is the numpy code's, in
+the same float32/float64 precision and order, so per-entry values are
+identical; per-trail sums accumulate in float64 sequentially in entry order
+where ``np.add.reduceat`` summed pairwise: equal to ~1e-16 relative
+(``tests/test_classify.py`` compares every kernel with the numpy expression
+it replaced):
+
+* :func:`stamp_pixels`: :func:`._trailmodel.trail_pixels` and the data gather
+  of ``fit_trails`` (were (trails, H, W) boxes of s, c, masks and flat
+  indices, boolean-mask copies and two ``take`` s);
+* :func:`restamp`: the narrower stamps of faint trails and the wide stamps of
+  bright ones (were a mask, ``flatnonzero`` and six ``take`` s into
+  concatenated outputs);
+* :func:`pixel_pairs`: :func:`._trailmodel._pixel_index` and
+  :func:`._trailmodel._pairs` (an image-sized look-up, then a scan for the
+  entries sharing a pixel; the same pairs in the same order);
+* :func:`template_eval`: :meth:`._trailmodel.TrailTemplate.evaluate` (bilinear
+  look-up in the 2-D table, ~15 temporaries per block), with the per-trail
+  sub-pixel offsets applied on the fly (no shifted copies of s and c);
+* :func:`fit_sums`: one iteration's nine per-trail sums of
+  :func:`._trailmodel._fit` (template, robust weights, products);
+* :func:`flux_sums`: ``v = T w`` and the per-trail sums ``sum v^2``,
+  ``sum v d`` of :func:`._trailmodel._solve_fluxes`;
+* :func:`render_model`: the model image of :func:`._trailmodel._final`
+  (stamps scattered, pixels of two or more stamps summed in float64 in entry
+  order as ``np.bincount`` did: identical values).
+
+Speed-up measured on full-size CCDs: see the commit messages.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .._jit import jit
+
+__all__ = ["stamp_pixels", "restamp", "pixel_pairs", "template_eval", "fit_sums", "flux_sums", "render_model"]
+
+
+@jit
+def _stamp_scan(x0, y0, ux, uy, length, bx0, by0, W, H, nx, ny, hw, fill, cnt, star, pix, s_out, c_out, d_out,
+                w_out, flat, bad):
+    """Count (``fill`` False) or write (``fill`` True) the entries of every trail's stamp; see stamp_pixels."""
+    n = len(x0)
+    f32 = np.float32
+    hw32 = f32(hw)
+    mhw = -hw32
+    k = 0
+    has_bad = len(bad) > 0
+    has_data = len(flat) > 0
+    for t in range(n):
+        uxx = f32(ux[t])
+        uyy = f32(uy[t])
+        smax = f32(length[t] + hw)
+        xs = x0[t]
+        ys = y0[t]
+        c0 = bx0[t]
+        r0 = by0[t]
+        m = 0
+        for gy in range(H):
+            Y = r0 + gy
+            if Y < 0 or Y >= ny:
+                continue
+            dy = f32(Y - ys)
+            for gx in range(W):
+                X = c0 + gx
+                if X < 0 or X >= nx:
+                    continue
+                dx = f32(X - xs)
+                s = dx * uxx + dy * uyy
+                c = dy * uxx - dx * uyy
+                if abs(c) <= hw32 and s >= mhw and s <= smax:
+                    if fill:
+                        p = Y * nx + X
+                        star[k] = t
+                        pix[k] = p
+                        s_out[k] = s
+                        c_out[k] = c
+                        if has_data:
+                            d_out[k] = flat[p]
+                            w_out[k] = f32(0.0) if (has_bad and bad[p]) else f32(1.0)
+                    k += 1
+                    m += 1
+        if not fill:
+            cnt[t] = m
+    return k
+
+
+def stamp_pixels(x0, y0, ux, uy, length, shape, half_width, flat, bad=None):
+    """Entries of the stamps of all trails and the data on them (:func:`._trailmodel.trail_pixels` + gather).
+
+    The pixels within the rectangle ``-hw <= s <= length + hw``, ``|c| <= hw``
+    of each trail, searched in a box of the common size ``W x H`` (largest
+    trail box) from the trail's corner, row by row, as ``trail_pixels`` did
+    (the same entries, in the same order, with the same float32 ``s``, ``c``).
+
+    Parameters
+    ----------
+    x0, y0, ux, uy, length : ndarray float64
+    shape : (ny, nx)
+    half_width : float
+    flat : ndarray float32
+        Flattened image whose values are gathered (``d``); empty: no ``d``, ``w`` (returned empty).
+    bad : ndarray bool or None
+        Flattened mask of excluded pixels (``w`` = 0 there, 1 elsewhere).
+
+    Returns
+    -------
+    star, pix : ndarray int64
+    s, c, d, w : ndarray float32
+    cnt : ndarray int64
+        Entries per trail.
+    """
+    ny, nx = shape
+    n = len(x0)
+    hw = float(half_width)
+    x0 = np.ascontiguousarray(x0, np.float64)
+    y0 = np.ascontiguousarray(y0, np.float64)
+    ux = np.ascontiguousarray(ux, np.float64)
+    uy = np.ascontiguousarray(uy, np.float64)
+    length = np.ascontiguousarray(length, np.float64)
+    x1 = x0 + ux * length
+    y1 = y0 + uy * length
+    bx0 = np.floor(np.minimum(x0, x1) - hw).astype(np.int64)
+    bx1 = np.ceil(np.maximum(x0, x1) + hw).astype(np.int64)
+    by0 = np.floor(np.minimum(y0, y1) - hw).astype(np.int64)
+    by1 = np.ceil(np.maximum(y0, y1) + hw).astype(np.int64)
+    cnt = np.zeros(n, np.int64)
+    i64 = np.zeros(0, np.int64)
+    f0 = np.zeros(0, np.float32)
+    badv = np.zeros(0, np.bool_) if bad is None else bad
+    if n == 0:
+        return i64, i64.copy(), f0, f0.copy(), f0.copy(), f0.copy(), cnt
+    W = int((bx1 - bx0).max()) + 1
+    H = int((by1 - by0).max()) + 1
+    args = (x0, y0, ux, uy, length, bx0, by0, W, H, nx, ny, hw)
+    _stamp_scan(*args, False, cnt, i64, i64, f0, f0, f0, f0, flat, badv)
+    ne = int(cnt.sum())
+    star = np.empty(ne, np.int64)
+    pix = np.empty(ne, np.int64)
+    s = np.empty(ne, np.float32)
+    c = np.empty(ne, np.float32)
+    nd = ne if len(flat) else 0
+    d = np.empty(nd, flat.dtype)
+    w = np.empty(nd, np.float32)
+    _stamp_scan(*args, True, cnt, star, pix, s, c, d, w, flat, badv)
+    return star, pix, s, c, d, w, cnt
+
+
+@jit
+def restamp(star, pix, s, c, d, w, hwt, iw, star_w, pix_w, s_w, c_w, d_w, w_w, n):
+    """The entries with ``|c| <= hwt[star]`` (float32), then the wide stamps (trail ``iw[star_w]``).
+
+    Returns ``(star, pix, s, c, d, w, kcnt)``: the concatenated entries and
+    the number of kept entries per trail (the same as the boolean mask,
+    ``flatnonzero``, ``take`` s and concatenations of ``fit_trails``).
+    """
+    ne = len(star)
+    m = 0
+    kcnt = np.zeros(n, np.int64)
+    for e in range(ne):
+        if abs(c[e]) <= hwt[star[e]]:
+            kcnt[star[e]] += 1
+            m += 1
+    nw = len(star_w)
+    tot = m + nw
+    o_star = np.empty(tot, np.int64)
+    o_pix = np.empty(tot, np.int64)
+    o_s = np.empty(tot, np.float32)
+    o_c = np.empty(tot, np.float32)
+    o_d = np.empty(tot, d.dtype)
+    o_w = np.empty(tot, w.dtype)
+    k = 0
+    for e in range(ne):
+        if abs(c[e]) <= hwt[star[e]]:
+            o_star[k] = star[e]
+            o_pix[k] = pix[e]
+            o_s[k] = s[e]
+            o_c[k] = c[e]
+            o_d[k] = d[e]
+            o_w[k] = w[e]
+            k += 1
+    for e in range(nw):
+        o_star[k] = iw[star_w[e]]
+        o_pix[k] = pix_w[e]
+        o_s[k] = s_w[e]
+        o_c[k] = c_w[e]
+        o_d[k] = d_w[e]
+        o_w[k] = w_w[e]
+        k += 1
+    return o_star, o_pix, o_s, o_c, o_d, o_w, kcnt
+
+
+@jit
+def pixel_pairs(pix, lookup):
+    """``rep`` (the last entry on each entry's pixel, int32) and every pair of entries on one pixel.
+
+    ``lookup``: int32 scratch of the image size (overwritten). The pairs come
+    in the order of :func:`._trailmodel._pairs`: ``(e, rep[e])`` for every
+    entry that is not the last on its pixel, ascending; then, for the pixels
+    of three or more stamps (groups ordered by their last entry, members
+    ascending), ``(g[i], g[i + k])`` for k = 1, 2, ... (each k over all groups).
+    """
+    ne = len(pix)
+    for e in range(ne):
+        lookup[pix[e]] = e
+    rep = np.empty(ne, np.int32)
+    ndup = 0
+    for e in range(ne):
+        r = lookup[pix[e]]
+        rep[e] = r
+        if r != e:
+            ndup += 1
+    p1 = np.empty(ndup, np.int64)
+    p2 = np.empty(ndup, np.int64)
+    nd = np.zeros(ne, np.int32)  # non-last entries per pixel (at its last entry)
+    k = 0
+    for e in range(ne):
+        r = rep[e]
+        if r != e:
+            p1[k] = e
+            p2[k] = r
+            nd[r] += 1
+            k += 1
+    # pixels with two or more non-last entries: the groups, by last entry, members ascending
+    nm = 0
+    for i in range(ndup):
+        if nd[p2[i]] > 1:
+            nm += 1
+    if nm == 0:
+        return rep, p1, p2
+    ml = np.empty(nm, np.int64)
+    md = np.empty(nm, np.int64)
+    k = 0
+    for i in range(ndup):
+        if nd[p2[i]] > 1:
+            ml[k] = p2[i]
+            md[k] = p1[i]
+            k += 1
+    o = np.argsort(ml, kind="mergesort")
+    ml = ml[o]
+    md = md[o]
+    # group starts and sizes
+    ng = 0
+    for i in range(nm):
+        if i == 0 or ml[i] != ml[i - 1]:
+            ng += 1
+    gs = np.empty(ng, np.int64)
+    gn = np.zeros(ng, np.int64)
+    g = -1
+    kmax = 0
+    for i in range(nm):
+        if i == 0 or ml[i] != ml[i - 1]:
+            g += 1
+            gs[g] = i
+        gn[g] += 1
+        if gn[g] - 1 > kmax:
+            kmax = gn[g] - 1
+    extra = 0
+    for g in range(ng):
+        extra += gn[g] * (gn[g] - 1) // 2
+    q1 = np.empty(ndup + extra, np.int64)
+    q2 = np.empty(ndup + extra, np.int64)
+    q1[:ndup] = p1
+    q2[:ndup] = p2
+    k = ndup
+    for kk in range(1, kmax + 1):
+        for g in range(ng):
+            a = gs[g]
+            for i in range(gn[g] - kk):
+                q1[k] = md[a + i]
+                q2[k] = md[a + i + kk]
+                k += 1
+    return rep, q1, q2
+
+
+@jit
+def template_eval(s, c, star, da, dc, tab, s0, inv_ds, u_max, c_lo, inv_dc, v_max, nc, T, Ts, Tc):
+    """The 2-D table template at ``(s - da[star], c - dc[star])`` (float32; no offsets if ``da`` is empty).
+
+    ``tab``: (ns * nc, 4) float32 bilinear coefficients of each cell (see
+    :meth:`._trailmodel.TrailTemplate._table2d`); ``s0``, ``inv_ds``,
+    ``u_max``, ``c_lo``, ``inv_dc``, ``v_max`` float32 as in ``_evaluate_block``.
+    Writes ``T`` and, when ``Ts`` is not empty, ``Ts`` and ``Tc`` (d/ds, d/dc).
+    """
+    ne = len(s)
+    shift = len(da) > 0
+    deriv = len(Ts) > 0
+    z = np.float32(0.0)
+    for e in range(ne):
+        if shift:
+            t = star[e]
+            se = s[e] - da[t]
+            ce = c[e] - dc[t]
+        else:
+            se = s[e]
+            ce = c[e]
+        u = (se - s0) * inv_ds
+        if u < z:
+            u = z
+        if u > u_max:
+            u = u_max
+        i = np.int32(u)
+        u = u - np.float32(i)
+        v = (ce - c_lo) * inv_dc
+        if v < z:
+            v = z
+        if v > v_max:
+            v = v_max
+        j = np.int32(v)
+        v = v - np.float32(j)
+        q = i * np.int32(nc) + j
+        c0 = tab[q, 0]
+        c1 = tab[q, 1]
+        c2 = tab[q, 2]
+        c3 = tab[q, 3]
+        b = c3 * v + c2
+        T[e] = (b * u + c0) + c1 * v
+        if deriv:
+            Ts[e] = b * inv_ds
+            Tc[e] = (c3 * u + c1) * inv_dc
+
+
+@jit
+def fit_sums(s, c, star, d, w, da, dc, F, tab, s0, inv_ds, u_max, c_lo, inv_dc, v_max, nc, first_T, first_Ts,
+             first_Tc, robust, sky2, gain, S):
+    """The nine per-trail sums of one iteration of :func:`._trailmodel._fit`, added into ``S`` (9, n) float64.
+
+    ``da``, ``dc``, ``F``: float32 per trail. The template (and its
+    derivatives) at the offsets from the table, or ``first_*`` when not empty.
+    With ``robust``: entries more than 5 sigma (``sqrt(sky2 + m / gain +
+    (0.03 m)^2)``, float32) from the model get no weight. Products in float32
+    (float64 where ``d`` is), sums in float64.
+    """
+    ne = len(s)
+    f32 = np.float32
+    have = len(first_T) > 0
+    k003 = f32(0.03)
+    k5 = f32(5.0)
+    z = f32(0.0)
+    for e in range(ne):
+        t = star[e]
+        if have:
+            T = first_T[e]
+            Ts = first_Ts[e]
+            Tc = first_Tc[e]
+        else:
+            se = s[e] - da[t]
+            ce = c[e] - dc[t]
+            u = (se - s0) * inv_ds
+            if u < z:
+                u = z
+            if u > u_max:
+                u = u_max
+            i = np.int32(u)
+            u = u - f32(i)
+            v = (ce - c_lo) * inv_dc
+            if v < z:
+                v = z
+            if v > v_max:
+                v = v_max
+            j = np.int32(v)
+            v = v - f32(j)
+            q = i * np.int32(nc) + j
+            c0 = tab[q, 0]
+            c1 = tab[q, 1]
+            c2 = tab[q, 2]
+            c3 = tab[q, 3]
+            b = c3 * v + c2
+            T = (b * u + c0) + c1 * v
+            Ts = b * inv_ds
+            Tc = (c3 * u + c1) * inv_dc
+        Fi = F[t]
+        FT = Fi * T
+        r = d[e] - FT
+        wb = w[e]
+        if robust:
+            m = abs(FT)
+            qq = k003 * m
+            qq = qq * qq
+            sig = m / gain
+            sig = sig + sky2
+            sig = sig + qq
+            sig = np.sqrt(sig)
+            sig = sig * k5
+            if not (f32(abs(r)) < sig):
+                wb = z
+        J1 = -Fi * Ts
+        J2 = -Fi * Tc
+        wT = wb * T
+        wJ1 = wb * J1
+        wJ2 = wb * J2
+        S[0, t] += wT * T
+        S[1, t] += wT * J1
+        S[2, t] += wT * J2
+        S[3, t] += wJ1 * J1
+        S[4, t] += wJ1 * J2
+        S[5, t] += wJ2 * J2
+        S[6, t] += wT * r
+        S[7, t] += wJ1 * r
+        S[8, t] += wJ2 * r
+
+
+@jit
+def flux_sums(T, w, d, star, v, diag, b):
+    """``v = T * w`` (float32) and ``diag[star] += v^2``, ``b[star] += v d`` (float64 sums)."""
+    for e in range(len(T)):
+        x = T[e] * w[e]
+        v[e] = x
+        t = star[e]
+        diag[t] += x * x
+        b[t] += x * d[e]
+
+
+@jit
+def render_model(F, T, star, pix, rep, model, nshare):
+    """``model[pix] = F[star] * T`` (float32), pixels of several stamps the float64 sum of theirs.
+
+    ``rep``: representative entry of each entry's pixel; ``nshare`` int32
+    scratch of the number of entries (zeroed). The sums over a pixel's
+    entries are accumulated in entry order from 0.0 and cast to float32 (as
+    ``np.bincount`` over the shared entries did).
+    """
+    ne = len(T)
+    for e in range(ne):
+        nshare[rep[e]] += 1
+    acc = np.zeros(ne, np.float64)
+    for e in range(ne):
+        o = F[star[e]] * T[e]
+        r = rep[e]
+        if nshare[r] == 1:
+            model[pix[e]] = o
+        else:
+            acc[r] += o
+    for e in range(ne):
+        r = rep[e]
+        if nshare[r] > 1:
+            model[pix[e]] = np.float32(acc[r])
