@@ -793,3 +793,192 @@ def test_background_from_every_other_binned_row():
     assert abs(float(np.mean(sub[good] - sub1[good]))) < 0.03
     assert float(np.std(sub[good] - sub1[good])) < 0.15
     assert grms == pytest.approx(grms1, rel=0.02) and np.median(rms / rms1) == pytest.approx(1.0, abs=0.02)
+
+
+# -- compiled kernels (pydriftn.astrometry._kernels) against the numpy expressions they replaced
+
+
+def _np_bin2(a):
+    """The strided 2x2 block sums (or ORs) that the kernels replaced."""
+    if a.dtype == bool:
+        return a[0::2, 0::2] | a[1::2, 0::2] | a[0::2, 1::2] | a[1::2, 1::2]
+    out = a[0::2, 0::2] + a[1::2, 0::2]
+    out += a[0::2, 1::2]
+    out += a[1::2, 1::2]
+    return out
+
+
+@pytest.mark.parametrize("shape", [(8, 6), (2, 2), (0, 4), (64, 130)])
+def test_kernel_bin2_and_background_subtraction(shape):
+    """2x2 means / ORs and d - background (estimated on every rs-th binned row) equal the numpy expressions."""
+    from pydriftn.astrometry import _kernels
+
+    rng = np.random.default_rng(31)
+    d = rng.normal(100.0, 30.0, shape).astype(np.float32)
+    m = rng.random(shape) < 0.1
+    ny2, nx2 = shape[0] // 2, shape[1] // 2
+    means = _kernels.bin2_mean(d, np.empty((ny2, nx2), np.float32))
+    ref = _np_bin2(d)
+    ref *= np.float32(0.25)
+    np.testing.assert_array_equal(means, ref)
+    np.testing.assert_array_equal(_kernels.bin2_any(m, np.empty((ny2, nx2), bool)), _np_bin2(m))
+    for rs in (1, 2, 3):
+        nrs = (ny2 + rs - 1) // rs
+        back_s = rng.normal(100.0, 5.0, (nrs, nx2)).astype(np.float32)
+        back2 = np.repeat(back_s, rs, axis=0)[:ny2]
+        for do_b2 in (True, False):
+            sub = np.empty_like(d)
+            b2 = means.copy()
+            _kernels.subtract_back2(d, back_s, rs, sub, b2, do_b2)
+            ref_sub = np.empty_like(d)
+            np.subtract(d.reshape(ny2, 2, shape[1]), np.repeat(back2, 2, axis=1)[:, None, :],
+                        out=ref_sub.reshape(ny2, 2, shape[1]))
+            np.testing.assert_array_equal(sub, ref_sub)
+            ref_b2 = means.copy()
+            if do_b2:
+                ref_b2 -= back2
+                ref_b2 *= np.float32(4.0)
+            np.testing.assert_array_equal(b2, ref_b2)
+
+
+@pytest.mark.parametrize("n, r", [(50, 3), (4, 3), (1, 0), (300, 7)])
+def test_kernel_gauss_rows_equals_padded_row_sums(n, r):
+    """The Gaussian across rows, reflected by index, equals the sum of shifted rows of the symmetric-padded image."""
+    from pydriftn.astrometry import _kernels
+
+    rng = np.random.default_rng(32)
+    a = rng.normal(0.0, 1.0, (n, 17)).astype(np.float32)
+    x = np.arange(-r, r + 1, dtype=float)
+    w = np.exp(-0.5 * (x / max(r / 3.0, 0.3)) ** 2)
+    w = (w / w.sum()).astype(np.float32)
+    p = np.pad(a, ((r, r), (0, 0)), mode="symmetric")
+    ref = p[r:r + n] * w[r]
+    tmp = np.empty_like(ref)
+    for k in range(1, r + 1):
+        np.add(p[r - k:r - k + n], p[r + k:r + k + n], out=tmp)
+        tmp *= w[r + k]
+        ref += tmp
+    np.testing.assert_array_equal(_kernels.gauss_rows(a, w, np.empty_like(a)), ref)
+
+
+def _np_local_maxima(snr, threshold, exclude, hy, hx):
+    """The padded-image neighbour takes that the local-maximum kernel replaced."""
+    above = snr > threshold
+    if exclude is not None:
+        above &= ~exclude
+    pad = np.pad(snr, ((hy, hy), (hx, hx)), mode="constant", constant_values=-np.inf)
+    wpad = pad.shape[1]
+    padf = pad.reshape(-1)
+    yb, xb = np.divmod(np.flatnonzero(above), snr.shape[1])
+    val = snr[yb, xb]
+    base = (yb + hy) * wpad + (xb + hx)
+    for stage in ((1, 1), (hy, hx)):
+        keep = np.ones(yb.size, bool)
+        for dy in range(-stage[0], stage[0] + 1):
+            for dx in range(-stage[1], stage[1] + 1):
+                if dy or dx:
+                    keep &= val >= padf.take(base + (dy * wpad + dx))
+        yb, xb, val, base = yb[keep], xb[keep], val[keep], base[keep]
+    return yb * snr.shape[1] + xb
+
+
+@pytest.mark.parametrize("hy, hx", [(1, 4), (4, 1), (2, 2)])
+def test_kernel_local_maxima_equal_neighbour_takes(hy, hx):
+    """Local maxima above threshold (edges, plateaus, NaN neighbours, excluded pixels) as by the padded takes."""
+    from pydriftn.astrometry import _kernels
+
+    rng = np.random.default_rng(33)
+    snr = np.round(rng.normal(0.0, 3.0, (40, 57)), 0).astype(np.float32)  # rounded: many equal neighbours
+    snr[0, :5] = 9.0  # plateau at the edge
+    snr[20, 30] = np.nan
+    ex = rng.random(snr.shape) < 0.2
+    for exclude in (None, ex):
+        for thr in (2.0, 5.3, 50.0):
+            got = _kernels.local_maxima(snr, np.float32(thr), np.zeros((0, 0), bool) if exclude is None else exclude,
+                                        hy, hx)
+            np.testing.assert_array_equal(got, _np_local_maxima(snr, np.float32(thr), exclude, hy, hx))
+    assert _kernels.local_maxima(snr, np.float32(2.0), np.zeros((0, 0), bool), hy, hx).size > 10
+
+
+def _np_model_on_grid(grid, xa, ya, x_mid, y_mid, h):
+    """The numpy template evaluation that the cross-profile kernels replaced."""
+    from pydriftn.astrometry.trailfit import _INV_SQRT_2PI, _ndtr_along
+
+    Lp = grid.length_p
+    dx, dy = np.asarray(x_mid) - xa, np.asarray(y_mid) - ya
+    pm = dx * grid.ep[0] + dy * grid.ep[1]
+    qm = dx * grid.eq[0] + dy * grid.eq[1]
+    P = grid.p_off[None, :, None]
+    Q = grid.q_off[None, None, :]
+    pa = (pm - 0.5 * Lp)[:, None, None]
+    pb = (pm + 0.5 * Lp)[:, None, None]
+    qc = qm[:, None, None] + (P - pm[:, None, None]) * grid.tan_phi
+    ws, ss = grid.mixture
+    P, Q = P.astype(np.float32), Q.astype(np.float32)
+    pa, pb, qc = pa.astype(np.float32), pb.astype(np.float32), qc.astype(np.float32)
+    u2 = Q - qc
+    u2 *= u2
+    hh = np.asarray(h, np.float32)[:, None, None]
+    out = np.empty(u2.shape, np.float32)
+    for k, (w, sk) in enumerate(zip(ws, ss)):
+        inv = np.float32(1.0 / sk)
+        along = (_ndtr_along((P - pa) * inv) - _ndtr_along((P - pb) * inv)) * (np.float32(w * _INV_SQRT_2PI / sk) * hh)
+        cross = np.multiply(u2, np.float32(-0.5 / (sk * sk)))
+        np.exp(cross, out=cross)
+        cross *= along
+        if k:
+            out += cross
+        else:
+            out[...] = cross
+    return out
+
+
+@pytest.mark.parametrize("psf", [None, ([0.7, 0.3], [1.5, 3.1]), ([0.5, 0.3, 0.2], [1.2, 2.0, 4.0])])
+@pytest.mark.parametrize("direction", [(-1.0, 0.002), (0.6, 0.8)])
+def test_kernel_trail_templates_equal_numpy(psf, direction):
+    """Trail templates (one or several Gaussian components, snapped or oblique grid) equal the numpy evaluation;
+    the template sums of the flux solve equal the einsums to float64 rounding, with T zeroed on invalid samples."""
+    from pydriftn.astrometry import _kernels, trailfit
+
+    rng = np.random.default_rng(34)
+    grid = trailfit.make_grid(direction, 37.0, 1.6, psf=psf)
+    for n in (0, 1, 40):
+        x = rng.uniform(0, 100, n)
+        y = rng.uniform(0, 100, n)
+        xa, ya = np.rint(x), np.rint(y)
+        h = rng.uniform(0.5, 50.0, n)
+        T = trailfit._model_on_grid(grid, xa, ya, x, y, h)
+        np.testing.assert_array_equal(T, _np_model_on_grid(grid, xa, ya, x, y, h))
+        if n == 0:
+            continue
+        valid = rng.random(T.shape) < 0.9
+        vals = np.where(valid, rng.normal(0, 10, T.shape), 0).astype(np.float32)
+        T2 = T.reshape(n, -1)
+        ref = T2 * valid.reshape(n, -1)
+        Aii, S3, b = np.empty(n), np.empty(n), np.empty(n)
+        _kernels.template_sums(T2, valid.reshape(n, -1), vals.reshape(n, -1), Aii, S3, b)
+        np.testing.assert_array_equal(T2, ref)
+        np.testing.assert_allclose(Aii, np.einsum("ij,ij->i", ref, ref, dtype=np.float64), rtol=1e-13)
+        np.testing.assert_allclose(S3, np.einsum("ij,ij,ij->i", ref, ref, ref, dtype=np.float64), rtol=1e-13)
+        np.testing.assert_allclose(b, np.einsum("ij,ij->i", ref, vals.reshape(n, -1), dtype=np.float64),
+                                   rtol=1e-12, atol=1e-12 * np.abs(ref * vals.reshape(n, -1)).sum(axis=1).max())
+
+
+def test_kernel_trail_windows_empty_and_unmasked():
+    """Snapped trail windows: no trails, no mask, float32 samples and no on-CCD flags requested."""
+    from pydriftn.astrometry import trailfit
+
+    rng = np.random.default_rng(35)
+    img = rng.normal(0.0, 5.0, (60, 80)).astype(np.float32)
+    grid = trailfit.make_grid((0.001, -1.0), 20.0, 1.5)
+    vals, valid, inside = trailfit._sample(img, grid, np.zeros(0), np.zeros(0), None)
+    assert vals.shape == (0, grid.p_off.size, grid.q_off.size) and valid.shape == vals.shape
+    xa, ya = np.array([0.0, 40.0, 79.0]), np.array([30.0, 30.0, 59.0])
+    vals, valid, inside = trailfit._sample(img, grid, xa, ya, None, dtype=np.float32, want_inside=False)
+    assert inside is None and vals.dtype == np.float32
+    X = (xa[:, None, None] + grid.p_off[None, :, None] * grid.ep[0] + grid.q_off[None, None, :] * grid.eq[0])
+    Y = (ya[:, None, None] + grid.p_off[None, :, None] * grid.ep[1] + grid.q_off[None, None, :] * grid.eq[1])
+    X, Y = np.rint(X).astype(int), np.rint(Y).astype(int)
+    on = (X >= 0) & (X < 80) & (Y >= 0) & (Y < 60)
+    np.testing.assert_array_equal(valid, on)
+    np.testing.assert_array_equal(vals, np.where(on, img[np.clip(Y, 0, 59), np.clip(X, 0, 79)], 0.0))

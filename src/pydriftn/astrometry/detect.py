@@ -26,6 +26,8 @@ import numpy as np
 import sep
 from scipy import ndimage, signal
 
+from . import _kernels
+
 log = logging.getLogger(__name__)
 
 __all__ = ["estimate_background", "matched_filter_snr", "find_candidates", "find_streaks"]
@@ -99,40 +101,35 @@ def estimate_background(data, bad=None, *, box=128, filter_size=3, amp_boundary=
         # (Binning 4x4 for sep would be ~2x cheaper but is not equivalent: on a full
         # simulated CCD it raised the rms by 2 % and the level by 0.06 ADU, the light of
         # faint sources being less clipped in the larger bins.)
-        db2 = _bin2(d)
-        db2 *= np.float32(0.25)  # 2x2 means
-        mb2 = None if m is None else _bin2(m)
-        ny2, nx2 = db2.shape
-        back2 = np.empty((ny2, nx2), np.float32)  # background per pixel on the 2x2 grid
-        rms = np.empty((ny2, nx2), np.float32)  # rms per (unbinned) pixel on the 2x2 grid
+        ny2, nx2 = ny0 // 2, nx0 // 2
+        db2 = _kernels.bin2_mean(d, np.empty((ny2, nx2), np.float32))  # 2x2 means
+        mb2 = None if m is None else _kernels.bin2_any(m, np.empty((ny2, nx2), bool))
         grms = []
         rs = max(int(row_step), 1) if box % (2 * max(int(row_step), 1)) == 0 else 1
+        nrs = (ny2 + rs - 1) // rs  # rows of db2[::rs]
+        back_s = np.empty((nrs, nx2), np.float32)  # background per pixel on the 2x2 grid, every rs-th row
+        rms_s = np.empty((nrs, nx2), np.float32)
         for p_ in parts:
             bs = slice(p_.start // 2, p_.stop // 2)
             db = np.ascontiguousarray(db2[::rs, bs])
             mb = None if mb2 is None else np.ascontiguousarray(mb2[::rs, bs])
             bkg = sep.Background(db, mask=mb, bw=box // 2, bh=box // (2 * rs), fw=filter_size, fh=filter_size)
-            if rs == 1:
-                back2[:, bs] = bkg.back()
-                rms[:, bs] = bkg.rms()
-            else:  # each estimated row stands for the rs binned rows from it
-                back2[:, bs] = np.repeat(bkg.back(), rs, axis=0)[:ny2]
-                rms[:, bs] = np.repeat(bkg.rms(), rs, axis=0)[:ny2]
+            back_s[:, bs] = bkg.back()
+            rms_s[:, bs] = bkg.rms()
             grms.append(float(bkg.globalrms) * 2.0)
+        # rms per (unbinned) pixel on the 2x2 grid: each estimated row stands for the rs binned rows from it
+        rms = np.repeat(rms_s, rs, axis=0)[:ny2] if rs > 1 else rms_s
         rms *= np.float32(2.0)  # rms per unbinned pixel
-        # expand along x first: a contiguous inner axis makes the subtraction ~2x faster
-        backx = np.repeat(back2, 2, axis=1)
-        np.subtract(d.reshape(ny2, 2, nx0), backx[:, None, :], out=sub.reshape(ny2, 2, nx0))
-        del backx
+        # sub = d - background (repeated over the rs binned rows and 2x2), and with
+        # return_binned the binned sub (4 x (2x2 mean - background)) in the same pass
+        _kernels.subtract_back2(d, back_s, rs, sub, db2, bool(return_binned))
         _level_odd_column(sub, m, odd_col)
         if m is not None:
             # the bad pixels are a few per cent: zeroed through their flat indices
             sub.reshape(-1)[np.flatnonzero(m) if bad_index is None else bad_index] = 0.0
         if not return_binned:
             return sub, rms, float(np.mean(grms))
-        b2 = db2
-        b2 -= back2
-        b2 *= np.float32(4.0)
+        b2 = db2  # (db2 - back2) * 4, done by subtract_back2
         # blocks holding a bad pixel (set to 0 in sub) or the levelled column: from sub
         fix = mb2 if mb2 is not None else np.zeros(b2.shape, bool)
         if odd_col is not None:
@@ -271,6 +268,9 @@ def _gauss1d(a, sigma, axis, truncate=3.0):
     x = np.arange(-r, r + 1, dtype=float)
     w = np.exp(-0.5 * (x / float(sigma)) ** 2)
     w = (w / w.sum()).astype(a.dtype)
+    if a.dtype == np.float32:
+        # one compiled pass, the reflection by index (no padded copy, no temporaries)
+        return _kernels.gauss_rows(np.ascontiguousarray(a), w, np.empty(a.shape, np.float32))
     p = np.pad(a, ((r, r), (0, 0)), mode="symmetric")
     n = a.shape[0]
     out = p[r:r + n] * w[r]
@@ -509,28 +509,18 @@ def find_candidates(snr, direction, length_px, sigma_px, *, threshold=5.0, exclu
     else:
         e = max(fw, int(round(0.5 * Lb * max(abs(ux), abs(uy)))) | 1)
         size = (e, e)
-    above = snr > threshold
-    if exclude is not None:
-        above &= ~exclude
-    if not above.any():
-        return np.zeros(0), np.zeros(0), np.zeros(0)
-    # local maxima tested on the above-threshold pixels only (a full-image maximum
-    # filter costs more than the matched filter itself): 3x3 first, then the window
+    # local maxima: the pixels above the threshold that are >= every other pixel of the
+    # window (pixels beyond the image: -inf), in one compiled pass (a full-image maximum
+    # filter costs more than the matched filter itself)
     hy, hx = size[0] // 2, size[1] // 2
-    pad = np.pad(snr, ((hy, hy), (hx, hx)), mode="constant", constant_values=-np.inf)
-    wpad = pad.shape[1]
-    padf = pad.reshape(-1)
-    yb, xb = np.divmod(np.flatnonzero(above), snr.shape[1])  # (np.nonzero of a 2-D image is ~5x slower)
+    snr_c = np.ascontiguousarray(snr)
+    ex = _NO_EXCLUDE if exclude is None else np.ascontiguousarray(exclude, dtype=bool)
+    # (the threshold in the map's dtype, as numpy compares an array with a Python float)
+    flat = _kernels.local_maxima(snr_c, snr_c.dtype.type(threshold), ex, int(hy), int(hx))
+    if flat.size == 0 and not _any_above(snr, threshold, exclude):
+        return np.zeros(0), np.zeros(0), np.zeros(0)
+    yb, xb = np.divmod(flat, snr.shape[1])
     val = snr[yb, xb]
-    base = (yb + hy) * wpad + (xb + hx)  # flat index into pad: one take per neighbour
-    for stage in ((1, 1), (hy, hx)):
-        keep = np.ones(yb.size, bool)
-        for dy in range(-stage[0], stage[0] + 1):
-            for dx in range(-stage[1], stage[1] + 1):
-                if dy == 0 and dx == 0:
-                    continue
-                keep &= val >= padf.take(base + (dy * wpad + dx))
-        yb, xb, val, base = yb[keep], xb[keep], val[keep], base[keep]
     # flat tops give adjacent equal maxima: keep one per plateau
     if yb.size:
         order = np.argsort(-val, kind="stable")
@@ -556,6 +546,17 @@ def find_candidates(snr, direction, length_px, sigma_px, *, threshold=5.0, exclu
         arr += np.clip(off, -0.5, 0.5)
         del lo
     return fx * xs + 0.5 * (fx - 1), fy * ys + 0.5 * (fy - 1), val.astype(float)
+
+
+_NO_EXCLUDE = np.zeros((0, 0), bool)
+
+
+def _any_above(snr, threshold, exclude):
+    """Whether any pixel of ``snr`` is above ``threshold`` outside ``exclude``."""
+    above = snr > threshold
+    if exclude is not None:
+        above &= ~exclude
+    return bool(above.any())
 
 
 def find_bad_columns(sub, rms, *, block=64, zmin=8.0, min_blocks=3):

@@ -42,6 +42,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 from scipy import ndimage
 from scipy.special import ndtr
 
+from . import _kernels
+
 log = logging.getLogger(__name__)
 
 __all__ = ["TrailGrid", "make_grid", "fit_trails", "render_trails", "neighbour_models", "solve_fluxes", "measure_lsf",
@@ -152,6 +154,8 @@ def make_grid(direction, length_px, sigma_px, *, pad_sigma=3.0, half_width=None,
 
 #: |z| beyond which scipy's ndtr returns exactly 1 (above) or 0 (below), by dtype (with a margin:
 #: float32 results are 1.0 from z = 5.42 and 0.0 from z = -14.17; float64 1.0 from z = 8.29)
+_NO_BAD = np.zeros((0, 0), bool)
+
 _NDTR_EXACT = {np.dtype(np.float32): (5.6, -14.5), np.dtype(np.float64): (8.5, -39.0)}
 
 
@@ -187,6 +191,21 @@ def _sample(image, grid: TrailGrid, xa, ya, bad=None, dtype=float, want_inside=T
     not valid; ``inside`` (on the CCD) is None unless ``want_inside``.
     """
     ny, nx = image.shape
+    if grid.snapped and image.dtype == np.float32 and np.dtype(dtype) in (np.dtype(np.float32), np.dtype(np.float64)):
+        # whole-pixel grid: one compiled pass per sample (pixel, validity, on-CCD flag)
+        n = xa.size
+        n_p, n_q = grid.p_off.size, grid.q_off.size
+        Pi = grid.p_off.astype(np.int64)[:, None]
+        Qi = grid.q_off.astype(np.int64)[None, :]
+        ox = np.ascontiguousarray(Pi * int(grid.ep[0]) + Qi * int(grid.eq[0]))  # (np, nq) pixel offsets
+        oy = np.ascontiguousarray(Pi * int(grid.ep[1]) + Qi * int(grid.eq[1]))
+        vals = np.empty((n, n_p, n_q), dtype)
+        valid = np.empty((n, n_p, n_q), bool)
+        inside = np.empty((n, n_p, n_q) if want_inside else (0, 0, 0), bool)
+        m = _NO_BAD if bad is None else np.ascontiguousarray(bad, dtype=bool)
+        _kernels.sample_snapped(np.ascontiguousarray(image), m, np.ascontiguousarray(xa, dtype=np.int64),
+                                np.ascontiguousarray(ya, dtype=np.int64), ox, oy, vals, valid, inside)
+        return vals, valid, (inside if want_inside else None)
     if grid.snapped:
         # whole-pixel grid: a trail's window is a rectangle of the image. Windows inside
         # the CCD are gathered whole from a sliding-window view (one block copy per
@@ -625,23 +644,21 @@ def _model_on_grid(grid: TrailGrid, xa, ya, x_mid, y_mid, h, length_p=None):
     P = P.astype(np.float32)
     Q = Q.astype(np.float32)
     pa, pb, qc = pa.astype(np.float32), pb.astype(np.float32), qc.astype(np.float32)
-    # squared cross offsets once; per component one scaled exp and one product
-    u2 = Q - qc
-    u2 *= u2
+    # the exponents of all components in one compiled pass, one numpy exp over them (numpy's
+    # vectorised float32 exp: the same values as before), then the components weighted by
+    # their along-track profiles and added in one more pass
     hh = np.asarray(h, np.float32)[:, None, None]
-    out = np.empty(u2.shape, np.float32)
-    nk = len(ws)
+    n, n_p, n_q = qc.shape[0], P.shape[1], Q.shape[2]
+    coef = np.array([-0.5 / (sk * sk) for sk in ss], np.float32)
+    ex = _kernels.cross_args(np.ascontiguousarray(Q.reshape(-1)), np.ascontiguousarray(qc.reshape(n, n_p)), coef,
+                             np.empty((len(ws), n, n_p, n_q), np.float32))
+    np.exp(ex, out=ex)
+    along = np.empty((len(ws), n, n_p), np.float32)
     for k, (w, sk) in enumerate(zip(ws, ss)):
         inv = np.float32(1.0 / sk)
-        along = (_ndtr_along((P - pa) * inv) - _ndtr_along((P - pb) * inv)) * (np.float32(w * _INV_SQRT_2PI / sk) * hh)
-        # the first component is built in the output, the last in u2's buffer (no third large array)
-        cross = out if k == 0 else (u2 if k == nk - 1 else np.empty_like(out))
-        np.multiply(u2, np.float32(-0.5 / (sk * sk)), out=cross)
-        np.exp(cross, out=cross)
-        cross *= along
-        if k:
-            out += cross
-    return out
+        a = (_ndtr_along((P - pa) * inv) - _ndtr_along((P - pb) * inv)) * (np.float32(w * _INV_SQRT_2PI / sk) * hh)
+        along[k] = a.reshape(n, n_p)
+    return _kernels.mix_components(ex, along, np.empty((n, n_p, n_q), np.float32))
 
 
 def render_trails(shape, grid: TrailGrid, x_mid, y_mid, h, dtype=np.float32, templates=None):
@@ -856,11 +873,9 @@ def solve_fluxes(image, grid: TrailGrid, x_mid, y_mid, *, rms, gain=1.0, bad=Non
     vals, valid, _ = _sample(image, grid, xa, ya, bad, dtype=np.result_type(image.dtype, np.float32),
                              want_inside=False)
     T = _model_on_grid(grid, xa, ya, x_mid, y_mid, np.ones(n))
-    np.multiply(T, valid, out=T)
-    T2 = T.reshape(n, -1)
-    Aii = np.einsum("ij,ij->i", T2, T2, dtype=np.float64)
-    S3 = np.einsum("ij,ij,ij->i", T2, T2, T2, dtype=np.float64)
-    b = np.einsum("ij,ij->i", T2, vals.reshape(n, -1), dtype=np.float64)
+    # T zeroed on the invalid samples; sum T^2, sum T^3 and sum T * data per trail (float64), one pass
+    Aii, S3, b = np.empty(n), np.empty(n), np.empty(n)
+    _kernels.template_sums(T.reshape(n, -1), valid.reshape(n, -1), vals.reshape(n, -1), Aii, S3, b)
     del vals
     # neighbour pairs (grid frame)
     p = x_mid * grid.ep[0] + y_mid * grid.ep[1]
