@@ -900,27 +900,45 @@ def test_kernel_stamp_pixels_matches_numpy():
     assert all(len(a) == 0 for a in out[:6]) and out[6][0] == 0
 
 
-def test_kernel_restamp_matches_numpy():
-    """restamp: the kept entries (|c| <= per-trail half-width) then the wide stamps, as mask + take + concatenate."""
-    from pydriftn.classify._kernels import restamp, stamp_pixels
+def test_kernel_stamp_aperture_and_restamp_match_numpy():
+    """stamp_aperture: the stamps' entry counts and the aperture sums (data and unmasked entries with |c| <=
+    c_core) of the numpy stamps; stamp_pixels with per-trail half-widths (negative: none) written into given
+    arrays, then wide stamps after them under other trail numbers: the numpy mask + take + concatenation."""
+    from pydriftn.classify._kernels import stamp_aperture, stamp_pixels
 
     rng = np.random.default_rng(6)
     shape = (100, 80)
     img = rng.normal(0, 1, shape).astype(np.float32)
+    bad = rng.random(shape) < 0.05
     x0, y0, ux, uy, L = _random_trails(rng, 40, shape)
-    star, pix, s, c, d, w, cnt = stamp_pixels(x0, y0, ux, uy, L, shape, 6.0, img.ravel())
+    for b_ in (bad, None):
+        fb = None if b_ is None else b_.ravel()
+        star, pix, s, c, d, w, cnt = stamp_pixels(x0, y0, ux, uy, L, shape, 6.0, img.ravel(), fb)
+        cnt_a, F, ncore = stamp_aperture(x0, y0, ux, uy, L, shape, 6.0, img.ravel(), fb, np.float32(2.4))
+        core = (np.abs(c) <= 2.4) & (w > 0)
+        assert np.array_equal(cnt_a, cnt)
+        assert np.array_equal(ncore, np.bincount(star, core, 40).astype(np.int64))
+        assert np.allclose(F, np.bincount(star, d * core, 40), rtol=1e-12, atol=1e-9)
     hwt = rng.choice([4.0, 5.0, 6.0], 40).astype(np.float32)
     for iw in (np.array([1, 7, 30]), np.zeros(0, np.int64)):
         hw_t = hwt.copy()
         hw_t[iw] = -1.0
         sw, pw, ssw, cw, dw, ww, cntw = stamp_pixels(x0[iw], y0[iw], ux[iw], uy[iw], L[iw], shape, 9.0, img.ravel())
-        out = restamp(star, pix, s, c, d, w, hw_t, iw, sw, pw, ssw, cw, dw, ww, 40)
+        size = len(star) + len(sw) + 5
+        out = tuple(np.full(size, -7, dt) for dt in (np.int64, np.int64, np.float32, np.float32, np.float32,
+                                                      np.float32))
+        kcnt = stamp_pixels(x0, y0, ux, uy, L, shape, 6.0, img.ravel(), c_limit=hw_t, out=out)[-1]
+        m = int(kcnt.sum())
+        cnt2 = stamp_pixels(x0[iw], y0[iw], ux[iw], uy[iw], L[iw], shape, 9.0, img.ravel(), ids=iw, out=out,
+                            start=m)[-1]
+        assert np.array_equal(cnt2, cntw)
         keep = np.abs(c) <= hw_t[star]
         ref = (np.concatenate([star[keep], iw[sw]]), np.concatenate([pix[keep], pw]), np.concatenate([s[keep], ssw]),
-               np.concatenate([c[keep], cw]), np.concatenate([d[keep], dw]), np.concatenate([w[keep], ww]),
-               np.bincount(star[keep], minlength=40))
+               np.concatenate([c[keep], cw]), np.concatenate([d[keep], dw]), np.concatenate([w[keep], ww]))
+        assert np.array_equal(kcnt, np.bincount(star[keep], minlength=40))
         for a, b in zip(ref, out):
-            assert np.array_equal(a, b)
+            assert np.array_equal(a, b[:m + len(sw)])
+            assert np.all(b[m + len(sw):] == -7)  # nothing written beyond
 
 
 def _np_pairs(lab, size):

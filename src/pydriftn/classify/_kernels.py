@@ -11,12 +11,13 @@ where ``np.add.reduceat`` summed pairwise: equal to ~1e-16 relative
 (``tests/test_classify.py`` compares every kernel with the numpy expression
 it replaced):
 
-* :func:`stamp_pixels`: :func:`._trailmodel.trail_pixels` and the data gather
-  of ``fit_trails`` (were (trails, H, W) boxes of s, c, masks and flat
-  indices, boolean-mask copies and two ``take`` s);
-* :func:`restamp`: the narrower stamps of faint trails and the wide stamps of
-  bright ones (were a mask, ``flatnonzero`` and six ``take`` s into
-  concatenated outputs);
+* :func:`stamp_aperture` / :func:`stamp_pixels`: :func:`._trailmodel.trail_pixels`,
+  the data gather and the aperture fluxes of ``fit_trails``, and its
+  narrower stamps of faint trails and wide stamps of bright ones (were (trails,
+  H, W) boxes of s, c, masks and flat indices, boolean-mask copies, ``take`` s
+  and concatenations): the stamps are counted with the aperture sums first,
+  then written once at the half-width each trail gets, only the columns of
+  each box row that can be inside the stamp tested;
 * :func:`pixel_pairs`: :func:`._trailmodel._pixel_index` and
   :func:`._trailmodel._pairs` (an image-sized look-up, then a scan for the
   entries sharing a pixel; the same pairs in the same order);
@@ -40,59 +41,147 @@ import numpy as np
 
 from .._jit import jit
 
-__all__ = ["stamp_pixels", "restamp", "pixel_pairs", "template_eval", "fit_sums", "flux_sums", "render_model"]
+__all__ = ["stamp_aperture", "stamp_pixels", "pixel_pairs", "template_eval", "fit_sums", "flux_sums", "render_model"]
 
 
 @jit
-def _stamp_scan(x0, y0, ux, uy, length, bx0, by0, W, H, nx, ny, hw, fill, cnt, star, pix, s_out, c_out, d_out,
-                w_out, flat, bad):
-    """Count (``fill`` False) or write (``fill`` True) the entries of every trail's stamp; see stamp_pixels."""
+def _stamp_scan(x0, y0, ux, uy, length, bx0, by0, W, H, nx, ny, hw, climit, ids, fill, start, cnt, star, pix, s_out,
+                c_out, d_out, w_out, flat, bad, c_core, ap_F, ap_n):
+    """The entries of every trail's stamp: counted (``fill`` False) or written from ``start`` (``fill`` True).
+
+    A trail's pixels are those of its box (``W x H`` from ``bx0``, ``by0``)
+    with ``-hw <= s <= length + hw`` and ``|c| <= climit[t]`` (``hw`` if
+    ``climit`` is empty; none if negative), tested in float32 as
+    ``trail_pixels`` did, row by row. Per row only the columns that can pass
+    (the two slabs' intersection, widened by 1 px) are tested. ``ids``: trail
+    number written to ``star`` (``t`` if empty). Counting with ``ap_F`` not
+    empty also sums the data (float64) and counts the unmasked entries with
+    ``|c| <= c_core`` per trail (the aperture). Returns the number of entries.
+    """
     n = len(x0)
     f32 = np.float32
     hw32 = f32(hw)
     mhw = -hw32
-    k = 0
+    k = start
     has_bad = len(bad) > 0
     has_data = len(flat) > 0
+    has_lim = len(climit) > 0
+    has_ids = len(ids) > 0
+    ap = len(ap_F) > 0
     for t in range(n):
-        uxx = f32(ux[t])
-        uyy = f32(uy[t])
-        smax = f32(length[t] + hw)
-        xs = x0[t]
-        ys = y0[t]
-        c0 = bx0[t]
-        r0 = by0[t]
+        cl = climit[t] if has_lim else hw32
         m = 0
-        for gy in range(H):
-            Y = r0 + gy
-            if Y < 0 or Y >= ny:
-                continue
-            dy = f32(Y - ys)
-            for gx in range(W):
-                X = c0 + gx
-                if X < 0 or X >= nx:
+        if cl >= 0:
+            uxx = f32(ux[t])
+            uyy = f32(uy[t])
+            smax = f32(length[t] + hw)
+            xs = x0[t]
+            ys = y0[t]
+            c0 = bx0[t]
+            r0 = by0[t]
+            tid = ids[t] if has_ids else t
+            u_x = ux[t]
+            u_y = uy[t]
+            clf = float(cl)
+            Lh = length[t] + hw
+            for gy in range(H):
+                Y = r0 + gy
+                if Y < 0 or Y >= ny:
                     continue
-                dx = f32(X - xs)
-                s = dx * uxx + dy * uyy
-                c = dy * uxx - dx * uyy
-                if abs(c) <= hw32 and s >= mhw and s <= smax:
-                    if fill:
+                dyd = Y - ys
+                dy = f32(dyd)
+                # columns that can pass: |c| <= cl and -hw <= s <= L + hw (float64, widened by 1 px)
+                lo = -1e300
+                hi = 1e300
+                if abs(u_y) > 1e-6:
+                    a1 = (dyd * u_x - clf) / u_y
+                    a2 = (dyd * u_x + clf) / u_y
+                    lo = max(lo, min(a1, a2))
+                    hi = min(hi, max(a1, a2))
+                if abs(u_x) > 1e-6:
+                    a1 = (-hw - dyd * u_y) / u_x
+                    a2 = (Lh - dyd * u_y) / u_x
+                    lo = max(lo, min(a1, a2))
+                    hi = min(hi, max(a1, a2))
+                g0 = 0
+                g1 = W
+                if lo > -1e299:
+                    g0 = max(g0, int(np.floor(xs + lo)) - 1 - c0)
+                if hi < 1e299:
+                    g1 = min(g1, int(np.ceil(xs + hi)) + 2 - c0)
+                g0 = max(g0, -c0)
+                g1 = min(g1, nx - c0)
+                for gx in range(g0, g1):
+                    X = c0 + gx
+                    dx = f32(X - xs)
+                    s = dx * uxx + dy * uyy
+                    c = dy * uxx - dx * uyy
+                    ac = abs(c)
+                    if ac <= hw32 and s >= mhw and s <= smax and ac <= cl:
                         p = Y * nx + X
-                        star[k] = t
-                        pix[k] = p
-                        s_out[k] = s
-                        c_out[k] = c
-                        if has_data:
-                            d_out[k] = flat[p]
-                            w_out[k] = f32(0.0) if (has_bad and bad[p]) else f32(1.0)
-                    k += 1
-                    m += 1
-        if not fill:
-            cnt[t] = m
-    return k
+                        if fill:
+                            star[k] = tid
+                            pix[k] = p
+                            s_out[k] = s
+                            c_out[k] = c
+                            if has_data:
+                                d_out[k] = flat[p]
+                                w_out[k] = f32(0.0) if (has_bad and bad[p]) else f32(1.0)
+                        elif ap and ac <= c_core and not (has_bad and bad[p]):
+                            ap_F[t] += flat[p]
+                            ap_n[t] += 1
+                        k += 1
+                        m += 1
+        cnt[t] = m
+    return k - start
 
 
-def stamp_pixels(x0, y0, ux, uy, length, shape, half_width, flat, bad=None):
+def _boxes(x0, y0, ux, uy, length, hw):
+    """The float64 trail arrays and each trail's box corner, and the common box size ``W x H``."""
+    x0 = np.ascontiguousarray(x0, np.float64)
+    y0 = np.ascontiguousarray(y0, np.float64)
+    ux = np.ascontiguousarray(ux, np.float64)
+    uy = np.ascontiguousarray(uy, np.float64)
+    length = np.ascontiguousarray(length, np.float64)
+    x1 = x0 + ux * length
+    y1 = y0 + uy * length
+    bx0 = np.floor(np.minimum(x0, x1) - hw).astype(np.int64)
+    bx1 = np.ceil(np.maximum(x0, x1) + hw).astype(np.int64)
+    by0 = np.floor(np.minimum(y0, y1) - hw).astype(np.int64)
+    by1 = np.ceil(np.maximum(y0, y1) + hw).astype(np.int64)
+    W = int((bx1 - bx0).max()) + 1 if len(x0) else 0
+    H = int((by1 - by0).max()) + 1 if len(x0) else 0
+    return (x0, y0, ux, uy, length, bx0, by0, W, H)
+
+
+_I0 = np.zeros(0, np.int64)
+_F0 = np.zeros(0, np.float32)
+_D0 = np.zeros(0, np.float64)
+_B0 = np.zeros(0, np.bool_)
+
+
+def stamp_aperture(x0, y0, ux, uy, length, shape, half_width, flat, bad, c_core):
+    """Entries per trail stamp, and the aperture sums: data and unmasked entries with ``|c| <= c_core``.
+
+    The stamps of :func:`stamp_pixels` counted, not stored; the aperture
+    (``fit_trails``' first flux estimate) summed on the way: ``(cnt, F, ncore)``,
+    ``F`` the float64 sum of the float32 data.
+    """
+    ny, nx = shape
+    hw = float(half_width)
+    box = _boxes(x0, y0, ux, uy, length, hw)
+    n = len(box[0])
+    cnt = np.zeros(n, np.int64)
+    F = np.zeros(n, np.float64)
+    ncore = np.zeros(n, np.int64)
+    if n:
+        _stamp_scan(*box, nx, ny, hw, _F0, _I0, False, 0, cnt, _I0, _I0, _F0, _F0, _F0, _F0, flat,
+                    _B0 if bad is None else bad, np.float32(c_core), F, ncore)
+    return cnt, F, ncore
+
+
+def stamp_pixels(x0, y0, ux, uy, length, shape, half_width, flat, bad=None, *, c_limit=None, ids=None, out=None,
+                 start=0, counts=None):
     """Entries of the stamps of all trails and the data on them (:func:`._trailmodel.trail_pixels` + gather).
 
     The pixels within the rectangle ``-hw <= s <= length + hw``, ``|c| <= hw``
@@ -109,6 +198,14 @@ def stamp_pixels(x0, y0, ux, uy, length, shape, half_width, flat, bad=None):
         Flattened image whose values are gathered (``d``); empty: no ``d``, ``w`` (returned empty).
     bad : ndarray bool or None
         Flattened mask of excluded pixels (``w`` = 0 there, 1 elsewhere).
+    c_limit : ndarray float32, optional
+        Per trail: only the entries with ``|c| <= c_limit`` (none if negative).
+    ids : ndarray int64, optional
+        Trail number of each trail in ``star`` (default: its index).
+    out : tuple of 6 arrays, optional
+        ``(star, pix, s, c, d, w)`` written from ``start`` (large enough);
+        then the returned arrays are these, and ``counts`` (the number of
+        entries of each stamp, for the size) is not needed.
 
     Returns
     -------
@@ -118,83 +215,24 @@ def stamp_pixels(x0, y0, ux, uy, length, shape, half_width, flat, bad=None):
         Entries per trail.
     """
     ny, nx = shape
-    n = len(x0)
     hw = float(half_width)
-    x0 = np.ascontiguousarray(x0, np.float64)
-    y0 = np.ascontiguousarray(y0, np.float64)
-    ux = np.ascontiguousarray(ux, np.float64)
-    uy = np.ascontiguousarray(uy, np.float64)
-    length = np.ascontiguousarray(length, np.float64)
-    x1 = x0 + ux * length
-    y1 = y0 + uy * length
-    bx0 = np.floor(np.minimum(x0, x1) - hw).astype(np.int64)
-    bx1 = np.ceil(np.maximum(x0, x1) + hw).astype(np.int64)
-    by0 = np.floor(np.minimum(y0, y1) - hw).astype(np.int64)
-    by1 = np.ceil(np.maximum(y0, y1) + hw).astype(np.int64)
+    box = _boxes(x0, y0, ux, uy, length, hw)
+    n = len(box[0])
     cnt = np.zeros(n, np.int64)
-    i64 = np.zeros(0, np.int64)
-    f0 = np.zeros(0, np.float32)
-    badv = np.zeros(0, np.bool_) if bad is None else bad
-    if n == 0:
-        return i64, i64.copy(), f0, f0.copy(), f0.copy(), f0.copy(), cnt
-    W = int((bx1 - bx0).max()) + 1
-    H = int((by1 - by0).max()) + 1
-    args = (x0, y0, ux, uy, length, bx0, by0, W, H, nx, ny, hw)
-    _stamp_scan(*args, False, cnt, i64, i64, f0, f0, f0, f0, flat, badv)
-    ne = int(cnt.sum())
-    star = np.empty(ne, np.int64)
-    pix = np.empty(ne, np.int64)
-    s = np.empty(ne, np.float32)
-    c = np.empty(ne, np.float32)
-    nd = ne if len(flat) else 0
-    d = np.empty(nd, flat.dtype)
-    w = np.empty(nd, np.float32)
-    _stamp_scan(*args, True, cnt, star, pix, s, c, d, w, flat, badv)
-    return star, pix, s, c, d, w, cnt
-
-
-@jit
-def restamp(star, pix, s, c, d, w, hwt, iw, star_w, pix_w, s_w, c_w, d_w, w_w, n):
-    """The entries with ``|c| <= hwt[star]`` (float32), then the wide stamps (trail ``iw[star_w]``).
-
-    Returns ``(star, pix, s, c, d, w, kcnt)``: the concatenated entries and
-    the number of kept entries per trail (the same as the boolean mask,
-    ``flatnonzero``, ``take`` s and concatenations of ``fit_trails``).
-    """
-    ne = len(star)
-    m = 0
-    kcnt = np.zeros(n, np.int64)
-    for e in range(ne):
-        if abs(c[e]) <= hwt[star[e]]:
-            kcnt[star[e]] += 1
-            m += 1
-    nw = len(star_w)
-    tot = m + nw
-    o_star = np.empty(tot, np.int64)
-    o_pix = np.empty(tot, np.int64)
-    o_s = np.empty(tot, np.float32)
-    o_c = np.empty(tot, np.float32)
-    o_d = np.empty(tot, d.dtype)
-    o_w = np.empty(tot, w.dtype)
-    k = 0
-    for e in range(ne):
-        if abs(c[e]) <= hwt[star[e]]:
-            o_star[k] = star[e]
-            o_pix[k] = pix[e]
-            o_s[k] = s[e]
-            o_c[k] = c[e]
-            o_d[k] = d[e]
-            o_w[k] = w[e]
-            k += 1
-    for e in range(nw):
-        o_star[k] = iw[star_w[e]]
-        o_pix[k] = pix_w[e]
-        o_s[k] = s_w[e]
-        o_c[k] = c_w[e]
-        o_d[k] = d_w[e]
-        o_w[k] = w_w[e]
-        k += 1
-    return o_star, o_pix, o_s, o_c, o_d, o_w, kcnt
+    badv = _B0 if bad is None else bad
+    lim = _F0 if c_limit is None else np.asarray(c_limit, np.float32)
+    idv = _I0 if ids is None else np.asarray(ids, np.int64)
+    if out is None:
+        if n:
+            _stamp_scan(*box, nx, ny, hw, lim, idv, False, 0, cnt, _I0, _I0, _F0, _F0, _F0, _F0, flat, badv,
+                        np.float32(0), _D0, _I0)
+        ne = int(cnt.sum())
+        nd = ne if len(flat) else 0
+        out = (np.empty(ne, np.int64), np.empty(ne, np.int64), np.empty(ne, np.float32), np.empty(ne, np.float32),
+               np.empty(nd, flat.dtype), np.empty(nd, np.float32))
+    if n:
+        _stamp_scan(*box, nx, ny, hw, lim, idv, True, start, cnt, *out, flat, badv, np.float32(0), _D0, _I0)
+    return (*out, cnt)
 
 
 @jit

@@ -873,58 +873,42 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
     base = TrailTemplate.analytic(Lref, sigma_psf, hw_big)
     flat_bad = None if bad is None else bad.ravel()
     flat = resid0.ravel()
-    # the stamps' entries and the data and weights on them, in one compiled pass
-    tp = None
-    if n:
-        st_, pix_, s_, c_, d, w, cnt = stamp_pixels(x0, y0, ux, uy, L, (ny, nx), hw, flat, flat_bad)
-        tp = TrailPixels(st_, pix_, s_, c_, n, cnt)
-    if n == 0 or len(tp.pix) == 0:
-        tp = tp if tp is not None else trail_pixels(x0, y0, ux, uy, L, (ny, nx), hw)
+    # entries of every stamp and the aperture fluxes (a box of half-width 1.5 sigma across the trail) counted
+    # first, nothing stored (one compiled pass)
+    npx, F, ncore = _k.stamp_aperture(x0, y0, ux, uy, L, (ny, nx), hw, flat, flat_bad, np.float32(1.5 * sigma_psf))
+    if n == 0 or npx.sum() == 0:
         return TrailFit(np.zeros((ny, nx), np.float32), np.zeros(n), np.full(n, np.inf), np.zeros(n), np.zeros(n),
-                        np.zeros(n, int), base, tp, False, np.zeros(n, bool))
-
-    def aperture(tp, d, w, runs):
-        """Flux and S/N from a box of half-width 1.5 sigma across the trail (no template needed)."""
-        ncore = np.zeros(n)
-        F = np.zeros(n)
-        for blk in runs.blocks():  # per block of whole trails (in the cache; the same sums)
-            sl = slice(blk[0], blk[1])
-            core = np.abs(tp.c[sl]) <= 1.5 * sigma_psf
-            core &= w[sl] > 0
-            runs.block_sum(ncore, blk, core.view(np.int8), dtype=np.int32)
-            runs.block_sum(F, blk, d[sl] * core)
-        F /= 0.866
-        with np.errstate(divide="ignore", invalid="ignore"):
-            snr = np.nan_to_num(F * 0.866 / (sky_sigma * np.sqrt(ncore)))
-        return F, snr
-
-    runs0 = _Runs(tp.star, n, runs=(np.arange(n), tp.counts))
-    F, snr = aperture(tp, d, w, runs0)
-    npx = runs0.count()
+                        np.zeros(n, int), base, trail_pixels(x0, y0, ux, uy, L, (ny, nx), hw), False,
+                        np.zeros(n, bool))
+    F /= 0.866
+    with np.errstate(divide="ignore", invalid="ignore"):
+        snr = np.nan_to_num(F * 0.866 / (sky_sigma * np.sqrt(ncore.astype(np.float64))))
     # bright stars: wider stamps (PSF wings beyond 3 sigma are significant)
     wide = snr > wide_snr
     wide &= hw_big > hw
     # faint stars: narrower stamps (their wings are below the noise; see _faint_half_width)
     hwt = _faint_half_width(snr, hw, sigma_psf, faint_snr)
     hwt[wide] = -1.0  # replaced by the wide stamps below
-    if wide.any() or np.any(hwt < hw):
-        # the kept entries and (after them) the wide stamps, each array filled once, in one compiled pass (the
-        # same entries in the same order as a boolean mask, take and concatenation)
-        iw = np.flatnonzero(wide)
-        if len(iw):
-            wst, wpix, ws, wc, dw, ww, wcnt = stamp_pixels(x0[iw], y0[iw], ux[iw], uy[iw], L[iw], (ny, nx), hw_big,
-                                                           flat, flat_bad)
-        else:
-            wst, wpix, ws, wc, dw, ww, wcnt = (_NO_IDX, _NO_IDX, _NO_F32, _NO_F32, d[:0], _NO_F32, _NO_IDX)
-        star_, pix_, s_, c_, d, w, kcnt = _k.restamp(tp.star, tp.pix, tp.s, tp.c, d, w, hwt, iw, wst, wpix, ws, wc,
-                                                     dw, ww, n)
-        tp = TrailPixels(star_, pix_, s_, c_, n)
-        run_desc = (np.arange(n), kcnt)  # runs of the entries: every trail's kept entries, then the wide stamps
-        if len(iw):
-            npx[iw] = wcnt
-            run_desc = (np.concatenate([np.arange(n), iw]), np.concatenate([kcnt, wcnt]))
-    else:
-        run_desc = (np.arange(n), tp.counts)
+    # the stamps' entries and the data and weights on them, written once (compiled): every trail's entries with
+    # |c| <= its half-width, then the wide stamps (the same entries in the same order as cutting the stamps of
+    # half-width hw to hwt and appending the wide ones)
+    iw = np.flatnonzero(wide)
+    wargs = (x0[iw], y0[iw], ux[iw], uy[iw], L[iw], (ny, nx), hw_big)
+    if len(iw):
+        wcnt = _k.stamp_aperture(*wargs, _NO_F32, None, -1.0)[0]  # (counted only)
+    size = int(npx[~wide].sum()) + (int(wcnt.sum()) if len(iw) else 0)  # (an upper bound: pages never written
+    out = (np.empty(size, np.int64), np.empty(size, np.int64), np.empty(size, np.float32),  # are never touched)
+           np.empty(size, np.float32), np.empty(size, flat.dtype), np.empty(size, np.float32))
+    kcnt = _k.stamp_pixels(x0, y0, ux, uy, L, (ny, nx), hw, flat, flat_bad, c_limit=hwt, out=out)[-1]
+    m = int(kcnt.sum())
+    run_desc = (np.arange(n), kcnt)  # runs of the entries: every trail's kept entries, then the wide stamps
+    if len(iw):
+        wcnt = _k.stamp_pixels(*wargs, flat, flat_bad, ids=iw, out=out, start=m)[-1]
+        m += int(wcnt.sum())
+        npx[iw] = wcnt
+        run_desc = (np.concatenate([np.arange(n), iw]), np.concatenate([kcnt, wcnt]))
+    star_, pix_, s_, c_, d, w = (a[:m] for a in out)
+    tp = TrailPixels(star_, pix_, s_, c_, n)
     ne = len(tp.pix)
     rep, pairs = _pixel_pairs(tp.pix, ny * nx)
     runs = _Runs(tp.star, n, runs=run_desc)
