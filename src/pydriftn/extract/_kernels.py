@@ -262,7 +262,7 @@ def _row_stats(row, c1, c2, lo, hi, m):
 
 # --------------------------------------------------------------------------- strips
 @jit
-def cut_cells(img, mask, use_mask, bits, g_col, rn2_col, sat_col, use_sat, major_x, lead, other, jc,
+def cut_cells(img, mask, use_mask, bits, g_col, rn2_col, sat_col, use_sat, major_x, lead, other, jc, phase,
               w_lead, w_other, w1, w2, sky, W, pix_cr, pix_sat, pix_streak, f_off, f_sat, f_cr, f_sat_streak):
     """Strips of sky-subtracted electrons of every (trail, sample) (see :func:`pydriftn.extract.stamps.cut_strips`).
 
@@ -278,6 +278,8 @@ def cut_cells(img, mask, use_mask, bits, g_col, rn2_col, sat_col, use_sat, major
         Along-axis index of the two columns (rows) of each strip.
     jc : int64 (S, K)
         Cross-axis index of the strip's central cell.
+    phase : float64 (S, K)
+        Offset of the central cell from the star (px).
     w_lead, w_other, w1, w2 : float64 (S, K)
         Weights of the two columns (``w1 + w2``: the strip's length).
     sky : float32 (S,)
@@ -295,6 +297,8 @@ def cut_cells(img, mask, use_mask, bits, g_col, rn2_col, sat_col, use_sat, major
     var0 : float32 (S, K, 1) with the drift along x (one value per strip), else (S, K, C)
     bad : bool (S, K, C)
     flags : int32 (S, K)
+    offset : float32 (S, K, C)
+        Cross offset of each cell from the star, ``float32(phase) + float32(c - W)``.
     """
     ny, nx = img.shape
     S, K = lead.shape
@@ -309,98 +313,139 @@ def cut_cells(img, mask, use_mask, bits, g_col, rn2_col, sat_col, use_sat, major
     var0 = np.empty((S, K, Cv), dtype=np.float32)
     bad = np.empty((S, K, C), dtype=np.bool_)
     flags = np.zeros((S, K), dtype=np.int32)
+    offset = np.empty((S, K, C), dtype=np.float32)
     zero = np.float32(0.0)
-    hv = np.empty((2, C), dtype=np.float32)
-    hb = np.empty((2, C), dtype=np.bool_)
-    hidx = np.empty((2, C, 2), dtype=np.int64)
+    # per-strip quantities of one trail
+    wl = np.empty(K, dtype=np.float32)
+    wo = np.empty(K, dtype=np.float32)
+    sk = np.empty(K, dtype=np.float32)
+    used_l = np.empty(K, dtype=np.bool_)
+    used_o = np.empty(K, dtype=np.bool_)
+    off_along = np.empty(K, dtype=np.bool_)
+    col_l = np.empty(K, dtype=np.int64)
+    col_o = np.empty(K, dtype=np.int64)
+    any_bad = np.empty(K, dtype=np.bool_)
+    hv_l = np.empty(K + 1, dtype=np.float32)
+    hb_l = np.empty(K + 1, dtype=np.bool_)
     for s in range(S):
         skp = max(sky[s], zero)
         for k in range(K):
-            wl = np.float32(w_lead[s, k])
-            wo = np.float32(w_other[s, k])
-            wsum = np.float32(w1[s, k] + w2[s, k])
-            used_l = w_lead[s, k] > 1e-9
-            used_o = w_other[s, k] > 1e-9
-            j0 = jc[s, k]
-            # the two columns: values x gain (0 where bad), bad, read noise^2, outside along
-            oa_l = False
-            oa_o = False
-            for h in range(2):
-                col = lead[s, k] if h == 0 else other[s, k]
-                oa = col < 0 or col >= n_along
-                if h == 0:
-                    oa_l = oa
-                else:
-                    oa_o = oa
-                colc = min(max(col, 0), n_along - 1)
-                for c in range(C):
-                    jj = j0 - W + c
-                    outside = jj < 0 or jj >= n_cross
-                    jjc = min(max(jj, 0), n_cross - 1)
-                    if major_x:
-                        yy, xx = jjc, colc
+            ph = np.float32(phase[s, k])
+            for c in range(C):
+                offset[s, k, c] = ph + np.float32(c - W)
+            wl[k] = np.float32(w_lead[s, k])
+            wo[k] = np.float32(w_other[s, k])
+            sk[k] = np.float32(w1[s, k] + w2[s, k]) * sky[s]
+            used_l[k] = w_lead[s, k] > 1e-9
+            used_o[k] = w_other[s, k] > 1e-9
+            cl = lead[s, k]
+            co = other[s, k]
+            off_along[k] = (used_l[k] and (cl < 0 or cl >= n_along)) or (used_o[k] and (co < 0 or co >= n_along))
+            col_l[k] = min(max(cl, 0), n_along - 1)
+            col_o[k] = min(max(co, 0), n_along - 1)
+            any_bad[k] = False
+        # cells in memory order: along the drift (consecutive samples read consecutive pixels of an image
+        # row) when it is along x; across it when it is along y. (Reading the 2 W + 1 rows of a strip one
+        # after the other, 8 kB apart, costs more than all the arithmetic: the cache sets alias.)
+        if major_x:
+            # the "other" column of sample k is the "lead" column of sample k + 1 where the trail moves
+            # by one column per sample: each pixel is read and tested once
+            for c in range(C):
+                for k in range(K + 1):
+                    # pixels of the lead columns, and after them the last strip's other column
+                    if k < K:
+                        jj = jc[s, k] - W + c
+                        colc = col_l[k]
                     else:
-                        yy, xx = colc, jjc
-                    val = np.float32(img[yy, xx])
-                    b = not np.isfinite(val)
-                    if use_sat and val >= sat_col[xx]:
+                        jj = jc[s, K - 1] - W + c
+                        colc = col_o[K - 1]
+                    jjc = min(max(jj, 0), n_cross - 1)
+                    val = np.float32(img[jjc, colc])
+                    b = jj < 0 or jj >= n_cross or not np.isfinite(val)
+                    if use_sat and val >= sat_col[colc]:
                         b = True
                     if use_mask:
-                        mv = np.int64(mask[yy, xx])
+                        mv = np.int64(mask[jjc, colc])
                         if bits < 0:
                             if mv != 0:
                                 b = True
                         elif (mv & bits) != 0:
                             b = True
-                    if outside:
-                        b = True
-                    hv[h, c] = zero if b else val * g_col[xx]
-                    hb[h, c] = b
-                    hidx[h, c, 0] = yy
-                    hidx[h, c, 1] = xx
-            off_along = (used_l and oa_l) or (used_o and oa_o)
-            any_bad = False
-            sk = wsum * sky[s]
-            for c in range(C):
-                d = wl * hv[0, c]
-                d = d + wo * hv[1, c]
-                d = d - sk
-                bc = (hb[0, c] and used_l) or (hb[1, c] and used_o) or off_along
-                if bc:
-                    d = zero
-                    any_bad = True
-                data[s, k, c] = d
-                bad[s, k, c] = bc
+                    hv_l[k] = zero if b else val * g_col[colc]
+                    hb_l[k] = b
+                for k in range(K):
+                    if (col_o[k] == col_l[k + 1] if k + 1 < K else True) and jc[s, k] == jc[s, min(k + 1, K - 1)]:
+                        hvo = hv_l[k + 1]
+                        hbo = hb_l[k + 1]
+                    else:  # the chain breaks: the other column on its own
+                        jj = jc[s, k] - W + c
+                        jjc = min(max(jj, 0), n_cross - 1)
+                        colc = col_o[k]
+                        val = np.float32(img[jjc, colc])
+                        hbo = jj < 0 or jj >= n_cross or not np.isfinite(val)
+                        if use_sat and val >= sat_col[colc]:
+                            hbo = True
+                        if use_mask:
+                            mv = np.int64(mask[jjc, colc])
+                            if bits < 0:
+                                if mv != 0:
+                                    hbo = True
+                            elif (mv & bits) != 0:
+                                hbo = True
+                        hvo = zero if hbo else val * g_col[colc]
+                    d = wl[k] * hv_l[k]
+                    d = d + wo[k] * hvo
+                    d = d - sk[k]
+                    bc = off_along[k] or (hb_l[k] and used_l[k]) or (hbo and used_o[k])
+                    data[s, k, c] = zero if bc else d
+                    bad[s, k, c] = bc
+                    if bc:
+                        any_bad[k] = True
+        else:
+            for k in range(K):
+                for c in range(C):
+                    if _cell(img, mask, use_mask, bits, g_col, sat_col, use_sat, False, n_cross, jc[s, k] - W + c,
+                             col_l[k], col_o[k], wl[k], wo[k], sk[k], used_l[k], used_o[k], off_along[k],
+                             data, bad, s, k, c):
+                        any_bad[k] = True
+        for k in range(K):
+            j0 = jc[s, k]
             for c in range(Cv):
                 if major_x:
-                    xl = hidx[0, 0, 1]
-                    xo = hidx[1, 0, 1]
+                    xl = col_l[k]
+                    xo = col_o[k]
                 else:
-                    xl = hidx[0, c, 1]
-                    xo = hidx[1, c, 1]
-                var0[s, k, c] = wl * wl * (rn2_col[xl] + skp) + wo * wo * (rn2_col[xo] + skp)
+                    xl = min(max(j0 - W + c, 0), n_cross - 1)
+                    xo = xl
+                var0[s, k, c] = wl[k] * wl[k] * (rn2_col[xl] + skp) + wo[k] * wo[k] * (rn2_col[xo] + skp)
             fl = np.int32(0)
-            if off_along or j0 - W < 0 or j0 + W >= n_cross:
+            if off_along[k] or j0 - W < 0 or j0 + W >= n_cross:
                 fl |= f_off
-            if any_bad:
+            if any_bad[k]:
+                # pixel flags of the strips with a bad cell (every cell of a used column, as gathered)
                 sat_any = False
                 cr_any = False
                 streak_any = False
                 for h in range(2):
-                    if (used_l if h == 0 else used_o):
-                        for c in range(C):
-                            yy = hidx[h, c, 0]
-                            xx = hidx[h, c, 1]
-                            if use_sat and np.float32(img[yy, xx]) >= sat_col[xx]:
+                    if not (used_l[k] if h == 0 else used_o[k]):
+                        continue
+                    colc = col_l[k] if h == 0 else col_o[k]
+                    for c in range(C):
+                        jjc = min(max(j0 - W + c, 0), n_cross - 1)
+                        if major_x:
+                            yy, xx = jjc, colc
+                        else:
+                            yy, xx = colc, jjc
+                        if use_sat and np.float32(img[yy, xx]) >= sat_col[xx]:
+                            sat_any = True
+                        if use_mask:
+                            mv = np.int64(mask[yy, xx])
+                            if (mv & pix_cr) != 0:
+                                cr_any = True
+                            if (mv & pix_sat) != 0:
                                 sat_any = True
-                            if use_mask:
-                                mv = np.int64(mask[yy, xx])
-                                if (mv & pix_cr) != 0:
-                                    cr_any = True
-                                if (mv & pix_sat) != 0:
-                                    sat_any = True
-                                if (mv & pix_streak) != 0:
-                                    streak_any = True
+                            if (mv & pix_streak) != 0:
+                                streak_any = True
                 if sat_any:
                     fl |= f_sat
                 if cr_any:
@@ -408,4 +453,46 @@ def cut_cells(img, mask, use_mask, bits, g_col, rn2_col, sat_col, use_sat, major
                 if streak_any:
                     fl |= f_sat_streak
             flags[s, k] = fl
-    return data, var0, bad, flags
+    return data, var0, bad, flags, offset
+
+
+@jit
+def _cell(img, mask, use_mask, bits, g_col, sat_col, use_sat, major_x, n_cross, jj, col_l, col_o, wl, wo, sk,
+          used_l, used_o, off_along, data, bad, s, k, c):
+    """One cell of :func:`cut_cells`: both columns' values x gain (0 if bad), combined; returns whether bad."""
+    outside = jj < 0 or jj >= n_cross
+    jjc = min(max(jj, 0), n_cross - 1)
+    zero = np.float32(0.0)
+    d = zero
+    bc = off_along
+    for h in range(2):
+        colc = col_l if h == 0 else col_o
+        if major_x:
+            yy, xx = jjc, colc
+        else:
+            yy, xx = colc, jjc
+        val = np.float32(img[yy, xx])
+        b = outside or not np.isfinite(val)
+        if use_sat and val >= sat_col[xx]:
+            b = True
+        if use_mask:
+            mv = np.int64(mask[yy, xx])
+            if bits < 0:
+                if mv != 0:
+                    b = True
+            elif (mv & bits) != 0:
+                b = True
+        hv = zero if b else val * g_col[xx]
+        if h == 0:
+            d = wl * hv
+            if b and used_l:
+                bc = True
+        else:
+            d = d + wo * hv
+            if b and used_o:
+                bc = True
+    d = d - sk
+    data[s, k, c] = zero if bc else d
+    bad[s, k, c] = bc
+    return bc
+

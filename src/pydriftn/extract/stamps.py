@@ -96,13 +96,12 @@ def cut_strips(image, mask, x_start, y_start, x_end, y_end, geometry, sky_e, gai
     Notes
     -----
     Each strip combines two pixel columns (rows) of the image: the one its
-    interval starts in ("lead") and the next one ("other"). Along a trail
-    that moves by one column per sample, the "other" column of sample ``k`` is
-    the "lead" column of sample ``k + 1``, so the image (and mask) is
-    gathered once, ``K + 1`` columns per star, and each strip reads two
-    neighbouring gathered columns; strips where that chain breaks (a drift
-    not along an image axis, a cross-track step of the window, a sample
-    subset) gather their "other" column separately.
+    interval starts in ("lead") and the next one ("other"). The gathers, the
+    pixel tests, the combination and the pixel flags are one compiled loop
+    (:func:`pydriftn.extract._kernels.cut_cells`); with the drift along x it
+    reads the cells along the image rows, and where the trail moves by one
+    column per sample the "other" column of sample ``k`` is the "lead"
+    column of sample ``k + 1``, so each pixel is read and tested once.
     """
     img = np.asarray(image)
     ny, nx = img.shape
@@ -142,132 +141,30 @@ def cut_strips(image, mask, x_start, y_start, x_end, y_end, geometry, sky_e, gai
     cc = c0[:, None] + ec[:, None] * (kk + 0.5)  # cross coordinate at mid-sample
     ac = a0[:, None] + ea[:, None] * (kk + 0.5)
     jc = np.floor(cc + 0.5).astype(np.int64)
-    cvec = np.arange(-W, W + 1, dtype=np.int64)
     phase = jc - cc
-    offset = (phase.astype(np.float32)[:, :, None] + cvec.astype(np.float32)[None, None, :])
 
     n_along, n_cross = (nx, ny) if major == "x" else (ny, nx)
-    flat = img.reshape(-1)
-    mflat = None if mask is None else np.asarray(mask).reshape(-1)
     sky = np.asarray(sky_e, dtype=np.float32)
-    sky_pos = np.maximum(sky, np.float32(0))
-
-    def cells(col, jrow):
-        """Image values, mask values, gains, read noise^2 and saturation levels of the
-        cells ``(col, jrow + c)`` (along index, cross index), with an 'outside' mask."""
-        colc = np.clip(col, 0, n_along - 1)
-        out_a = (col < 0) | (col >= n_along)
-        out_c = (jrow - W < 0) | (jrow + W >= n_cross)
-        outside = None
-        if major == "x":
-            idx = (jrow * nx + colc)[..., None] + (cvec * nx)
-        else:
-            idx = (colc * nx + jrow)[..., None] + cvec
-        if out_c.any():
-            jj = jrow[out_c][:, None] + cvec
-            inside = (jj >= 0) & (jj < n_cross)
-            jj = np.clip(jj, 0, n_cross - 1)
-            idx[out_c] = jj * nx + colc[out_c][:, None] if major == "x" else colc[out_c][:, None] * nx + jj
-            outside = np.zeros(idx.shape, dtype=bool)
-            outside[out_c] = ~inside
-        vals = np.take(flat, idx)  # (np.take: ~25 % faster than flat[idx] for these index arrays)
-        if vals.dtype != np.float32:
-            vals = vals.astype(np.float32)
-        mv = None if mflat is None else np.take(mflat, idx)
-        if major == "x":
-            g, rn2 = g_col[colc][..., None], rn2_col[colc][..., None]
-            sat = None if sat_col is None else sat_col[colc][..., None]
-        else:
-            xc = idx % nx
-            g, rn2 = g_col[xc], rn2_col[xc]
-            sat = None if sat_col is None else sat_col[xc]
-        badc = ~np.isfinite(vals)
-        if sat is not None:
-            badc |= vals >= sat
-        if mv is not None:
-            badc |= (mv != 0) if bad_bits is None else ((mv & bad_bits) != 0)
-        if outside is not None:
-            badc |= outside
-        return vals, mv, g, rn2, sat, badc, out_a
-
     # lead column of each sample and the column after it (along the drift sense)
     fwd = bool(np.median(ea) >= 0) if ea.size else True
     lead, other = (i1, i2) if fwd else (i2, i1)
     w_lead, w_other = (w1, w2) if fwd else (w2, w1)
-    col = np.concatenate([lead, other[:, -1:]], axis=1)  # (S, K+1)
-    jrow = np.concatenate([jc, jc[:, -1:]], axis=1)
-    vals, mv, g, rn2, sat_lvl, badc, out_a = cells(col, jrow)
-    hg = vals * g
-    np.copyto(hg, 0.0, where=badc)  # no NaN/inf reaches the sums
-    v_lead, v_other = hg[:, :K], hg[:, 1:]
-    b_lead, b_other = badc[:, :K], badc[:, 1:]
-    rn_lead = rn2[:, :K]
-    rn_other = rn2[:, 1:]
-    oa_lead, oa_other = out_a[:, :K], out_a[:, 1:]
-    if K > 1:
-        broken = (other[:, :-1] != lead[:, 1:]) | (jc[:, :-1] != jc[:, 1:])
-    else:
-        broken = np.zeros((S, 0), dtype=bool)
-    if broken.any():
-        fs, fk = np.nonzero(broken)
-        fv, _, fg, frn, _, fb_, foa = cells(other[fs, fk], jc[fs, fk])
-        fhg = fv * fg
-        np.copyto(fhg, 0.0, where=fb_)
-        v_other = v_other.copy()
-        b_other = b_other.copy()
-        oa_other = oa_other.copy()
-        v_other[fs, fk] = fhg
-        b_other[fs, fk] = fb_
-        oa_other[fs, fk] = foa
-        if major == "y":
-            rn_other = rn_other.copy()
-            rn_other[fs, fk] = frn
-        else:
-            rn_other = rn_other.copy()
-            rn_other[fs, fk] = frn
-    used_l = w_lead > 1e-9
-    used_o = w_other > 1e-9
-    wl = w_lead.astype(np.float32)[:, :, None]
-    wo = w_other.astype(np.float32)[:, :, None]
-    wsum = (w1 + w2).astype(np.float32)
-    data = wl * v_lead
-    data += wo * v_other
-    data -= (wsum * sky[:, None])[:, :, None]
-    bad = b_lead & used_l[:, :, None]
-    bad |= b_other & used_o[:, :, None]
-    off_along = (used_l & oa_lead) | (used_o & oa_other)
-    # with the drift along x, read noise and sky are the same for every cell of a
-    # strip: one value per strip, broadcast (saves passes over the cells)
-    var0 = wl * wl * (rn_lead + sky_pos[:, None, None]) + wo * wo * (rn_other + sky_pos[:, None, None])
-    bad |= off_along[:, :, None]
-    np.copyto(data, 0.0, where=bad)
+    # the gathers, validity tests, gains, combination of the two columns, variances and pixel flags:
+    # one compiled loop over the strips (pydriftn.extract._kernels.cut_cells)
+    from ._kernels import cut_cells
 
-    # flags from the pixels: only for the (few) strips with a bad pixel
-    flags = np.zeros((S, K), dtype=np.int32)
-    sat_any = np.zeros((S, K), dtype=bool)
-    cr_any = np.zeros((S, K), dtype=bool)
-    streak_any = np.zeros((S, K), dtype=bool)
-    hit = bad.any(axis=2)
-    if hit.any():
-        hs, hk = np.nonzero(hit)
-        for cidx, used in ((lead, used_l), (other, used_o)):
-            hv, hm, _, _, hsat, _, _ = cells(cidx[hs, hk], jc[hs, hk])
-            u_ = used[hs, hk][:, None]
-            if hsat is not None:
-                sat_any[hs, hk] |= ((hv >= hsat) & u_).any(axis=1)
-            if hm is not None:
-                if fb.PIXEL_COSMIC_RAY:
-                    cr_any[hs, hk] |= (((hm & fb.PIXEL_COSMIC_RAY) != 0) & u_).any(axis=1)
-                if fb.PIXEL_SATURATED:
-                    sat_any[hs, hk] |= (((hm & fb.PIXEL_SATURATED) != 0) & u_).any(axis=1)
-                if fb.PIXEL_STREAK:
-                    streak_any[hs, hk] |= (((hm & fb.PIXEL_STREAK) != 0) & u_).any(axis=1)
-    off_c = (jc - W < 0) | (jc + W >= n_cross)
-    off_image = off_along | off_c
-    flags |= np.where(off_image, fb.OFF_IMAGE, 0).astype(np.int32)
-    flags |= np.where(sat_any, fb.SATURATED, 0).astype(np.int32)
-    flags |= np.where(cr_any, fb.COSMIC_RAY, 0).astype(np.int32)
-    flags |= np.where(streak_any, fb.SATELLITE, 0).astype(np.int32)  # masked satellite/aircraft streak pixels
+    src = img if img.dtype in (np.float32, np.float64) else img.astype(np.float32)
+    use_mask = mask is not None
+    m2 = np.asarray(mask) if use_mask else np.zeros((1, 1), dtype=np.uint8)
+    if use_mask and m2.dtype.kind not in "iub":
+        m2 = m2.astype(np.int64)
+    data, var0, bad, flags, offset = cut_cells(
+        src, m2, use_mask, -1 if bad_bits is None else int(bad_bits), g_col, rn2_col,
+        sat_col if sat_col is not None else g_col, sat_col is not None, major == "x",
+        np.ascontiguousarray(lead), np.ascontiguousarray(other), jc, phase, w_lead, w_other, w1, w2, sky, W,
+        int(fb.PIXEL_COSMIC_RAY), int(fb.PIXEL_SATURATED), int(fb.PIXEL_STREAK),
+        int(fb.OFF_IMAGE), int(fb.SATURATED), int(fb.COSMIC_RAY), int(fb.SATELLITE))
+    wsum = (w1 + w2).astype(np.float32)
     var0 = np.broadcast_to(var0, (S, K, C))
     q = np.where(wsum > 0, (w1 * w1 + w2 * w2) / np.where(wsum > 0, w1 + w2, 1.0), 1.0).astype(np.float32)
     return Strips(
