@@ -982,3 +982,99 @@ def test_kernel_trail_windows_empty_and_unmasked():
     on = (X >= 0) & (X < 80) & (Y >= 0) & (Y < 60)
     np.testing.assert_array_equal(valid, on)
     np.testing.assert_array_equal(vals, np.where(on, img[np.clip(Y, 0, 59), np.clip(X, 0, 79)], 0.0))
+
+
+def test_kernel_matched_filter_binning_and_noise_equal_numpy():
+    """fy x fx blocks from the 2x2 sums (odd sizes padded by 0) and the division by the block noise equal numpy."""
+    from pydriftn.astrometry import _kernels
+
+    rng = np.random.default_rng(36)
+    for shape in ((7, 9), (8, 8), (1, 1), (5, 2), (0, 3)):
+        a = rng.normal(size=shape).astype(np.float32)
+        for fy, fx in ((2, 4), (4, 2), (4, 4)):
+            ref = a
+            if fx == 4:
+                ref = np.pad(ref, ((0, 0), (0, ref.shape[1] % 2)))
+                ref = ref[:, 0::2] + ref[:, 1::2]
+            if fy == 4:
+                ref = np.pad(ref, ((0, ref.shape[0] % 2), (0, 0)))
+                ref = ref[0::2] + ref[1::2]
+            got = _kernels.bin_more(a, fy, fx, np.empty(ref.shape, np.float32))
+            np.testing.assert_array_equal(got, ref)
+    for fshape, rshape, sy, sx in (((20, 10), (40, 20), 2, 2), ((21, 11), (40, 20), 2, 1), ((19, 9), (40, 19), 1, 2)):
+        f = rng.normal(size=fshape).astype(np.float32)
+        rms = rng.uniform(3, 9, rshape).astype(np.float32)
+        r2 = rms[::sy, ::sx][: fshape[0], : fshape[1]]
+        r2 = np.pad(r2, ((0, fshape[0] - r2.shape[0]), (0, fshape[1] - r2.shape[1])), mode="edge")
+        c, g = np.float32(math.sqrt(8.0)), np.float32(0.173)
+        ref = f / ((c * r2) * g)
+        got = _kernels.divide_by_noise(f.copy(), rms, sy, sx, c, g)
+        np.testing.assert_array_equal(got, ref)
+
+
+def test_kernel_label_boxes_equal_ndimage():
+    """Connected regions and their boxes equal ndimage.label (same numbering) and ndimage.find_objects."""
+    from scipy import ndimage
+
+    from pydriftn.astrometry import _kernels
+
+    rng = np.random.default_rng(37)
+    lab, n, boxes = _kernels.label_boxes(np.zeros((0, 3), bool))  # (ndimage.label fails on an empty image)
+    assert n == 0 and lab.shape == (0, 3) and boxes.shape == (0, 4)
+    cases = [np.zeros((5, 7), bool), np.ones((6, 4), bool)]
+    cases += [rng.random((rng.integers(1, 60), rng.integers(1, 60))) < rng.uniform(0.05, 0.8) for _ in range(60)]
+    spiral = np.zeros((30, 30), bool)  # one region whose branches meet late (U shapes, a spiral)
+    spiral[2, 2:28] = spiral[2:28, 27] = spiral[27, 4:28] = spiral[6:28, 4] = spiral[6, 4:24] = True
+    cases.append(spiral)
+    for det in cases:
+        lab, n = ndimage.label(det)
+        lab2, n2, boxes = _kernels.label_boxes(det)
+        assert n2 == n
+        np.testing.assert_array_equal(lab2, lab)
+        ref = [(s[0].start, s[0].stop, s[1].start, s[1].stop) for s in ndimage.find_objects(lab)]
+        assert [tuple(b) for b in boxes] == ref
+
+
+def test_kernel_along_profile_sums_equal_numpy():
+    """The cross-profile weights' sums and the along-track normal equations equal the numpy expressions they
+    replaced, to float64 rounding (the sums are taken in another order)."""
+    from pydriftn.astrometry import _kernels
+    from pydriftn.astrometry.trailfit import _INV_SQRT_2PI
+
+    rng = np.random.default_rng(38)
+    n, n_p, n_q = 30, 25, 9
+    Q = np.arange(-4, 5, dtype=float)
+    qc = rng.normal(0, 0.5, (n, n_p))
+    s = rng.uniform(1.0, 2.5, n)
+    valid = (rng.random((n, n_p, n_q)) < 0.9).astype(float)
+    vals = rng.normal(0, 10, (n, n_p, n_q)) * valid
+    var = rng.uniform(1, 50, (n, n_p, n_q)) * valid
+    e = _kernels.cross_exponent(Q, qc, s, np.empty((n, n_p, n_q)))
+    g = Q[None, None, :] - qc[:, :, None]
+    g /= s[:, None, None]
+    np.square(g, out=g)
+    g *= -0.5
+    np.testing.assert_array_equal(e, g)
+    np.exp(e, out=e)
+    np.exp(g, out=g)
+    g *= _INV_SQRT_2PI / s[:, None, None]
+    wq = g * valid
+    out = [np.empty((n, n_p)) for _ in range(4)]
+    _kernels.cross_sums(e, _INV_SQRT_2PI / s, valid, vals, var, *out)
+    for got, ref in zip(out, (np.einsum("npq,npq->np", wq, g), np.einsum("npq->np", wq),
+                              np.einsum("npq,npq->np", vals, wq), np.einsum("npq,npq,npq->np", var, wq, wq))):
+        np.testing.assert_allclose(got, ref, rtol=1e-13, atol=1e-15 * np.abs(ref).max())
+    cov_q, nq, prof = out[0], out[1], out[2]
+    shape, pdf_a, pdf_b = rng.random((n, n_p)), rng.random((n, n_p)), rng.random((n, n_p))
+    wt = np.where(rng.random((n, n_p)) < 0.9, rng.uniform(0.01, 1.0, (n, n_p)), 0.0)
+    h, b = rng.uniform(1, 100, n), rng.normal(0, 1, n)
+    model, JtWJ, JtWr = np.empty((n, n_p)), np.empty((n, 4, 4)), np.empty((n, 4))
+    _kernels.along_normal(cov_q, shape, pdf_a, pdf_b, nq, wt, prof, h, b, model, JtWJ, JtWr, True)
+    hc = h[:, None] * cov_q
+    np.testing.assert_array_equal(model, hc * shape + b[:, None] * nq)
+    J = np.stack([cov_q * shape, -hc * pdf_a, hc * pdf_b, nq], axis=-1)
+    JtW = J * wt[:, :, None]
+    ref = np.matmul(JtW.transpose(0, 2, 1), J)
+    np.testing.assert_allclose(JtWJ, ref, rtol=1e-12, atol=1e-14 * np.abs(ref).max())
+    ref_r = np.einsum("nmi,nm->ni", JtW, prof - model)
+    np.testing.assert_allclose(JtWr, ref_r, rtol=1e-10, atol=1e-12 * np.abs(ref_r).max())

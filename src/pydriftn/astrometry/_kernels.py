@@ -33,8 +33,8 @@ import numpy as np
 
 from .._jit import jit
 
-__all__ = ["bin2_mean", "bin2_any", "subtract_back2", "sample_snapped", "cross_args", "mix_components",
-           "template_sums"]
+__all__ = ["bin2_mean", "bin2_any", "subtract_back2", "gauss_rows", "local_maxima", "sample_snapped", "cross_args",
+           "mix_components", "cross_exponent", "cross_sums", "along_normal", "template_sums"]
 
 
 @jit
@@ -122,6 +122,145 @@ def gauss_rows(a, w, out):
             for j in range(m):
                 o[j] += (al[j] + ah[j]) * wk
     return out
+
+
+@jit
+def bin_more(a, fy, fx, out):
+    """Blocks of ``fy x fx`` pixels from 2x2 block sums ``a`` (``fy, fx`` in {2, 4}): pairs of columns
+    (``fx = 4``) then of rows (``fy = 4``) added, a missing last column / row counting as 0 (float32)."""
+    ny, nx = a.shape
+    cy = fy // 2
+    cx = fx // 2
+    zero = np.float32(0.0)
+    for i in range(out.shape[0]):
+        for j in range(out.shape[1]):
+            v = zero
+            for r in range(cy):
+                y = cy * i + r
+                if cx == 2:
+                    x = 2 * j
+                    if y < ny:
+                        w = a[y, x] + (a[y, x + 1] if x + 1 < nx else zero)
+                    else:
+                        w = zero + zero
+                else:
+                    w = a[y, j] if y < ny else zero
+                v = w if r == 0 else v + w
+            out[i, j] = v
+    return out
+
+
+@jit
+def divide_by_noise(f, rms, sy, sx, c, g):
+    """``f /= (c * rms_b) * g`` in place (float32), ``rms_b[i, j] = rms[min(i, n0 - 1) sy, min(j, n1 - 1) sx]``
+    (``rms[::sy, ::sx]`` of shape ``(n0, n1)`` extended by its last row and column)."""
+    n0 = (rms.shape[0] + sy - 1) // sy
+    n1 = (rms.shape[1] + sx - 1) // sx
+    for i in range(f.shape[0]):
+        y = min(i, n0 - 1) * sy
+        for j in range(f.shape[1]):
+            x = min(j, n1 - 1) * sx
+            f[i, j] /= (c * rms[y, x]) * g
+    return f
+
+
+@jit
+def label_boxes(det):
+    """Connected regions (4-connectivity) of ``det``, as ``scipy.ndimage.label`` numbers them (1, 2, ...
+    in the raster order of their first pixel), and their bounding boxes.
+
+    Two passes: provisional labels (from the left and upper neighbours, equivalences in a union-find
+    table whose roots are the smallest, i.e. first-created, label of a region), then the final labels.
+
+    Returns ``lab`` (int32), the number of regions and ``boxes`` (int64, ``(n, 4)``: first row, last row + 1,
+    first column, last column + 1; ``ndimage.find_objects``' slices).
+    """
+    ny, nx = det.shape
+    lab = np.zeros((ny, nx), np.int32)
+    cap = 1024
+    parent = np.empty(cap, np.int32)
+    parent[0] = 0
+    nprov = 0
+    for y in range(ny):
+        row = lab[y]
+        up = lab[y - 1] if y > 0 else row
+        d = det[y]
+        for x in range(nx):
+            if not d[x]:
+                continue
+            lw = row[x - 1] if x > 0 else 0
+            u = up[x] if y > 0 else 0
+            if lw == 0 and u == 0:
+                nprov += 1
+                if nprov >= cap:
+                    cap *= 2
+                    npar = np.empty(cap, np.int32)
+                    npar[:nprov] = parent[:nprov]
+                    parent = npar
+                parent[nprov] = nprov
+                row[x] = nprov
+            elif u == 0:
+                row[x] = lw
+            elif lw == 0 or lw == u:
+                row[x] = u
+            else:
+                row[x] = _union(parent, lw, u)
+    # final labels: the roots in order of creation
+    final = np.zeros(nprov + 1, np.int32)
+    nlab = 0
+    for k in range(1, nprov + 1):
+        r = _find(parent, k)
+        if r == k:
+            nlab += 1
+            final[k] = nlab
+        else:
+            final[k] = final[r]
+    boxes = np.empty((nlab, 4), np.int64)
+    boxes[:, 0] = ny
+    boxes[:, 1] = 0
+    boxes[:, 2] = nx
+    boxes[:, 3] = 0
+    for y in range(ny):
+        row = lab[y]
+        for x in range(nx):
+            k = row[x]
+            if k == 0:
+                continue
+            f = final[k]
+            row[x] = f
+            bx = boxes[f - 1]
+            if y < bx[0]:
+                bx[0] = y
+            bx[1] = y + 1
+            if x < bx[2]:
+                bx[2] = x
+            if x + 1 > bx[3]:
+                bx[3] = x + 1
+    return lab, nlab, boxes
+
+
+@jit
+def _find(parent, p):
+    r = p
+    while parent[r] != r:
+        r = parent[r]
+    while parent[p] != r:  # path compression
+        q = parent[p]
+        parent[p] = r
+        p = q
+    return r
+
+
+@jit
+def _union(parent, a, b):
+    """Merge the sets of ``a`` and ``b`` (the smaller root becomes the root); returns the root."""
+    ra = _find(parent, a)
+    rb = _find(parent, b)
+    if ra < rb:
+        parent[rb] = ra
+        return ra
+    parent[ra] = rb
+    return rb
 
 
 @jit
@@ -252,6 +391,80 @@ def mix_components(ex, along, out):
                 for b in range(n_q):
                     out[i, a, b] += ex[k, i, a, b] * w
     return out
+
+
+@jit
+def cross_exponent(Q, qc, s, out):
+    """``out[i, a, b] = (((Q[b] - qc[i, a]) / s[i]) ** 2) * -0.5``: the exponent of the PSF cross profile."""
+    n, n_p, n_q = out.shape
+    for i in range(n):
+        si = s[i]
+        for a in range(n_p):
+            c = qc[i, a]
+            o = out[i, a]
+            for b in range(n_q):
+                u = (Q[b] - c) / si
+                o[b] = (u * u) * -0.5
+    return out
+
+
+@jit
+def cross_sums(e, c, valid, vals, var, cov_q, nq, prof, pvar):
+    """Per ``(i, a)``, with ``g = e[i, a, :] * c[i]`` (the cross profile) and ``w = g * valid``:
+    ``cov_q = sum w g``, ``nq = sum w``, ``prof = sum vals w``, ``pvar = sum var w w`` (float64, in order)."""
+    n, n_p, n_q = e.shape
+    for i in range(n):
+        ci = c[i]
+        for a in range(n_p):
+            s_c = 0.0
+            s_n = 0.0
+            s_p = 0.0
+            s_v = 0.0
+            for b in range(n_q):
+                g = e[i, a, b] * ci
+                w = g * valid[i, a, b]
+                s_c += w * g
+                s_n += w
+                s_p += vals[i, a, b] * w
+                s_v += (var[i, a, b] * w) * w
+            cov_q[i, a] = s_c
+            nq[i, a] = s_n
+            prof[i, a] = s_p
+            pvar[i, a] = s_v
+
+
+@jit
+def along_normal(cov_q, shape, pdf_a, pdf_b, nq, wt, prof, h, b, model, JtWJ, JtWr, do_r):
+    """One Gauss-Newton step of the along-track profile fit: the model ``h cov_q shape + b nq``, and per trail
+    the normal matrix ``J^T W J`` and (with ``do_r``) ``J^T W (prof - model)`` of the Jacobian columns
+    ``cov_q shape, -h cov_q pdf_a, h cov_q pdf_b, nq`` (float64, summed in order)."""
+    n, m = cov_q.shape
+    J = np.empty(4)
+    for i in range(n):
+        acc = np.zeros((4, 4))
+        accr = np.zeros(4)
+        hi = h[i]
+        bi = b[i]
+        for a in range(m):
+            hc = hi * cov_q[i, a]
+            md = hc * shape[i, a] + bi * nq[i, a]
+            model[i, a] = md
+            J[0] = cov_q[i, a] * shape[i, a]
+            J[1] = -hc * pdf_a[i, a]
+            J[2] = hc * pdf_b[i, a]
+            J[3] = nq[i, a]
+            w = wt[i, a]
+            r = prof[i, a] - md
+            for k in range(4):
+                jw = J[k] * w
+                for l in range(4):
+                    acc[k, l] += jw * J[l]
+                accr[k] += jw * r
+        for k in range(4):
+            for l in range(4):
+                JtWJ[i, k, l] = acc[k, l]
+            if do_r:
+                JtWr[i, k] = accr[k]
 
 
 @jit

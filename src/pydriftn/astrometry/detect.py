@@ -243,6 +243,11 @@ def _bin(a, fy, fx):
 
 def _bin_more(out, fy, fx):
     """Blocks of ``fy x fx`` pixels from the 2x2 block sums ``out``."""
+    if out.dtype == np.float32 and out.ndim == 2 and (fy, fx) != (2, 2) and fy in (2, 4) and fx in (2, 4):
+        # one compiled pass (the strided adds below, without their temporaries and padding copies)
+        ny, nx = out.shape
+        shape = ((ny + 1) // 2 if fy == 4 else ny, (nx + 1) // 2 if fx == 4 else nx)
+        return _kernels.bin_more(out, fy, fx, np.empty(shape, np.float32))
     if fx == 4:
         if out.shape[1] % 2:
             out = np.pad(out, ((0, 0), (0, 1)))
@@ -378,8 +383,13 @@ def matched_filter_snr(sub, rms, direction, length_px, sigma_px, *, return_binni
     delta[n // 2, n // 2] = 1.0
     gain = float(np.sqrt((apply(delta).astype(float) ** 2).sum()))
     f = apply(b)
-    if np.ndim(rms) == 0:
+    if np.ndim(rms) == 2 and f.dtype == np.float32 and f.flags.c_contiguous and np.size(rms):
+        # f / (sqrt(fy fx) rms * gain) in one compiled pass, the rms map sampled once per (fy, fx) block
+        _kernels.divide_by_noise(f, np.asarray(rms, np.float32), max(fy // 2, 1), max(fx // 2, 1),
+                                 np.float32(math.sqrt(fy * fx)), np.float32(gain))
+    elif np.ndim(rms) == 0:
         rb = math.sqrt(fy * fx) * float(rms)
+        f /= rb * np.float32(gain)
     else:
         r2 = np.asarray(rms, np.float32)
         # the rms map is on the 2x2 grid: one sample per (fy, fx) block
@@ -388,7 +398,7 @@ def matched_filter_snr(sub, rms, direction, length_px, sigma_px, *, return_binni
             r2 = r2[: b.shape[0], : b.shape[1]]
             r2 = np.pad(r2, ((0, b.shape[0] - r2.shape[0]), (0, b.shape[1] - r2.shape[1])), mode="edge")
         rb = np.float32(math.sqrt(fy * fx)) * r2
-    f /= rb * np.float32(gain)
+        f /= rb * np.float32(gain)
     snr = f.astype(np.float32, copy=False)
     if return_binning:
         return snr, (fy, fx)
@@ -418,10 +428,10 @@ def find_streaks(snr, direction, length_px, *, threshold=3.0, min_length_factor=
         ``x0, y0, x1, y1`` (unbinned pixels), ``length_px``, ``angle_deg``.
     """
     det = snr > threshold
-    lab, nlab = ndimage.label(det)
+    # connected regions (ndimage.label's numbering) and their bounding boxes in one compiled pass
+    lab, nlab, boxes = _kernels.label_boxes(np.ascontiguousarray(det))
     if nlab == 0:
         return None, []
-    slices = ndimage.find_objects(lab)
     Lb = length_px / 2.0
     # binned pixel i covers unbinned f*i .. f*i+f-1: centre f*i + (f-1)/2, in units of 2 px
     sy, sx = binning[0] / 2.0, binning[1] / 2.0
@@ -429,7 +439,12 @@ def find_streaks(snr, direction, length_px, *, threshold=3.0, min_length_factor=
     ux, uy = direction
     out_mask = None
     streaks = []
-    for i, sl in enumerate(slices, start=1):
+    # (a loose pre-selection of the long regions; the exact test follows)
+    ext2 = ((boxes[:, 1] - boxes[:, 0]) * sy) ** 2 + ((boxes[:, 3] - boxes[:, 2]) * sx) ** 2
+    for i in np.flatnonzero(ext2 >= (0.99 * min_length_factor * Lb) ** 2) + 1:
+        i = int(i)
+        y0_, y1_, x0_, x1_ = (int(v) for v in boxes[i - 1])
+        sl = (slice(y0_, y1_), slice(x0_, x1_))
         h = (sl[0].stop - sl[0].start) * sy
         w = (sl[1].stop - sl[1].start) * sx
         if math.hypot(h, w) < min_length_factor * Lb:

@@ -381,20 +381,17 @@ def _fit_along(vals, valid, var, grid, qm, pa, pb, s, *, n_iter, length_prior_px
     P = grid.p_off[None, :]
     # cross coverage: fraction of the cross profile on valid samples, per p
     qc = qm[:, None, None] + (P[:, :, None] - 0.5 * (pa + pb)[:, None, None]) * grid.tan_phi
-    # exp(-0.5 ((Q - qc) / s)^2) / (sqrt(2 pi) s), evaluated in place (one (n, np, nq) buffer)
-    g = Q - qc
-    g /= s[:, None, None]
-    np.square(g, out=g)
-    g *= -0.5
-    np.exp(g, out=g)
-    g *= _INV_SQRT_2PI / s[:, None, None]
-    # optimal weights across the trail: the PSF cross profile
-    # valid: float 0/1; vals and var are zero on invalid samples
-    wq = g * valid
-    cov_q = np.einsum("npq,npq->np", wq, g)
-    nq = np.einsum("npq->np", wq)  # (a sum over the short last axis: einsum is ~4x faster than .sum)
-    prof = np.einsum("npq,npq->np", vals, wq)
-    pvar = np.einsum("npq,npq,npq->np", var, wq, wq)
+    # g = exp(-0.5 ((Q - qc) / s)^2) / (sqrt(2 pi) s): the exponent in one compiled pass, numpy's exp
+    n, n_p = qc.shape[0], P.shape[1]
+    e = _kernels.cross_exponent(np.ascontiguousarray(grid.q_off, dtype=float), np.ascontiguousarray(qc.reshape(n, n_p)),
+                                np.ascontiguousarray(s, dtype=float), np.empty(vals.shape))
+    np.exp(e, out=e)
+    # optimal weights across the trail, wq = g * valid (the PSF cross profile); valid: float 0/1,
+    # vals and var are zero on invalid samples: sum wq g, sum wq, sum vals wq, sum var wq^2 in one pass
+    cov_q, nq, prof, pvar = (np.empty((n, n_p)) for _ in range(4))
+    _kernels.cross_sums(e, np.ascontiguousarray(_INV_SQRT_2PI / s, dtype=float), valid, vals, var, cov_q, nq, prof,
+                        pvar)
+    del e
     wt = np.where(nq > 0, 1.0 / np.maximum(pvar, 1e-30), 0.0)
     L = grid.length_p
     h = np.maximum((prof * (cov_q > 0)).sum(axis=1) / np.maximum(L, 1.0), 1e-3)
@@ -407,15 +404,11 @@ def _fit_along(vals, valid, var, grid, qm, pa, pb, s, *, n_iter, length_prior_px
         shape = _ndtr_along(za) - _ndtr_along(zb)
         pdf_a = np.exp(-0.5 * za * za) * _INV_SQRT_2PI / s[:, None]
         pdf_b = np.exp(-0.5 * zb * zb) * _INV_SQRT_2PI / s[:, None]
-        hc = h[:, None] * cov_q
-        model = hc * shape + b[:, None] * nq
-        J = np.empty(shape.shape + (4,))
-        np.multiply(cov_q, shape, out=J[..., 0])
-        np.multiply(-hc, pdf_a, out=J[..., 1])
-        np.multiply(hc, pdf_b, out=J[..., 2])
-        J[..., 3] = nq
-        JtW = J * wt[:, :, None]
-        JtWJ = np.matmul(JtW.transpose(0, 2, 1), J)
+        # model, J^T W J and J^T W r in one compiled pass (J: d model / d(h, pa, pb, b))
+        model = np.empty(shape.shape)
+        JtWJ = np.empty((n, 4, 4))
+        JtWr = np.empty((n, 4))
+        _kernels.along_normal(cov_q, shape, pdf_a, pdf_b, nq, wt, prof, h, b, model, JtWJ, JtWr, it < n_iter)
         # length prior: (pb - pa - L) / sigma_L
         JtWJ[:, 1, 1] += wprior
         JtWJ[:, 2, 2] += wprior
@@ -423,8 +416,6 @@ def _fit_along(vals, valid, var, grid, qm, pa, pb, s, *, n_iter, length_prior_px
         JtWJ[:, 2, 1] -= wprior
         if it == n_iter:
             break
-        r = prof - model
-        JtWr = np.einsum("nmi,nm->ni", JtW, r)
         lres = pb - pa - L
         JtWr[:, 1] += wprior * lres
         JtWr[:, 2] -= wprior * lres
