@@ -325,8 +325,12 @@ def cut_cells(img, mask, use_mask, bits, g_col, rn2_col, sat_col, use_sat, major
     col_l = np.empty(K, dtype=np.int64)
     col_o = np.empty(K, dtype=np.int64)
     any_bad = np.empty(K, dtype=np.bool_)
-    hv_l = np.empty(K + 1, dtype=np.float32)
-    hb_l = np.empty(K + 1, dtype=np.bool_)
+    hv_cur = np.empty(C, dtype=np.float32)
+    hb_cur = np.empty(C, dtype=np.bool_)
+    hv_nxt = np.empty(C, dtype=np.float32)
+    hb_nxt = np.empty(C, dtype=np.bool_)
+    hv_oth = np.empty(C, dtype=np.float32)
+    hb_oth = np.empty(C, dtype=np.bool_)
     for s in range(S):
         skp = max(sky[s], zero)
         for k in range(K):
@@ -344,70 +348,34 @@ def cut_cells(img, mask, use_mask, bits, g_col, rn2_col, sat_col, use_sat, major
             col_l[k] = min(max(cl, 0), n_along - 1)
             col_o[k] = min(max(co, 0), n_along - 1)
             any_bad[k] = False
-        # cells in memory order: along the drift (consecutive samples read consecutive pixels of an image
-        # row) when it is along x; across it when it is along y. (Reading the 2 W + 1 rows of a strip one
-        # after the other, 8 kB apart, costs more than all the arithmetic: the cache sets alias.)
-        if major_x:
-            # the "other" column of sample k is the "lead" column of sample k + 1 where the trail moves
-            # by one column per sample: each pixel is read and tested once
+        # strip by strip from the last sample: where the trail moves by one column per sample the
+        # "other" column of sample k is the "lead" column of sample k + 1, read just before (each pixel is
+        # then read and tested once); the C cells of a column are consecutive pixels of an image row
+        # with the drift along y, and a short run of rows with it along x
+        for k in range(K - 1, -1, -1):
+            j0 = jc[s, k]
+            _column(img, mask, use_mask, bits, g_col, sat_col, use_sat, major_x, n_cross, j0 - W, C, col_l[k],
+                    hv_cur, hb_cur)
+            if k + 1 < K and col_o[k] == col_l[k + 1] and j0 == jc[s, k + 1]:
+                hv_o, hb_o = hv_nxt, hb_nxt
+            else:
+                _column(img, mask, use_mask, bits, g_col, sat_col, use_sat, major_x, n_cross, j0 - W, C, col_o[k],
+                        hv_oth, hb_oth)
+                hv_o, hb_o = hv_oth, hb_oth
+            wlk, wok, skk, ul, uo, oa = wl[k], wo[k], sk[k], used_l[k], used_o[k], off_along[k]
+            ab = False
             for c in range(C):
-                for k in range(K + 1):
-                    # pixels of the lead columns, and after them the last strip's other column
-                    if k < K:
-                        jj = jc[s, k] - W + c
-                        colc = col_l[k]
-                    else:
-                        jj = jc[s, K - 1] - W + c
-                        colc = col_o[K - 1]
-                    jjc = min(max(jj, 0), n_cross - 1)
-                    val = np.float32(img[jjc, colc])
-                    b = jj < 0 or jj >= n_cross or not np.isfinite(val)
-                    if use_sat and val >= sat_col[colc]:
-                        b = True
-                    if use_mask:
-                        mv = np.int64(mask[jjc, colc])
-                        if bits < 0:
-                            if mv != 0:
-                                b = True
-                        elif (mv & bits) != 0:
-                            b = True
-                    hv_l[k] = zero if b else val * g_col[colc]
-                    hb_l[k] = b
-                for k in range(K):
-                    if (col_o[k] == col_l[k + 1] if k + 1 < K else True) and jc[s, k] == jc[s, min(k + 1, K - 1)]:
-                        hvo = hv_l[k + 1]
-                        hbo = hb_l[k + 1]
-                    else:  # the chain breaks: the other column on its own
-                        jj = jc[s, k] - W + c
-                        jjc = min(max(jj, 0), n_cross - 1)
-                        colc = col_o[k]
-                        val = np.float32(img[jjc, colc])
-                        hbo = jj < 0 or jj >= n_cross or not np.isfinite(val)
-                        if use_sat and val >= sat_col[colc]:
-                            hbo = True
-                        if use_mask:
-                            mv = np.int64(mask[jjc, colc])
-                            if bits < 0:
-                                if mv != 0:
-                                    hbo = True
-                            elif (mv & bits) != 0:
-                                hbo = True
-                        hvo = zero if hbo else val * g_col[colc]
-                    d = wl[k] * hv_l[k]
-                    d = d + wo[k] * hvo
-                    d = d - sk[k]
-                    bc = off_along[k] or (hb_l[k] and used_l[k]) or (hbo and used_o[k])
-                    data[s, k, c] = zero if bc else d
-                    bad[s, k, c] = bc
-                    if bc:
-                        any_bad[k] = True
-        else:
-            for k in range(K):
-                for c in range(C):
-                    if _cell(img, mask, use_mask, bits, g_col, sat_col, use_sat, False, n_cross, jc[s, k] - W + c,
-                             col_l[k], col_o[k], wl[k], wo[k], sk[k], used_l[k], used_o[k], off_along[k],
-                             data, bad, s, k, c):
-                        any_bad[k] = True
+                d = wlk * hv_cur[c]
+                d = d + wok * hv_o[c]
+                d = d - skk
+                bc = oa or (hb_cur[c] and ul) or (hb_o[c] and uo)
+                data[s, k, c] = zero if bc else d
+                bad[s, k, c] = bc
+                ab = ab or bc
+            any_bad[k] = ab
+            # this strip's lead column is the next one's (k - 1) other column
+            hv_cur, hv_nxt = hv_nxt, hv_cur
+            hb_cur, hb_nxt = hb_nxt, hb_cur
         for k in range(K):
             j0 = jc[s, k]
             for c in range(Cv):
@@ -496,3 +464,35 @@ def _cell(img, mask, use_mask, bits, g_col, sat_col, use_sat, major_x, n_cross, 
     bad[s, k, c] = bc
     return bc
 
+
+
+@jit
+def _column(img, mask, use_mask, bits, g_col, sat_col, use_sat, major_x, n_cross, jj0, C, col, hv, hb):
+    """Cells ``jj0 .. jj0 + C - 1`` (cross index) of the along index ``col`` (clipped): value x gain, 0 if
+    bad (non-finite, saturated, masked, outside the image across), into ``hv``; bad into ``hb``."""
+    zero = np.float32(0.0)
+    if major_x:
+        gx = g_col[col]
+        sx = sat_col[col]
+    for c in range(C):
+        jj = jj0 + c
+        jjc = min(max(jj, 0), n_cross - 1)
+        if major_x:
+            yy, xx = jjc, col
+        else:
+            yy, xx = col, jjc
+            gx = g_col[xx]
+            sx = sat_col[xx]
+        val = np.float32(img[yy, xx])
+        b = jj < 0 or jj >= n_cross or not np.isfinite(val)
+        if use_sat and val >= sx:
+            b = True
+        if use_mask:
+            mv = np.int64(mask[yy, xx])
+            if bits < 0:
+                if mv != 0:
+                    b = True
+            elif (mv & bits) != 0:
+                b = True
+        hv[c] = zero if b else val * gx
+        hb[c] = b
