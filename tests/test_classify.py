@@ -1143,7 +1143,7 @@ def test_kernel_flux_sums_and_render_match_numpy():
     rep, p1, p2 = K.pixel_pairs(pix, np.empty(img.size, np.int32))
     assert len(p1) > 20  # shared pixels
     model = np.zeros(img.size, np.float32)
-    K.render_model(F.astype(np.float32), T, star, pix, rep, model, np.zeros(len(T), np.int32))
+    K.render_model(F.astype(np.float32), T, star, pix, rep, p1, p2, model, np.full(len(T), np.nan))
     # numpy: scatter, then the shared pixels' float64 sums (np.bincount over their representative entries)
     own = F.astype(np.float32)[star] * T
     ref = np.zeros(img.size, np.float32)
@@ -1155,4 +1155,65 @@ def test_kernel_flux_sums_and_render_match_numpy():
     ref[pix[shared]] = msum[rep[shared]].astype(np.float32)
     assert np.array_equal(model, ref)
     empty = np.zeros(0, np.int64)
-    K.render_model(F.astype(np.float32), T[:0], empty, empty, rep[:0], model, np.zeros(0, np.int32))
+    assert np.bincount(pix).max() >= 3  # (pixels of three stamps)
+    # on compact labels (the flux refit: the entries' representatives as pixels of a 1 x n_entries image)
+    m2 = np.zeros(len(T), np.float32)
+    K.render_model(F.astype(np.float32), T, star, rep.astype(np.int64), rep, p1, p2, m2, np.empty(len(T)))
+    assert np.array_equal(m2[rep], model[pix])
+    K.render_model(F.astype(np.float32), T[:0], empty, empty, rep[:0], empty, empty, model, np.zeros(0))
+
+
+def test_kernel_template_bins_matches_numpy():
+    """template_bins: the seven per-(trail, bin) sums of the empirical template's residuals and the per-entry
+    along-track template, equal to the numpy look-ups and np.bincount sums (the same order: bit for bit),
+    including entries beyond both ends of the tables."""
+    from pydriftn.classify import _kernels as K
+
+    base, _ = _test_template()
+    rng = np.random.default_rng(12)
+    ne, nb = 30000, 25
+    s = rng.uniform(base.s0 - 3, 45, ne)
+    c = rng.uniform(-12, 12, ne)
+    st = np.sort(rng.integers(0, nb, ne))
+    Fi = rng.uniform(1e3, 1e5, nb)[st]
+    dsel = Fi * base._evaluate_direct(s, c) + rng.normal(0, 3, ne)
+    ds = 0.5
+    s_lo = base.s0
+    nsb = int(np.ceil((base.ds * (len(base.f) - 1)) / ds)) + 1
+    # numpy (as _empirical_template computed them)
+    fb = base._lookup(base.f, base.s0, base.ds, s)
+    gb, gpb = base._lookup((base.g, base.gp), base.c0, base.dc, c)
+    r = dsel - Fi * fb * gb
+    h = gb + c * gpb
+    key = st * nsb + np.clip(np.rint((s - s_lo) / ds).astype(np.int64), 0, nsb - 1)
+    rF = r / Fi
+    ref = [np.bincount(key, weights=x, minlength=nb * nsb) for x in
+           (gb * gb, -fb * gb * h, (fb * h) ** 2, gb * rF, -fb * h * rF, rF * gpb, fb * gpb**2)]
+    sums = np.zeros((7, nb * nsb))
+    fbk = np.empty(ne)
+    K.template_bins(s, c, st, Fi, dsel, base.f, base.g, base.gp, float(base.s0), 1.0 / base.ds, float(base.c0),
+                    1.0 / base.dc, float(s_lo), ds, nsb, sums, fbk)
+    assert np.array_equal(fbk, fb)
+    for a, b in zip(ref, sums):
+        assert np.array_equal(a, b)
+
+
+def test_kernel_minus_neighbours_matches_numpy():
+    """minus_neighbours: the bright entries' data minus the other trails' light on their pixels, bit for bit the
+    numpy bincount expression (pixels shared by bright entries, by neighbours, by both; none)."""
+    from pydriftn.classify import _kernels as K
+
+    rng = np.random.default_rng(13)
+    ne = 5000
+    pix = rng.integers(0, 3000, ne)
+    rep = K.pixel_pairs(pix, np.empty(3000, np.int32))[0]
+    d = rng.normal(0, 10, ne).astype(np.float32)
+    for eb, en in ((np.sort(rng.choice(ne, 1500, replace=False)), np.sort(rng.choice(ne, 700, replace=False))),
+                   (np.arange(0, ne, 3), np.zeros(0, np.int64))):
+        own = rng.uniform(0, 100, len(eb))
+        other = rng.uniform(0, 100, len(en))
+        other_n = np.bincount(rep[en], weights=other, minlength=ne)
+        tot_b = np.bincount(rep[eb], weights=own, minlength=ne)
+        ref = d[eb] - (tot_b[rep[eb]] - own) - other_n[rep[eb]]
+        out = K.minus_neighbours(d, eb, rep, own, en, other, np.full(ne, np.nan), np.full(ne, np.nan))
+        assert np.array_equal(out, ref)

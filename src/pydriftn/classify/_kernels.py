@@ -30,7 +30,14 @@ it replaced):
   ``sum v d`` of :func:`._trailmodel._solve_fluxes`;
 * :func:`render_model`: the model image of :func:`._trailmodel._final`
   (stamps scattered, pixels of two or more stamps summed in float64 in entry
-  order as ``np.bincount`` did: identical values).
+  order as ``np.bincount`` did: identical values; the shared pixels from the
+  pairs instead of an image-sized label array);
+* :func:`template_bins`: the per-entry look-ups of the analytic template and
+  the seven per-(trail, bin) sums of :func:`._trailmodel._empirical_template`
+  (were three look-ups, ~10 products and seven ``np.bincount`` s; identical);
+* :func:`minus_neighbours`: the bright entries' data minus the other trails'
+  light on their pixels in ``fit_trails`` (two entry-sized ``np.bincount`` s
+  and three gathers; identical).
 
 Speed-up measured on full-size CCDs: see the commit messages.
 """
@@ -41,7 +48,8 @@ import numpy as np
 
 from .._jit import jit
 
-__all__ = ["stamp_aperture", "stamp_pixels", "pixel_pairs", "template_eval", "fit_sums", "flux_sums", "render_model"]
+__all__ = ["stamp_aperture", "stamp_pixels", "pixel_pairs", "template_eval", "fit_sums", "flux_sums", "render_model",
+           "template_bins", "minus_neighbours"]
 
 
 @jit
@@ -457,26 +465,112 @@ def flux_sums(T, w, d, star, v, diag, b):
 
 
 @jit
-def render_model(F, T, star, pix, rep, model, nshare):
+def render_model(F, T, star, pix, rep, p1, p2, model, acc):
     """``model[pix] = F[star] * T`` (float32), pixels of several stamps the float64 sum of theirs.
 
-    ``rep``: representative entry of each entry's pixel; ``nshare`` int32
-    scratch of the number of entries (zeroed). The sums over a pixel's
-    entries are accumulated in entry order from 0.0 and cast to float32 (as
-    ``np.bincount`` over the shared entries did).
+    ``rep``: representative (last) entry of each entry's pixel; ``(p1, p2)``:
+    the pairs of :func:`pixel_pairs`, whose leading pairs ``(e, rep[e])``
+    (every entry that is not the last on its pixel, ascending) give the
+    shared pixels; ``acc``: float64 scratch of the number of entries (only
+    the shared pixels' representatives are used). A shared pixel's sum is
+    accumulated from 0.0 over its entries in entry order and cast to float32,
+    as ``np.bincount`` over the shared entries did (identical values).
     """
-    ne = len(T)
-    for e in range(ne):
-        nshare[rep[e]] += 1
-    acc = np.zeros(ne, np.float64)
-    for e in range(ne):
-        o = F[star[e]] * T[e]
+    for e in range(len(T)):
+        model[pix[e]] = F[star[e]] * T[e]
+    nd = 0
+    while nd < len(p1) and rep[p1[nd]] == p2[nd]:
+        nd += 1
+    for i in range(nd):
+        acc[p2[i]] = 0.0
+    for i in range(nd):
+        e = p1[i]
+        acc[p2[i]] += F[star[e]] * T[e]
+    for i in range(nd):
+        r = p2[i]
+        model[pix[r]] = np.float32(acc[r] + F[star[r]] * T[r])
+
+
+@jit
+def _lerp(tab, x0, inv_dx, n, x):
+    """``_trailmodel.TrailTemplate._lookup`` of one float64 value: (index, fraction) of the linear interpolation."""
+    u = (x - x0) * inv_dx
+    if u < 0.0:
+        u = 0.0
+    hi = n - 1.001
+    if u > hi:
+        u = hi
+    i = np.intp(u)
+    return i, u - np.float64(i)
+
+
+@jit
+def template_bins(s, c, st, Fi, dsel, f, g, gp, s0, inv_ds, c0, inv_dc, s_lo, dsb, nsb, out, fb_out):
+    """The per-(bright trail, along-track bin) sums of :func:`._trailmodel._empirical_template` (float64).
+
+    Per entry: the analytic template's ``fb = f(s)``, ``gb = g(c)``, ``gpb =
+    g'(c)`` (linear look-ups as ``_lookup``), ``r = d - F fb gb``, ``h = gb + c
+    gpb``, ``rF = r / F``; the bin ``st * nsb + clip(rint((s - s_lo) / dsb))``;
+    ``out[k, bin] +=`` ``gb^2``, ``-fb gb h``, ``(fb h)^2``, ``gb rF``, ``-fb h
+    rF``, ``rF gpb``, ``fb gpb^2`` in entry order (as ``np.bincount``: the same
+    sums). ``fb_out``: ``fb`` of every entry.
+    """
+    nf = len(f)
+    ng = len(g)
+    for e in range(len(s)):
+        se = s[e]
+        ce = c[e]
+        i, u = _lerp(f, s0, inv_ds, nf, se)
+        fb = (f[i + 1] - f[i]) * u + f[i]
+        j, v = _lerp(g, c0, inv_dc, ng, ce)
+        gb = (g[j + 1] - g[j]) * v + g[j]
+        gpb = (gp[j + 1] - gp[j]) * v + gp[j]
+        Fe = Fi[e]
+        r = dsel[e] - Fe * fb * gb
+        h = gb + ce * gpb
+        rF = r / Fe
+        sb = np.int64(np.rint((se - s_lo) / dsb))
+        if sb < 0:
+            sb = 0
+        if sb > nsb - 1:
+            sb = nsb - 1
+        k = st[e] * nsb + sb
+        fh = fb * h
+        out[0, k] += gb * gb
+        out[1, k] += -fb * gb * h
+        out[2, k] += fh * fh
+        out[3, k] += gb * rF
+        out[4, k] += -fb * h * rF
+        out[5, k] += rF * gpb
+        out[6, k] += fb * (gpb * gpb)
+        fb_out[e] = fb
+
+
+@jit
+def minus_neighbours(d, eb, rep, own, en, other, acc_t, acc_o):
+    """``d[eb]`` minus the other trails' light on each entry's pixel (float64), as ``fit_trails`` computed it.
+
+    ``own``: each bright entry's own model (float64, per ``eb``); ``other``:
+    the model of the neighbours' entries ``en``. Per pixel (``rep``) the sums
+    ``tot`` of ``own`` and ``oth`` of ``other`` from 0.0 in entry order (as
+    ``np.bincount``); returns ``d[eb] - (tot - own) - oth``. ``acc_t``,
+    ``acc_o``: float64 scratch of the number of entries (only these pixels'
+    representatives are used).
+    """
+    nb = len(eb)
+    for k in range(nb):
+        r = rep[eb[k]]
+        acc_t[r] = 0.0
+        acc_o[r] = 0.0
+    for k in range(len(en)):
+        acc_o[rep[en[k]]] = 0.0
+    for k in range(len(en)):
+        acc_o[rep[en[k]]] += other[k]
+    for k in range(nb):
+        acc_t[rep[eb[k]]] += own[k]
+    out = np.empty(nb, np.float64)
+    for k in range(nb):
+        e = eb[k]
         r = rep[e]
-        if nshare[r] == 1:
-            model[pix[e]] = o
-        else:
-            acc[r] += o
-    for e in range(ne):
-        r = rep[e]
-        if nshare[r] > 1:
-            model[pix[e]] = np.float32(acc[r])
+        out[k] = d[e] - (acc_t[r] - own[k]) - acc_o[r]
+    return out

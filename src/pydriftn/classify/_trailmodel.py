@@ -648,25 +648,17 @@ def _empirical_template(tp, d, w, F, da, dc, bright, base, half_width, sigma_psf
     st = ib[stg]
     nb = int(bright.sum())
     Fi = F[stg]
-    fb = base._lookup(base.f, base.s0, base.ds, s)
-    gb, gpb = base._lookup((base.g, base.gp), base.c0, base.dc, c)  # one index for both tables
-    r = dsel - Fi * fb * gb
-    h = gb + c * gpb  # -d g_eps / d eps
     s_lo = base.s0
     s_hi = base.s0 + base.ds * (len(base.f) - 1)
     nsb = int(np.ceil((s_hi - s_lo) / ds)) + 1
-    sb = np.clip(np.rint((s - s_lo) / ds).astype(np.int64), 0, nsb - 1)
-    key = st * nsb + sb
-    tot = nb * nsb
-    rF = r / Fi
-
-    def bc(wt):
-        return np.bincount(key, weights=wt, minlength=tot).reshape(nb, nsb)
-
-    a11, a12, a22 = bc(gb * gb), bc(-fb * gb * h), bc((fb * h) ** 2)
-    r1, r2 = bc(gb * rF), bc(-fb * h * rF)
-    num2 = bc(rF * gpb)
-    den2 = bc(fb * gpb**2)
+    # the per-(trail, bin) sums of the analytic template's residuals (one compiled pass; the same sums as
+    # np.bincount of the per-entry products)
+    sums = np.zeros((7, nb * nsb))
+    fb = np.empty(len(s))
+    _k.template_bins(np.ascontiguousarray(s, np.float64), np.ascontiguousarray(c, np.float64), st, Fi,
+                     np.ascontiguousarray(dsel, np.float64), base.f, base.g, base.gp, float(base.s0), 1.0 / base.ds,
+                     float(base.c0), 1.0 / base.dc, float(s_lo), float(ds), nsb, sums, fb)
+    a11, a12, a22, r1, r2, num2, den2 = (x.reshape(nb, nsb) for x in sums)
     with np.errstate(invalid="ignore", divide="ignore"):
         det = a11 * a22 - a12 * a12
         okd = det > 1e-6 * np.maximum(a11 * a22, 1e-300)
@@ -953,10 +945,9 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
         fit_off = fit_off & (snr_j > offset_snr)
         bright = bright & (snr_j > bright_snr)
         Tn = base.evaluate(tp.s[en], tp.c[en])
-        other_n = np.bincount(rep[en], weights=F[tp.star[en]] * Tn, minlength=ne)
         own_b = F[sub.star] * Tb
-        tot_b = np.bincount(rep[eb], weights=own_b, minlength=ne)
-        db = d[eb] - (tot_b[rep[eb]] - own_b) - other_n[rep[eb]]
+        # the data minus the other trails' light on each bright entry's pixel (one compiled pass; the same sums)
+        db = _k.minus_neighbours(d, eb, rep, own_b, en, F[tp.star[en]] * Tn, np.empty(ne), np.empty(ne))
         # local background of each bright trail from its own wings (the global sky is biased by the sources)
         r = db - own_b
         wing = (np.abs(sub.c) > 2.5 * sigma_psf) & (wb > 0) & (np.abs(r) < 4.0 * sky_sigma)
@@ -980,10 +971,9 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
             # neighbours' light again, with the empirical template (Moffat-like wings of bright neighbours)
             Tb = tmpl.evaluate(sub.s, sub.c, shift=(sub.star, da, dc))
             Tn = tmpl.evaluate(tp.s[en], tp.c[en])
-            other_n = np.bincount(rep[en], weights=F[tp.star[en]] * Tn, minlength=ne)
             own_b = F[sub.star] * Tb
-            tot_b = np.bincount(rep[eb], weights=own_b, minlength=ne)
-            db = d[eb] - (tot_b[rep[eb]] - own_b) - other_n[rep[eb]] - bkg[sub.star]
+            db = _k.minus_neighbours(d, eb, rep, own_b, en, F[tp.star[en]] * Tn, np.empty(ne), np.empty(ne))
+            db -= bkg[sub.star]
             F, da, dc = _fit(sub, db, wb, tmpl, F, da, dc, fit_off, n_iter=2, noise=noise, runs=runs_b)
             tmpl = _empirical_template(sub, db, wb, F, da, dc, bright, base, hw_big, sigma_psf)
             _cap_correction(sub, db, wb, F, da, dc, bright, tmpl, Lref, hw_big, cap_px=cap_px)
@@ -1011,7 +1001,7 @@ def _final(tp, rep, ne, n, w, T, d, sky_sigma, shape, pairs=None, runs=None):
     model = np.zeros(shape[0] * shape[1], np.float32)
     # stamps scattered; a pixel of several stamps gets the (float64) sum of theirs (:func:`._kernels.render_model`)
     _k.render_model(F.astype(np.float32), np.asarray(T, np.float32), np.asarray(tp.star, np.int64),
-                    np.asarray(tp.pix, np.int64), rep, model, np.zeros(ne, np.int32))
+                    np.asarray(tp.pix, np.int64), rep, pairs[0], pairs[1], model, np.empty(ne))
     with np.errstate(divide="ignore", invalid="ignore"):
         ferr = sky_sigma / np.sqrt(sumT2)
     return model.reshape(shape), F, ferr
