@@ -262,7 +262,7 @@ def _row_stats(row, c1, c2, lo, hi, m):
 
 # --------------------------------------------------------------------------- strips
 @jit
-def cut_cells(img, mask, use_mask, bits, g_col, rn2_col, sat_col, use_sat, major_x, lead, other, jc, phase,
+def cut_cells(img, mask, use_mask, bits, g_col, rn2_col, sat_col, use_sat, major_x, lead, other, jc,
               w_lead, w_other, w1, w2, sky, W, pix_cr, pix_sat, pix_streak, f_off, f_sat, f_cr, f_sat_streak):
     """Strips of sky-subtracted electrons of every (trail, sample) (see :func:`pydriftn.extract.stamps.cut_strips`).
 
@@ -278,8 +278,6 @@ def cut_cells(img, mask, use_mask, bits, g_col, rn2_col, sat_col, use_sat, major
         Along-axis index of the two columns (rows) of each strip.
     jc : int64 (S, K)
         Cross-axis index of the strip's central cell.
-    phase : float64 (S, K)
-        Offset of the central cell from the star (px).
     w_lead, w_other, w1, w2 : float64 (S, K)
         Weights of the two columns (``w1 + w2``: the strip's length).
     sky : float32 (S,)
@@ -297,8 +295,6 @@ def cut_cells(img, mask, use_mask, bits, g_col, rn2_col, sat_col, use_sat, major
     var0 : float32 (S, K, 1) with the drift along x (one value per strip), else (S, K, C)
     bad : bool (S, K, C)
     flags : int32 (S, K)
-    offset : float32 (S, K, C)
-        Cross offset of each cell from the star, ``float32(phase) + float32(c - W)``.
     """
     ny, nx = img.shape
     S, K = lead.shape
@@ -313,91 +309,115 @@ def cut_cells(img, mask, use_mask, bits, g_col, rn2_col, sat_col, use_sat, major
     var0 = np.empty((S, K, Cv), dtype=np.float32)
     bad = np.empty((S, K, C), dtype=np.bool_)
     flags = np.zeros((S, K), dtype=np.int32)
-    offset = np.empty((S, K, C), dtype=np.float32)
     zero = np.float32(0.0)
-    # per-strip quantities of one trail
-    wl = np.empty(K, dtype=np.float32)
-    wo = np.empty(K, dtype=np.float32)
-    sk = np.empty(K, dtype=np.float32)
-    used_l = np.empty(K, dtype=np.bool_)
-    used_o = np.empty(K, dtype=np.bool_)
-    off_along = np.empty(K, dtype=np.bool_)
-    col_l = np.empty(K, dtype=np.int64)
-    col_o = np.empty(K, dtype=np.int64)
-    any_bad = np.empty(K, dtype=np.bool_)
-    hv_cur = np.empty(C, dtype=np.float32)
-    hb_cur = np.empty(C, dtype=np.bool_)
-    hv_nxt = np.empty(C, dtype=np.float32)
-    hb_nxt = np.empty(C, dtype=np.bool_)
-    hv_oth = np.empty(C, dtype=np.float32)
-    hb_oth = np.empty(C, dtype=np.bool_)
+    # pixels of one trail: the lead column of every sample and the other column of the last one (where
+    # the trail moves by one column per sample the other column of sample k is the lead column of k + 1,
+    # so each pixel is read and tested once), and a spare row; value x gain (0 if bad) and bad. (The
+    # loops are written out: a helper taking row views costs twice the time.)
+    hv = np.empty((K + 2, C), dtype=np.float32)
+    hb = np.empty((K + 2, C), dtype=np.bool_)
     for s in range(S):
         skp = max(sky[s], zero)
-        for k in range(K):
-            ph = np.float32(phase[s, k])
+        for k in range(K + 1):
+            if k < K:
+                col = min(max(lead[s, k], 0), n_along - 1)
+                jj0 = jc[s, k] - W
+            else:
+                col = min(max(other[s, K - 1], 0), n_along - 1)
+                jj0 = jc[s, K - 1] - W
+            gx = g_col[col]
+            sx = sat_col[col]
             for c in range(C):
-                offset[s, k, c] = ph + np.float32(c - W)
-            wl[k] = np.float32(w_lead[s, k])
-            wo[k] = np.float32(w_other[s, k])
-            sk[k] = np.float32(w1[s, k] + w2[s, k]) * sky[s]
-            used_l[k] = w_lead[s, k] > 1e-9
-            used_o[k] = w_other[s, k] > 1e-9
+                jj = jj0 + c
+                jjc = min(max(jj, 0), n_cross - 1)
+                if major_x:
+                    yy, xx = jjc, col
+                else:
+                    yy, xx = col, jjc
+                    gx = g_col[xx]
+                    sx = sat_col[xx]
+                val = np.float32(img[yy, xx])
+                b = jj < 0 or jj >= n_cross or not np.isfinite(val)
+                if use_sat and val >= sx:
+                    b = True
+                if use_mask:
+                    mv = np.int64(mask[yy, xx])
+                    if bits < 0:
+                        if mv != 0:
+                            b = True
+                    elif (mv & bits) != 0:
+                        b = True
+                hv[k, c] = zero if b else val * gx
+                hb[k, c] = b
+        for k in range(K):
+            j0 = jc[s, k]
             cl = lead[s, k]
             co = other[s, k]
-            off_along[k] = (used_l[k] and (cl < 0 or cl >= n_along)) or (used_o[k] and (co < 0 or co >= n_along))
-            col_l[k] = min(max(cl, 0), n_along - 1)
-            col_o[k] = min(max(co, 0), n_along - 1)
-            any_bad[k] = False
-        # strip by strip from the last sample: where the trail moves by one column per sample the
-        # "other" column of sample k is the "lead" column of sample k + 1, read just before (each pixel is
-        # then read and tested once); the C cells of a column are consecutive pixels of an image row
-        # with the drift along y, and a short run of rows with it along x
-        for k in range(K - 1, -1, -1):
-            j0 = jc[s, k]
-            _column(img, mask, use_mask, bits, g_col, sat_col, use_sat, major_x, n_cross, j0 - W, C, col_l[k],
-                    hv_cur, hb_cur)
-            if k + 1 < K and col_o[k] == col_l[k + 1] and j0 == jc[s, k + 1]:
-                hv_o, hb_o = hv_nxt, hb_nxt
-            else:
-                _column(img, mask, use_mask, bits, g_col, sat_col, use_sat, major_x, n_cross, j0 - W, C, col_o[k],
-                        hv_oth, hb_oth)
-                hv_o, hb_o = hv_oth, hb_oth
-            wlk, wok, skk, ul, uo, oa = wl[k], wo[k], sk[k], used_l[k], used_o[k], off_along[k]
-            ab = False
+            col_l = min(max(cl, 0), n_along - 1)
+            col_o = min(max(co, 0), n_along - 1)
+            # the other column: the next sample's lead column, or (the chain breaks) on its own in row K + 1
+            ko = k + 1
+            if k + 1 < K and (col_o != min(max(lead[s, k + 1], 0), n_along - 1) or j0 != jc[s, k + 1]):
+                ko = K + 1
+                gx = g_col[col_o]
+                sx = sat_col[col_o]
+                for c in range(C):
+                    jj = j0 - W + c
+                    jjc = min(max(jj, 0), n_cross - 1)
+                    if major_x:
+                        yy, xx = jjc, col_o
+                    else:
+                        yy, xx = col_o, jjc
+                        gx = g_col[xx]
+                        sx = sat_col[xx]
+                    val = np.float32(img[yy, xx])
+                    b = jj < 0 or jj >= n_cross or not np.isfinite(val)
+                    if use_sat and val >= sx:
+                        b = True
+                    if use_mask:
+                        mv = np.int64(mask[yy, xx])
+                        if bits < 0:
+                            if mv != 0:
+                                b = True
+                        elif (mv & bits) != 0:
+                            b = True
+                    hv[ko, c] = zero if b else val * gx
+                    hb[ko, c] = b
+            wl = np.float32(w_lead[s, k])
+            wo = np.float32(w_other[s, k])
+            sk = np.float32(w1[s, k] + w2[s, k]) * sky[s]
+            ul = w_lead[s, k] > 1e-9
+            uo = w_other[s, k] > 1e-9
+            oa = (ul and (cl < 0 or cl >= n_along)) or (uo and (co < 0 or co >= n_along))
+            any_bad = False
             for c in range(C):
-                d = wlk * hv_cur[c]
-                d = d + wok * hv_o[c]
-                d = d - skk
-                bc = oa or (hb_cur[c] and ul) or (hb_o[c] and uo)
+                d = wl * hv[k, c]
+                d = d + wo * hv[ko, c]
+                d = d - sk
+                bc = oa or (hb[k, c] and ul) or (hb[ko, c] and uo)
                 data[s, k, c] = zero if bc else d
                 bad[s, k, c] = bc
-                ab = ab or bc
-            any_bad[k] = ab
-            # this strip's lead column is the next one's (k - 1) other column
-            hv_cur, hv_nxt = hv_nxt, hv_cur
-            hb_cur, hb_nxt = hb_nxt, hb_cur
-        for k in range(K):
-            j0 = jc[s, k]
+                any_bad = any_bad or bc
             for c in range(Cv):
                 if major_x:
-                    xl = col_l[k]
-                    xo = col_o[k]
+                    xl = col_l
+                    xo = col_o
                 else:
                     xl = min(max(j0 - W + c, 0), n_cross - 1)
                     xo = xl
-                var0[s, k, c] = wl[k] * wl[k] * (rn2_col[xl] + skp) + wo[k] * wo[k] * (rn2_col[xo] + skp)
+                var0[s, k, c] = wl * wl * (rn2_col[xl] + skp) + wo * wo * (rn2_col[xo] + skp)
             fl = np.int32(0)
-            if off_along[k] or j0 - W < 0 or j0 + W >= n_cross:
+            if oa or j0 - W < 0 or j0 + W >= n_cross:
                 fl |= f_off
-            if any_bad[k]:
+            if any_bad:
                 # pixel flags of the strips with a bad cell (every cell of a used column, as gathered)
                 sat_any = False
                 cr_any = False
                 streak_any = False
                 for h in range(2):
-                    if not (used_l[k] if h == 0 else used_o[k]):
+                    if not (ul if h == 0 else uo):
                         continue
-                    colc = col_l[k] if h == 0 else col_o[k]
+                    colc = col_l if h == 0 else col_o
                     for c in range(C):
                         jjc = min(max(j0 - W + c, 0), n_cross - 1)
                         if major_x:
@@ -421,78 +441,41 @@ def cut_cells(img, mask, use_mask, bits, g_col, rn2_col, sat_col, use_sat, major
                 if streak_any:
                     fl |= f_sat_streak
             flags[s, k] = fl
-    return data, var0, bad, flags, offset
+    return data, var0, bad, flags
 
 
+# --------------------------------------------------------------------------- profile
 @jit
-def _cell(img, mask, use_mask, bits, g_col, sat_col, use_sat, major_x, n_cross, jj, col_l, col_o, wl, wo, sk,
-          used_l, used_o, off_along, data, bad, s, k, c):
-    """One cell of :func:`cut_cells`: both columns' values x gain (0 if bad), combined; returns whether bad."""
-    outside = jj < 0 or jj >= n_cross
-    jjc = min(max(jj, 0), n_cross - 1)
-    zero = np.float32(0.0)
-    d = zero
-    bc = off_along
-    for h in range(2):
-        colc = col_l if h == 0 else col_o
-        if major_x:
-            yy, xx = jjc, colc
-        else:
-            yy, xx = colc, jjc
-        val = np.float32(img[yy, xx])
-        b = outside or not np.isfinite(val)
-        if use_sat and val >= sat_col[xx]:
-            b = True
-        if use_mask:
-            mv = np.int64(mask[yy, xx])
-            if bits < 0:
-                if mv != 0:
-                    b = True
-            elif (mv & bits) != 0:
-                b = True
-        hv = zero if b else val * g_col[xx]
-        if h == 0:
-            d = wl * hv
-            if b and used_l:
-                bc = True
-        else:
-            d = d + wo * hv
-            if b and used_o:
-                bc = True
-    d = d - sk
-    data[s, k, c] = zero if bc else d
-    bad[s, k, c] = bc
-    return bc
+def profile_design(off, shift, delta_r, u0, bin_px, nb, b_val, b_diff, wy):
+    """Design matrix of the profile fit of :func:`pydriftn.extract.profile.measure_profile`.
 
-
-
-@jit
-def _column(img, mask, use_mask, bits, g_col, sat_col, use_sat, major_x, n_cross, jj0, C, col, hv, hb):
-    """Cells ``jj0 .. jj0 + C - 1`` (cross index) of the along index ``col`` (clipped): value x gain, 0 if
-    bad (non-finite, saturated, masked, outside the image across), into ``hv``; bad into ``hb``."""
-    zero = np.float32(0.0)
-    if major_x:
-        gx = g_col[col]
-        sx = sat_col[col]
-    for c in range(C):
-        jj = jj0 + c
-        jjc = min(max(jj, 0), n_cross - 1)
-        if major_x:
-            yy, xx = jjc, col
-        else:
-            yy, xx = col, jjc
-            gx = g_col[xx]
-            sx = sat_col[xx]
-        val = np.float32(img[yy, xx])
-        b = jj < 0 or jj >= n_cross or not np.isfinite(val)
-        if use_sat and val >= sx:
-            b = True
-        if use_mask:
-            mv = np.int64(mask[yy, xx])
-            if bits < 0:
-                if mv != 0:
-                    b = True
-            elif (mv & bits) != 0:
-                b = True
-        hv[c] = zero if b else val * gx
-        hb[c] = b
+    The basis (``b_val``, tabulated on ``u0 + bin_px * arange(nb)``, and ``b_diff``, its difference to the
+    next node) interpolated linearly at ``u = offset - shift[k] - delta[r]`` of every cell of the reference
+    strips. Returns ``X`` (R, K, C, nbas), the same in sample-major order ``Xk`` (K, R * C, nbas) and
+    ``Xk`` times the cell weights ``wy`` (R, K, C) in that order — what the numpy code built with a
+    gather of the complex table, a transposed copy and a product (same float64 operations).
+    """
+    R, K, C = off.shape
+    nbas = b_val.shape[1]
+    X = np.empty((R, K, C, nbas), dtype=np.float64)
+    Xk = np.empty((K, R * C, nbas), dtype=np.float64)
+    Xkw = np.empty((K, R * C, nbas), dtype=np.float64)
+    fmax = nb - 1 - 1e-6
+    for r in range(R):
+        dr = delta_r[r]
+        for k in range(K):
+            sk = shift[k]
+            for c in range(C):
+                u = (off[r, k, c] - sk) - dr
+                f = (np.float64(u) - u0) / bin_px
+                f = min(max(f, 0.0), fmax)
+                i0 = np.int64(np.floor(f))
+                fr = f - np.float64(i0)
+                w = wy[r, k, c]
+                q = r * C + c
+                for i in range(nbas):
+                    x = b_val[i0, i] + b_diff[i0, i] * fr
+                    X[r, k, c, i] = x
+                    Xk[k, q, i] = x
+                    Xkw[k, q, i] = x * w
+    return X, Xk, Xkw

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import erf
 
+from ._kernels import profile_design
+
 __all__ = ["CrossProfile", "measure_profile", "BASIS_SIGMAS_PX"]
 
 _SQRT2 = math.sqrt(2.0)
@@ -254,9 +256,9 @@ def measure_profile(strips, ref, *, halfwindow=2, bin_px=0.05, n_iter=2, prior_o
     ugrid = u0 + bin_px * np.arange(nb)
     bgrid = _basis_grid(ugrid, sigmas)
     nbas = bgrid.shape[1]
-    bcplx = np.zeros(bgrid.shape, dtype=np.complex128)
-    bcplx.real = bgrid
-    bcplx.imag[:-1] = bgrid[1:] - bgrid[:-1]
+    b_val = np.ascontiguousarray(bgrid)
+    b_diff = np.zeros(bgrid.shape)  # difference to the next node
+    b_diff[:-1] = bgrid[1:] - bgrid[:-1]
     shift = np.zeros(K, dtype=np.float32)
     delta = np.zeros(S, dtype=np.float32)
     delta_err = np.full(S, np.inf, dtype=np.float32)
@@ -269,7 +271,7 @@ def measure_profile(strips, ref, *, halfwindow=2, bin_px=0.05, n_iter=2, prior_o
     d = strips.data[ridx].astype(np.float64)
     v0 = strips.var0[ridx]
     good = ~strips.bad[ridx]
-    off = strips.offset[ridx]
+    off = strips.offset_rows(ridx)
     strip_ok = good.all(axis=2)
     B = d.sum(axis=2)
     strip_ok &= B > 0
@@ -280,16 +282,12 @@ def measure_profile(strips, ref, *, halfwindow=2, bin_px=0.05, n_iter=2, prior_o
     prof = None
     n_iter = max(int(n_iter), 2)
     for it in range(n_iter):
-        u = off - shift[None, :, None] - delta[ridx][:, None, None]
-        f = np.clip((u.astype(np.float64) - u0) / bin_px, 0, nb - 1 - 1e-6)
-        i0 = np.floor(f).astype(np.int64)
-        fr = (f - i0)[..., None]
-        Xc = bcplx[i0]  # one gather: node values (real) and differences to the next (imag)
-        X = Xc.real + Xc.imag * fr  # (R, K, C, nbas)
+        # the basis interpolated at u = offset - shift - delta of every cell (R, K, C, nbas), and in
+        # sample-major order (K, R * C, nbas) without and with the cell weights: one compiled loop
+        X, Xk, Xkw = profile_design(off, shift, delta[ridx], float(u0), float(bin_px), int(nb), b_val, b_diff,
+                                    np.ascontiguousarray(wy, dtype=np.float64))
         # normal equations per sample, as batched matrix products over (ref, cell)
-        Xk = np.ascontiguousarray(X.transpose(1, 0, 2, 3)).reshape(K, -1, nbas)
-        wk = wy.transpose(1, 0, 2).reshape(K, -1, 1)
-        XkT_w = np.swapaxes(Xk * wk, 1, 2)
+        XkT_w = np.swapaxes(Xkw, 1, 2)
         Nk = XkT_w @ Xk
         bk = (XkT_w @ y.transpose(1, 0, 2).reshape(K, -1, 1))[..., 0]
         Nk = _running_sum(Nk, halfwindow)

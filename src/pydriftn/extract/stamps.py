@@ -21,6 +21,7 @@ extraction).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -51,7 +52,6 @@ class Strips:
     data: np.ndarray  # float32 electrons, sky subtracted
     var0: np.ndarray  # float32 e^2: read noise + sky (+ sky-level error not included)
     bad: np.ndarray  # bool: masked / saturated / off image / non-finite
-    offset: np.ndarray  # float32 cross offset (px) of pixel centre from the star's position
     q: np.ndarray  # (S, K) float32 source-variance factor (w1^2 + w2^2)/(w1 + w2)
     sample_flags: np.ndarray  # (S, K) int32 flags from the pixels (masked, saturated, CR, off image)
     n_bad_core: np.ndarray  # (S, K) int16 masked pixels within 1.5 FWHM-ish (filled later)
@@ -61,6 +61,18 @@ class Strips:
     cross_centre: np.ndarray  # (S, K) float64 cross-axis coordinate of the star at mid-sample
     along_centre: np.ndarray  # (S, K) float64 along-axis coordinate at mid-sample
     phase: np.ndarray  # (S, K) float64 offset of the central cell from the star (= offset[..., W])
+
+    @cached_property
+    def offset(self):
+        """``(S, K, C)`` float32 cross offset (px) of each pixel centre from the star's position
+        (computed on first use: the extraction needs it only for its profile reference stars,
+        :meth:`offset_rows`)."""
+        return self.offset_rows(slice(None))
+
+    def offset_rows(self, rows):
+        """:attr:`offset` of the stars ``rows`` (index or slice): ``float32(phase) + (c - W)``."""
+        W = int(self.half_width)
+        return self.phase[rows].astype(np.float32)[..., None] + np.arange(-W, W + 1, dtype=np.float32)
 
 
 def cut_strips(image, mask, x_start, y_start, x_end, y_end, geometry, sky_e, gain, read_noise_e,
@@ -158,10 +170,10 @@ def cut_strips(image, mask, x_start, y_start, x_end, y_end, geometry, sky_e, gai
     m2 = np.asarray(mask) if use_mask else np.zeros((1, 1), dtype=np.uint8)
     if use_mask and m2.dtype.kind not in "iub":
         m2 = m2.astype(np.int64)
-    data, var0, bad, flags, offset = cut_cells(
+    data, var0, bad, flags = cut_cells(
         src, m2, use_mask, -1 if bad_bits is None else int(bad_bits), g_col, rn2_col,
         sat_col if sat_col is not None else g_col, sat_col is not None, major == "x",
-        np.ascontiguousarray(lead), np.ascontiguousarray(other), jc, phase, w_lead, w_other, w1, w2, sky, W,
+        np.ascontiguousarray(lead), np.ascontiguousarray(other), jc, w_lead, w_other, w1, w2, sky, W,
         int(fb.PIXEL_COSMIC_RAY), int(fb.PIXEL_SATURATED), int(fb.PIXEL_STREAK),
         int(fb.OFF_IMAGE), int(fb.SATURATED), int(fb.COSMIC_RAY), int(fb.SATELLITE))
     wsum = (w1 + w2).astype(np.float32)
@@ -171,7 +183,6 @@ def cut_strips(image, mask, x_start, y_start, x_end, y_end, geometry, sky_e, gai
         data=data,
         var0=var0,
         bad=bad,
-        offset=offset,
         q=q,
         sample_flags=flags,
         n_bad_core=np.zeros((S, K), dtype=np.int16),
