@@ -155,6 +155,8 @@ def make_grid(direction, length_px, sigma_px, *, pad_sigma=3.0, half_width=None,
 #: |z| beyond which scipy's ndtr returns exactly 1 (above) or 0 (below), by dtype (with a margin:
 #: float32 results are 1.0 from z = 5.42 and 0.0 from z = -14.17; float64 1.0 from z = 8.29)
 _NO_BAD = np.zeros((0, 0), bool)
+#: trails per chunk of the compiled passes over (trail, p, q) temporaries (a chunk stays in the cache)
+_CHUNK = 64
 
 _NDTR_EXACT = {np.dtype(np.float32): (5.6, -14.5), np.dtype(np.float64): (8.5, -39.0)}
 
@@ -383,15 +385,22 @@ def _fit_along(vals, valid, var, grid, qm, pa, pb, s, *, n_iter, length_prior_px
     qc = qm[:, None, None] + (P[:, :, None] - 0.5 * (pa + pb)[:, None, None]) * grid.tan_phi
     # g = exp(-0.5 ((Q - qc) / s)^2) / (sqrt(2 pi) s): the exponent in one compiled pass, numpy's exp
     n, n_p = qc.shape[0], P.shape[1]
-    e = _kernels.cross_exponent(np.ascontiguousarray(grid.q_off, dtype=float), np.ascontiguousarray(qc.reshape(n, n_p)),
-                                np.ascontiguousarray(s, dtype=float), np.empty(vals.shape))
-    np.exp(e, out=e)
     # optimal weights across the trail, wq = g * valid (the PSF cross profile); valid: float 0/1,
     # vals and var are zero on invalid samples: sum wq g, sum wq, sum vals wq, sum var wq^2 in one pass
+    # (by chunks of trails, so that the exponents stay in the cache)
     cov_q, nq, prof, pvar = (np.empty((n, n_p)) for _ in range(4))
-    _kernels.cross_sums(e, np.ascontiguousarray(_INV_SQRT_2PI / s, dtype=float), valid, vals, var, cov_q, nq, prof,
-                        pvar)
-    del e
+    Qc = np.ascontiguousarray(grid.q_off, dtype=float)
+    qc = np.ascontiguousarray(qc.reshape(n, n_p))
+    s_c = np.ascontiguousarray(s, dtype=float)
+    c = np.ascontiguousarray(_INV_SQRT_2PI / s, dtype=float)
+    ebuf = np.empty((min(n, _CHUNK),) + vals.shape[1:])
+    for i0 in range(0, n, _CHUNK):
+        i1 = min(i0 + _CHUNK, n)
+        e = ebuf[: i1 - i0]
+        _kernels.cross_exponent(Qc, qc[i0:i1], s_c[i0:i1], e)
+        np.exp(e, out=e)
+        _kernels.cross_sums(e, c[i0:i1], valid[i0:i1], vals[i0:i1], var[i0:i1], cov_q[i0:i1], nq[i0:i1],
+                            prof[i0:i1], pvar[i0:i1])
     wt = np.where(nq > 0, 1.0 / np.maximum(pvar, 1e-30), 0.0)
     L = grid.length_p
     h = np.maximum((prof * (cov_q > 0)).sum(axis=1) / np.maximum(L, 1.0), 1e-3)
@@ -641,15 +650,23 @@ def _model_on_grid(grid: TrailGrid, xa, ya, x_mid, y_mid, h, length_p=None):
     hh = np.asarray(h, np.float32)[:, None, None]
     n, n_p, n_q = qc.shape[0], P.shape[1], Q.shape[2]
     coef = np.array([-0.5 / (sk * sk) for sk in ss], np.float32)
-    ex = _kernels.cross_args(np.ascontiguousarray(Q.reshape(-1)), np.ascontiguousarray(qc.reshape(n, n_p)), coef,
-                             np.empty((len(ws), n, n_p, n_q), np.float32))
-    np.exp(ex, out=ex)
     along = np.empty((len(ws), n, n_p), np.float32)
     for k, (w, sk) in enumerate(zip(ws, ss)):
         inv = np.float32(1.0 / sk)
         a = (_ndtr_along((P - pa) * inv) - _ndtr_along((P - pb) * inv)) * (np.float32(w * _INV_SQRT_2PI / sk) * hh)
         along[k] = a.reshape(n, n_p)
-    return _kernels.mix_components(ex, along, np.empty((n, n_p, n_q), np.float32))
+    out = np.empty((n, n_p, n_q), np.float32)
+    Qc = np.ascontiguousarray(Q.reshape(-1))
+    qc = np.ascontiguousarray(qc.reshape(n, n_p))
+    # by chunks of trails, so that the exponents stay in the cache between the three passes
+    ex = np.empty((len(ws), min(n, _CHUNK), n_p, n_q), np.float32)
+    for i0 in range(0, n, _CHUNK):
+        i1 = min(i0 + _CHUNK, n)
+        e = ex[:, : i1 - i0]
+        _kernels.cross_args(Qc, qc[i0:i1], coef, e)
+        np.exp(e, out=e)
+        _kernels.mix_components(e, along[:, i0:i1], out[i0:i1])
+    return out
 
 
 def render_trails(shape, grid: TrailGrid, x_mid, y_mid, h, dtype=np.float32, templates=None):
