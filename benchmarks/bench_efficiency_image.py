@@ -19,6 +19,13 @@ stars left out). Both levels are printed side by side:
 * ``found``: an unvetoed candidate above threshold on the event's star with t0 within 0.5 s and tE within 30 %;
 * ``detected``: the same with t0 only inside the event (``max(1 s, tE max(1, rho))``), the criterion of
   ``pydriftn efficiency``;
+* ``of searchable``: of the events on stars with samples the search uses (not all flagged, e.g. BLENDED);
+* ``of peak-observed``: of the events whose peak the star's searchable samples recorded
+  (:func:`pydriftn.events.imagelevel.peak_observed`: a sample within the event's half-maximum as the
+  PSF-smeared samples see it, or samples on both sides while it is magnified by >= 1.1; not a short event in
+  a gap between exposures or while the star's trail was off the CCD or flagged); the others cannot be found
+  with t0 to 0.5 s. The totals over all cells are printed for all events, the searchable ones and the
+  peak-observed ones;
 * intervals: Wilson, 68 %;
 * false positives: unvetoed candidates above threshold on the stars without a simulated event, per event-free
   star-night (target <= 1e-4), each listed.
@@ -96,6 +103,11 @@ def loss_breakdown(inj: pd.DataFrame) -> pd.DataFrame:
                                      & (s["dt0_s"].abs() <= 0.5) & ((s["te_ratio"] - 1).abs() <= 0.3)).sum()),
             found=int(g["found"].sum()),
             found_of_searchable=f"{int(s['found'].sum())}/{len(s)}"))
+        if "peak_observed" in g.columns and g["peak_observed"].notna().all():
+            o = g[g["peak_observed"].astype(bool)]
+            # searchable stars whose peak time fell outside their usable samples (a gap, off the CCD, flagged)
+            rows[-1]["peak_not_observed"] = int((g["searchable"] & ~g["peak_observed"].astype(bool)).sum())
+            rows[-1]["found_of_peak_observed"] = f"{int(o['found'].sum())}/{len(o)}"
     return pd.DataFrame(rows)
 
 

@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pydriftn.events.imagelevel import ImageCell, image_level_efficiency, wilson_interval
+from pydriftn.events.imagelevel import (ImageCell, image_level_efficiency, magnified_half_span_s, peak_observed,
+                                        wilson_interval)
 from pydriftn.events.series import EventSearchError
 
 
@@ -19,6 +20,60 @@ def test_wilson_interval_reference_values():
     lo, hi = wilson_interval(20, 20, 0.6827)
     assert hi == 1.0 and 0.9 < lo < 1.0
     assert np.isnan(wilson_interval(0, 0)[0])
+
+
+def test_peak_observed_only_within_the_stars_usable_samples():
+    from pydriftn import flags
+
+    # two exposures of 37 samples of 0.54 s, 48 s apart (a 28 s gap); star 1 on the CCD in both, star 2 off
+    # the CCD for the second half of exposure 1 and BLENDED in exposure 2, star 3 flagged but with a NaN flux
+    dt, day = 0.54, 86400.0
+    rows = []
+    for e, t_start in ((1, 0.0), (2, 48.0)):
+        for k in range(37):
+            t = t_start + (k + 0.5) * dt
+            rows.append((1, e, t, 1.0, 0))
+            if e == 1 and k < 18:
+                rows.append((2, e, t, 1.0, 0))
+            if e == 2:
+                rows.append((2, e, t, 1.0, int(flags.BLENDED)))
+            rows.append((3, e, t, np.nan if e == 1 else 1.0, 0))
+    lc = pd.DataFrame(rows, columns=["star_id", "expnum", "t", "norm_flux", "flags"])
+    lc["mjd"] = 60000.0 + lc["t"] / day
+    t0 = np.array([10.0, 30.0, 60.0, 20.05, 19.9, 5.0, 15.0, 60.0, 10.0, 60.0, 10.0]) / day + 60000.0
+    star = pd.array([1, 1, 1, 1, 1, 2, 2, 2, 3, 3, None], dtype="Int64")
+    want = [True, False, True, False, True, True, False, False, False, True, False]
+    got = peak_observed(star, t0, lc)
+    # star 1: last sample of exposure 1 at 19.71 s, + half a sample = 19.98 s: 19.9 s in, 20.05 s out; 30 s is
+    # in the gap; star 2: samples to 9.45 s in exposure 1 (then off the CCD), BLENDED in exposure 2
+    assert list(got) == want
+    # without the BLENDED bit in the mask, star 2's exposure 2 counts
+    got2 = peak_observed(star, t0, lc, bad_flag_mask=int(flags.COSMIC_RAY))
+    assert got2[7] and list(np.delete(got2, 7)) == list(np.delete(want, 7))
+    # with the event parameters: a sample within the half-maximum of the event as the samples see it (the
+    # event's and the smearing kernel's, 3.7 x 1.052 px = 1.05 s half width, in quadrature) + half a sample,
+    # or samples on both sides while A >= 1.1. tE = 1 s: reach 1.33 s, so 20.05 s (0.34 s past star 1's last
+    # sample) counts, star 2 at 15 s (5.5 s past its last one) does not
+    n = len(t0)
+    short = peak_observed(star, t0, lc, None, np.full(n, 1.0), np.full(n, 0.1), np.full(n, 0.01))
+    assert list(short) == [True, False, True, True, True, True, False, False, False, True, False]
+    # tE = 30 s: reach 5 s, and magnified by >= 1.1 for 50 s either side: the peak at 30 s (in the gap) is
+    # bracketed by star 1's samples; star 2 at 60 s (50.6 s after its last usable sample, none after) and star 3
+    # at 10 s (no usable sample before) are not
+    long_ = peak_observed(star, t0, lc, None, np.full(n, 30.0), np.full(n, 0.1), np.full(n, 0.01))
+    assert list(long_) == [True, True, True, True, True, True, False, False, False, True, False]
+
+
+def test_magnified_half_span_is_the_point_lens_value():
+    # point source: A(u) = 1.1 at u^2 = 2 A / sqrt(A^2 - 1) - 2; half span tE sqrt(u^2 - u0^2)
+    a = 1.1
+    u = np.sqrt(2 * a / np.sqrt(a * a - 1) - 2)
+    got = magnified_half_span_s([30.0, 3.0], [0.1, 0.5], [1e-4, 1e-4])
+    np.testing.assert_allclose(got, [30 * np.sqrt(u * u - 0.01), 3 * np.sqrt(u * u - 0.25)], rtol=2e-3)
+    # a large source (rho = 1) magnifies for longer (A ~ 2.2 over the disk crossing) and never below u0 = 0 ...
+    assert magnified_half_span_s(10.0, 0.1, 1.0)[0] > 10 * np.sqrt(u * u - 0.01)
+    # ... and a source far from the lens is never magnified by 1.1
+    assert magnified_half_span_s(10.0, 5.0, 0.01)[0] == 0.0
 
 
 def test_bad_cell_is_a_typed_error(tmp_path):
@@ -82,6 +137,15 @@ def test_efficiency_table_counts_and_intervals(strong_cell):
         assert r["efficiency_searchable_lo"] <= r["efficiency_searchable"] <= r["efficiency_searchable_hi"]
         assert r["te_s"] == 10.0 and r["u0"] == 0.1
     assert im["n_found_searchable"] == im["n_found"]  # an event on a star without searchable samples is not found
+    # peak-observed events (peak time within the star's usable samples) are on searchable stars; these short
+    # events peak 20-80 % into an exposure, so nearly all searchable ones had their peak recorded
+    inj = res.injections
+    assert im["n_peak_observed"] == int(inj["peak_observed"].sum()) <= im["n_searchable"]
+    assert not (inj["peak_observed"] & ~inj["searchable"]).any()
+    assert inj.loc[inj["searchable"], "peak_observed"].mean() >= 0.8
+    assert im["n_found_peak_observed"] == int((inj["found"] & inj["peak_observed"]).sum())
+    assert im["efficiency_peak_observed_lo"] <= im["efficiency_peak_observed"] <= im["efficiency_peak_observed_hi"]
+    assert any("of peak-observed" in line for line in res.summary_lines())
     assert (out / "efficiency_image.png").stat().st_size > 1000
     # the simulated images are removed after the run, the truth is kept
     rep = out / "cells" / cell.key / "rep0"

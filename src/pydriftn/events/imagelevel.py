@@ -58,7 +58,7 @@ import pandas as pd
 from .series import SECONDS_PER_DAY, EventSearchError
 
 __all__ = ["ImageCell", "DEFAULT_CELLS", "ImageEfficiencyResult", "image_level_efficiency", "wilson_interval",
-           "plot_image_efficiency"]
+           "plot_image_efficiency", "peak_observed", "magnified_half_span_s"]
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,10 @@ class ImageEfficiencyResult:
         ``detection_efficiency, detection_lo, detection_hi``, ``confidence``,
         ``median_dt0_s, median_abs_dt0_s, median_te_ratio`` (of the detected
         ones), ``n_found_searchable, efficiency_searchable`` (+ ``_lo, _hi``:
-        of the events on stars with samples the search uses).
+        of the events on stars with samples the search uses),
+        ``n_peak_observed, n_found_peak_observed, efficiency_peak_observed``
+        (+ ``_lo, _hi``: of the events whose peak the star's searchable
+        samples recorded, :func:`peak_observed`; image level only).
     injections : pandas.DataFrame
         One row per simulated event (image level).
     series_injections : pandas.DataFrame
@@ -152,10 +155,14 @@ class ImageEfficiencyResult:
         lines = ["image-level vs series-level injection-recovery: efficiency [68 % Wilson interval] / injections",
                  "  found = unvetoed candidate above threshold, t0 within 0.5 s and tE within 30 %; detected = the "
                  "same with t0 only inside the event; 'of searchable' = of the events on stars with samples the "
-                 "search uses (not all flagged, e.g. BLENDED)"]
+                 "search uses (not all flagged, e.g. BLENDED); 'of peak-observed' = of the events whose peak the "
+                 "star's searchable samples recorded (peak_observed: not a short event in a gap between exposures "
+                 "or while the star was off the CCD or flagged)"]
         cols = (("found", "efficiency", "efficiency_lo", "efficiency_hi", "n_injected"),
                 ("found of searchable", "efficiency_searchable", "efficiency_searchable_lo",
                  "efficiency_searchable_hi", "n_searchable"),
+                ("found of peak-observed", "efficiency_peak_observed", "efficiency_peak_observed_lo",
+                 "efficiency_peak_observed_hi", "n_peak_observed"),
                 ("detected", "detection_efficiency", "detection_lo", "detection_hi", "n_injected"))
         t = self.table
 
@@ -177,6 +184,20 @@ class ImageEfficiencyResult:
             row += (f" {i0['median_abs_dt0_s']:9.3f} {i0['median_te_ratio']:7.3f}" if i0 is not None else " " * 18)
             row += f" {s0['median_te_ratio']:7.3f}" if s0 is not None else ""
             lines.append(row)
+        inj = self.injections
+        if len(inj) and "found" in inj.columns:
+            tot = []
+            for name, sel in (("all events", np.ones(len(inj), bool)),
+                              ("of searchable", inj["searchable"].astype(bool).to_numpy()
+                               if "searchable" in inj.columns else None),
+                              ("of peak-observed", inj["peak_observed"].astype(bool).to_numpy()
+                               if "peak_observed" in inj.columns and inj["peak_observed"].notna().all() else None)):
+                if sel is None:
+                    continue
+                k, n = int(inj.loc[sel, "found"].sum()), int(sel.sum())
+                lo, hi = wilson_interval(k, n)
+                tot.append(f"{name} {k}/{n} = {k / n if n else np.nan:.3f} [{lo:.3f}, {hi:.3f}]")
+            lines.append("  image level, all cells, found: " + "; ".join(tot))
         for f in self.files:
             lines.append(f"  wrote {f}")
         return lines
@@ -224,6 +245,13 @@ def _summarise(g: pd.DataFrame, confidence: float) -> dict:
         slo, shi = wilson_interval(nfs, ns, confidence)
         out.update(n_searchable=ns, n_found_searchable=nfs, efficiency_searchable=nfs / ns if ns else np.nan,
                    efficiency_searchable_lo=slo, efficiency_searchable_hi=shi)
+    if "peak_observed" in g.columns and g["peak_observed"].notna().all():
+        og = g[g["peak_observed"].astype(bool)]
+        no, nfo = int(len(og)), int(og["found"].sum())
+        olo, ohi = wilson_interval(nfo, no, confidence)
+        out.update(n_peak_observed=no, n_found_peak_observed=nfo,
+                   efficiency_peak_observed=nfo / no if no else np.nan, efficiency_peak_observed_lo=olo,
+                   efficiency_peak_observed_hi=ohi)
     return out
 
 
@@ -282,8 +310,120 @@ def calibrated_stars(catalogue: pd.DataFrame, truth_stars: pd.DataFrame, radius_
     return catalogue[["star_id", "ra", "dec"]].assign(r=mag + zp)
 
 
+def magnified_half_span_s(te_s, u0, rho, level: float = 1.1, peak_fraction: float | None = None) -> np.ndarray:
+    """Half the time (s) for which a point-lens event is magnified by at least ``level`` (0 if never).
+
+    With ``peak_fraction`` the level is ``1 + peak_fraction (A_peak - 1)``
+    instead (0.5: half the time above half the peak excess, the light curve's
+    half-maximum). From the finite-source magnification curve on a grid of
+    1/20000 of the span searched, ``|t - t0| <= tE (rho + 20)`` (``A(u = 20)
+    - 1 ~ 1e-5``).
+    """
+    from ..models import microlensing_magnification_curve
+
+    te, u0, rho = (np.atleast_1d(np.asarray(v, float)) for v in (te_s, u0, rho))
+    te, u0, rho = np.broadcast_arrays(te, u0, rho)
+    out = np.zeros(te.shape)
+    x = np.linspace(0.0, 1.0, 20001)
+    for k in range(te.size):
+        t_max = te.flat[k] * (rho.flat[k] + 20.0)
+        a = microlensing_magnification_curve(x * t_max, 0.0, te.flat[k], u0.flat[k], rho.flat[k])
+        lev = level if peak_fraction is None else 1.0 + peak_fraction * (float(np.max(a)) - 1.0)
+        above = np.flatnonzero(a >= lev)
+        out.flat[k] = x[above[-1]] * t_max if above.size else 0.0
+    return out
+
+
+def peak_observed(star_id, t0_mjd, lc: pd.DataFrame, bad_flag_mask=None, te_s=None, u0=None, rho=None
+                  ) -> np.ndarray:
+    """Did the star's usable samples record the event's peak? One bool per event.
+
+    With the event parameters (``te_s, u0, rho``): True when the star has a
+    searchable sample (finite ``norm_flux``, no bit of ``bad_flag_mask``)
+    within the half-maximum of the event as its samples see it, +- half a
+    sample: the half width of the time the event's excess ``A - 1`` is at
+    least half its peak value (:func:`magnified_half_span_s` with
+    ``peak_fraction=0.5``: 0.15 s for tE = 1 s, u0 = 0.1; 4.6 s for tE = 30
+    s, u0 = 0.1; the disk crossing, 10 s, for tE = 10 s, rho = 1) and the
+    half width of the kernel that smears the samples along the drift
+    (~1.2 s: the store's ``lsf_fwhm_px`` median x
+    ``KERNEL_PER_PSF_FWHM / LSF_PER_PSF_FWHM`` samples, see :mod:`.series`;
+    :data:`~.fit.DEFAULT_PSF_FWHM_PX` x ``KERNEL_PER_PSF_FWHM`` without that
+    column) in quadrature; or when the star's searchable samples bracket
+    ``t0`` while the event is magnified by >= 1.1 (samples on both sides
+    within :func:`magnified_half_span_s`: a long event peaking in the gap
+    between two exposures is seen rising and falling, and its ``t0`` follows
+    from the symmetry). Without the parameters: when ``t0`` lies within
+    the span of the star's searchable samples of one exposure, +- half a
+    sample. False for an event whose peak fell in a gap between exposures
+    (unless its half-maximum reaches the samples), while the star's trail
+    was off the CCD (dithered away) or flagged (e.g. ``BLENDED``), or on a
+    star not in the catalogue (``star_id`` NA). An event whose peak the
+    telescope never recorded cannot be found with its ``t0`` to 0.5 s; this
+    gives the efficiency a denominator of events the data could show.
+
+    Parameters
+    ----------
+    star_id : array_like
+        Catalogue star of each event (NA if none).
+    t0_mjd : array_like
+        True peak time of each event.
+    lc : pandas.DataFrame
+        The run's light-curve store (``star_id, expnum, mjd, norm_flux`` and optionally ``flags``).
+    bad_flag_mask : int, optional
+        Flag bits that exclude a sample (default :func:`~.series.default_bad_flag_mask`, as the search).
+    te_s, u0, rho : array_like, optional
+        Event parameters (all three, or none).
+    """
+    from .series import default_bad_flag_mask
+
+    sid = pd.array(star_id, dtype="Int64")
+    t0 = np.asarray(t0_mjd, float)
+    out = np.zeros(len(t0), bool)
+    want = set(int(v) for v in sid[~pd.isna(sid)])
+    if not want or lc is None or len(lc) == 0:
+        return out
+    mask = int(default_bad_flag_mask() if bad_flag_mask is None else bad_flag_mask)
+    d = lc[lc["star_id"].isin(want)]
+    ok = np.isfinite(d["norm_flux"].to_numpy(float))
+    if "flags" in d.columns:
+        ok &= (d["flags"].to_numpy().astype(np.int64) & mask) == 0
+    d = d.loc[ok, ["star_id", "expnum", "mjd"]].sort_values(["star_id", "expnum", "mjd"])
+    if d.empty:
+        return out
+    step = np.diff(d["mjd"].to_numpy(float))
+    same = (np.diff(d["star_id"].to_numpy()) == 0) & (np.diff(d["expnum"].to_numpy()) == 0) & (step > 0)
+    half = 0.5 * float(np.median(step[same])) if same.any() else 0.0
+    if te_s is not None and u0 is not None and rho is not None:
+        from .fit import DEFAULT_PSF_FWHM_PX
+        from .series import KERNEL_PER_PSF_FWHM, LSF_PER_PSF_FWHM
+
+        col = pd.to_numeric(lc["lsf_fwhm_px"], errors="coerce").to_numpy(float) if "lsf_fwhm_px" in lc else []
+        col = np.asarray(col)[np.isfinite(col) & (np.asarray(col) > 0)] if len(col) else np.zeros(0)
+        kernel_px = (float(np.median(col)) * KERNEL_PER_PSF_FWHM / LSF_PER_PSF_FWHM if col.size
+                     else DEFAULT_PSF_FWHM_PX * KERNEL_PER_PSF_FWHM)
+        h_event = magnified_half_span_s(te_s, u0, rho, peak_fraction=0.5) / SECONDS_PER_DAY
+        reach = np.hypot(h_event, 0.5 * kernel_px * 2.0 * half) + half  # 2 half = one sample = one pixel
+        reach = reach * np.ones(len(t0))
+        bracket = magnified_half_span_s(te_s, u0, rho, level=1.1) / SECONDS_PER_DAY * np.ones(len(t0))
+        times = {k: g.to_numpy(float) for k, g in d.groupby("star_id")["mjd"]}
+        for k in range(len(t0)):
+            if not pd.isna(sid[k]) and int(sid[k]) in times:
+                dt = times[int(sid[k])] - t0[k]
+                out[k] = bool(np.any(np.abs(dt) <= reach[k])
+                              or (np.any((dt < 0) & (dt >= -bracket[k])) and np.any((dt > 0) & (dt <= bracket[k]))))
+        return out
+    span = d.groupby(["star_id", "expnum"])["mjd"].agg(["min", "max"]).reset_index()
+    for k in range(len(t0)):
+        if pd.isna(sid[k]):
+            continue
+        r = span[span["star_id"] == int(sid[k])]
+        out[k] = bool(((r["min"].to_numpy() - half <= t0[k]) & (t0[k] <= r["max"].to_numpy() + half)).any())
+    return out
+
+
 def match_events(events: pd.DataFrame, truth_stars: pd.DataFrame, catalogue: pd.DataFrame, search_result,
-                 radius_arcsec: float = 0.5) -> pd.DataFrame:
+                 radius_arcsec: float = 0.5, lc: pd.DataFrame | None = None, bad_flag_mask=None) -> pd.DataFrame:
     """Per simulated event: catalogue match, the star's candidate (if any), fit errors, detected / found.
 
     Parameters
@@ -296,6 +436,9 @@ def match_events(events: pd.DataFrame, truth_stars: pd.DataFrame, catalogue: pd.
         The run's catalogue (``star_id, ra, dec``).
     search_result : SearchResult
         Of :func:`~.search.search_store` on the run.
+    lc : pandas.DataFrame, optional
+        The run's light-curve store: adds the column ``peak_observed``
+        (:func:`peak_observed`, with ``bad_flag_mask`` and the events' parameters).
     """
     cmap = truth_to_catalogue(truth_stars, catalogue, radius_arcsec)
     ev = events.reset_index(drop=True).copy()
@@ -336,6 +479,9 @@ def match_events(events: pd.DataFrame, truth_stars: pd.DataFrame, catalogue: pd.
     ev["te_ratio"] = ev["te_fit_s"] / ev["te_s"]
     ev["detected"], ev["found"] = _outcome(ev["dt0_s"], ev["te_ratio"], ev["te_s"], ev["rho"],
                                            ev["above_threshold"], ev["vetoes"])
+    if lc is not None:
+        ev["peak_observed"] = peak_observed(ev["star_id"], ev["t0_mjd"], lc, bad_flag_mask, ev["te_s"], ev["u0"],
+                                            ev["rho"])
     return ev
 
 
@@ -349,6 +495,18 @@ def _searchable_stars(lc: pd.DataFrame, bad_flag_mask=None) -> set:
     if "flags" in lc.columns:
         ok &= (lc["flags"].to_numpy().astype(np.int64) & mask) == 0
     return set(lc.loc[ok, "star_id"].unique())
+
+
+def _cached_peak_observed(inj: pd.DataFrame, run_dir: Path, search_kwargs) -> np.ndarray:
+    """``peak_observed`` of a cached cell's injections from its run's store (NaN if the store is gone)."""
+    from .search import _read_store
+
+    try:
+        lc = _read_store(run_dir)
+    except EventSearchError:
+        return np.full(len(inj), np.nan)
+    return peak_observed(inj["star_id"], inj["t0_mjd"], lc, (search_kwargs or {}).get("bad_flag_mask"),
+                         inj["te_s"], inj["u0"], inj["rho"])
 
 
 def _cell_seed(seed: int, cell: ImageCell) -> int:
@@ -402,11 +560,11 @@ def _run_cell(cell: ImageCell, cdir: Path, *, seed, preset, sim_overrides, worke
     stars = calibrated_stars(cat, truth_stars, radius_arcsec)
     skw = dict(search_kwargs or {})
     sres = search_store(run_dir, out_dir=cdir / "search", plots=0, stars=stars, **skw)
-    inj = match_events(events, truth_stars, cat, sres, radius_arcsec)
+    lc = _read_store(run_dir)
+    inj = match_events(events, truth_stars, cat, sres, radius_arcsec, lc=lc, bad_flag_mask=skw.get("bad_flag_mask"))
     inj.insert(0, "cell", cell.key)
 
     # series level on the same store: the simulated event stars left out
-    lc = _read_store(run_dir)
     ev_cat = set(inj["star_id"].dropna().astype(int))
     lc = lc[~lc["star_id"].isin(ev_cat)]
     flashes = pd.read_parquet(run_dir / "flashes.parquet") if (run_dir / "flashes.parquet").is_file() else None
@@ -568,7 +726,10 @@ def image_level_efficiency(out_dir, *, cells=None, events_per_ccd: int = 10, pre
                               radius_arcsec=match_radius_arcsec, keep_images=keep_images)
                 meta = dict(params=params, pydriftn_version=__version__, **r)
                 write_bytes_atomic(json.dumps(meta, indent=1, default=float).encode(), meta_path)
-            inj_all.append(pd.read_parquet(rdir / "injections.parquet").assign(repeat=rep))
+            inj = pd.read_parquet(rdir / "injections.parquet")
+            if "peak_observed" not in inj.columns:  # a cell cached before the column existed
+                inj["peak_observed"] = _cached_peak_observed(inj, rdir / "run", search_kwargs)
+            inj_all.append(inj.assign(repeat=rep))
             if (rdir / "series_injections.parquet").is_file():
                 ser_all.append(pd.read_parquet(rdir / "series_injections.parquet").assign(repeat=rep))
     injections = pd.concat(inj_all, ignore_index=True) if inj_all else pd.DataFrame()
