@@ -776,3 +776,146 @@ def test_cut_strips_kernel_is_the_numpy_cut(angle):
     # no trails
     e = stamps.cut_strips(img, mask, xs[:0], ys[:0], x1[:0], y1[:0], geo, sky[:0], 2.0, 5.0, half_width=3)
     assert e.data.shape == (0, geo.n_samples, 7)
+
+
+def _optimal_numpy(d, var0, q, bad, P, n_iter=2, outlier_sigma=5.0, sys_frac=0.1):
+    """The numpy Horne iterations that :func:`pydriftn.extract._kernels.optimal_strips` replaced."""
+    from pydriftn.extract.core import _reject_worst, _rowdot, _rowsum
+
+    Pg = P
+    if bad.any():
+        Pg = P.copy()
+        np.copyto(Pg, np.float32(0), where=bad)
+    sP = _rowsum(Pg)
+    F = np.where(sP > 0.05, _rowsum(d) / np.maximum(sP, 0.05), 0.0).astype(np.float32)
+    V = np.empty(P.shape, dtype=np.float32)
+    for it in range(max(int(n_iter), 1)):
+        np.multiply((np.maximum(F, np.float32(0)) * q)[:, :, None], P, out=V)
+        V += var0
+        if outlier_sigma and it >= 1:
+            bad, changed = _reject_worst(d, F[:, :, None] * P, V, bad, outlier_sigma, sys_frac, overwrite=True)
+            if changed is not None:
+                if Pg is P:
+                    Pg = P.copy()
+                Pg[changed] = np.where(bad[changed], np.float32(0), P[changed])
+        w = np.divide(Pg, V, out=V)
+        swp = _rowdot(w, P)
+        ok = swp > 0
+        swp1 = np.where(ok, swp, 1.0)
+        F = np.where(ok, _rowdot(w, d) / swp1, 0.0).astype(np.float32)
+    varF = np.where(ok, 1.0 / swp1.astype(np.float64), np.inf)
+    F = np.where(ok, F.astype(np.float64), np.nan)
+    return F, varF, bad, w, swp
+
+
+def _random_strips(rng, S, K, C, n_prof=1):
+    """Noisy strips of Gaussian profiles (flux, sky noise, masked cells, cosmic rays, empty strips)."""
+    u = np.arange(C) - C // 2
+    P = []
+    for m in range(n_prof):
+        # neighbours 4 px away, the first on either side, the second on the other side of it
+        side = rng.choice([-1.0, 1.0], (S, K, 1)) if m == 1 else -side if m == 2 else 0.0
+        mu = rng.uniform(-1, 1, (S, K, 1)) + 4.0 * side
+        p = np.exp(-0.5 * ((u - mu) / 1.6) ** 2)
+        P.append((p / (1.6 * math.sqrt(2 * math.pi))).astype(np.float32))
+    flux = rng.uniform(50, 5e4, (S, 1, 1)) * np.ones((1, K, 1))
+    var0 = np.float32(40.0) + np.zeros((S, K, C), np.float32)
+    model = sum(P[m] * flux * (1.0 if m == 0 else rng.uniform(0.2, 3.0)) for m in range(n_prof))
+    d = (model + rng.normal(0, 1, model.shape) * np.sqrt(var0 + model)).astype(np.float32)
+    cr = rng.random(d.shape) < 0.01
+    d[cr] += np.float32(5e3)  # unmasked cosmic rays
+    bad = rng.random(d.shape) < 0.03
+    bad[0, 0] = True  # an empty strip
+    d[bad] = 0.0
+    q = rng.uniform(0.5, 1.0, (S, K)).astype(np.float32)
+    return d, var0, q, bad, P
+
+
+def test_optimal_kernel_matches_the_numpy_iterations():
+    """The compiled Horne iterations agree with the numpy ones to float32 rounding (the sums over a strip's
+    cells are ordered differently), and reject the same outliers."""
+    from pydriftn.extract._kernels import optimal_strips
+
+    rng = np.random.default_rng(7)
+    d, var0, q, bad, (P,) = _random_strips(rng, 30, 20, 15)
+    for n_iter, sig in ((2, 5.0), (3, 4.0), (1, 5.0), (2, 0.0)):
+        ref = _optimal_numpy(d, var0, q, bad, P, n_iter, sig)
+        got = optimal_strips(d, var0, q, bad, P, n_iter, sig, 0.1)
+        np.testing.assert_array_equal(got[2], ref[2])  # the same cells rejected
+        np.testing.assert_array_equal(np.isnan(got[0]), np.isnan(ref[0]))
+        ok = np.isfinite(ref[0])
+        scale = np.sqrt(ref[1][ok])
+        assert np.max(np.abs(got[0][ok] - ref[0][ok]) / scale) < 1e-4
+        np.testing.assert_allclose(got[1][ok], ref[1][ok], rtol=1e-5)
+        np.testing.assert_allclose(got[3], ref[3], rtol=1e-5, atol=1e-12)
+        np.testing.assert_allclose(got[4], ref[4], rtol=1e-5)
+        assert (ref[2].sum() > bad.sum()) == (sig > 0 and n_iter > 1)  # outliers were rejected
+    assert np.isnan(got[0][0, 0]) and np.isinf(got[1][0, 0])  # the empty strip
+    # a broadcast variance (one value per strip, as cut_strips gives with the drift along x)
+    vb = np.broadcast_to(var0[..., :1], var0.shape)
+    np.testing.assert_array_equal(optimal_strips(d, vb, q, bad, P, 2, 5.0, 0.1)[2], _optimal_numpy(d, vb, q, bad, P)[2])
+    # no strips
+    assert optimal_strips(d[:0], var0[:0], q[:0], bad[:0], P[:0], 2, 5.0, 0.1)[0].shape == (0, 20)
+
+
+@pytest.mark.parametrize("n_nb", [0, 1, 2])
+def test_joint_kernel_matches_the_numpy_joint_solve(n_nb):
+    """The compiled joint fit (star + up to two neighbours per strip) agrees with the numpy one to
+    float32 rounding of the normal equations, rejects the same outliers, and decouples empty columns."""
+    from pydriftn.extract._kernels import joint_strips
+    from pydriftn.extract.core import _joint_solve
+
+    rng = np.random.default_rng(11 + n_nb)
+    d, var0, q, bad, P = _random_strips(rng, 40, 25, 17, n_prof=n_nb + 1)
+    if n_nb:
+        P[1][1, :3] = 0.0  # a neighbour without light in the strip: an empty column
+    Q = d.shape[0] * d.shape[1]
+    C = d.shape[2]
+    flat = [p.reshape(Q, 1, C) for p in P]
+    ref = _joint_solve(d.reshape(Q, 1, C), var0.reshape(Q, 1, C), q.reshape(Q, 1), bad.reshape(Q, 1, C), flat,
+                       np.ones((Q, 1, n_nb + 1), bool))
+    got = joint_strips(d.reshape(Q, C), var0.reshape(Q, C), q.reshape(Q), bad.reshape(Q, C),
+                       np.ascontiguousarray(np.concatenate(flat, axis=1)), 1, 5.0, 0.1)
+    np.testing.assert_array_equal(got[2], ref[2][:, 0])
+    F0, v0 = ref[0][:, 0], ref[1][:, 0]
+    ok = np.isfinite(v0)
+    np.testing.assert_array_equal(np.isfinite(got[1]), ok)
+    # float32 rounding of the normal equations (amplified where profiles are alike)
+    err = np.abs(got[0][ok] - F0[ok])
+    assert np.max(err / (np.abs(F0[ok]) + np.sqrt(v0[ok]))) < 1e-5
+    assert np.max(err / np.sqrt(v0[ok])) < 1e-3
+    np.testing.assert_allclose(got[1][ok], v0[ok], rtol=1e-4)
+    assert ref[2].sum() > bad.sum()
+
+
+def test_profile_design_kernel_is_the_numpy_gather():
+    """The profile fit's design matrices are bit for bit those of the numpy gather of the complex table."""
+    from pydriftn.extract._kernels import profile_design
+    from pydriftn.extract.profile import _basis_grid
+
+    rng = np.random.default_rng(3)
+    R, K, C, W = 12, 9, 11, 5
+    bin_px, u0 = 0.05, -W - 2.0
+    nb = int(round((2 * W + 4) / bin_px)) + 1
+    bgrid = _basis_grid(u0 + bin_px * np.arange(nb))
+    off = (rng.uniform(-0.5, 0.5, (R, K, 1)) + np.arange(-W, W + 1)).astype(np.float32)
+    off[0, 0, 0] = -40.0  # beyond the table: clipped to its ends
+    off[0, 0, 1] = 40.0
+    shift = rng.normal(0, 0.2, K).astype(np.float32)
+    delta = rng.normal(0, 0.2, R).astype(np.float32)
+    wy = rng.uniform(0, 2, (R, K, C))
+    bcplx = np.zeros(bgrid.shape, dtype=np.complex128)
+    bcplx.real = bgrid
+    bcplx.imag[:-1] = bgrid[1:] - bgrid[:-1]
+    u = off - shift[None, :, None] - delta[:, None, None]
+    f = np.clip((u.astype(np.float64) - u0) / bin_px, 0, nb - 1 - 1e-6)
+    i0 = np.floor(f).astype(np.int64)
+    Xc = bcplx[i0]
+    X = Xc.real + Xc.imag * (f - i0)[..., None]
+    Xk = np.ascontiguousarray(X.transpose(1, 0, 2, 3)).reshape(K, -1, X.shape[-1])
+    Xkw = Xk * wy.transpose(1, 0, 2).reshape(K, -1, 1)
+    b_diff = np.zeros(bgrid.shape)
+    b_diff[:-1] = bgrid[1:] - bgrid[:-1]
+    got = profile_design(off, shift, delta, u0, bin_px, nb, np.ascontiguousarray(bgrid), b_diff, wy)
+    for g, r in zip(got, (X, Xk, Xkw)):
+        np.testing.assert_array_equal(g, r)

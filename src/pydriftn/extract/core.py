@@ -47,6 +47,7 @@ import pandas as pd
 from scipy.special import gammaln
 
 from . import flagbits as fb
+from ._kernels import joint_strips, optimal_strips
 from .profile import CrossProfile, measure_profile
 from .stamps import cut_strips, per_column
 
@@ -361,30 +362,8 @@ def _optimal_single(d, var0, q, bad, P, n_iter=2, outlier_sigma=5.0, sys_frac=0.
             r = _optimal_single(d[i], var0[i], q[i], bad[i], P[i], n_iter, outlier_sigma, sys_frac)
             F[i], varF[i], bad_out[i], w[i], swp[i] = r
         return F, varF, bad_out, w, swp
-    Pg = P
-    if bad.any():
-        Pg = P.copy()
-        np.copyto(Pg, np.float32(0), where=bad)
-    sP = _rowsum(Pg)
-    F = np.where(sP > 0.05, _rowsum(d) / np.maximum(sP, 0.05), 0.0).astype(np.float32)
-    V = np.empty(P.shape, dtype=np.float32)  # V, then the weights w in the same buffer
-    for it in range(max(int(n_iter), 1)):
-        np.multiply((np.maximum(F, np.float32(0)) * q)[:, :, None], P, out=V)
-        V += var0
-        if outlier_sigma and it >= 1:
-            bad, changed = _reject_worst(d, F[:, :, None] * P, V, bad, outlier_sigma, sys_frac, overwrite=True)
-            if changed is not None:
-                if Pg is P:
-                    Pg = P.copy()
-                Pg[changed] = np.where(bad[changed], np.float32(0), P[changed])
-        w = np.divide(Pg, V, out=V)
-        swp = _rowdot(w, P)
-        ok = swp > 0
-        swp1 = np.where(ok, swp, 1.0)
-        F = np.where(ok, _rowdot(w, d) / swp1, 0.0).astype(np.float32)
-    varF = np.where(ok, 1.0 / swp1.astype(np.float64), np.inf)
-    F = np.where(ok, F.astype(np.float64), np.nan)
-    return F, varF, bad, w, swp
+    # the iterations per strip: one compiled loop (pydriftn.extract._kernels.optimal_strips)
+    return optimal_strips(d, var0, q, bad, P, int(n_iter), float(outlier_sigma or 0.0), float(sys_frac))
 
 
 def _joint_solve(d, var0, q, bad, A, active, n_iter=1, outlier_sigma=5.0, sys_frac=0.1):
@@ -1229,9 +1208,21 @@ def _deblend(strips, prof, delta, P, nb, x0, y0, x1, y1, geometry, outlier_sigma
         sel = np.flatnonzero(n_act == g)
         rows = keep[sel]
         cols = order[sel, :g]
+        q_s, q_k = si[sel], ki[sel]
+        if g <= 2:  # the star and one or two neighbours: one compiled loop over the strips
+            Ag = np.empty((len(sel), g + 1, C), dtype=np.float32)
+            Ag[:, 0] = A[0][rows, 0]
+            for j in range(g):
+                Ag[:, j + 1] = Ab[rows, cols[:, j]]
+            Fq, vq, bq = joint_strips(strips.data[q_s, q_k], np.ascontiguousarray(strips.var0[q_s, q_k]),
+                                      strips.q[q_s, q_k], strips.bad[q_s, q_k], Ag, 1,
+                                      float(outlier_sigma or 0.0), 0.1)
+            F[ni[sel], ki[sel]] = Fq
+            varF[ni[sel], ki[sel]] = vq
+            bad[ni[sel], ki[sel]] = bq
+            continue
         Ag = [A[0][rows]] + [Ab[rows, cols[:, j]][:, None, :] for j in range(g)]
         actg = np.ones((len(sel), 1, g + 1), dtype=bool)
-        q_s, q_k = si[sel], ki[sel]
         Fq, vq, bq = _joint_solve(strips.data[q_s, q_k][:, None, :], strips.var0[q_s, q_k][:, None, :],
                                   strips.q[q_s, q_k][:, None], strips.bad[q_s, q_k][:, None, :], Ag, actg,
                                   outlier_sigma=outlier_sigma)
