@@ -1078,3 +1078,19 @@ def test_kernel_along_profile_sums_equal_numpy():
     np.testing.assert_allclose(JtWJ, ref, rtol=1e-12, atol=1e-14 * np.abs(ref).max())
     ref_r = np.einsum("nmi,nm->ni", JtW, prof - model)
     np.testing.assert_allclose(JtWr, ref_r, rtol=1e-10, atol=1e-12 * np.abs(ref_r).max())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_kernel_saturated_columns_equal_numpy(dtype):
+    """The columns where every row's normal CDF is exactly 0 or 1: counted as by the column min / max tests."""
+    from pydriftn.astrometry import _kernels
+
+    rng = np.random.default_rng(39)
+    for n, m in ((40, 30), (1, 7), (5, 1)):
+        z = (np.arange(m)[None, :] - rng.uniform(0, m, (n, 1))).astype(dtype) * dtype(1.7)
+        if n > 3:
+            z[2, m // 2] = np.nan
+        for one_at, zero_at in ((5.6, -14.5), (8.5, -39.0), (1.0, -1.0)):
+            c0, c1 = _kernels.saturated_columns(z, dtype(one_at), dtype(zero_at))
+            assert c1 == m - np.count_nonzero(z.min(axis=0) >= one_at)
+            assert c0 == np.count_nonzero(z.max(axis=0) <= zero_at)

@@ -305,6 +305,29 @@ def local_maxima(snr, threshold, exclude, hy, hx):
 
 
 @jit
+def saturated_columns(z, one_at, zero_at):
+    """``(c0, c1)``: the number of columns of ``z`` whose every row is ``<= zero_at`` and ``m`` minus the number
+    of columns whose every row is ``>= one_at`` (NaN fails both), in one pass without temporaries."""
+    n, m = z.shape
+    n_one = 0
+    n_zero = 0
+    for j in range(m):
+        all_one = True
+        all_zero = True
+        for i in range(n):
+            v = z[i, j]
+            if not v >= one_at:
+                all_one = False
+            if not v <= zero_at:
+                all_zero = False
+            if not (all_one or all_zero):
+                break
+        n_one += all_one
+        n_zero += all_zero
+    return n_zero, m - n_one
+
+
+@jit
 def sample_snapped(image, bad, xi0, yi0, ox, oy, vals, valid, inside):
     """Whole-pixel trail windows: sample ``(k, a, b)`` at pixel ``(xi0[k] + ox[a, b], yi0[k] + oy[a, b])``.
 
