@@ -1094,3 +1094,37 @@ def test_kernel_saturated_columns_equal_numpy(dtype):
             c0, c1 = _kernels.saturated_columns(z, dtype(one_at), dtype(zero_at))
             assert c1 == m - np.count_nonzero(z.min(axis=0) >= one_at)
             assert c0 == np.count_nonzero(z.max(axis=0) <= zero_at)
+
+
+@pytest.mark.parametrize("with_bad", [True, False])
+def test_kernel_sampled_template_sums_equal_two_passes(with_bad):
+    """Sampling inside the template sums (trails at the edges, masked pixels) equals sampling, then summing."""
+    from pydriftn.astrometry import _kernels, trailfit
+
+    rng = np.random.default_rng(40)
+    shape = (80, 120)
+    img = rng.normal(0.0, 5.0, shape).astype(np.float32)
+    bad = rng.random(shape) < 0.05 if with_bad else np.zeros((0, 0), bool)
+    grid = trailfit.make_grid((-1.0, 0.002), 20.0, 1.5)
+    x, y = rng.uniform(-10, shape[1] + 10, 50), rng.uniform(-10, shape[0] + 10, 50)
+    xa, ya = np.rint(x), np.rint(y)
+    T = trailfit._model_on_grid(grid, xa, ya, x, y, np.ones(x.size))
+    n = x.size
+    Pi, Qi = grid.p_off.astype(np.int64)[:, None], grid.q_off.astype(np.int64)[None, :]
+    ox = np.ascontiguousarray(Pi * int(grid.ep[0]) + Qi * int(grid.eq[0]))
+    oy = np.ascontiguousarray(Pi * int(grid.ep[1]) + Qi * int(grid.eq[1]))
+    vals, valid = np.empty(T.shape, np.float32), np.empty(T.shape, bool)
+    _kernels.sample_snapped(img, bad, xa.astype(np.int64), ya.astype(np.int64), ox, oy, vals, valid,
+                            np.zeros((0, 0, 0), bool))
+    T1, T2 = T.copy(), T.copy()
+    ref = [np.empty(n) for _ in range(3)]
+    _kernels.template_sums(T1.reshape(n, -1), valid.reshape(n, -1), vals.reshape(n, -1), *ref)
+    got = [np.empty(n) for _ in range(3)]
+    valid2 = np.empty(T.shape, bool)
+    _kernels.sampled_template_sums(img, bad, xa.astype(np.int64), ya.astype(np.int64), ox, oy, T2.reshape(n, -1),
+                                   valid2.reshape(n, -1), *got)
+    np.testing.assert_array_equal(valid2, valid)
+    np.testing.assert_array_equal(T2, T1)
+    for g, r in zip(got, ref):
+        np.testing.assert_array_equal(g, r)
+    assert (~valid).any() and valid.any()

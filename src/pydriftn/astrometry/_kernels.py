@@ -384,6 +384,58 @@ def sample_snapped(image, bad, xi0, yi0, ox, oy, vals, valid, inside):
 
 
 @jit
+def sampled_template_sums(image, bad, xi0, yi0, ox, oy, T, valid, Aii, S3, bsum):
+    """:func:`sample_snapped` and :func:`template_sums` in one pass, without storing the samples.
+
+    ``valid[k, j]`` = pixel ``(xi0[k] + ox[j], yi0[k] + oy[j])`` on the CCD and not ``bad``; ``T`` zeroed
+    where not valid; ``Aii = sum T^2``, ``S3 = sum T^3``, ``bsum = sum T * pixel`` (float64, in order).
+    """
+    ny, nx = image.shape
+    n, m = T.shape
+    use_bad = bad.shape[0] > 0
+    img = image.ravel()
+    bd = bad.ravel()
+    oxf = ox.ravel()
+    oyf = oy.ravel()
+    off = oyf * nx + oxf
+    xlo, xhi, ylo, yhi = oxf.min(), oxf.max(), oyf.min(), oyf.max()
+    for k in range(n):
+        x0 = xi0[k]
+        y0 = yi0[k]
+        tk = T[k]
+        vk = valid[k]
+        inner = x0 + xlo >= 0 and x0 + xhi < nx and y0 + ylo >= 0 and y0 + yhi < ny
+        base = y0 * nx + x0
+        a = 0.0
+        s3 = 0.0
+        bb = 0.0
+        for j in range(m):
+            if inner:
+                idx = base + off[j]
+                g = True
+            else:
+                x = x0 + oxf[j]
+                y = y0 + oyf[j]
+                g = x >= 0 and x < nx and y >= 0 and y < ny
+                idx = y * nx + x
+            if g and use_bad:
+                g = not bd[idx]
+            vk[j] = g
+            if g:
+                t = np.float64(tk[j])
+                t2 = t * t
+                a += t2
+                s3 += t2 * t
+                bb += t * np.float64(img[idx])
+            else:
+                tk[j] = 0
+        Aii[k] = a
+        S3[k] = s3
+        bsum[k] = bb
+    return T
+
+
+@jit
 def cross_args(Q, qc, coef, out):
     """``out[k, i, a, b] = ((Q[b] - qc[i, a]) ** 2) * coef[k]`` (float32): the exponents of the PSF cross profiles."""
     nk, n, n_p, n_q = out.shape

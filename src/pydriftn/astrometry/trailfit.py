@@ -879,14 +879,26 @@ def solve_fluxes(image, grid: TrailGrid, x_mid, y_mid, *, rms, gain=1.0, bad=Non
     rms = np.broadcast_to(np.asarray(rms, float), (n,))
     xa = np.rint(x_mid)
     ya = np.rint(y_mid)
-    # the samples stay float32 (as in the image): the products are accumulated in float64
-    vals, valid, _ = _sample(image, grid, xa, ya, bad, dtype=np.result_type(image.dtype, np.float32),
-                             want_inside=False)
     T = _model_on_grid(grid, xa, ya, x_mid, y_mid, np.ones(n))
     # T zeroed on the invalid samples; sum T^2, sum T^3 and sum T * data per trail (float64), one pass
     Aii, S3, b = np.empty(n), np.empty(n), np.empty(n)
-    _kernels.template_sums(T.reshape(n, -1), valid.reshape(n, -1), vals.reshape(n, -1), Aii, S3, b)
-    del vals
+    if grid.snapped and image.dtype == np.float32:
+        # whole-pixel grid: the pixels read in the same pass (the samples are not stored)
+        Pi = grid.p_off.astype(np.int64)[:, None]
+        Qi = grid.q_off.astype(np.int64)[None, :]
+        valid = np.empty(T.shape, bool)
+        _kernels.sampled_template_sums(
+            np.ascontiguousarray(image), _NO_BAD if bad is None else np.ascontiguousarray(bad, dtype=bool),
+            xa.astype(np.int64), ya.astype(np.int64),
+            np.ascontiguousarray(Pi * int(grid.ep[0]) + Qi * int(grid.eq[0])),
+            np.ascontiguousarray(Pi * int(grid.ep[1]) + Qi * int(grid.eq[1])),
+            T.reshape(n, -1), valid.reshape(n, -1), Aii, S3, b)
+    else:
+        # the samples stay float32 (as in the image): the products are accumulated in float64
+        vals, valid, _ = _sample(image, grid, xa, ya, bad, dtype=np.result_type(image.dtype, np.float32),
+                                 want_inside=False)
+        _kernels.template_sums(T.reshape(n, -1), valid.reshape(n, -1), vals.reshape(n, -1), Aii, S3, b)
+        del vals
     # neighbour pairs (grid frame)
     p = x_mid * grid.ep[0] + y_mid * grid.ep[1]
     q = x_mid * grid.eq[0] + y_mid * grid.eq[1]
