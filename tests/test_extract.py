@@ -919,3 +919,26 @@ def test_profile_design_kernel_is_the_numpy_gather():
     got = profile_design(off, shift, delta, u0, bin_px, nb, np.ascontiguousarray(bgrid), b_diff, wy)
     for g, r in zip(got, (X, Xk, Xkw)):
         np.testing.assert_array_equal(g, r)
+
+
+def test_table_cells_kernel_is_the_numpy_strided_gather():
+    """strip_profile's compiled evaluation gives bit for bit the values of its numpy gather (which its
+    derivative=True path still uses): any offset, beyond the reach (0), NaN, broadcast table rows."""
+    from pydriftn.extract.profile import CrossProfile, _basis_grid
+
+    rng = np.random.default_rng(5)
+    K, W, bin_px = 6, 4, 0.05
+    u0 = -W - 2.0
+    nb = int(round((2 * W + 4) / bin_px)) + 1
+    g = _basis_grid(u0 + bin_px * np.arange(nb))
+    table = (g @ rng.uniform(0.1, 1.0, (g.shape[1], K))).T.astype(np.float32)
+    prof = CrossProfile(table, u0, bin_px, np.zeros(K, np.float32), np.full(K, 3.0), 10)
+    psi = rng.normal(0, 3, (50, K))
+    psi[0, :3] = [np.nan, 1e9, -13.0]
+    for kr, norm, reach in ((np.arange(K)[None, :], "total", None), (rng.integers(0, K, (50, K)), None, 6.0)):
+        got = prof.strip_profile(psi, kr, W, normalise=norm, reach_px=reach)
+        ref = prof.strip_profile(psi, kr, W, normalise=norm, reach_px=reach, derivative=True)[0]
+        assert got.dtype == np.float32 and got.shape == (50, K, 2 * W + 1)
+        np.testing.assert_array_equal(got, ref)
+        assert (got[0, :2] == 0).all()
+    assert prof.strip_profile(psi[:0], 0, W).shape == (0, K, 2 * W + 1)

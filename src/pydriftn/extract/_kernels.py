@@ -26,6 +26,11 @@ Which loops they replace, and why compiled
     The basis interpolated at every reference cell and its two sample-major
     copies (a gather of a complex table, a transposed copy, a product):
     bit-identical.
+:func:`table_cells` (used by :meth:`pydriftn.extract.profile.CrossProfile.strip_profile`)
+    The profile of every cell of every strip (the star's, the neighbours'):
+    a strided gather of a complex table into a (strips, cells) complex
+    temporary, then a multiply-add; one loop instead: bit-identical, ~2.5x
+    faster.
 :func:`optimal_strips` (used by :func:`pydriftn.extract.core._optimal_single`)
     and :func:`joint_strips` (used by :func:`pydriftn.extract.core._deblend`)
     The Horne iterations of every strip, and the joint fit of a star and up
@@ -748,3 +753,34 @@ def joint_strips(d, var0, q, bad, A, n_iter, outlier_sigma, sys_frac):
         F[i] = amps[0]
         cov[i] = np.inf if empty[0] else c00
     return F, cov, bad_out
+
+
+# --------------------------------------------------------------------------- profile evaluation
+@jit
+def table_cells(tc, psi, k_rows, u0, h, pad, step, W, reach, n_start):
+    """Profile of the cells of every strip: :meth:`pydriftn.extract.profile.CrossProfile.strip_profile`
+    without a per-strip normalisation (``normalise='total'`` or None).
+
+    ``tc`` is the complex table ``value + 1j * (next - value)`` (K, nbp) complex64; ``psi``, ``k_rows``
+    (n,) the strips' offsets and table rows. Cell ``c`` of a strip is ``tc[k, start + step * c]``
+    interpolated at the fraction of ``psi`` between nodes: ``imag * fr + real`` in float32 (0 where
+    ``|psi| > reach``), as the numpy strided gather computed it. Returns (n, 2 W + 1) float32.
+    """
+    n = psi.shape[0]
+    C = 2 * W + 1
+    out = np.empty((n, C), dtype=np.float32)
+    for i in range(n):
+        ps = psi[i]
+        far = not (abs(ps) <= reach)
+        g = ((0.0 if far else ps) - u0) / h + pad
+        i0 = np.floor(g)
+        fr = np.float32(g - i0)
+        start = min(max(np.int64(i0) - step * W, 0), n_start - 1)
+        k = k_rows[i]
+        for c in range(C):
+            if far:
+                out[i, c] = np.float32(0.0)
+            else:
+                v = tc[k, start + step * c]
+                out[i, c] = v.imag * fr + v.real
+    return out

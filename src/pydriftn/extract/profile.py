@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import erf
 
-from ._kernels import profile_design
+from ._kernels import profile_design, table_cells
 
 __all__ = ["CrossProfile", "measure_profile", "BASIS_SIGMAS_PX"]
 
@@ -139,6 +139,13 @@ class CrossProfile:
         K, nbp = tc.shape
         psi = np.asarray(psi, dtype=np.float64)
         k_rows = np.broadcast_to(np.asarray(k_rows, dtype=np.int64), psi.shape)
+        if normalise != "window" and not derivative:
+            # one compiled loop over the strips (pydriftn.extract._kernels.table_cells): the same
+            # interpolation, without the gathered (strips, cells) complex temporary
+            n_start = nbp - step * (C - 1) - 1
+            p = table_cells(tc, np.ascontiguousarray(psi).reshape(-1), np.ascontiguousarray(k_rows).reshape(-1),
+                            float(self.u0), float(h), int(pad), int(step), W, float(reach), int(n_start))
+            return p.reshape(psi.shape + (C,))
         far = ~(np.abs(psi) <= reach)
         g = (np.where(far, 0.0, psi) - self.u0) / h + pad
         i0 = np.floor(g)
