@@ -1128,3 +1128,28 @@ def test_kernel_sampled_template_sums_equal_two_passes(with_bad):
     for g, r in zip(got, ref):
         np.testing.assert_array_equal(g, r)
     assert (~valid).any() and valid.any()
+
+
+@pytest.mark.parametrize("with_neighbours", [True, False])
+def test_kernel_fit_inputs_equal_numpy(with_neighbours):
+    """The profile fits' inputs (neighbours subtracted, variance, 0/1 validity) equal the numpy expressions,
+    their sums across the trail equal the einsums to float64 rounding."""
+    from pydriftn.astrometry import _kernels
+
+    rng = np.random.default_rng(41)
+    n, n_p, n_q = 20, 31, 9
+    valid = rng.random((n, n_p, n_q)) < 0.85
+    vals = np.where(valid, rng.normal(5.0, 20.0, valid.shape), 0.0)
+    nb = rng.uniform(0, 10, valid.shape).astype(np.float32) if with_neighbours else np.zeros((0, 0, 0), np.float32)
+    rms, gain = rng.uniform(3, 9, n), 3.7
+    ref_vals = np.where(valid, vals - nb, 0.0) if with_neighbours else vals.copy()
+    ref_var = (rms[:, None, None] ** 2 + np.maximum(ref_vals, 0.0) / gain) * valid.astype(float)
+    var, vf = np.empty(vals.shape), np.empty(vals.shape)
+    sums = [np.empty((n, n_p)) for _ in range(3)]
+    got_vals = vals.copy()
+    _kernels.fit_inputs(got_vals, valid, nb, rms, gain, var, vf, *sums)
+    np.testing.assert_array_equal(got_vals, ref_vals)
+    np.testing.assert_array_equal(var, ref_var)
+    np.testing.assert_array_equal(vf, valid.astype(float))
+    for got, ref in zip(sums, (np.einsum("npq->np", vf), np.einsum("npq->np", ref_vals), np.einsum("npq->np", ref_var))):
+        np.testing.assert_allclose(got, ref, rtol=1e-13, atol=1e-12)

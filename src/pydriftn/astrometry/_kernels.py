@@ -436,6 +436,41 @@ def sampled_template_sums(image, bad, xi0, yi0, ox, oy, T, valid, Aii, S3, bsum)
 
 
 @jit
+def fit_inputs(vals, valid, neighbours, rms, gain, var, vf, nval, prof_u, pvar_u):
+    """The inputs of the profile fits, in one pass over the ``(n, p, q)`` samples.
+
+    ``vals`` (float64): minus ``neighbours`` (same shape; shape (0, 0, 0): none) where valid, 0 elsewhere
+    (in place); ``var = (rms[i] ** 2 + max(vals, 0) / gain) * valid``; ``vf`` = validity as 0/1;
+    per ``(i, p)`` the sums across of ``vf``, ``vals`` and ``var`` (float64, in order).
+    """
+    n, n_p, n_q = vals.shape
+    use_nb = neighbours.shape[0] > 0
+    for i in range(n):
+        r2 = rms[i] ** 2
+        for a in range(n_p):
+            s_n = 0.0
+            s_v = 0.0
+            s_w = 0.0
+            for b in range(n_q):
+                ok = valid[i, a, b]
+                v = vals[i, a, b]
+                if use_nb:
+                    v = v - neighbours[i, a, b] if ok else 0.0
+                    vals[i, a, b] = v
+                f = 1.0 if ok else 0.0
+                pos = v if (v >= 0.0 or v != v) else 0.0
+                w = (r2 + pos / gain) * f
+                var[i, a, b] = w
+                vf[i, a, b] = f
+                s_n += f
+                s_v += v
+                s_w += w
+            nval[i, a] = s_n
+            prof_u[i, a] = s_v
+            pvar_u[i, a] = s_w
+
+
+@jit
 def cross_args(Q, qc, coef, out):
     """``out[k, i, a, b] = ((Q[b] - qc[i, a]) ** 2) * coef[k]`` (float32): the exponents of the PSF cross profiles."""
     nk, n, n_p, n_q = out.shape

@@ -155,6 +155,7 @@ def make_grid(direction, length_px, sigma_px, *, pad_sigma=3.0, half_width=None,
 #: |z| beyond which scipy's ndtr returns exactly 1 (above) or 0 (below), by dtype (with a margin:
 #: float32 results are 1.0 from z = 5.42 and 0.0 from z = -14.17; float64 1.0 from z = 8.29)
 _NO_BAD = np.zeros((0, 0), bool)
+_NO_NEIGHBOURS = np.zeros((0, 0, 0), np.float32)
 #: trails per chunk of the compiled passes over (trail, p, q) temporaries (a chunk stays in the cache)
 _CHUNK = 64
 
@@ -544,7 +545,8 @@ def fit_trails(image, x_mid, y_mid, grid: TrailGrid, *, rms, gain=1.0, bad=None,
     xa = np.rint(x_mid)
     ya = np.rint(y_mid)
     vals, valid, inside = _sample(image, grid, xa, ya, bad)
-    if neighbours is not None:
+    fused = vals.dtype == np.float64 and vals.flags.c_contiguous and model_image is None
+    if neighbours is not None and not fused:
         vals = np.where(valid, vals - neighbours, 0.0)
     elif model_image is not None:
         mvals, _, _ = _sample(model_image, grid, xa, ya, None, want_inside=False)
@@ -560,12 +562,22 @@ def fit_trails(image, x_mid, y_mid, grid: TrailGrid, *, rms, gain=1.0, bad=None,
     Lp = grid.length_p
     pa = pm - 0.5 * Lp
     pb = pm + 0.5 * Lp
-    var = rms[:, None, None] ** 2 + np.maximum(vals, 0.0) / max(float(gain), 1e-6)
-    # the profile fits take validity as 0/1 weights, with var zero on invalid samples
-    vf = valid.astype(float)
-    var *= vf
-    valid = vf
-    sums = _plain_sums(vals, valid, var)
+    if fused:
+        # the neighbours subtracted, the variance, the validity as 0/1 weights (var zero on invalid
+        # samples) and the sums across the trail in one compiled pass
+        var, vf = np.empty(vals.shape), np.empty(vals.shape)
+        sums = (np.empty(vals.shape[:2]), np.empty(vals.shape[:2]), np.empty(vals.shape[:2]))
+        nb = _NO_NEIGHBOURS if neighbours is None else np.asarray(neighbours)
+        _kernels.fit_inputs(vals, valid, nb, np.ascontiguousarray(rms, dtype=float), max(float(gain), 1e-6), var, vf,
+                            *sums)
+        valid = vf
+    else:
+        var = rms[:, None, None] ** 2 + np.maximum(vals, 0.0) / max(float(gain), 1e-6)
+        # the profile fits take validity as 0/1 weights, with var zero on invalid samples
+        vf = valid.astype(float)
+        var *= vf
+        valid = vf
+        sums = _plain_sums(vals, valid, var)
     s = np.full(n, sig)
     qm, s_fit, _, _, _ = _fit_cross(vals, valid, var, grid, pm, pa, pb, qm, s, fit_sigma=fit_sigma, n_iter=3)
     if fit_sigma:
