@@ -874,8 +874,13 @@ def test_joint_kernel_matches_the_numpy_joint_solve(n_nb):
     flat = [p.reshape(Q, 1, C) for p in P]
     ref = _joint_solve(d.reshape(Q, 1, C), var0.reshape(Q, 1, C), q.reshape(Q, 1), bad.reshape(Q, 1, C), flat,
                        np.ones((Q, 1, n_nb + 1), bool))
-    got = joint_strips(d.reshape(Q, C), var0.reshape(Q, C), q.reshape(Q), bad.reshape(Q, C),
-                       np.ascontiguousarray(np.concatenate(flat, axis=1)), 1, 5.0, 0.1)
+    # the strips as (S, K, C) arrays, addressed through (s, k) indices; the neighbours' profiles through
+    # rows and columns of a (n, M, C) array (here in reverse column order)
+    S_, K_ = d.shape[:2]
+    s_idx, k_idx = np.divmod(np.arange(Q), K_)
+    Ab = np.ascontiguousarray(np.concatenate(flat[1:][::-1], axis=1)) if n_nb else np.zeros((Q, 0, C), np.float32)
+    cols = np.tile(np.arange(n_nb)[::-1], (Q, 1)).astype(np.int64)
+    got = joint_strips(d, var0, q, bad, s_idx, k_idx, P[0], Ab, np.arange(Q), cols, 1, 5.0, 0.1)
     np.testing.assert_array_equal(got[2], ref[2][:, 0])
     F0, v0 = ref[0][:, 0], ref[1][:, 0]
     ok = np.isfinite(v0)

@@ -611,17 +611,22 @@ def _nan_max(a, b):
 
 
 @jit
-def joint_strips(d, var0, q, bad, A, n_iter, outlier_sigma, sys_frac):
+def joint_strips(data, var0, q, bad, s_idx, k_idx, P, Ab, rows, cols, n_iter, outlier_sigma, sys_frac):
     """Joint weighted least squares of a star's and its neighbours' amplitudes per strip
     (:func:`pydriftn.extract.core._joint_solve` with every column active, for up to 3 columns).
 
     Parameters
     ----------
-    d, var0 : float32 (Q, C)
-    q : float32 (Q,)
-    bad : bool (Q, C)
-    A : float32 (Q, M1, C)
-        Unit-flux profiles: the star's (``m = 0``), then its neighbours'; ``M1 <= 3``.
+    data, var0 : float32 (S, K, C)
+        The strips (``var0`` may be a broadcast view).
+    q : float32 (S, K)
+    bad : bool (S, K, C)
+    s_idx, k_idx : int64 (Q,)
+        The strips to fit.
+    P : float32 (S, K, C)
+        The stars' unit-flux profiles (column 0 of the fit).
+    Ab : float32 (n, M, C)
+        Neighbour profiles; strip ``i`` uses rows ``rows[i]`` and columns ``cols[i, :]`` (at most 2).
 
     The same float32 operations as the numpy code, strip by strip (model, variance, the rejection of
     the worst positive outlier from the second pass on, weights), except that the sums over the cells
@@ -631,11 +636,15 @@ def joint_strips(d, var0, q, bad, A, n_iter, outlier_sigma, sys_frac):
 
     Returns F (float64: the star's amplitude), its variance (inf if its column is empty), bad (new array).
     """
-    Q, C = d.shape
-    M1 = A.shape[1]
+    Q = s_idx.shape[0]
+    C = data.shape[2]
+    M1 = cols.shape[1] + 1
     F = np.empty(Q, dtype=np.float64)
     cov = np.empty(Q, dtype=np.float64)
-    bad_out = bad.copy()
+    bad_out = np.empty((Q, C), dtype=np.bool_)
+    A = np.empty((M1, C), dtype=np.float32)
+    d = np.empty(C, dtype=np.float32)
+    v0 = np.empty(C, dtype=np.float32)
     zero = np.float32(0.0)
     f005 = np.float32(0.05)
     s2 = np.float32(sys_frac * sys_frac)
@@ -650,12 +659,23 @@ def joint_strips(d, var0, q, bad, A, n_iter, outlier_sigma, sys_frac):
     diag = np.zeros(3, dtype=np.float64)
     empty = np.zeros(3, dtype=np.bool_)
     for i in range(Q):
+        si = s_idx[i]
+        ki = k_idx[i]
+        qi = q[si, ki]
+        for c in range(C):
+            d[c] = data[si, ki, c]
+            v0[c] = var0[si, ki, c]
+            bad_out[i, c] = bad[si, ki, c]
+            A[0, c] = P[si, ki, c]
+        for m in range(1, M1):
+            for c in range(C):
+                A[m, c] = Ab[rows[i], cols[i, m - 1], c]
         sP = 0.0
         sd = 0.0
         for c in range(C):
             if not bad_out[i, c]:
-                sP += np.float64(A[i, 0, c])
-            sd += np.float64(d[i, c])
+                sP += np.float64(A[0, c])
+            sd += np.float64(d[c])
         sP32 = np.float32(sP)
         amps[0] = np.float64(np.float32(sd) / max(sP32, f005)) if sP32 > f005 else 0.0
         for m in range(1, M1):
@@ -663,18 +683,18 @@ def joint_strips(d, var0, q, bad, A, n_iter, outlier_sigma, sys_frac):
         c00 = 0.0
         for it in range(n_iter + 1):
             for c in range(C):
-                mc = A[i, 0, c] * np.float32(amps[0])
+                mc = A[0, c] * np.float32(amps[0])
                 for m in range(1, M1):
-                    mc = mc + A[i, m, c] * np.float32(amps[m])
+                    mc = mc + A[m, c] * np.float32(amps[m])
                 M[c] = mc
-                V[c] = q[i] * max(mc, zero) + var0[i, c]
+                V[c] = qi * max(mc, zero) + v0[c]
             if outlier_sigma != 0 and it >= 1:
                 any_c = False
                 for c in range(C):
                     z = M[c] * M[c]
                     z = z * s2
                     z = z + V[c]
-                    r = d[i, c] - M[c]
+                    r = d[c] - M[c]
                     z = r / z
                     z = z * abs(r)
                     if bad_out[i, c]:
@@ -699,12 +719,12 @@ def joint_strips(d, var0, q, bad, A, n_iter, outlier_sigma, sys_frac):
             for m in range(M1):
                 acc_r = 0.0
                 for c in range(C):
-                    acc_r += np.float64((w[c] * A[i, m, c]) * d[i, c])
+                    acc_r += np.float64((w[c] * A[m, c]) * d[c])
                 rhs[m] = np.float64(np.float32(acc_r))
                 for l in range(m, M1):
                     acc = 0.0
                     for c in range(C):
-                        acc += np.float64((w[c] * A[i, m, c]) * A[i, l, c])
+                        acc += np.float64((w[c] * A[m, c]) * A[l, c])
                     N[m, l] = np.float64(np.float32(acc))
                     N[l, m] = N[m, l]
             any_empty = False

@@ -1171,7 +1171,7 @@ def _deblend(strips, prof, delta, P, nb, x0, y0, x1, y1, geometry, outlier_sigma
         return F, varF, bad, dbl
     si = idx[ni]
     phase = strips.phase[si, ki][:, None]
-    A = [P[si, ki][:, None, :]]
+    Ab = np.zeros((Q, M, C), dtype=np.float32)  # the neighbours' profiles (the star's: P)
     active = np.zeros((Q, 1, M + 1), dtype=bool)
     active[..., 0] = True
     for m, (bb, kb_f, D, on) in enumerate(geo_m):
@@ -1189,17 +1189,14 @@ def _deblend(strips, prof, delta, P, nb, x0, y0, x1, y1, geometry, outlier_sigma
             kb = np.clip(kk.astype(np.int64), 0, K - 1)
             psi_b = phase[r] - Dq - prof.shift[kb] - dq
             Pr = Pr + wk * prof.strip_profile(psi_b, kb, strips.half_width, normalise="total", reach_px=reach + 1.0)
-        Pb = np.zeros((Q, 1, C), dtype=np.float32)
-        Pb[r] = Pr
-        A.append(Pb)
-        active[r, 0, m + 1] = _rowsum(Pb[r, 0]) > 1e-3
+        Ab[r, m] = Pr[:, 0]
+        active[r, 0, m + 1] = _rowsum(Pr[:, 0]) > 1e-3
     dq_any = active[:, 0, 1:].any(axis=1)
     keep = np.flatnonzero(dq_any)
     if len(keep) == 0:
         return F, varF, bad, dbl
     ni, ki, si = ni[keep], ki[keep], si[keep]
     act = active[keep, 0, 1:]  # (Q, M)
-    Ab = np.stack([a[:, 0, :] for a in A[1:]], axis=1)  # (Q, M, C)
     # most strips have one active neighbour: solve each group with only its active
     # columns (a 2x2 system for most), not with M + 1 columns everywhere
     n_act = act.sum(axis=1)
@@ -1210,18 +1207,13 @@ def _deblend(strips, prof, delta, P, nb, x0, y0, x1, y1, geometry, outlier_sigma
         cols = order[sel, :g]
         q_s, q_k = si[sel], ki[sel]
         if g <= 2:  # the star and one or two neighbours: one compiled loop over the strips
-            Ag = np.empty((len(sel), g + 1, C), dtype=np.float32)
-            Ag[:, 0] = A[0][rows, 0]
-            for j in range(g):
-                Ag[:, j + 1] = Ab[rows, cols[:, j]]
-            Fq, vq, bq = joint_strips(strips.data[q_s, q_k], np.ascontiguousarray(strips.var0[q_s, q_k]),
-                                      strips.q[q_s, q_k], strips.bad[q_s, q_k], Ag, 1,
-                                      float(outlier_sigma or 0.0), 0.1)
+            Fq, vq, bq = joint_strips(strips.data, strips.var0, strips.q, strips.bad, q_s, q_k, P, Ab, rows,
+                                      np.ascontiguousarray(cols), 1, float(outlier_sigma or 0.0), 0.1)
             F[ni[sel], ki[sel]] = Fq
             varF[ni[sel], ki[sel]] = vq
             bad[ni[sel], ki[sel]] = bq
             continue
-        Ag = [A[0][rows]] + [Ab[rows, cols[:, j]][:, None, :] for j in range(g)]
+        Ag = [P[q_s, q_k][:, None, :]] + [Ab[rows, cols[:, j]][:, None, :] for j in range(g)]
         actg = np.ones((len(sel), 1, g + 1), dtype=bool)
         Fq, vq, bq = _joint_solve(strips.data[q_s, q_k][:, None, :], strips.var0[q_s, q_k][:, None, :],
                                   strips.q[q_s, q_k][:, None], strips.bad[q_s, q_k][:, None, :], Ag, actg,
