@@ -683,17 +683,6 @@ def test_trail_template_lookups_and_capped_table():
     assert np.abs(a._table2d()[3].view(np.float32)).max() > 0
 
 
-def test_runs_count_true_equals_bincount():
-    from pydriftn.classify._trailmodel import _Runs
-
-    rng = np.random.default_rng(17)
-    star = np.repeat(rng.permutation(40), rng.integers(1, 400, 40))  # contiguous runs, not in trail order
-    flag = rng.random(len(star)) < 0.3
-    ref = np.bincount(star, weights=flag, minlength=45)
-    assert np.array_equal(_Runs(star, 45).count_true(flag), ref)
-    assert np.array_equal(_Runs(star[::-1].copy(), 45).count_true(flag[::-1]), ref)
-
-
 def test_final_model_sums_shared_pixels():
     """The model image of the joint fit: each pixel the sum of the (fitted) stamps covering it."""
     from pydriftn.classify._trailmodel import _final, _pairs, _pixel_index, trail_pixels

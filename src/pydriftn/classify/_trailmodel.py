@@ -319,41 +319,6 @@ class _Runs:
         else:
             self.ok = False
 
-    def blocks(self, size=32768):
-        """Entry ranges of about ``size`` entries cut at run boundaries: ``[(a, b, starts, ids), ...]``.
-
-        ``starts`` are the run starts within ``[a, b)`` relative to ``a`` and
-        ``ids`` their trails: ``out[ids] = np.add.reduceat(x[a:b], starts)``
-        gives the same per-trail sums as :meth:`sum` (the same entries of each
-        run, in the same order), while the per-entry products of a block stay
-        in the cache. One block ``(0, n_entries, None, None)`` when the runs
-        are not contiguous (then sum with :meth:`sum` instead).
-        """
-        ne = len(self.star)
-        if not self.ok:
-            return [(0, ne, None, None)]
-        cut = np.unique(np.searchsorted(self.starts, np.arange(0, ne, size)))
-        cut = cut[cut < len(self.starts)]
-        out = []
-        for k, r0 in enumerate(cut):
-            r1 = cut[k + 1] if k + 1 < len(cut) else len(self.starts)
-            a = int(self.starts[r0])
-            b = int(self.starts[r1]) if r1 < len(self.starts) else ne
-            out.append((a, b, self.starts[r0:r1] - a, self.ids[r0:r1]))
-        return out
-
-    def block_sum(self, out, blk, x, dtype=np.float64):
-        """``out[trails] = per-trail sums`` of ``x``, the values of the entries of block ``blk`` (from :meth:`blocks`).
-
-        ``dtype``: accumulator of ``np.add.reduceat`` (int32 for counts of a
-        boolean viewed as int8, as :meth:`count_true`).
-        """
-        a, b, starts, ids = blk
-        if ids is None:
-            out[:] = np.bincount(self.star[a:b], weights=x, minlength=self.n)
-        else:
-            out[ids] = np.add.reduceat(x, starts, dtype=dtype)
-
     def entries(self, select):
         """Indices of the entries of the trails where ``select`` (bool per trail) is True, ascending."""
         if not self.ok:
@@ -366,22 +331,6 @@ class _Runs:
             return np.zeros(0, np.int64)
         off = np.repeat(st - np.concatenate([[0], np.cumsum(ln)[:-1]]), ln)
         return off + np.arange(tot)
-
-    def count_true(self, flag):
-        """``self.sum(flag)`` of a boolean ``flag`` (float64 counts): int32 sums of its bytes, ~2x faster."""
-        if not self.ok:
-            return self.sum(flag)
-        out = np.zeros(self.n)
-        out[self.ids] = np.add.reduceat(np.asarray(flag, bool).view(np.int8), self.starts, dtype=np.int32)
-        return out
-
-    def count(self):
-        """``np.bincount(star, minlength=n)``."""
-        if not self.ok:
-            return np.bincount(self.star, minlength=self.n)
-        out = np.zeros(self.n, np.int64)
-        out[self.ids] = np.diff(np.append(self.starts, len(self.star)))
-        return out
 
     def sum(self, weights):
         """``np.bincount(star, weights, minlength=n)`` (float64)."""
@@ -399,7 +348,7 @@ def _masked_in_core(tp, w, c_max):
     return np.bincount(tp.star[z], minlength=tp.n).astype(np.float64)
 
 
-def _fit(tp, d, w, tmpl, F, da, dc, fit_off, n_iter=2, max_off=1.0, noise=None, first=None, runs=None):
+def _fit(tp, d, w, tmpl, F, da, dc, fit_off, n_iter=2, max_off=1.0, noise=None, first=None):
     """Linearised least squares of (F, da, dc) per star; offsets only where ``fit_off``.
 
     ``d`` must already have the neighbours' models subtracted. With ``noise =
@@ -407,7 +356,6 @@ def _fit(tp, d, w, tmpl, F, da, dc, fit_off, n_iter=2, max_off=1.0, noise=None, 
     flash or a cosmic ray on the trail) are left out, so they do not pull the
     offsets. ``first``: ``tmpl.evaluate(s, c, derivatives=True)`` at the
     current offsets if already computed (used by the first iteration).
-    ``runs``: ``_Runs(tp.star, tp.n)`` if already built.
     """
     n = tp.n
     f32 = np.float32
@@ -478,6 +426,8 @@ def _solve_fluxes(star, rep, ne, n, w, T, d, pairs=None, runs=None):
     off-diagonal part comes from the (few) shared pixels alone. Trails that
     share no pixel get the closed-form amplitude ``sum(w T d) / sum(w T^2)``;
     only the coupled ones (blend groups) go to a small sparse solve.
+    ``runs``: not used (kept for the callers; the per-trail sums are one
+    compiled pass, :func:`._kernels.flux_sums`).
     """
     # v = T w and the per-trail sums of v^2 and v d (float64) in one compiled pass
     v = np.empty(len(T), np.result_type(T, w))
@@ -954,8 +904,7 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
         nw = runs_b.sum(wing)
         bkg = np.where(nw >= 20, runs_b.sum(r * wing) / np.maximum(nw, 1), 0.0)
         db = db - bkg[sub.star]
-        F, da, dc = _fit(sub, db, wb, base, F, da, dc, fit_off, n_iter=2, noise=noise, first=(Tb, Tsb, Tcb),
-                         runs=runs_b)
+        F, da, dc = _fit(sub, db, wb, base, F, da, dc, fit_off, n_iter=2, noise=noise, first=(Tb, Tsb, Tcb))
         del Tsb, Tcb
         if bright.sum() >= min_bright:
             pre = _bright_entries(sub, db, wb, F, da, dc, bright)
@@ -965,7 +914,7 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
             if template_passes < 2:
                 # offsets relative to the empirical template (the analytic one misses the common along-track
                 # shift of the jitter: the instants of flashes on trails are read from these offsets)
-                F, da, dc = _fit(sub, db, wb, tmpl, F, da, dc, fit_off, n_iter=1, noise=noise, runs=runs_b)
+                F, da, dc = _fit(sub, db, wb, tmpl, F, da, dc, fit_off, n_iter=1, noise=noise)
                 empirical = True
         if bright.sum() >= min_bright and template_passes >= 2:
             # neighbours' light again, with the empirical template (Moffat-like wings of bright neighbours)
@@ -974,7 +923,7 @@ def fit_trails(resid0, bad, x0, y0, x1, y1, *, sigma_psf, sky_sigma, half_width=
             own_b = F[sub.star] * Tb
             db = _k.minus_neighbours(d, eb, rep, own_b, en, F[tp.star[en]] * Tn, np.empty(ne), np.empty(ne))
             db -= bkg[sub.star]
-            F, da, dc = _fit(sub, db, wb, tmpl, F, da, dc, fit_off, n_iter=2, noise=noise, runs=runs_b)
+            F, da, dc = _fit(sub, db, wb, tmpl, F, da, dc, fit_off, n_iter=2, noise=noise)
             tmpl = _empirical_template(sub, db, wb, F, da, dc, bright, base, hw_big, sigma_psf)
             _cap_correction(sub, db, wb, F, da, dc, bright, tmpl, Lref, hw_big, cap_px=cap_px)
             empirical = True
