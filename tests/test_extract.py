@@ -947,3 +947,45 @@ def test_table_cells_kernel_is_the_numpy_strided_gather():
         np.testing.assert_array_equal(got, ref)
         assert (got[0, :2] == 0).all()
     assert prof.strip_profile(psi[:0], 0, W).shape == (0, K, 2 * W + 1)
+
+
+
+def _fwhm_numpy(table, u):
+    """The per-row numpy loop of pydriftn.extract.profile._fwhm_of_table that fwhm_rows replaced."""
+    out = np.empty(table.shape[0])
+    for r, t in enumerate(table):
+        i = int(np.argmax(t))
+        half = 0.5 * t[i]
+        if half <= 0:
+            out[r] = np.nan
+            continue
+        left = np.flatnonzero(t[:i] < half)
+        right = np.flatnonzero(t[i:] < half)
+        if len(left) == 0 or len(right) == 0:
+            out[r] = np.nan
+            continue
+        a = left[-1]
+        xl = u[a] + (half - t[a]) / (t[a + 1] - t[a]) * (u[a + 1] - u[a])
+        b = i + right[0]
+        xr = u[b - 1] + (t[b - 1] - half) / (t[b - 1] - t[b]) * (u[b] - u[b - 1])
+        out[r] = xr - xl
+    return out
+
+
+def test_fwhm_kernel_is_the_numpy_loop():
+    """The compiled FWHM of the profile rows is bit for bit the per-row numpy loop (flat, one-sided,
+    zero and NaN rows included)."""
+    from pydriftn.extract.profile import _fwhm_of_table
+
+    rng = np.random.default_rng(0)
+    u = -11 + 0.05 * np.arange(441)
+    t = (np.exp(-0.5 * ((u[None] - rng.normal(0, 1, (40, 1))) / rng.uniform(0.8, 2, (40, 1))) ** 2)
+         * rng.uniform(0.5, 2, (40, 1))).astype(np.float32)
+    t[0] = 0.0
+    t[1] = 1.0
+    t[2, :200] = 1.0
+    t[3] = np.nan
+    t[4, 100] = np.nan
+    got = _fwhm_of_table(t, u)
+    np.testing.assert_array_equal(got, _fwhm_numpy(t, u))
+    assert np.isnan(got[:5]).all() and np.isfinite(got[5:]).all()

@@ -31,6 +31,9 @@ Which loops they replace, and why compiled
     a strided gather of a complex table into a (strips, cells) complex
     temporary, then a multiply-add; one loop instead: bit-identical, ~2.5x
     faster.
+:func:`fwhm_rows` (used by :func:`pydriftn.extract.profile._fwhm_of_table`)
+    The FWHM of every profile row, a Python loop of ~10 numpy calls per
+    sample: bit-identical.
 :func:`optimal_strips` (used by :func:`pydriftn.extract.core._optimal_single`)
     and :func:`joint_strips` (used by :func:`pydriftn.extract.core._deblend`)
     The Horne iterations of every strip, and the joint fit of a star and up
@@ -803,4 +806,44 @@ def table_cells(tc, psi, k_rows, u0, h, pad, step, W, reach, n_start):
             else:
                 v = tc[k, start + step * c]
                 out[i, c] = v.imag * fr + v.real
+    return out
+
+
+@jit
+def fwhm_rows(table, u):
+    """FWHM of each row of ``table`` (float32, on the grid ``u``): the half-maximum crossings either side
+    of the first maximum, linearly interpolated (NaN without both) — the per-row numpy loop of
+    :func:`pydriftn.extract.profile._fwhm_of_table`, with its float32/float64 arithmetic."""
+    n, m = table.shape
+    out = np.empty(n, dtype=np.float64)
+    for r in range(n):
+        t = table[r]
+        i = 0  # np.argmax: the first NaN, else the first maximum
+        if not np.isnan(t[0]):
+            for j in range(1, m):
+                if np.isnan(t[j]):
+                    i = j
+                    break
+                if t[j] > t[i]:
+                    i = j
+        half = np.float32(0.5) * t[i]
+        if half <= 0:
+            out[r] = np.nan
+            continue
+        a = -1
+        for j in range(i - 1, -1, -1):
+            if t[j] < half:
+                a = j
+                break
+        b = -1
+        for j in range(i, m):
+            if t[j] < half:
+                b = j
+                break
+        if a < 0 or b < 0:
+            out[r] = np.nan
+            continue
+        xl = u[a] + (half - t[a]) / (t[a + 1] - t[a]) * (u[a + 1] - u[a])
+        xr = u[b - 1] + (t[b - 1] - half) / (t[b - 1] - t[b]) * (u[b] - u[b - 1])
+        out[r] = xr - xl
     return out
