@@ -471,6 +471,67 @@ def fit_inputs(vals, valid, neighbours, rms, gain, var, vf, nval, prof_u, pvar_u
 
 
 @jit
+def _pair_value(src, rows, dp, dq, scale, use_scale, k, a, b):
+    """Source ``rows[k]``'s sample ``(a + dp[k], b + dq[k])`` (0 beyond its grid), times ``scale[k]``."""
+    n_p, n_q = src.shape[1], src.shape[2]
+    sa = a + dp[k]
+    sb = b + dq[k]
+    ok = sa >= 0 and sa < n_p and sb >= 0 and sb < n_q
+    sa = min(max(sa, 0), n_p - 1)
+    sb = min(max(sb, 0), n_q - 1)
+    if use_scale:
+        g = np.float32(np.float64(src[rows[k], sa, sb]) * scale[k])
+    else:
+        g = np.float32(src[rows[k], sa, sb])
+    return g * np.float32(ok)
+
+
+@jit
+def neighbour_sum(src, rows, ti, dp, dq, scale, use_scale, starts, out):
+    """Sum of the overlapping sources' models on each target's grid (:func:`.trailfit.neighbour_models`).
+
+    Pair ``k`` (sorted by target): target ``ti[k]``'s sample ``(a, b)`` takes source row ``rows[k]``'s sample
+    ``(a + dp[k], b + dq[k])`` (0 beyond its grid), times ``scale[k]`` (product in float64, rounded to
+    float32) when ``use_scale``. The pairs of a target (``starts[t]`` to the next start) are added in float32
+    in the order of ``np.add.reduceat`` along the pairs: the first, plus numpy's pairwise sum of the others
+    (sequential from -0.0 below 8 terms; 8 accumulators up to 128; the caller uses numpy beyond).
+    """
+    n_p, n_q = src.shape[1], src.shape[2]
+    nstart = starts.shape[0]
+    npair = ti.shape[0]
+    r = np.empty(8, np.float32)
+    for t in range(nstart):
+        k0 = starts[t]
+        k1 = starts[t + 1] if t + 1 < nstart else npair
+        o = out[ti[k0]]
+        m = k1 - k0 - 1  # the terms of the pairwise sum
+        for a in range(n_p):
+            for b in range(n_q):
+                first = _pair_value(src, rows, dp, dq, scale, use_scale, k0, a, b)
+                if m == 0:
+                    o[a, b] = first
+                    continue
+                if m < 8:
+                    res = np.float32(-0.0)
+                    for i in range(m):
+                        res += _pair_value(src, rows, dp, dq, scale, use_scale, k0 + 1 + i, a, b)
+                else:
+                    for j in range(8):
+                        r[j] = _pair_value(src, rows, dp, dq, scale, use_scale, k0 + 1 + j, a, b)
+                    i = 8
+                    while i < m - (m % 8):
+                        for j in range(8):
+                            r[j] += _pair_value(src, rows, dp, dq, scale, use_scale, k0 + 1 + i + j, a, b)
+                        i += 8
+                    res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
+                    while i < m:
+                        res += _pair_value(src, rows, dp, dq, scale, use_scale, k0 + 1 + i, a, b)
+                        i += 1
+                o[a, b] = first + res
+    return out
+
+
+@jit
 def cross_args(Q, qc, coef, out):
     """``out[k, i, a, b] = ((Q[b] - qc[i, a]) ** 2) * coef[k]`` (float32): the exponents of the PSF cross profiles."""
     nk, n, n_p, n_q = out.shape

@@ -821,14 +821,33 @@ def neighbour_models(grid: TrailGrid, x_mid, y_mid, src_x, src_y, src_models, *,
     ti, sj, dp, dq = ti[keep][order], sj[keep][order], dp[keep][order], dq[keep][order]
     if ti.size == 0:
         return out
-    # target sample a (along), b (across) <- source sample a + dp, b + dq
+    # target sample a (along), b (across) <- source sample a + dp, b + dq, summed over a target's
+    # sources in index order: one compiled pass (no gathered (pairs, np, nq) copies), in the order of
+    # np.add.reduceat (up to 129 sources per target; numpy beyond)
+    rows = sj if model_index is None else np.asarray(model_index, np.intp)[sj]
+    starts = np.flatnonzero(np.r_[True, ti[1:] != ti[:-1]])
+    if np.diff(np.r_[starts, ti.size]).max() > 129:
+        return _neighbour_sum_numpy(src_models, rows, ti, sj, dp, dq, scale, starts, out)
+    if scale is None:
+        src = np.ascontiguousarray(np.asarray(src_models, np.float32).reshape(-1, n_p, n_q))
+        sc = np.zeros(0)
+    else:
+        src = np.ascontiguousarray(np.asarray(src_models).reshape(-1, n_p, n_q))
+        sc = np.ascontiguousarray(np.asarray(scale, np.float64)[sj])
+    _kernels.neighbour_sum(src, rows.astype(np.int64), ti.astype(np.int64), dp.astype(np.int64),
+                           dq.astype(np.int64), sc, scale is not None, starts.astype(np.int64), out)
+    return out
+
+
+def _neighbour_sum_numpy(src_models, rows, ti, sj, dp, dq, scale, starts, out):
+    """:func:`neighbour_models`' sum over the overlapping pairs by numpy gathers and ``np.add.reduceat``."""
+    n_p, n_q = out.shape[1], out.shape[2]
     A = np.arange(n_p)[None, :] + dp[:, None]
     B = np.arange(n_q)[None, :] + dq[:, None]
     okA = (A >= 0) & (A < n_p)
     okB = (B >= 0) & (B < n_q)
     np.clip(A, 0, n_p - 1, out=A)
     np.clip(B, 0, n_q - 1, out=B)
-    rows = sj if model_index is None else np.asarray(model_index, np.intp)[sj]
     idx = (rows * (n_p * n_q))[:, None, None] + (A * n_q)[:, :, None] + B[:, None, :]
     if scale is None:
         g = np.take(np.asarray(src_models, np.float32).reshape(-1), idx)
@@ -837,7 +856,6 @@ def neighbour_models(grid: TrailGrid, x_mid, y_mid, src_x, src_y, src_models, *,
         g *= np.asarray(scale, np.float64)[sj][:, None, None]
         g = g.astype(np.float32)
     g *= okA[:, :, None] & okB[:, None, :]
-    starts = np.flatnonzero(np.r_[True, ti[1:] != ti[:-1]])
     out[ti[starts]] = np.add.reduceat(g, starts, axis=0)
     return out
 
