@@ -294,10 +294,18 @@ def test_flagged_samples_excluded_and_marked():
     spike6 = (lc["star_id"] == 6) & (lc["expnum"] == 1001) & lc["sample"].between(10, 12)
     lc.loc[spike6, "norm_flux"] += 3.0
     lc.loc[spike6, "flags"] = int(flags.NEAR_EDGE)
-    # star 7: a real event whose peak sample is flagged: still found, marked
+    # star 7: a real event whose peak sample is flagged (a satellite crossed it): still found, and not vetoed,
+    # because it stays significant without the samples within 2 PSF FWHM of the flagged one (A ~ 1.3 at 4.3 s)
     t0 = lc.loc[(lc["star_id"] == 7) & (lc["expnum"] == 1002) & (lc["sample"] == 18), "mjd"].iloc[0]
     lc = inject_microlensing(lc, {"star_id": 7, "t0_mjd": t0, "te_s": 4.0, "u0": 0.2, "rho": 0.1}, seed=1)
     lc.loc[(lc["star_id"] == 7) & (lc["expnum"] == 1002) & (lc["sample"] == 18), "flags"] = int(flags.SATELLITE)
+    # star 8: a cosmic ray whose flagged samples are excluded but whose wings (unflagged, 2 samples either
+    # side) carry 20 % of its light: a candidate made only by the artefact's light, vetoed
+    core8 = (lc["star_id"] == 8) & (lc["expnum"] == 1001) & lc["sample"].between(10, 12)
+    wing8 = (lc["star_id"] == 8) & (lc["expnum"] == 1001) & (lc["sample"].between(8, 9) | lc["sample"].between(13, 14))
+    lc.loc[core8, "norm_flux"] += 3.0
+    lc.loc[core8, "flags"] = int(flags.COSMIC_RAY)
+    lc.loc[wing8, "norm_flux"] += 0.6
     # star 9: the same event with its peak samples lost (masked/saturated pixels: excluded, nothing added): kept
     t9 = lc.loc[(lc["star_id"] == 9) & (lc["expnum"] == 1002) & (lc["sample"] == 18), "mjd"].iloc[0]
     lc = inject_microlensing(lc, {"star_id": 9, "t0_mjd": t9, "te_s": 4.0, "u0": 0.2, "rho": 0.1}, seed=1)
@@ -310,9 +318,12 @@ def test_flagged_samples_excluded_and_marked():
     assert sn.loc[6, "false_alarm_prob"] < 1e-4
     c = res.candidates.set_index("star_id")
     assert 5 not in c.index or not c.loc[5, "above_threshold"]
-    assert c.loc[7, "above_threshold"]
-    assert c.loc[7, "vetoes"] & VETO_FLAGGED
-    assert "flagged_samples" in c.loc[7, "veto_reasons"]
+    assert c.loc[7, "above_threshold"] and c.loc[7, "vetoes"] == 0
+    assert c.loc[7, "statistic_clear_of_artefacts"] >= c.loc[7, "threshold"]
+    assert abs(c.loc[7, "t0_mjd"] - t0) * 86400.0 <= 0.5 and abs(c.loc[7, "te_s"] / 4.0 - 1) <= 0.3
+    assert c.loc[8, "above_threshold"]
+    assert c.loc[8, "vetoes"] & VETO_FLAGGED and "flagged_samples" in c.loc[8, "veto_reasons"]
+    assert c.loc[8, "statistic_clear_of_artefacts"] < c.loc[8, "threshold"]
     assert c.loc[9, "above_threshold"] and c.loc[9, "vetoes"] == 0
     # without the flag mask the spike is a (spurious) detection
     res2 = search(lc, stars, n_scrambles=10, false_alarm_rate=1e-2, bad_flag_mask=0, fit=False)

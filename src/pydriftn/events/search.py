@@ -19,8 +19,10 @@ Steps (all stars of a CCD-night at once, see :mod:`.series` and :mod:`.scan`):
    (``lsf_fwhm_px`` column, else the ``psf_fwhm_px`` option; see :mod:`.fit`)
    within each exposure's shutter window; parameters, Jacobian errors,
    Delta-chi2 vs flat.
-5. Vetoes (bitmask, see ``VETO_BITS``): samples excluded for their flags in
-   (or next to) the candidate window; common mode (the same grid window, i.e. the same exposure and
+5. Vetoes (bitmask, see ``VETO_BITS``): samples excluded for flags of added
+   light (cosmic ray, satellite, blend) in (or next to) the candidate window,
+   unless the star's excursion stays above the threshold without every sample
+   within 2 PSF FWHM of them (see ``_statistic_clear_of_artefacts``); common mode (the same grid window, i.e. the same exposure and
    samples, brightens/dims in more than ``common_mode_fraction`` of the CCD's
    stars); a brighter neighbour within ``neighbour_radius_arcsec`` varying in
    the same window; a flash (from the classification stage) at the same place
@@ -444,6 +446,8 @@ def search(lc: pd.DataFrame, stars: pd.DataFrame | None = None, flashes: pd.Data
         flare_amplitude_err, rise_s, rise_err_s, decay_s, decay_err_s, n_flashes,
         delta_chi2_flash, delta_chi2_flash_free_width`` (best flash profile
         with the flash's width and with a free width, if a flash matched),
+        ``statistic_clear_of_artefacts`` (where artefact-flagged samples are
+        in or next to the window: the statistic without their reach),
         ``vetoes, veto_reasons``.
     """
     if blocks is None:
@@ -508,7 +512,7 @@ def search(lc: pd.DataFrame, stars: pd.DataFrame | None = None, flashes: pd.Data
             common_mode=(common_mode_fraction, common_mode_dchi2, common_mode_min_stars),
             neighbour=(neighbour_radius_arcsec, neighbour_dchi2), flash=(flash_radius_arcsec, flash_window_s),
             flash_test=(flash_max_width, flash_margin_dchi2, flash_margin_frac, flash_fwhm_px,
-                        flash_ml_margin_dchi2, psf_column_per_fwhm)))
+                        flash_ml_margin_dchi2, psf_column_per_fwhm), widths=widths))
     star_nights = pd.concat(sn_rows, ignore_index=True)
     cands = pd.DataFrame(cand_rows)
     if cands.empty:
@@ -524,7 +528,8 @@ def search(lc: pd.DataFrame, stars: pd.DataFrame | None = None, flashes: pd.Data
 
 
 def _block_candidates(block, sc, scr_p, idx, fap, thr, star_tab, mcol, fl, *, fit, fit_blend, supersample, max_fits,
-                      common_mode, neighbour, flash, flash_test, psf=(True, DEFAULT_PSF_FWHM_PX, COLUMN_PER_KERNEL_FWHM)):
+                      common_mode, neighbour, flash, flash_test, psf=(True, DEFAULT_PSF_FWHM_PX, COLUMN_PER_KERNEL_FWHM),
+                      widths=DEFAULT_WIDTHS):
     rows = []
     if len(idx) == 0:
         return rows
@@ -574,7 +579,10 @@ def _block_candidates(block, sc, scr_p, idx, fap, thr, star_tab, mcol, fl, *, fi
         # do not veto: the event's other samples stand on their own
         excluded = block.present[i, lo_k:hi_k] & ~block.valid[i, lo_k:hi_k]
         if np.any(excluded & ((block.flags[i, lo_k:hi_k] & _ARTEFACT_FLAGS) != 0)):
-            vet |= VETO_FLAGGED
+            clear = _statistic_clear_of_artefacts(block, i, j0, width, sg, widths, psf[1], psf[2])
+            row["statistic_clear_of_artefacts"] = clear
+            if not clear >= thr:
+                vet |= VETO_FLAGGED
         d_all, s_all, has = _window(block, window_cache, j0, width)
         exc = has & (d_all >= cm_dchi2) & (np.sign(s_all) == sg)
         exc_other = exc.copy()
@@ -635,6 +643,69 @@ def _block_candidates(block, sc, scr_p, idx, fap, thr, star_tab, mcol, fl, *, fi
         row["veto_reasons"] = veto_names(vet)
         rows.append(row)
     return rows
+
+
+#: Samples within this many PSF FWHM (along the drift) of a sample excluded for added light (cosmic ray,
+#: satellite, blend) are left out of :func:`_statistic_clear_of_artefacts`: a Moffat beta = 3 line-spread
+#: function is down to 1.6 % of its peak at 2 FWHM.
+ARTEFACT_CLEARANCE_FWHM = 2.0
+
+
+def _statistic_clear_of_artefacts(block, i, j0, width, sign, widths, default_fwhm,
+                                  column_per_fwhm=COLUMN_PER_KERNEL_FWHM) -> float:
+    """Best boxcar Delta-chi2 of star row ``i`` near its candidate window without the artefacts' reach.
+
+    A sample excluded for light that is not the star's (``_ARTEFACT_FLAGS``:
+    a cosmic ray, a satellite trail, a blend) may leave that light in the
+    samples beside it (the masked pixels miss its PSF wings), and those can
+    make a candidate. Here every sample within ``ARTEFACT_CLEARANCE_FWHM``
+    PSF FWHM (the exposure's, ``default_fwhm`` if unknown) of such an
+    excluded sample in the same exposure is dropped too (another exposure,
+    28 s away, cannot hold its light), and the scan's statistic (the same
+    correlated-sample correction, :func:`~.scan.variance_inflation`) is
+    maximised over the boxcars of ``widths`` that lie within one window
+    width of the candidate window (``[j0 - width, j0 + 2 width)``), with the
+    flat level re-fitted on the remaining samples. What is left cannot be
+    the artefact's light: the search keeps a candidate whose statistic so
+    computed still reaches the threshold (an event lasting beyond the
+    artefact), and vetoes the others (``flagged_samples``).
+    """
+    from .scan import variance_inflation
+
+    n = block.n_grid
+    k = block.samples_per_exposure
+    art = np.flatnonzero(block.present[i] & ~block.valid[i] & ((block.flags[i] & _ARTEFACT_FLAGS) != 0))
+    w = block.row_weights(i).astype(float)
+    if art.size:
+        fw = block.exposure_fwhm_px(default_fwhm, column_per_fwhm)[art // k]
+        reach = np.ceil(ARTEFACT_CLEARANCE_FWHM * fw).astype(int)
+        e0 = (art // k) * k  # the light stays in the artefact's exposure
+        drop = np.zeros(n + 1, int)
+        np.add.at(drop, np.maximum(art - reach, e0), 1)
+        np.add.at(drop, np.minimum(art + reach + 1, np.minimum(e0 + k, n)), -1)
+        w[np.cumsum(drop)[:n] > 0] = 0.0
+    wt = w.sum()
+    if wt <= 0:
+        return 0.0
+    y = np.where(w > 0, block.y[i], 0.0)
+    ybar = float(np.sum(w * y) / wt)
+    cs = np.r_[0.0, np.cumsum(w * (y - ybar))]
+    cw = np.r_[0.0, np.cumsum(w)]
+    lo, hi = max(int(j0) - int(width), 0), min(int(j0) + 2 * int(width), n)
+    infl = variance_inflation(block, [int(L) for L in widths])
+    best = 0.0
+    for L in widths:
+        L = int(L)
+        if L > hi - lo:
+            continue
+        a = np.arange(lo, hi - L + 1)
+        sw = cs[a + L] - cs[a]
+        ww = cw[a + L] - cw[a]
+        den = ww * (1.0 - ww / wt)
+        ok = (den > 0) & (np.sign(sw) == sign)
+        if ok.any():
+            best = max(best, float(np.max(sw[ok] ** 2 / den[ok])) / infl.get(L, 1.0))
+    return best
 
 
 def _window(block, cache, start, width):
