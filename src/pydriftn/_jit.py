@@ -10,6 +10,9 @@ faster than DECam takes it. Every kernel is compiled with :func:`jit`:
   the module, or numba's user cache when that is read-only), so pipeline
   workers and later runs load it instead of compiling again;
 * ``nogil=True``: a dask worker's other threads keep running;
+* ``error_model="numpy"``: a float division by zero gives inf/nan as in
+  numpy (numba's default raises ZeroDivisionError, which turned a blank
+  exposure into a failed unit instead of a reported skip);
 * no ``fastmath`` and no ``parallel``: results follow IEEE arithmetic as the
   numpy versions did, and the pipeline parallelises over (exposure, CCD)
   units, one thread per worker.
@@ -27,8 +30,8 @@ __all__ = ["jit"]
 
 
 def jit(*args, **kwargs):
-    """``numba.njit`` with pydriftn's settings (``cache=True, nogil=True``); usable bare or with a signature."""
-    opts = dict(cache=True, nogil=True)
+    """``numba.njit`` with pydriftn's settings (``cache=True, nogil=True, error_model="numpy"``); bare or with a signature."""
+    opts = dict(cache=True, nogil=True, error_model="numpy")
     opts.update(kwargs)
     if len(args) == 1 and callable(args[0]) and not kwargs:
         return numba.njit(**opts)(args[0])
