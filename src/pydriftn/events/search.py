@@ -24,8 +24,9 @@ Steps (all stars of a CCD-night at once, see :mod:`.series` and :mod:`.scan`):
    unless the star's excursion stays above the threshold without every sample
    within 2 PSF FWHM of them (see ``_statistic_clear_of_artefacts``); common mode (the same grid window, i.e. the same exposure and
    samples, brightens/dims in more than ``common_mode_fraction`` of the CCD's
-   stars); a brighter neighbour within ``neighbour_radius_arcsec`` varying in
-   the same window; a flash (from the classification stage) at the same place
+   stars); a neighbour within ``neighbour_radius_arcsec`` varying in the
+   same window with a larger excursion in absolute flux (the light came from
+   it, see ``_neighbour_flux_ratio``); a flash (from the classification stage) at the same place
    and time (or reported on the candidate's star) whose light curve is
    consistent with that flash (see ``_flash_veto``); an excursion that recurs
    at the same samples (the same detector pixels) in the star's other
@@ -50,8 +51,8 @@ import numpy as np
 import pandas as pd
 
 from .fit import DEFAULT_PSF_FWHM_PX, SMEAR_SUPERSAMPLE, fit_flare, fit_flash, fit_microlensing
-from .scan import (DEFAULT_WIDTHS, CombinedNull, NullDistribution, gaussian_null_block, scan_block, scramble_block,
-                   window_statistic)
+from .scan import (DEFAULT_WIDTHS, CombinedNull, NullDistribution, _prepared, gaussian_null_block, scan_block,
+                   scramble_block, window_statistic)
 from .series import COLUMN_PER_KERNEL_FWHM, SECONDS_PER_DAY, EventSearchError, build_blocks, check_columns, flag_mask
 
 __all__ = [
@@ -398,8 +399,10 @@ def search(lc: pd.DataFrame, stars: pd.DataFrame | None = None, flashes: pd.Data
         the other stars of the CCD with data in the candidate's window show an
         excursion of the same sign with Delta-chi2 above ``common_mode_dchi2``.
     neighbour_radius_arcsec, neighbour_dchi2
-        Bright-neighbour veto: a brighter star within this radius with an
-        excursion of the same sign above ``neighbour_dchi2`` in the same window.
+        Bright-neighbour veto: a star within this radius with an excursion of
+        the same sign above ``neighbour_dchi2`` in the same window, at least as
+        large in absolute flux as the candidate's (column
+        ``neighbour_flux_ratio``: the largest neighbour / candidate ratio).
     flash_radius_arcsec, flash_window_s
         Flash veto, matching: a flash within this radius of the star's
         position (or reported on the star: ``on_star_id``) whose instant lies
@@ -595,10 +598,10 @@ def _block_candidates(block, sc, scr_p, idx, fap, thr, star_tab, mcol, fl, *, fi
         if _repeats_each_exposure(block, i, j0, width, sg, float(sc.statistic[i]), window_cache, cm_dchi2):
             vet |= VETO_REPEATS
         if have_pos and np.isfinite(ra_all[i]):
-            sep = _sep_arcsec(ra_all[i], dec_all[i], ra_all, dec_all)
-            near = (sep <= nb_radius) & (np.arange(block.n_stars) != i)
-            brighter = mag_all < mag_all[i] if np.isfinite(mag_all[i]) else np.zeros(block.n_stars, bool)
-            if np.any(near & brighter & exc):
+            ratio = _neighbour_flux_ratio(block, i, j0, width, sg, ra_all, dec_all, mag_all, nb_radius,
+                                          has & (d_all >= nb_dchi2))
+            row["neighbour_flux_ratio"] = ratio
+            if ratio >= 1.0:
                 vet |= VETO_NEIGHBOUR
         # flashes at this time on the star (on_star_id) or within fl_radius of it (its t = 0 position)
         fl_pad = max(fl_window, 2.0 * sample_s) / SECONDS_PER_DAY
@@ -706,6 +709,42 @@ def _statistic_clear_of_artefacts(block, i, j0, width, sign, widths, default_fwh
         if ok.any():
             best = max(best, float(np.max(sw[ok] ** 2 / den[ok])) / infl.get(L, 1.0))
     return best
+
+
+def _neighbour_flux_ratio(block, i, start, width, sign, ra, dec, mag, radius_arcsec, significant):
+    """Largest ratio of a neighbour's flux excursion to the candidate's in the candidate's window.
+
+    A star within ``radius_arcsec`` whose series has a ``significant``
+    excursion of the same sign in the same grid window (same exposure and
+    samples) shares light with the candidate's: the excursion's source is the
+    star with the larger excursion in absolute flux, since each star's
+    aperture takes up only a fraction (< 1) of the other's light. Flux
+    excursions are the window's weighted mean of ``norm_flux - level`` times
+    the star's catalogue flux (``10**(-0.4 mag)``). A ratio >= 1 means the
+    light came from the neighbour (a bright variable, an event on it); a
+    genuine event on the candidate gives its neighbours a fraction of its
+    light and ratios < 1. 0 without such a neighbour; NaN (no veto) without
+    magnitudes, unless a brighter neighbour varies (inf: vetoed).
+    """
+    sep = _sep_arcsec(ra[i], dec[i], ra, dec)
+    near = (sep <= radius_arcsec) & (np.arange(block.n_stars) != i) & significant
+    if not near.any():
+        return 0.0
+    yc, w, _, _ = _prepared(block)
+    sl = slice(int(start), int(start) + int(width))
+    rows = np.flatnonzero(near)
+    idx = np.append(rows, i)
+    ww = w[idx, sl].sum(axis=1, dtype=np.float64)
+    mean = np.divide(yc[idx, sl].sum(axis=1, dtype=np.float64), ww, out=np.zeros(len(idx)), where=ww > 0)
+    same = np.sign(mean[:-1]) == sign
+    if not same.any():
+        return 0.0
+    if not np.isfinite(mag[i]) or sign * mean[-1] <= 0:
+        return float("inf") if np.any(same & (mag[rows] < mag[i])) else float("nan")
+    with np.errstate(all="ignore"):
+        ratio = (mean[:-1] * 10.0 ** (-0.4 * (mag[rows] - mag[i]))) / mean[-1]
+    ratio = ratio[same & np.isfinite(ratio)]
+    return float(ratio.max()) if ratio.size else float("nan")
 
 
 def _window(block, cache, start, width):
