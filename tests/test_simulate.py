@@ -8,6 +8,8 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+import astropy.units as u
+from astropy.coordinates import SkyCoord
 from astropy.io import fits
 from astropy.time import Time
 from astropy.wcs import WCS
@@ -691,3 +693,35 @@ def test_satellite_crosses_focal_plane_with_its_flux(tmp_path):
             tol = 4 * noise + 2 * rec.width_px * rec.surface_brightness_e
             assert abs(meas - rec.surface_brightness_e * length) < tol
     assert both >= 1
+
+
+def test_event_stars_keep_the_minimum_separation():
+    """``event_min_separation_arcsec``: no two event stars of a CCD closer than that (the image-level
+    efficiency's ten events per small CCD otherwise land side by side); 0 keeps the old draw exactly."""
+    from pydriftn.simulate.dataset import exposure_schedule
+    from pydriftn.simulate.field import choose_events, make_star_field, make_wcs
+
+    def events(**ov):
+        cfg = make_config("small", n_stars_per_ccd=800, events_per_ccd=10, event_r_range=(16.0, 18.5), **ov)
+        stars = make_star_field(cfg, 5)
+        nominal = {c: make_wcs(cfg, c, (cfg.ra_deg, cfg.dec_deg)) for c in cfg.ccds}
+        ev = choose_events(cfg, stars, 5, exposure_schedule(cfg), nominal)
+        return ev.merge(stars[["star_id", "ra", "dec"]], on="star_id")
+
+    def min_sep(ev):
+        c = SkyCoord(ev["ra"].to_numpy() * u.deg, ev["dec"].to_numpy() * u.deg)
+        out = np.inf
+        for _, g in ev.groupby("ccd"):
+            cc = SkyCoord(g["ra"].to_numpy() * u.deg, g["dec"].to_numpy() * u.deg)
+            s = cc[:, None].separation(cc[None, :]).arcsec
+            out = min(out, s[~np.eye(len(g), dtype=bool)].min())
+        return out, len(c)
+
+    base, n_base = min_sep(events())
+    sep, n_sep = min_sep(events(event_min_separation_arcsec=20.0))
+    assert n_sep == n_base == 10 * len(make_config("small").ccds)
+    assert sep >= 20.0 > base  # the plain draw does put event stars closer than 20"
+    assert make_config("small").to_dict().get("event_min_separation_arcsec") is None
+    assert make_config("small", event_min_separation_arcsec=20.0).to_dict()["event_min_separation_arcsec"] == 20.0
+    with pytest.raises(ConfigError, match="event_min_separation_arcsec"):
+        make_config("small", event_min_separation_arcsec=-1.0).validate()

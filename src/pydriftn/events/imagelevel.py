@@ -515,9 +515,17 @@ def _cell_seed(seed: int, cell: ImageCell) -> int:
                & 0x7FFFFFFF)
 
 
+#: Event stars of a simulated CCD are at least this far apart (twice the search's default
+#: ``neighbour_radius_arcsec``): ten events per small CCD otherwise put event stars side by side, and an event
+#: on one star vetoes the simultaneous event on the fainter neighbour (the light came from it, as far as the
+#: data can tell) -- a loss no real sky, where events never coincide, would produce.
+EVENT_MIN_SEPARATION_ARCSEC = 20.0
+
+
 def _sim_overrides(cell: ImageCell, *, events_per_ccd, n_exposures, sim_overrides) -> dict:
     ov = dict(events_per_ccd=int(events_per_ccd), event_kind=cell.kind, event_r_range=(cell.r_min, cell.r_max),
-              u0_range=(cell.u0, cell.u0), rho_range=(cell.rho, cell.rho))
+              u0_range=(cell.u0, cell.u0), rho_range=(cell.rho, cell.rho),
+              event_min_separation_arcsec=EVENT_MIN_SEPARATION_ARCSEC)
     ov["short_te_range_s" if cell.kind == "short" else "long_te_range_s"] = (cell.te_s, cell.te_s)
     if n_exposures is not None:
         ov["n_exposures"] = int(n_exposures)

@@ -317,7 +317,10 @@ def choose_events(cfg, stars, seed, exposures, nominal_wcs):
         cand = [i for i in np.flatnonzero(ok) if i not in used]
         if len(cand) < cfg.events_per_ccd:
             log.warning("CCD %s: only %d candidate stars for %d events", ccd, len(cand), cfg.events_per_ccd)
-        pick = rng.choice(cand, size=min(cfg.events_per_ccd, len(cand)), replace=False) if cand else []
+        if cfg.event_min_separation_arcsec > 0:
+            pick = _separated_picks(rng, cand, stars, cfg.events_per_ccd, cfg.event_min_separation_arcsec)
+        else:
+            pick = rng.choice(cand, size=min(cfg.events_per_ccd, len(cand)), replace=False) if cand else []
         for j, idx in enumerate(pick):
             used.add(int(idx))
             kind = ("short" if j % 2 == 0 else "long") if cfg.event_kind == "alternate" else cfg.event_kind
@@ -336,6 +339,25 @@ def choose_events(cfg, stars, seed, exposures, nominal_wcs):
                 dict(star_id=int(stars["star_id"].iloc[idx]), ccd=ccd, t0_mjd=t0, te_s=te, u0=u0, rho=rho, kind=kind)
             )
     return pd.DataFrame(rows, columns=["star_id", "ccd", "t0_mjd", "te_s", "u0", "rho", "kind"])
+
+
+def _separated_picks(rng, cand, stars, n, min_sep_arcsec):
+    """Up to ``n`` of the ``cand`` star indices in random order, each at least ``min_sep_arcsec`` from the
+    ones taken before it (fewer, with a warning, when the candidates are too crowded)."""
+    order = rng.permutation(np.asarray(cand, dtype=np.int64)) if len(cand) else np.zeros(0, np.int64)
+    ra = np.radians(stars["ra"].to_numpy(float))
+    dec = np.radians(stars["dec"].to_numpy(float))
+    xyz = np.stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)], axis=1)
+    min_chord = 2.0 * math.sin(math.radians(min_sep_arcsec / 3600.0) / 2.0)
+    taken = []
+    for idx in order:
+        if len(taken) == n:
+            break
+        if not taken or np.min(np.linalg.norm(xyz[taken] - xyz[idx], axis=1)) >= min_chord:
+            taken.append(int(idx))
+    if len(taken) < n:
+        log.warning("only %d event stars at least %g arcsec apart (%d asked)", len(taken), min_sep_arcsec, n)
+    return taken
 
 
 def fine_time_grid(cfg, speed_px_s):
