@@ -797,3 +797,38 @@ def test_exposure_level_offset_within_the_level_scatter_is_vetoed_and_events_are
     expect = (w * (y - block.ybar[i]) ** 2).sum() - chi_level
     margin, _ = _exposure_level(block, i, 2 * k + 3, 20, {"delta_chi2_microlensing": 500.0})
     assert margin == pytest.approx(500.0 - expect, rel=1e-9)
+
+
+def _fit_synthetic(te, u0, rho, noise, n, monkeypatch=None, min_dchi2=None):
+    """``n`` noisy PSF-smeared events (FWHM 3.7 samples, 0.54 s samples) fitted; rows (tE ratio, t0, rho, dchi2_fs)."""
+    import pydriftn.events.fit as fit_mod
+
+    if min_dchi2 is not None:
+        monkeypatch.setattr(fit_mod, "FINITE_SOURCE_MIN_DCHI2", min_dchi2)
+    t = (np.arange(-37, 37) + 0.2) * SAMPLE_S
+    truth = microlensing_model(t, 0.0, te, u0, rho, sample_s=SAMPLE_S, supersample=5, fwhm_px=3.7)
+    out = []
+    for seed in range(n):
+        y = truth + np.random.default_rng(seed).normal(0.0, noise, t.size)
+        r = fit_mod.fit_microlensing(t, y, np.full(t.size, noise), t_guess=0.0, duration_guess=2 * te,
+                                     excess_guess=float(np.mean(truth[np.abs(t) < te]) - 1), sample_s=SAMPLE_S,
+                                     fwhm_px=3.7)
+        out.append((r.params["te_s"] / te, r.params["t0_s"], r.params["rho"], r.params["delta_chi2_finite_source"]))
+    return np.array(out)
+
+
+def test_finite_source_only_when_the_data_demand_it(monkeypatch):
+    """A short point-source event (tE = 1 s, u0 = 0.5, rho = 0.01, S/N 20 per sample) blurred by the seeing is
+    fitted as well by a large source with a larger u0 and a shorter tE: left free, rho wanders to ~1 and tE is
+    biased low (median 0.8). The fit keeps the point source unless the finite source gains chi2 > 2 (Akaike): tE
+    unbiased. A resolved large source (rho = 1, flat top) is still fitted as one."""
+    ps = _fit_synthetic(1.0, 0.5, 0.01, 0.05, 20)
+    assert np.mean(ps[:, 2] == 0.0) >= 0.8 and np.all((ps[:, 2] == 0.0) == (ps[:, 3] <= 2.0))
+    assert np.median(ps[:, 0]) == pytest.approx(1.0, abs=0.08)
+    assert np.mean(np.abs(ps[:, 0] - 1) > 0.3) <= 0.1
+    assert np.median(np.abs(ps[:, 1])) < 0.1
+    free = _fit_synthetic(1.0, 0.5, 0.01, 0.05, 20, monkeypatch, min_dchi2=0.0)
+    assert np.median(free[:, 2]) > 0.3 and np.median(free[:, 0]) < 0.9
+    big = _fit_synthetic(4.0, 0.1, 1.0, 0.03, 10)
+    assert np.all(big[:, 3] >= 25.0)
+    assert np.all(np.abs(big[:, 2] - 1.0) < 0.3) and np.all(np.abs(big[:, 0] - 1.0) < 0.1)

@@ -445,7 +445,11 @@ def search(lc: pd.DataFrame, stars: pd.DataFrame | None = None, flashes: pd.Data
         width_samples, window_start_mjd, window_end_mjd, n_fit, model,
         delta_chi2, delta_chi2_microlensing, delta_chi2_flare, t0_mjd,
         t0_err_s, te_s, te_err_s, u0, u0_err, rho, rho_err, fs, fs_err,
-        peak_magnification, flare_t0_mjd, flare_t0_err_s, flare_amplitude,
+        peak_magnification, delta_chi2_finite_source`` (chi2 of the
+        point-source fit minus the finite-source fit's: ``rho`` is 0, a
+        point source, with ``rho_err`` NaN, unless it exceeds
+        :data:`~.fit.FINITE_SOURCE_MIN_DCHI2`), ``neighbour_flux_ratio``
+        (see ``neighbour_dchi2``), ``flare_t0_mjd, flare_t0_err_s, flare_amplitude,
         flare_amplitude_err, rise_s, rise_err_s, decay_s, decay_err_s, n_flashes,
         delta_chi2_flash, delta_chi2_flash_free_width`` (best flash profile
         with the flash's width and with a free width, if a flash matched),
@@ -1109,7 +1113,8 @@ def _fit_one(block, i, t_lo, t_hi, amp, sample_s, supersample, fit_blend,
         p, e = ml.params, ml.errors
         out.update({"t0_mjd": t_ref + p["t0_s"] / SECONDS_PER_DAY, "t0_err_s": e["t0_s"], "te_s": p["te_s"],
                     "te_err_s": e["te_s"], "u0": p["u0"], "u0_err": e["u0"], "rho": p["rho"], "rho_err": e["rho"],
-                    "fs": p["fs"], "fs_err": e["fs"], "base": p["base"], "peak_magnification": p["peak_magnification"]})
+                    "fs": p["fs"], "fs_err": e["fs"], "base": p["base"], "peak_magnification": p["peak_magnification"],
+                    "delta_chi2_finite_source": p["delta_chi2_finite_source"]})
     if fr.params:
         p, e = fr.params, fr.errors
         out.update({"flare_t0_mjd": t_ref + p["t0_s"] / SECONDS_PER_DAY, "flare_t0_err_s": e["t0_s"],
