@@ -7,6 +7,7 @@ Run from the repository root::
     python benchmarks/bench_efficiency_image.py --cells 3        # the first 3 cells only
     python benchmarks/bench_efficiency_image.py --repeats 2      # twice the events per cell
     python benchmarks/bench_efficiency_image.py --fresh          # ignore the cached cells
+    python benchmarks/bench_efficiency_image.py --research       # search the cached pipeline runs again
 
 For each cell of :data:`pydriftn.events.imagelevel.DEFAULT_CELLS` (tE 1, 3, 10 s x u0 0.1, 0.5 short events
 with rho 0.01, one long tE = 30 s event, one rho = 1 event; source r 16-18.5) the simulator renders 20 events of
@@ -31,7 +32,8 @@ stars left out). Both levels are printed side by side:
   star-night (target <= 1e-4), each listed.
 
 Results are cached per cell in ``bench_output/efficiency_image/`` (a cell is re-run only if its parameters
-change; ``--fresh`` re-runs everything).
+change; ``--fresh`` re-runs everything; ``--research`` keeps the cached simulations and pipeline runs and
+searches their stores again, e.g. after a change to the search).
 """
 
 from __future__ import annotations
@@ -121,6 +123,8 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fresh", action="store_true", help="re-run every cell")
+    ap.add_argument("--research", action="store_true",
+                    help="search the cached pipeline runs again (after a change to the search only)")
     ap.add_argument("--full-trail", action="store_true",
                     help="store and search the shutter-ramp samples too (extract.full_trail)")
     ap.add_argument("--out", default=None, help=f"output folder (default {OUT})")
@@ -143,7 +147,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     res = image_level_efficiency(out, events_per_ccd=ns.events_per_ccd, n_stars_per_ccd=ns.stars_per_ccd,
                                  preset="small", seed=ns.seed, workers=ns.workers, max_cells=ns.cells,
-                                 repeats=ns.repeats, n_series=ns.series,
+                                 repeats=ns.repeats, n_series=ns.series, research=ns.research,
                                  pipeline_options={"extract": {"full_trail": True}} if ns.full_trail else None)
     wall = time.perf_counter() - t0
     print()

@@ -162,6 +162,16 @@ def test_rerun_resumes_the_cell(strong_cell):
     assert meta.stat().st_mtime_ns == before
     pd.testing.assert_frame_equal(again.table, res.table)
     assert json.loads(meta.read_text())["params"]["cell"]["te_s"] == 10.0
+    # research=True: the cached pipeline run is searched again (not simulated or run again), same results
+    run_mtime = (out / "cells" / cell.key / "rep0" / "run" / "catalogue" / "master_catalogue.parquet").stat().st_mtime_ns
+    inj_mtime = (out / "cells" / cell.key / "rep0" / "injections.parquet").stat().st_mtime_ns
+    re = image_level_efficiency(out, cells=[cell], preset="small", ccds=("S4",), n_exposures=2,
+                                n_stars_per_ccd=150, events_per_ccd=8, sim_overrides={"r_max": 21.0},
+                                workers=1, n_series=10, seed=1, plot=False, research=True)
+    assert (out / "cells" / cell.key / "rep0" / "injections.parquet").stat().st_mtime_ns > inj_mtime
+    assert (out / "cells" / cell.key / "rep0" / "run" / "catalogue" / "master_catalogue.parquet"
+            ).stat().st_mtime_ns == run_mtime
+    pd.testing.assert_frame_equal(re.table, res.table)
 
 
 def test_simulator_event_kind_pins_the_kind_and_parameters(tmp_path):

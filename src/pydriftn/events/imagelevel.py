@@ -537,11 +537,8 @@ def _run_cell(cell: ImageCell, cdir: Path, *, seed, preset, sim_overrides, worke
               search_kwargs, n_series, radius_arcsec, keep_images):
     """Simulate, run the chain, search, match; series-level efficiency on the same store."""
     from ..config import config_from_dict
-    from ..io import write_table_atomic
     from ..pipeline import run_pipeline
     from ..simulate import simulate_dataset
-    from .inject import efficiency
-    from .search import _read_store, search_store
 
     sim_dir, run_dir = cdir / "sim", cdir / "run"
     if sim_dir.exists():  # an interrupted cell: start it again from the simulation
@@ -564,6 +561,22 @@ def _run_cell(cell: ImageCell, cdir: Path, *, seed, preset, sim_overrides, worke
     if bad:
         log.warning("cell %s: %d of %d units not done (%s)", cell.key, len(bad), len(res.units),
                     "; ".join(f"{u.key}: {u.status} {u.reason}" for u in bad[:3]))
+    out = _search_cell(cell, cdir, events, truth_stars, seed=seed, search_kwargs=search_kwargs, n_series=n_series,
+                       radius_arcsec=radius_arcsec)
+    if not keep_images:
+        shutil.rmtree(sim_dir / "pointed", ignore_errors=True)
+        for p in sim_dir.glob("night_*"):
+            shutil.rmtree(p, ignore_errors=True)
+    return dict(out, n_units=len(res.units), n_units_failed=len(bad))
+
+
+def _search_cell(cell: ImageCell, cdir: Path, events, truth_stars, *, seed, search_kwargs, n_series, radius_arcsec):
+    """Search the store of a cell's pipeline run (``cdir/run``), match the events; series-level efficiency."""
+    from ..io import write_table_atomic
+    from .inject import efficiency
+    from .search import _read_store, search_store
+
+    run_dir = cdir / "run"
     cat = pd.read_parquet(run_dir / "catalogue" / "master_catalogue.parquet")
     stars = calibrated_stars(cat, truth_stars, radius_arcsec)
     skw = dict(search_kwargs or {})
@@ -594,16 +607,13 @@ def _run_cell(cell: ImageCell, cdir: Path, *, seed, preset, sim_overrides, worke
             series_inj.insert(0, "cell", cell.key)
         except EventSearchError as exc:
             log.warning("cell %s: series-level efficiency not measured: %s", cell.key, exc)
-    files = [write_table_atomic(inj, cdir / "injections.parquet")]
+    write_table_atomic(inj, cdir / "injections.parquet")
     if len(series_inj):
-        files.append(write_table_atomic(series_inj, cdir / "series_injections.parquet"))
-    if not keep_images:
-        shutil.rmtree(sim_dir / "pointed", ignore_errors=True)
-        for p in sim_dir.glob("night_*"):
-            shutil.rmtree(p, ignore_errors=True)
+        write_table_atomic(series_inj, cdir / "series_injections.parquet")
+    else:
+        (cdir / "series_injections.parquet").unlink(missing_ok=True)
     thr = {str(k): float(v) for k, v in sres.thresholds.items()}
-    return dict(thresholds=thr, n_events=int(len(inj)), n_series=int(len(series_inj)), n_units=len(res.units),
-                n_units_failed=len(bad))
+    return dict(thresholds=thr, n_events=int(len(inj)), n_series=int(len(series_inj)))
 
 
 # ------------------------------------------------------------------- driver
@@ -613,7 +623,8 @@ def image_level_efficiency(out_dir, *, cells=None, events_per_ccd: int = 10, pre
                            n_stars_per_ccd: int | None = 500, sim_overrides: dict | None = None,
                            pipeline_options: dict | None = None, search_kwargs: dict | None = None,
                            n_series: int = 40, match_radius_arcsec: float = 0.5, confidence: float = 0.6827,
-                           keep_images: bool = False, resume: bool = True, plot: bool = True
+                           keep_images: bool = False, resume: bool = True, research: bool = False,
+                           plot: bool = True
                            ) -> ImageEfficiencyResult:
     """Image-level injection-recovery efficiency on a subset of the efficiency grid.
 
@@ -666,6 +677,10 @@ def image_level_efficiency(out_dir, *, cells=None, events_per_ccd: int = 10, pre
         Skip repeats whose ``cell.json`` holds the same parameters (the
         parameters, not the code: use ``resume=False`` or a fresh ``out_dir``
         after changing the pipeline or the search).
+    research : bool
+        Search the cached pipeline runs of resumed repeats again (and redo
+        their series-level injections): after a change to the search only,
+        without simulating and running the pipeline again.
     plot : bool
         Write ``efficiency_image.png``.
 
@@ -721,7 +736,16 @@ def image_level_efficiency(out_dir, *, cells=None, events_per_ccd: int = 10, pre
                             and (rdir / "injections.parquet").is_file())
                 except ValueError:
                     done = False
-            if done:
+            if done and research:
+                log.info("cell %d/%d %s rep %d: searching the cached run again", i + 1, len(cl), cell.key, rep)
+                meta = json.loads(meta_path.read_text())
+                truth = rdir / "sim" / "truth"
+                r = _search_cell(cell, rdir, pd.read_parquet(truth / "events.parquet"),
+                                 pd.read_parquet(truth / "stars.parquet"), seed=cseed, search_kwargs=search_kwargs,
+                                 n_series=n_series, radius_arcsec=match_radius_arcsec)
+                meta.update(r, pydriftn_version=__version__)
+                write_bytes_atomic(json.dumps(meta, indent=1, default=float).encode(), meta_path)
+            elif done:
                 log.info("cell %s rep %d: resumed from %s", cell.key, rep, meta_path)
             else:
                 log.info("cell %d/%d %s rep %d: simulating and running the pipeline", i + 1, len(cl), cell.key, rep)
