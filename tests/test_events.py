@@ -832,3 +832,26 @@ def test_finite_source_only_when_the_data_demand_it(monkeypatch):
     big = _fit_synthetic(4.0, 0.1, 1.0, 0.03, 10)
     assert np.all(big[:, 3] >= 25.0)
     assert np.all(np.abs(big[:, 2] - 1.0) < 0.3) and np.all(np.abs(big[:, 0] - 1.0) < 0.1)
+
+
+def test_star_night_with_few_samples_keeps_the_typical_error_scale():
+    """A star with 3 valid samples of 111 that happen to agree closely: its own 1.4826 MAD is tiny, and used
+    as its error scale it multiplied its statistic, and its Gaussian null realisations', by 1 / scale^2 (the
+    threshold of the night rose ~100-fold on a simulated night). With fewer than MIN_SCALE_SAMPLES valid
+    samples the scale is at least the block's typical one, and the threshold is that of the night without
+    the star."""
+    from pydriftn.events.series import MIN_SCALE_SAMPLES
+
+    lc, _ = simulate_lightcurves(200, 3, snr=50, seed=8)
+    rows = lc.index[lc["star_id"] == 7]
+    keep = rows[[5, 40, 80]]
+    lc.loc[rows.difference(keep), "norm_flux"] = np.nan
+    lc.loc[keep, "norm_flux"] = 1.0 + np.array([0.0, 1e-4, -1e-4])
+    (block,) = build_blocks(lc)
+    i = int(np.flatnonzero(block.star_id == 7)[0])
+    assert block.valid[i].sum() == 3 < MIN_SCALE_SAMPLES
+    assert block.err_scale[i] >= block.typical_scale == pytest.approx(1.0, abs=0.1)
+    with_star = search(lc, n_scrambles=10, fit=False).thresholds
+    without = search(lc[lc["star_id"] != 7], n_scrambles=10, fit=False).thresholds
+    for key, thr in with_star.items():
+        assert thr == pytest.approx(without[key], rel=0.15)

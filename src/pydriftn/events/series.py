@@ -171,6 +171,10 @@ class SeriesBlock:
     diff_ratio : float
         The block's median ratio of the difference-based to the
         residual-based scatter (adjacent-sample correlation; 1 if unknown).
+    typical_scale : float
+        Median error scale of the star-nights with at least
+        :data:`MIN_SCALE_SAMPLES` valid samples (1 if unknown): the smallest
+        scale given to a star-night with fewer.
     ybar : ndarray (S,)
         Weighted mean of the valid samples (the flat-model fit).
     lsf_fwhm_px : ndarray (E,)
@@ -194,6 +198,7 @@ class SeriesBlock:
     rescale_errors: bool = True
     diff_ratio: float = 1.0
     lsf_fwhm_px: np.ndarray = field(default=None)
+    typical_scale: float = 1.0
 
     @property
     def n_stars(self) -> int:
@@ -342,8 +347,27 @@ def _diff_scale(y, err, valid, k, min_pairs: int = 10):
     return s
 
 
-def _error_scale(y, err, valid, ybar, k, diff_ratio=None):
-    """Per-row error scale and the block's ``diff_ratio`` (see :func:`build_blocks`)."""
+#: A star-night needs at least this many valid samples for its own error scale to be trusted below the
+#: block's typical one: the 1.4826 MAD of n residuals has a relative error ~1.1 / sqrt(n), and a scale
+#: measured too small from a handful of samples multiplies the star's statistic by 1 / scale^2 (a star with 3
+#: valid samples of 111 got 0.26, and its Gaussian null realisations, scaled the same way, reached
+#: Delta-chi2 1350 and raised the night's threshold from 40 to 7300). With fewer samples the scale is at
+#: least the typical one (:attr:`SeriesBlock.typical_scale`).
+MIN_SCALE_SAMPLES = 20
+
+
+def _typical_scale(scale, valid):
+    """Median scale of the rows with at least :data:`MIN_SCALE_SAMPLES` valid samples (1 with fewer than 5)."""
+    good = (valid.sum(axis=1) >= MIN_SCALE_SAMPLES) & np.isfinite(scale) & (scale > 0)
+    return float(np.median(scale[good])) if good.sum() >= 5 else 1.0
+
+
+def _error_scale(y, err, valid, ybar, k, diff_ratio=None, typical=None):
+    """Per-row error scale and the block's ``diff_ratio`` (see :func:`build_blocks`).
+
+    Rows with fewer than :data:`MIN_SCALE_SAMPLES` valid samples get at least
+    ``typical`` (default: :func:`_typical_scale` of these rows).
+    """
     s_res = _robust_scale(y, err, valid, ybar)
     s_diff = _diff_scale(y, err, valid, k)
     if diff_ratio is None:
@@ -351,6 +375,11 @@ def _error_scale(y, err, valid, ybar, k, diff_ratio=None):
         diff_ratio = float(np.median(s_diff[both] / s_res[both])) if both.sum() >= 5 else 1.0
         diff_ratio = float(np.clip(diff_ratio, 0.5, 1.5)) if np.isfinite(diff_ratio) else 1.0
     scale = np.where(np.isfinite(s_diff), np.minimum(s_res, MAX_SLOW_SCALE * s_diff / diff_ratio), s_res)
+    few = valid.sum(axis=1) < MIN_SCALE_SAMPLES
+    if few.any():
+        if typical is None:
+            typical = _typical_scale(scale, valid)
+        scale = np.where(few, np.maximum(scale, typical), scale)
     return scale, diff_ratio
 
 
@@ -470,7 +499,9 @@ def build_blocks(lc: pd.DataFrame, *, bad_flag_mask: int | None = None, rescale_
         of the two (adjacent samples of the pipeline are positively correlated:
         ratio ~0.83; 1 for white noise). Without the cap a long event, which
         makes most residuals about the flat mean large, would inflate its own
-        errors ~10-fold and lose ~100x in Delta-chi2.
+        errors ~10-fold and lose ~100x in Delta-chi2. A star-night with fewer
+        than :data:`MIN_SCALE_SAMPLES` valid samples gets at least the block's
+        typical scale (its own is too noisy to shrink its errors by).
     table : str
         Name of the table in error messages.
 
@@ -561,9 +592,10 @@ def _one_block(df, night, ccd, bad_flag_mask, rescale_errors, table) -> SeriesBl
     y[~np.isfinite(y)] = 0.0
     scale = np.ones(n_s)
     ybar = _weighted_mean(y, err, valid, scale)
-    diff_ratio = 1.0
+    diff_ratio, typical = 1.0, 1.0
     if rescale_errors:
         scale, diff_ratio = _error_scale(y, err, valid, ybar, k)
+        typical = _typical_scale(scale, valid)
         ybar = _weighted_mean(y, err, valid, scale)
     n_bad = int((present & ~valid).sum())
     log.debug("block night=%s ccd=%s: %d stars x %d exposures x %d samples, %d samples excluded",
@@ -571,7 +603,7 @@ def _one_block(df, night, ccd, bad_flag_mask, rescale_errors, table) -> SeriesBl
     return SeriesBlock(night=night, ccd=ccd, star_id=np.asarray(star_ids), expnum=expnums,
                        samples_per_exposure=k, mjd=mjd, y=y, err=err, present=present, flags=flags,
                        valid=valid, err_scale=scale, ybar=ybar, rescale_errors=rescale_errors,
-                       diff_ratio=diff_ratio, lsf_fwhm_px=psf_fwhm)
+                       diff_ratio=diff_ratio, lsf_fwhm_px=psf_fwhm, typical_scale=typical)
 
 
 def with_modified_rows(block: SeriesBlock, rows, y_rows, err_rows) -> SeriesBlock:
@@ -591,7 +623,8 @@ def with_modified_rows(block: SeriesBlock, rows, y_rows, err_rows) -> SeriesBloc
     s1 = np.ones(len(rows))
     yb = _weighted_mean(y[rows], err[rows], sub_valid, s1)
     if block.rescale_errors:
-        s1, _ = _error_scale(y[rows], err[rows], sub_valid, yb, block.samples_per_exposure, block.diff_ratio)
+        s1, _ = _error_scale(y[rows], err[rows], sub_valid, yb, block.samples_per_exposure, block.diff_ratio,
+                             typical=block.typical_scale)
         yb = _weighted_mean(y[rows], err[rows], sub_valid, s1)
     scale[rows] = s1
     ybar[rows] = yb
