@@ -855,3 +855,48 @@ def test_star_night_with_few_samples_keeps_the_typical_error_scale():
     without = search(lc[lc["star_id"] != 7], n_scrambles=10, fit=False).thresholds
     for key, thr in with_star.items():
         assert thr == pytest.approx(without[key], rel=0.15)
+
+
+def test_flash_off_the_trail_centre_line_is_broader_and_still_vetoed():
+    """A flash off the trail's centre line by d reaches the samples through its PSF's wing: along the trail
+    the profile is up to sqrt(1 + d^2/alpha^2) broader than the PSF's (here d = alpha: 1.41x). Held to the
+    PSF's width it fits worse than a short microlensing event and the veto was lifted; with the
+    classification's cross_offset_px the flash profile may be that broad, and it is vetoed."""
+    from pydriftn.events.series import LSF_PER_PSF_FWHM
+
+    lc, stars = simulate_lightcurves(80, 4, snr=50, seed=173)
+    lc = lc.copy()
+    fwhm = 3.8
+    lc["lsf_fwhm_px"] = np.float32(fwhm * LSF_PER_PSF_FWHM)
+    alpha = fwhm / (2 * np.sqrt(2 ** (1 / 3) - 1))
+    t8 = lc[(lc["star_id"] == 8) & (lc["expnum"] == 1002) & (lc["sample"] == 20)]["mjd"].iloc[0] + 0.1 / DAY
+    lc = _flash_on_series(lc, 8, t8, 2.0, fwhm=fwhm * np.sqrt(2.0))
+    s8 = stars.set_index("star_id").loc[8]
+    fl = pd.DataFrame({"class": "flash", "ra": [s8["ra"]], "dec": [s8["dec"]], "t_mjd": [t8],
+                       "on_star_id": pd.array([8], dtype="Int64"), "width_px": [fwhm], "cross_offset_px": [alpha]})
+    on_line = search(lc, stars, flashes=fl.drop(columns="cross_offset_px"), n_scrambles=6,
+                     false_alarm_rate=1e-3).candidates.set_index("star_id")
+    assert on_line.loc[8, "above_threshold"] and on_line.loc[8, "vetoes"] == 0  # the veto lifted
+    off = search(lc, stars, flashes=fl, n_scrambles=6, false_alarm_rate=1e-3).candidates.set_index("star_id")
+    assert off.loc[8, "veto_reasons"] == "flash"
+    assert off.loc[8, "delta_chi2_flash"] > on_line.loc[8, "delta_chi2_flash"] + 9
+
+
+def test_samples_with_outlier_pixels_at_the_peak_veto_unless_the_excursion_stands_without_them():
+    """OUTLIER_PIXELS marks kept samples whose pixels held light the star's profile does not explain (a flash's
+    or cosmic ray's wing beside the rejected pixels): a bump made of such samples is vetoed (flagged_samples),
+    an event lasting well beyond them is kept."""
+    from pydriftn import flags
+
+    lc, stars = simulate_lightcurves(80, 4, snr=50, seed=177)
+    lc = lc.copy()
+    bump = (lc["star_id"] == 4) & (lc["expnum"] == 1002) & lc["sample"].between(12, 21)  # resolved in time
+    lc.loc[bump, "norm_flux"] += 0.3
+    lc.loc[bump, "flags"] = int(flags.OUTLIER_PIXELS)
+    t6 = lc[(lc["star_id"] == 6) & (lc["expnum"] == 1001) & (lc["sample"] == 18)]["mjd"].iloc[0]
+    lc = inject_microlensing(lc, {"star_id": 6, "t0_mjd": t6, "te_s": 6.0, "u0": 0.2, "rho": 0.01}, seed=2)
+    peak = (lc["star_id"] == 6) & (lc["expnum"] == 1001) & lc["sample"].between(17, 19)
+    lc.loc[peak, "flags"] = int(flags.OUTLIER_PIXELS)
+    c = search(lc, stars, n_scrambles=6, false_alarm_rate=1e-3).candidates.set_index("star_id")
+    assert c.loc[4, "above_threshold"] and c.loc[4, "veto_reasons"] == "flagged_samples"
+    assert c.loc[6, "vetoes"] == 0 and c.loc[6, "statistic_clear_of_artefacts"] >= c.loc[6, "threshold"]

@@ -99,6 +99,7 @@ COLUMNS = [
     "mjd_start", "mjd_end",  # exposure window (UTC MJD)
     "t_s", "t_mjd",  # instant of a flash on a catalogued trail (NaN otherwise)
     "on_star_id", "sample_index",  # the star whose trail the flash lies on, and the sample
+    "cross_offset_px",  # flashes on a trail: distance from the trail's centre line, across the drift
     "pos_err_arcsec",  # flashes: sky-position uncertainty from the unknown instant
     "flags",  # bitmask, see FLAG_*
 ]
@@ -1034,7 +1035,7 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
             t_s = float(s_[0] / speed)
             k = int(math.floor(max(0.0, t_s) / geometry.sample_dt_s))
             extra = dict(on_star_id=tr["star_id"].iloc[tidx[jj]], sample_index=k, t_s=t_s,
-                         t_mjd=mjd_start + t_s / SECONDS_PER_DAY)
+                         t_mjd=mjd_start + t_s / SECONDS_PER_DAY, cross_offset_px=float(abs(c_[0])))
             flags |= FLAG_ON_TRAIL
         score = float(min(1.0, (1.0 - trail_ratio[i] / trail_ratio_threshold) * 2.0 + 0.5)) \
             if trail_ratio[i] < trail_ratio_threshold else 0.1
