@@ -66,9 +66,35 @@ class _OnlyOurs(logging.Filter):
         return record.name == "pydriftn.events.imagelevel" or record.levelno >= logging.WARNING
 
 
+#: A catalogue star this close to a simulated event star holds the event's light (a merged pair: the event
+#: star itself was not catalogued within the 0.5" match radius): it is not counted as event-free.
+EVENT_LIGHT_RADIUS_ARCSEC = 1.0
+
+
+def _stars_with_event_light(rep_dir: Path) -> set:
+    """Catalogue stars within :data:`EVENT_LIGHT_RADIUS_ARCSEC` of a simulated event star of a repeat."""
+    from astropy.coordinates import SkyCoord
+    import astropy.units as u
+
+    truth = rep_dir / "sim" / "truth"
+    cat_path = rep_dir / "run" / "catalogue" / "master_catalogue.parquet"
+    if not (truth / "events.parquet").is_file() or not cat_path.is_file():
+        return set()
+    ev = pd.read_parquet(truth / "events.parquet").merge(pd.read_parquet(truth / "stars.parquet"), on="star_id")
+    cat = pd.read_parquet(cat_path, columns=["star_id", "ra", "dec"])
+    if ev.empty or cat.empty:
+        return set()
+    c_ev = SkyCoord(ev["ra"].to_numpy() * u.deg, ev["dec"].to_numpy() * u.deg)
+    c_cat = SkyCoord(cat["ra"].to_numpy() * u.deg, cat["dec"].to_numpy() * u.deg)
+    idx_cat, _, _, _ = c_ev.search_around_sky(c_cat, EVENT_LIGHT_RADIUS_ARCSEC * u.arcsec)
+    return set(cat["star_id"].to_numpy()[idx_cat].astype("int64"))
+
+
 def false_positives(out: Path, inj: pd.DataFrame) -> tuple[int, int, list]:
     """Unvetoed candidates above threshold on stars without a simulated event, over every cell's search.
 
+    Stars holding an event's light (matched to a simulated event star, or within
+    :data:`EVENT_LIGHT_RADIUS_ARCSEC` of one) are left out of both counts.
     Returns ``(n_false, n_event_free_star_nights, rows)`` (rows: cell, repeat, star_id, statistic, model).
     """
     n_false, n_free, rows = 0, 0, []
@@ -76,7 +102,7 @@ def false_positives(out: Path, inj: pd.DataFrame) -> tuple[int, int, list]:
         cell, rep = cand_path.parts[-4], int(cand_path.parts[-3][3:])
         c = pd.read_parquet(cand_path)
         sel = (inj["cell"] == cell) & (inj["repeat"] == rep) & inj["star_id"].notna()
-        events = set(inj.loc[sel, "star_id"].astype("int64"))
+        events = set(inj.loc[sel, "star_id"].astype("int64")) | _stars_with_event_light(cand_path.parents[1])
         if len(c):
             c = c[c["above_threshold"].astype(bool) & (c["vetoes"] == 0) & ~c["star_id"].isin(events)]
             rows += [dict(cell=cell, repeat=rep, star_id=r.star_id, statistic=round(float(r.statistic), 1),
