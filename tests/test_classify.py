@@ -226,6 +226,19 @@ def test_flashes_recovered_and_timed_on_trails(synth_images, mask):
                 assert m.cross_offset_px == pytest.approx(abs(dy * ux - dx * uy), abs=1.0)
             else:
                 assert np.isnan(m.t_s)
+            # every other trail the flash's wing reaches is listed, with the instant the star passed it
+            ux, uy = d["geometry"].direction
+            tr = d["trails"]
+            dx, dy = f.x - tr["x_start"].to_numpy(), f.y - tr["y_start"].to_numpy()
+            cross, along = np.abs(dy * ux - dx * uy), dx * ux + dy * uy
+            inside = (along >= -d["fwhm"]) & (along <= d["geometry"].length_px + d["fwhm"])
+            near = set(str(int(v)) for v in tr["star_id"][inside & (cross <= 3.0 * d["fwhm"] - 1.0)])
+            far = set(str(int(v)) for v in tr["star_id"][~inside | (cross > 3.0 * d["fwhm"] + 1.0)])
+            listed = set(m.near_star_ids.split(";")) if isinstance(m.near_star_ids, str) else set()
+            on = {str(int(m.on_star_id))} if not pd.isna(m.on_star_id) else set()
+            assert near - on <= listed and not (listed & far) and not (listed & on)
+            for sid, t_near in zip(listed, str(m.near_t_mjd).split(";") if listed else []):
+                assert 59000.0 - 1e-5 <= float(t_near) <= 59000.0 + 21.0 / 86400.0
         for _, r in fl.iterrows():
             if match(d["flashes"], r.x, r.y, 3.0) is None:
                 false += 1

@@ -900,3 +900,27 @@ def test_samples_with_outlier_pixels_at_the_peak_veto_unless_the_excursion_stand
     c = search(lc, stars, n_scrambles=6, false_alarm_rate=1e-3).candidates.set_index("star_id")
     assert c.loc[4, "above_threshold"] and c.loc[4, "veto_reasons"] == "flagged_samples"
     assert c.loc[6, "vetoes"] == 0 and c.loc[6, "statistic_clear_of_artefacts"] >= c.loc[6, "threshold"]
+
+
+def test_flash_next_to_a_trail_vetoes_its_wing_on_that_star():
+    """A bright flash 2 FWHM beside star 9's trail (on star 3's): its wing makes a broad bump in star 9's
+    series, not PSF-shaped, which no flash at star 9's position explains. The classification lists the
+    trails the flash reaches (near_star_ids, the instant each star passed it, the offset): the search matches
+    the flash to star 9 there and vetoes the bump; without that list it was a false event."""
+    from pydriftn.events.series import LSF_PER_PSF_FWHM
+
+    lc, stars = simulate_lightcurves(80, 4, snr=50, seed=179)
+    lc = lc.copy()
+    fwhm = 3.8
+    lc["lsf_fwhm_px"] = np.float32(fwhm * LSF_PER_PSF_FWHM)
+    t9 = lc[(lc["star_id"] == 9) & (lc["expnum"] == 1002) & (lc["sample"] == 20)]["mjd"].iloc[0] + 0.1 / DAY
+    lc = _flash_on_series(lc, 9, t9, 0.8, fwhm=1.25 * fwhm)  # the wing, broadened by the offset
+    s3 = stars.set_index("star_id").loc[3]
+    fl = pd.DataFrame({"class": "flash", "ra": [s3["ra"]], "dec": [s3["dec"]], "t_mjd": [t9 - 5.0 / DAY],
+                       "on_star_id": pd.array([3], dtype="Int64"), "width_px": [fwhm], "cross_offset_px": [0.2],
+                       "near_star_ids": ["9"], "near_t_mjd": [f"{t9:.9f}"], "near_cross_offset_px": ["7.60"]})
+    alone = search(lc, stars, flashes=fl.drop(columns=["near_star_ids", "near_t_mjd", "near_cross_offset_px"]),
+                   n_scrambles=6, false_alarm_rate=1e-3).candidates.set_index("star_id")
+    assert alone.loc[9, "above_threshold"] and alone.loc[9, "vetoes"] == 0 and alone.loc[9, "n_flashes"] == 0
+    c = search(lc, stars, flashes=fl, n_scrambles=6, false_alarm_rate=1e-3).candidates.set_index("star_id")
+    assert c.loc[9, "n_flashes"] == 1 and c.loc[9, "veto_reasons"] == "flash"

@@ -286,7 +286,9 @@ def _flash_arrays(flashes) -> dict:
     """Columns of a flash table as float arrays: ``ra, dec, t`` (instant, NaN if unknown), ``lo, hi``
     (the instant, or the exposure window ``mjd_start .. mjd_end`` when the instant is unknown), ``star``
     (``on_star_id``, NaN if none), ``fwhm`` (``width_px``, NaN if unknown) and ``cross`` (``cross_offset_px``:
-    the flash's distance from that star's trail centre line, NaN if unknown).
+    the flash's distance from that star's trail centre line, NaN if unknown). A flash whose light also reaches
+    other trails (``near_star_ids``, ``near_t_mjd``, ``near_cross_offset_px`` of the classification) gives one
+    more row per such trail: on that star, at the instant it passed the flash, with that offset.
 
     Rows with a ``class`` other than ``flash`` (a whole classification table) are ignored.
     """
@@ -311,9 +313,23 @@ def _flash_arrays(flashes) -> dict:
     t = col(tcol) if tcol else np.full(len(f), np.nan)
     lo = np.where(np.isfinite(t), t, col("mjd_start"))
     hi = np.where(np.isfinite(t), t, col("mjd_end"))
-    keep = np.isfinite(lo) & np.isfinite(hi)
     out = {"ra": col("ra"), "dec": col("dec"), "t": t, "lo": lo, "hi": hi, "star": col("on_star_id"),
            "fwhm": col("width_px"), "cross": col("cross_offset_px")}
+    # the other trails the flash's light reaches (classification's near_star_ids ...): one more row each, on
+    # that star at the instant it passed the flash
+    if {"near_star_ids", "near_t_mjd", "near_cross_offset_px"} <= set(f.columns):
+        extra = {k: [] for k in out}
+        for r, (ids, ts, xs) in enumerate(zip(f["near_star_ids"], f["near_t_mjd"], f["near_cross_offset_px"])):
+            if not isinstance(ids, str) or not ids:
+                continue
+            for sid, tn, xn in zip(ids.split(";"), str(ts).split(";"), str(xs).split(";")):
+                vals = dict(ra=out["ra"][r], dec=out["dec"][r], t=float(tn), lo=float(tn), hi=float(tn),
+                            star=float(sid), fwhm=out["fwhm"][r], cross=float(xn))
+                for k in out:
+                    extra[k].append(vals[k])
+        if extra["ra"]:
+            out = {k: np.concatenate([out[k], np.asarray(extra[k], float)]) for k in out}
+    keep = np.isfinite(out["lo"]) & np.isfinite(out["hi"])
     if not keep.all():
         log.debug("flash table: %d rows without an instant or exposure window ignored", int((~keep).sum()))
     return {k: v[keep] for k, v in out.items()}
