@@ -924,3 +924,25 @@ def test_flash_next_to_a_trail_vetoes_its_wing_on_that_star():
     assert alone.loc[9, "above_threshold"] and alone.loc[9, "vetoes"] == 0 and alone.loc[9, "n_flashes"] == 0
     c = search(lc, stars, flashes=fl, n_scrambles=6, false_alarm_rate=1e-3).candidates.set_index("star_id")
     assert c.loc[9, "n_flashes"] == 1 and c.loc[9, "veto_reasons"] == "flash"
+
+
+def test_excursion_peaking_where_the_trail_leaves_the_ccd_is_vetoed():
+    """Star 6's trail leaves the CCD after sample 29 of one exposure (samples beyond: OFF_IMAGE, no flux);
+    a flash just off the CCD brightens its last samples, rising to the edge: the peak is beyond the data
+    (ccd_edge). An event on another star, and one on star 6 in another exposure, are kept."""
+    from pydriftn import flags
+
+    lc, stars = simulate_lightcurves(80, 4, snr=50, seed=181)
+    lc = lc.copy()
+    off = (lc["star_id"] == 6) & (lc["expnum"] == 1002) & (lc["sample"] >= 30)
+    lc.loc[off, ["norm_flux", "norm_flux_err"]] = np.nan
+    lc.loc[off, "flags"] = int(flags.OFF_IMAGE | flags.NO_DATA)
+    ramp = (lc["star_id"] == 6) & (lc["expnum"] == 1002) & lc["sample"].between(26, 29)
+    with_ramp = lc.copy()
+    with_ramp.loc[ramp, "norm_flux"] += np.array([0.1, 0.25, 0.6, 1.4])
+    c = search(with_ramp, stars, n_scrambles=6, false_alarm_rate=1e-3).candidates.set_index("star_id")
+    assert c.loc[6, "above_threshold"] and "ccd_edge" in c.loc[6, "veto_reasons"]
+    t6 = lc[(lc["star_id"] == 6) & (lc["expnum"] == 1001) & (lc["sample"] == 18)]["mjd"].iloc[0]
+    event = inject_microlensing(lc, {"star_id": 6, "t0_mjd": t6, "te_s": 4.0, "u0": 0.1, "rho": 0.01}, seed=4)
+    c2 = search(event, stars, n_scrambles=6, false_alarm_rate=1e-3).candidates.set_index("star_id")
+    assert c2.loc[6, "above_threshold"] and c2.loc[6, "vetoes"] == 0

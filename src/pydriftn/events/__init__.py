@@ -43,6 +43,7 @@ from .search import (
     VETO_FLASH,
     VETO_REPEATS,
     VETO_UNRESOLVED,
+    VETO_EDGE,
     VETO_LEVEL,
     VETO_NEIGHBOUR,
     SearchResult,
@@ -65,6 +66,6 @@ __all__ = [
     "gaussian_null_block", "DEFAULT_WIDTHS",
     "build_blocks", "SeriesBlock", "default_bad_flag_mask", "EventSearchError",
     "VETO_FLAGGED", "VETO_COMMON_MODE", "VETO_NEIGHBOUR", "VETO_FLASH", "VETO_REPEATS", "VETO_UNRESOLVED",
-    "VETO_LEVEL",
+    "VETO_EDGE", "VETO_LEVEL",
     "VETO_BITS", "veto_names",
 ]

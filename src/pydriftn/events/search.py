@@ -35,7 +35,9 @@ Steps (all stars of a CCD-night at once, see :mod:`.series` and :mod:`.scan`):
    models (``unresolved_in_time``, see ``_unresolved_in_time``); an
    excursion that a level error of the star in the window's exposures,
    within the block's measured level scatter, explains to within the
-   detection threshold (``exposure_level``, see ``_exposure_level``).
+   detection threshold (``exposure_level``, see ``_exposure_level``); an
+   excursion peaking on the last sample of a trail before it leaves the CCD
+   (``ccd_edge``, see ``_peak_at_ccd_edge``).
 
 The result is a :class:`SearchResult` with the candidate table, the per
 star-night statistics, the null distributions and thresholds.
@@ -63,6 +65,7 @@ __all__ = [
     "VETO_REPEATS",
     "VETO_UNRESOLVED",
     "VETO_LEVEL",
+    "VETO_EDGE",
     "VETO_BITS",
     "veto_names",
     "SearchResult",
@@ -80,9 +83,12 @@ VETO_FLASH = 8
 VETO_REPEATS = 16
 VETO_UNRESOLVED = 32
 VETO_LEVEL = 64
+VETO_EDGE = 128
 VETO_BITS = {VETO_FLAGGED: "flagged_samples", VETO_COMMON_MODE: "common_mode",
              VETO_NEIGHBOUR: "bright_neighbour", VETO_FLASH: "flash", VETO_REPEATS: "repeats_each_exposure",
-             VETO_UNRESOLVED: "unresolved_in_time", VETO_LEVEL: "exposure_level"}
+             VETO_UNRESOLVED: "unresolved_in_time", VETO_LEVEL: "exposure_level", VETO_EDGE: "ccd_edge"}
+#: Sample flags of a trail's samples beyond the CCD (see ``_peak_at_ccd_edge``).
+_OFF_CCD_FLAGS = flag_mask(("OFF_IMAGE",))
 
 MAG_COLUMNS = ("r", "mag_r", "g", "mag_g", "vr", "mag", "i", "z")
 #: The fits use the star's samples within max(3 x window duration, this) seconds of the candidate window:
@@ -619,6 +625,8 @@ def _block_candidates(block, sc, scr_p, idx, fap, thr, star_tab, mcol, fl, *, fi
             row["statistic_clear_of_artefacts"] = clear
             if not clear >= thr:
                 vet |= VETO_FLAGGED
+        if _peak_at_ccd_edge(block, i, j0, width, sg):
+            vet |= VETO_EDGE
         d_all, s_all, has = _window(block, window_cache, j0, width)
         exc = has & (d_all >= cm_dchi2) & (np.sign(s_all) == sg)
         exc_other = exc.copy()
@@ -743,6 +751,34 @@ def _statistic_clear_of_artefacts(block, i, j0, width, sign, widths, default_fwh
         if ok.any():
             best = max(best, float(np.max(sw[ok] ** 2 / den[ok])) / infl.get(L, 1.0))
     return best
+
+
+def _peak_at_ccd_edge(block, i, start, width, sign) -> bool:
+    """Is the candidate's extreme sample the last one of the star's trail before it leaves the CCD?
+
+    A trail running off the CCD has its samples beyond the edge flagged
+    ``OFF_IMAGE``. An excursion rising to the last sample before them (or
+    falling from the first after them) has its peak beyond the data: the
+    light may come from a source off the CCD (a flash whose PSF wing reaches
+    in: the classification cannot see it there) and an event's peak, and so
+    its t0, is not observed. Such candidates are vetoed (``ccd_edge``): one
+    false positive of the image-level injections was a flash just off the
+    CCD on a trail's last samples.
+    """
+    k = block.samples_per_exposure
+    lo, hi = int(start), int(start) + int(width)
+    idx = np.arange(lo, hi)
+    ok = block.valid[i, idx]
+    if not ok.any():
+        return False
+    y = np.where(ok, sign * (block.y[i, idx] - block.ybar[i]), -np.inf)
+    p = int(idx[int(np.argmax(y))])
+    e0 = (p // k) * k
+    for q in (p - 1, p + 1):
+        if e0 <= q < min(e0 + k, block.n_grid) and block.present[i, q] \
+                and (int(block.flags[i, q]) & _OFF_CCD_FLAGS):
+            return True
+    return False
 
 
 def _neighbour_flux_ratio(block, i, start, width, sign, ra, dec, mag, radius_arcsec, significant):
