@@ -354,17 +354,23 @@ def test_common_mode_dip_is_vetoed():
     assert (res2.candidates["vetoes"] & VETO_COMMON_MODE).astype(bool).sum() >= 60
 
 
-def test_neighbour_veto_follows_the_light_to_its_source():
-    """An event on a faint star (r = 18) 3" from a bright one (r = 15) that takes up 30 % of the event's light:
-    the faint star's candidate is kept (its brighter neighbour varies, but by less in absolute flux: the light
-    is the faint star's), the bright star's is vetoed (its fainter neighbour's flux excursion is 3.3x its
-    own). A veto on "a brighter neighbour varies" alone lost the event and kept the echo."""
+def _bright_faint_pair():
+    """60 synthetic stars; star 1 (r = 15) and star 2 (r = 18) 3" apart."""
     lc, stars = simulate_lightcurves(60, 4, snr=50, seed=61)
     stars = stars.copy()
     stars.loc[stars.star_id == 1, ["r"]] = 15.0
     stars.loc[stars.star_id == 2, ["r"]] = 18.0
     stars.loc[stars.star_id == 2, "ra"] = stars.loc[stars.star_id == 1, "ra"].iloc[0] + 3 / 3600 / np.cos(np.radians(-30))
     stars.loc[stars.star_id == 2, "dec"] = stars.loc[stars.star_id == 1, "dec"].iloc[0]
+    return lc, stars
+
+
+def test_neighbour_veto_follows_the_light_to_its_source():
+    """An event on a faint star (r = 18) 3" from a bright one (r = 15) that takes up 30 % of the event's light:
+    the faint star's candidate is kept (its brighter neighbour varies, but by less in absolute flux: the light
+    is the faint star's), the bright star's is vetoed (its fainter neighbour's flux excursion is 3.3x its
+    own). A veto on "a brighter neighbour varies" alone lost the event and kept the echo."""
+    lc, stars = _bright_faint_pair()
     t0 = lc.loc[(lc["star_id"] == 2) & (lc["expnum"] == 1001) & (lc["sample"] == 15), "mjd"].iloc[0]
     leak = 0.3 * 10 ** (-0.4 * (18.0 - 15.0))  # 30 % of star 2's excursion, in star 1's flux units
     lc = inject_microlensing(lc, [{"star_id": 2, "t0_mjd": t0, "te_s": 3.0, "u0": 0.1, "rho": 0.1},
@@ -383,13 +389,7 @@ def test_neighbour_veto_follows_the_light_to_its_source():
 
 
 def test_bright_neighbour_and_flash_vetoes():
-    lc, stars = simulate_lightcurves(60, 4, snr=50, seed=61)
-    stars = stars.copy()
-    # star 1 (r=15) is a bright variable 3" from star 2 (r=18) which picks up part of its light
-    stars.loc[stars.star_id == 1, ["r"]] = 15.0
-    stars.loc[stars.star_id == 2, ["r"]] = 18.0
-    stars.loc[stars.star_id == 2, "ra"] = stars.loc[stars.star_id == 1, "ra"].iloc[0] + 3 / 3600 / np.cos(np.radians(-30))
-    stars.loc[stars.star_id == 2, "dec"] = stars.loc[stars.star_id == 1, "dec"].iloc[0]
+    lc, stars = _bright_faint_pair()  # star 1 (r=15) 3" from star 2 (r=18): each picks up the other's light
     t0 = lc.loc[(lc["star_id"] == 1) & (lc["expnum"] == 1001) & (lc["sample"] == 15), "mjd"].iloc[0]
     lc = inject_microlensing(lc, [{"star_id": 1, "t0_mjd": t0, "te_s": 3.0, "u0": 0.1, "rho": 0.1},
                                   {"star_id": 2, "t0_mjd": t0, "te_s": 3.0, "u0": 0.1, "rho": 0.1, "fs": 0.2}], seed=3)
