@@ -946,3 +946,29 @@ def test_excursion_peaking_where_the_trail_leaves_the_ccd_is_vetoed():
     event = inject_microlensing(lc, {"star_id": 6, "t0_mjd": t6, "te_s": 4.0, "u0": 0.1, "rho": 0.01}, seed=4)
     c2 = search(event, stars, n_scrambles=6, false_alarm_rate=1e-3).candidates.set_index("star_id")
     assert c2.loc[6, "above_threshold"] and c2.loc[6, "vetoes"] == 0
+
+
+def test_exposure_where_a_star_lost_its_flux_is_left_out():
+    """A de-blended star whose split failed in one exposure (its level there ~0: the light given to the
+    neighbour) made its other exposures look like a long brightening. That exposure is left out of the
+    search; a star that brightens (an event) or dims by less than 70 % keeps all its exposures."""
+    from pydriftn.events.series import LOST_FRACTION
+
+    lc, stars = simulate_lightcurves(80, 4, snr=50, seed=183)
+    lc = lc.copy()
+    lost = (lc["star_id"] == 7) & (lc["expnum"] == 1002)
+    lc.loc[lost, "norm_flux"] = lc.loc[lost, "norm_flux"] - 1.1  # level -0.1
+    dim = (lc["star_id"] == 8) & (lc["expnum"] == 1002)
+    lc.loc[dim, "norm_flux"] = lc.loc[dim, "norm_flux"] * 0.5  # an eclipse-like dip: kept
+    t5 = lc[(lc["star_id"] == 5) & (lc["expnum"] == 1001) & (lc["sample"] == 18)]["mjd"].iloc[0]
+    lc = inject_microlensing(lc, {"star_id": 5, "t0_mjd": t5, "te_s": 3.0, "u0": 0.1, "rho": 0.01}, seed=5)
+    (block,) = build_blocks(lc)
+    k = block.samples_per_exposure
+    e = int(np.flatnonzero(block.expnum == 1002)[0])
+    ex, other = slice(e * k, (e + 1) * k), slice(0, k) if e else slice(k, 2 * k)
+    row = {s: int(np.flatnonzero(block.star_id == s)[0]) for s in (5, 7, 8)}
+    assert not block.valid[row[7], ex].any() and block.valid[row[7], other].sum() > 0.8 * k
+    assert block.valid[row[8], ex].sum() > 0.8 * k and block.valid[row[5]].sum() > 0.8 * block.n_grid
+    assert LOST_FRACTION < 0.5
+    det = set(search(lc, stars, n_scrambles=6, false_alarm_rate=1e-3).detections["star_id"])
+    assert 5 in det and 7 not in det

@@ -529,6 +529,44 @@ def build_blocks(lc: pd.DataFrame, *, bad_flag_mask: int | None = None, rescale_
     return blocks
 
 
+#: A star-exposure whose mean level is below this fraction of the star's median exposure level, by more than
+#: LOST_SIGMA of its error, is excluded from the search (``_lost_exposures``).
+LOST_FRACTION = 0.3
+LOST_SIGMA = 5.0
+
+
+def _lost_exposures(y, err, valid, k) -> np.ndarray:
+    """Star-exposures (S, E) in which the star lost most of its flux: an extraction failure, not the sky.
+
+    Microlensing and flares only brighten a star, and no common variable
+    star fades by 70 % within 48 s and recovers; a de-blended star whose
+    split with a neighbour failed in one exposure (all the light given to
+    the neighbour, e.g. next to a bright flash) does, and the search then saw
+    its other exposures as a long brightening (an image-level false positive
+    of a de-blended r = 20.8 star: exposure levels 0.91, 1.02, -0.16). Such
+    an exposure (mean below :data:`LOST_FRACTION` of the star's median
+    exposure mean, by more than :data:`LOST_SIGMA` of its error) is left out.
+    """
+    n_s = y.shape[0]
+    n_e = y.shape[1] // k
+    w = np.where(valid, 1.0 / np.where(valid, err, 1.0) ** 2, 0.0).reshape(n_s, n_e, k)
+    wt = w.sum(axis=2)
+    with np.errstate(all="ignore"):
+        m = (w * np.where(valid, y, 0.0).reshape(n_s, n_e, k)).sum(axis=2) / wt
+        e = 1.0 / np.sqrt(wt)
+    ok = wt > 0
+    if n_e < 2 or not ok.any():
+        return np.zeros((n_s, n_e), bool)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        med = np.nanmedian(np.where(ok, m, np.nan), axis=1)
+    med = np.where(np.isfinite(med), med, 0.0)[:, None]
+    return ok & (ok.sum(axis=1) >= 2)[:, None] & (med > 0) & (m < LOST_FRACTION * med) \
+        & ((med - m) > LOST_SIGMA * e)
+
+
 def _one_block(df, night, ccd, bad_flag_mask, rescale_errors, table) -> SeriesBlock:
     sample = df["sample"].to_numpy()
     if np.any(sample < 0):
@@ -590,6 +628,11 @@ def _one_block(df, night, ccd, bad_flag_mask, rescale_errors, table) -> SeriesBl
         valid &= ok
         err[~np.isfinite(err)] = np.inf
     y[~np.isfinite(y)] = 0.0
+    lost = _lost_exposures(y, err, valid, k)
+    if lost.any():
+        log.debug("block night=%s ccd=%s: %d star-exposures that lost most of the star's flux excluded",
+                  night, ccd, int(lost.sum()))
+        valid &= ~np.repeat(lost, k, axis=1)
     scale = np.ones(n_s)
     ybar = _weighted_mean(y, err, valid, scale)
     diff_ratio, typical = 1.0, 1.0
