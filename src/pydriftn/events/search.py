@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .fit import DEFAULT_PSF_FWHM_PX, FLASH_BETA, SMEAR_SUPERSAMPLE, fit_flare, fit_flash, fit_microlensing
+from .fit import DEFAULT_PSF_FWHM_PX, SMEAR_SUPERSAMPLE, _moffat_alpha, fit_flare, fit_flash, fit_microlensing
 from .scan import (DEFAULT_WIDTHS, CombinedNull, NullDistribution, _prepared, gaussian_null_block, scan_block,
                    scramble_block, window_statistic)
 from .series import COLUMN_PER_KERNEL_FWHM, SECONDS_PER_DAY, EventSearchError, build_blocks, check_columns, flag_mask
@@ -1117,15 +1117,14 @@ def _off_axis_broadening(fl, j, star_id, fwhm_px) -> float:
     image-level false positives of r = 20-22 stars with bright flashes on
     their trails). 1 where unknown (the flash not on this star's trail).
     """
-    d = fl["cross"][j] if "cross" in fl else np.nan
+    d = fl["cross"][j]
     try:
         same = star_id is not None and float(fl["star"][j]) == float(star_id)
     except (TypeError, ValueError):
         same = False
     if not (same and np.isfinite(d) and fwhm_px > 0):
         return 1.0
-    alpha = fwhm_px / (2.0 * np.sqrt(2.0 ** (1.0 / FLASH_BETA) - 1.0))
-    return float(np.sqrt(1.0 + (d / alpha) ** 2))
+    return float(np.sqrt(1.0 + (d / _moffat_alpha(fwhm_px)) ** 2))
 
 
 def _psf_fwhm(block, gidx, column_per_fwhm):

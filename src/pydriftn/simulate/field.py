@@ -23,8 +23,10 @@ import logging
 import math
 import zlib
 
+import astropy.units as u
 import numpy as np
 import pandas as pd
+from astropy.coordinates import SkyCoord
 from astropy.wcs import WCS, Sip
 
 from ..errors import ConfigError
@@ -345,15 +347,12 @@ def _separated_picks(rng, cand, stars, n, min_sep_arcsec):
     """Up to ``n`` of the ``cand`` star indices in random order, each at least ``min_sep_arcsec`` from the
     ones taken before it (fewer, with a warning, when the candidates are too crowded)."""
     order = rng.permutation(np.asarray(cand, dtype=np.int64)) if len(cand) else np.zeros(0, np.int64)
-    ra = np.radians(stars["ra"].to_numpy(float))
-    dec = np.radians(stars["dec"].to_numpy(float))
-    xyz = np.stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)], axis=1)
-    min_chord = 2.0 * math.sin(math.radians(min_sep_arcsec / 3600.0) / 2.0)
+    sky = SkyCoord(stars["ra"].to_numpy(float) * u.deg, stars["dec"].to_numpy(float) * u.deg)
     taken = []
     for idx in order:
         if len(taken) == n:
             break
-        if not taken or np.min(np.linalg.norm(xyz[taken] - xyz[idx], axis=1)) >= min_chord:
+        if not taken or sky[taken].separation(sky[idx]).arcsec.min() >= min_sep_arcsec:
             taken.append(int(idx))
     if len(taken) < n:
         log.warning("only %d event stars at least %g arcsec apart (%d asked)", len(taken), min_sep_arcsec, n)
