@@ -388,6 +388,37 @@ def test_neighbour_veto_follows_the_light_to_its_source():
     assert not (far.set_index("star_id").loc[[1, 2], "vetoes"] & VETO_NEIGHBOUR).any()
 
 
+def test_neighbour_veto_sees_light_moving_between_a_pair_and_a_blinded_neighbour():
+    """A de-blending split that errs moves light from one star to the other: the faint star rises by what its
+    bright neighbour loses (equal and opposite flux excursions): vetoed. A brighter neighbour with no data in
+    the window because a satellite crossed it there (light added at that moment) cannot clear the candidate:
+    vetoed (ratio inf). A neighbour without data all night (saturated: a bright star, steadily) vetoes
+    nothing."""
+    lc, stars = _bright_faint_pair()
+    t0 = lc.loc[(lc["star_id"] == 2) & (lc["expnum"] == 1001) & (lc["sample"] == 15), "mjd"].iloc[0]
+    ev = {"star_id": 2, "t0_mjd": t0, "te_s": 3.0, "u0": 0.1, "rho": 0.1}
+    moved = 10 ** (-0.4 * (18.0 - 15.0))  # star 2's flux in star 1's units
+    split = inject_microlensing(lc, [ev, {**ev, "star_id": 1, "fs": -moved}], seed=3)
+    c = search(split, stars, n_scrambles=10, false_alarm_rate=1e-3, neighbour_radius_arcsec=5.0).candidates
+    c = c.set_index("star_id")
+    assert c.loc[2, "above_threshold"] and c.loc[2, "vetoes"] & VETO_NEIGHBOUR
+    assert 0.7 < c.loc[2, "neighbour_flux_ratio"] < 1.5
+    # the event on star 2 alone, star 1 crossed by a satellite (excluded) at the event's peak only
+    lc1 = inject_microlensing(lc, ev, seed=3)
+    near_peak = (lc1["star_id"] == 1) & ((lc1["mjd"] - t0).abs() < 3.0 / DAY)
+    sat = lc1.copy()
+    sat.loc[near_peak, "flags"] = int(flags.SATELLITE)
+    c = search(sat, stars, n_scrambles=10, false_alarm_rate=1e-3, neighbour_radius_arcsec=5.0).candidates
+    c = c.set_index("star_id")
+    assert c.loc[2, "above_threshold"] and c.loc[2, "vetoes"] & VETO_NEIGHBOUR
+    assert np.isinf(c.loc[2, "neighbour_flux_ratio"])
+    always = lc1.copy()
+    always.loc[always["star_id"] == 1, ["norm_flux", "norm_flux_err"]] = np.nan
+    always.loc[always["star_id"] == 1, "flags"] = int(flags.SATURATED)
+    res = search(always, stars, n_scrambles=10, false_alarm_rate=1e-3, neighbour_radius_arcsec=5.0)
+    assert set(res.detections["star_id"]) == {2}
+
+
 def test_bright_neighbour_and_flash_vetoes():
     lc, stars = _bright_faint_pair()  # star 1 (r=15) 3" from star 2 (r=18): each picks up the other's light
     t0 = lc.loc[(lc["star_id"] == 1) & (lc["expnum"] == 1001) & (lc["sample"] == 15), "mjd"].iloc[0]
@@ -701,6 +732,43 @@ def test_excursion_repeating_at_the_same_samples_of_every_exposure_is_vetoed():
     assert c.loc[3, "above_threshold"] and "repeats_each_exposure" in c.loc[3, "veto_reasons"]
     assert c.loc[9, "above_threshold"] and "repeats_each_exposure" not in c.loc[9, "veto_reasons"]
     assert 9 in set(res.detections["star_id"]) and 3 not in set(res.detections["star_id"])
+
+
+def test_repeating_excursion_is_vetoed_in_a_night_of_three_exposures():
+    """With three exposures, one of which has no data for the star, the repeat in the one other exposure is
+    enough (the veto needed two other exposures and was blind on short nights); an event that happens once
+    in such a night is kept."""
+    lc, stars = simulate_lightcurves(60, 3, snr=40, seed=17)
+    lc = lc.copy()
+    bump = np.exp(-0.5 * ((lc["sample"] - 8) / 3.0) ** 2)
+    first, second, third = sorted(lc["expnum"].unique())
+    static = (lc["star_id"] == 3) & lc["expnum"].isin([first, third])
+    lc.loc[static, "norm_flux"] += 0.5 * bump[static]
+    no_data = lc["expnum"] == second
+    lc.loc[no_data & lc["star_id"].isin([3, 9]), ["norm_flux", "norm_flux_err"]] = np.nan
+    lc.loc[no_data & lc["star_id"].isin([3, 9]), "flags"] = int(flags.NO_DATA)
+    once = (lc["star_id"] == 9) & (lc["expnum"] == third)
+    lc.loc[once, "norm_flux"] += 0.5 * bump[once]
+    res = search(lc, stars, n_scrambles=6, false_alarm_rate=1e-3)
+    c = res.candidates.set_index("star_id")
+    assert c.loc[3, "above_threshold"] and "repeats_each_exposure" in c.loc[3, "veto_reasons"]
+    assert c.loc[9, "above_threshold"] and "repeats_each_exposure" not in c.loc[9, "veto_reasons"]
+
+
+def test_magnification_fwhm_of_a_fit():
+    """The core width the flash veto asks of a microlensing fit: the point-source formula's FWHM of A - 1
+    (u at half maximum from inverting A(u)); a cusp (u0 -> 0, point source) has none; a finite source
+    crossed centrally is ~2 rho tE wide."""
+    from pydriftn.events.search import magnification_fwhm_s
+
+    te, u0 = 4.0, 0.3
+    a_half = 1.0 + 0.5 * (models.point_source_magnification(u0) - 1.0)
+    u_half = np.sqrt(2.0 * (a_half / np.sqrt(a_half ** 2 - 1.0) - 1.0))
+    expected = 2.0 * te * np.sqrt(u_half ** 2 - u0 ** 2)
+    assert magnification_fwhm_s({"te_s": te, "u0": u0, "rho": 0.0}) == pytest.approx(expected, rel=2e-3)
+    assert magnification_fwhm_s({"te_s": 3.8, "u0": 3e-7, "rho": 0.0}) < 1e-4
+    assert magnification_fwhm_s({"te_s": 1.0, "u0": 0.0, "rho": 0.4}) == pytest.approx(0.8, rel=0.15)
+    assert np.isnan(magnification_fwhm_s({"te_s": np.nan, "u0": 0.1, "rho": 0.0}))
 
 
 def test_gaussian_null_matches_independent_event_free_nights():

@@ -56,6 +56,7 @@ from .fit import DEFAULT_PSF_FWHM_PX, SMEAR_SUPERSAMPLE, _moffat_alpha, fit_flar
 from .scan import (DEFAULT_WIDTHS, CombinedNull, NullDistribution, _prepared, gaussian_null_block, scan_block,
                    scramble_block, window_statistic)
 from .series import COLUMN_PER_KERNEL_FWHM, SECONDS_PER_DAY, EventSearchError, build_blocks, check_columns, flag_mask
+from ..models import microlensing_magnification_curve
 
 __all__ = [
     "VETO_FLAGGED",
@@ -781,23 +782,50 @@ def _peak_at_ccd_edge(block, i, start, width, sign) -> bool:
     return False
 
 
+#: Flags of a neighbour's excluded samples that mean light was added at that moment (the neighbour saturated,
+#: a satellite crossed it): a neighbour blinded by them in a candidate's window may be the candidate's source.
+_BLINDING_FLAGS = flag_mask(("SATURATED", "SATELLITE"))
+
+
 def _neighbour_flux_ratio(block, i, start, width, sign, ra, dec, mag, radius_arcsec, significant):
     """Largest ratio of a neighbour's flux excursion to the candidate's in the candidate's window.
 
     A star within ``radius_arcsec`` whose series has a ``significant``
-    excursion of the same sign in the same grid window (same exposure and
-    samples) shares light with the candidate's: the excursion's source is the
-    star with the larger excursion in absolute flux, since each star's
-    aperture takes up only a fraction (< 1) of the other's light. Flux
-    excursions are the window's weighted mean of ``norm_flux - level`` times
-    the star's catalogue flux (``10**(-0.4 mag)``). A ratio >= 1 means the
-    light came from the neighbour (a bright variable, an event on it); a
-    genuine event on the candidate gives its neighbours a fraction of its
-    light and ratios < 1. 0 without such a neighbour; NaN (no veto) without
-    magnitudes, unless a brighter neighbour varies (inf: vetoed).
+    excursion in the same grid window (same exposure and samples) shares
+    light with the candidate: the excursion's source is the star with the
+    larger excursion in absolute flux, since each star's aperture takes up
+    only a fraction (< 1) of the other's light. Flux excursions are the
+    window's weighted mean of ``norm_flux - level`` times the star's
+    catalogue flux (``10**(-0.4 mag)``). A ratio >= 1 means the light came
+    from the neighbour (a bright variable, an event on it); a genuine event
+    on the candidate gives its neighbours a fraction of its light and
+    ratios < 1.
+
+    The neighbour's excursion counts whatever its sign: when a de-blending
+    split errs, light moves from one star to the other, and the pair's
+    excursions are equal and opposite (on the image-level injections an
+    r = 22 star 8" from an r = 16 event star rose by 28x its flux while the
+    event star's series fell by 100x it). And a brighter neighbour that has
+    data in most of the night but none in the window (its samples there
+    excluded as saturated, or crossed by a satellite: light added at that
+    moment) cannot be measured, so it cannot be cleared: ratio inf (an r =
+    21 star 7" from a magnified r = 16 event star crossed by a satellite was
+    a false positive). 0 without such a neighbour; NaN (no veto) without
+    magnitudes, unless a brighter neighbour varies or is blinded (inf: vetoed).
     """
     sep = _sep_arcsec(ra[i], dec[i], ra, dec)
-    near = (sep <= radius_arcsec) & (np.arange(block.n_stars) != i) & significant
+    near_all = (sep <= radius_arcsec) & (np.arange(block.n_stars) != i)
+    if not near_all.any():
+        return 0.0
+    brighter = near_all & np.isfinite(mag) & (mag < mag[i]) if np.isfinite(mag[i]) else near_all
+    lo, hi = max(int(start) - 1, 0), min(int(start) + int(width) + 1, block.n_grid)
+    blind = brighter & block.present[:, lo:hi].any(axis=1) & ~block.valid[:, lo:hi].any(axis=1) \
+        & ((block.flags[:, lo:hi] & _BLINDING_FLAGS) != 0).any(axis=1)
+    if blind.any():
+        blind &= block.valid.sum(axis=1) >= 0.5 * block.present.sum(axis=1)
+        if blind.any():
+            return float("inf")
+    near = near_all & significant
     if not near.any():
         return 0.0
     yc, w, _, _ = _prepared(block)
@@ -806,14 +834,11 @@ def _neighbour_flux_ratio(block, i, start, width, sign, ra, dec, mag, radius_arc
     idx = np.append(rows, i)
     ww = w[idx, sl].sum(axis=1, dtype=np.float64)
     mean = np.divide(yc[idx, sl].sum(axis=1, dtype=np.float64), ww, out=np.zeros(len(idx)), where=ww > 0)
-    same = np.sign(mean[:-1]) == sign
-    if not same.any():
-        return 0.0
     if not np.isfinite(mag[i]) or sign * mean[-1] <= 0:
-        return float("inf") if np.any(same & (mag[rows] < mag[i])) else float("nan")
+        return float("inf") if np.any(mag[rows] < mag[i]) else float("nan")
     with np.errstate(all="ignore"):
-        ratio = (mean[:-1] * 10.0 ** (-0.4 * (mag[rows] - mag[i]))) / mean[-1]
-    ratio = ratio[same & np.isfinite(ratio)]
+        ratio = np.abs(mean[:-1] * 10.0 ** (-0.4 * (mag[rows] - mag[i]))) / abs(mean[-1])
+    ratio = ratio[np.isfinite(ratio)]
     return float(ratio.max()) if ratio.size else float("nan")
 
 
@@ -826,7 +851,7 @@ def _window(block, cache, start, width):
 
 
 def _repeats_each_exposure(block, i, j0, width, sign, dchi2, window_cache, min_dchi2, min_fraction=0.25,
-                           min_exposures=2):
+                           min_exposures=1):
     """Does the candidate's excursion recur at the same samples of the star's other exposures?
 
     Sample ``k`` of a star's trail sees the sky at the same offset from the
@@ -838,7 +863,12 @@ def _repeats_each_exposure(block, i, j0, width, sign, dchi2, window_cache, min_d
     time, while an event happens once. The window is vetoed when the same
     window of at least ``max(min_exposures, half)`` of the star's other
     exposures (with data) shows an excursion of the same sign with
-    Delta-chi2 >= ``max(min_dchi2, min_fraction * dchi2)``. A window running
+    Delta-chi2 >= ``max(min_dchi2, min_fraction * dchi2)``; with one or two
+    other exposures, one of them is enough (a night of three exposures, as
+    at the start of a run or between clouds: requiring two made the veto
+    blind there, and an r = 22 star next to a bright one, whose first
+    samples were lifted by 20x its flux in two of its three exposures and
+    had no data in the third, was an image-level false positive). A window running
     from one exposure into the next is tested on its part in the exposure
     holding more of it (with that part's own Delta-chi2): the boxcar of a
     step at the end of an exposure often takes in the next one's first
@@ -1097,8 +1127,42 @@ def _flash_veto(block, i, row, t_lo, t_hi, width, sample_s, fl, fidx, fl_pad, fl
         return True, float(best), float(best_free)
     flash_shaped = best_free - best < max(margin_dchi2, margin_frac * max(best, 0.0))
     d_ml = row.get("delta_chi2_microlensing", np.nan)
-    ml_better = bool(np.isfinite(d_ml) and d_ml - best >= ml_margin_dchi2)
+    ml_better = bool(np.isfinite(d_ml) and d_ml - best >= ml_margin_dchi2
+                     and magnification_fwhm_s(row) >= ML_MIN_CORE_SAMPLES * sample_s)
     return bool(flash_shaped and not ml_better), float(best), float(best_free)
+
+
+#: The microlensing fit lifts the flash veto only if its magnification's FWHM (``A - 1``, unsmeared) is at
+#: least this many samples: a point-source fit with ``u0 -> 0`` is a cusp ``A ~ tE / |t - t0|`` of no width,
+#: an instant with wings, and fits a flash whose wing is broader than the model's line-spread function (an
+#: image-level false positive: a bright flash on an r = 22.5 trail, fitted with u0 = 3e-7, A = 4e6, beat the
+#: flash profile by 5.6). Events of tE = 1 s found on the image-level injections have fitted FWHM >= 0.15 s
+#: (0.28 samples).
+ML_MIN_CORE_SAMPLES = 0.1
+
+
+def magnification_fwhm_s(row) -> float:
+    """Full width at half maximum (s) of ``A - 1`` of a candidate's microlensing fit (``te_s, u0, rho``);
+    NaN without a fit."""
+    te, u0, rho = (float(row.get(c, np.nan)) for c in ("te_s", "u0", "rho"))
+    if not (np.isfinite(te) and np.isfinite(u0) and te > 0):
+        return np.nan
+    rho = rho if np.isfinite(rho) else 0.0
+    # geometric grid in |t|: resolves cusps of u0 -> 0 and broad events alike
+    t = te * np.concatenate(([0.0], np.geomspace(1e-9, 10.0 + 10.0 * (abs(u0) + rho), 4000)))
+    excess = microlensing_magnification_curve(t, 0.0, te, abs(u0), rho) - 1.0
+    peak = float(np.nanmax(excess))
+    if not np.isfinite(peak) or peak <= 0:
+        return 0.0
+    k = int(np.flatnonzero(excess >= 0.5 * peak).max())
+    if k + 1 >= t.size:
+        return 2.0 * float(t[k])
+    from scipy.optimize import brentq
+
+    def half(x):
+        return float(microlensing_magnification_curve(x, 0.0, te, abs(u0), rho)) - 1.0 - 0.5 * peak
+
+    return 2.0 * float(brentq(half, t[k], t[k + 1], xtol=1e-12 * te, rtol=1e-10))
 
 
 def _off_axis_broadening(fl, j, star_id, fwhm_px) -> float:
