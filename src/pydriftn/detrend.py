@@ -122,6 +122,11 @@ class DetrendResult:
     extras: dict = field(default_factory=dict)
 
 
+def _nanmedian_cols(a, m):
+    """Median of each column over mask ``m`` (NaN when empty)."""
+    return _nanmedian_rows(np.asarray(a).T, np.asarray(m).T)
+
+
 def _nanmedian_rows(a, m):
     """Median of each row over mask ``m`` (NaN when empty), vectorised.
 
@@ -186,7 +191,13 @@ def common_pattern(rel, rel_err, use, *, clip_sigma=4.0, n_iter=4, max_noise_rat
         ok = use & kept[:, None] & ~clipped
         w = np.where(ok, 1.0 / (var + excess[:, None]), 0.0)
         sw = w.sum(axis=0)
-        pattern = np.where(sw > 0, (w * rel).sum(axis=0) / np.where(sw > 0, sw, 1.0), np.nan)
+        if it == 0:
+            # start from the per-sample median, not the weighted mean: one bright reference with an event (its
+            # relative series a ramp 2 -> 0.6 over the exposure, errors 0.3 %) outweighs the others, pulls the
+            # mean onto itself, and the clipping then rejects every other reference instead of it
+            pattern = _nanmedian_cols(rel, ok)
+        else:
+            pattern = np.where(sw > 0, (w * rel).sum(axis=0) / np.where(sw > 0, sw, 1.0), np.nan)
         if it == n_iter:
             break
         resid = rel - pattern[None, :]
