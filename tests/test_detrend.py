@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pydriftn import models
 from pydriftn.detrend import (
     LONG_COLUMNS,
     common_pattern,
@@ -52,23 +53,26 @@ def test_common_pattern_recovers_pattern_and_leave_one_out_is_exact():
         np.testing.assert_allclose(cp["loo"][s], brute, rtol=1e-12)
 
 
-def test_common_pattern_is_not_captured_by_one_bright_varying_reference():
-    """A bright reference with an event spanning the exposure (relative series a ramp 2 -> 0.6, errors 0.3 %,
-    10x smaller than the others') outweighs the other references together: a weighted mean started from it
-    became the ramp and clipped every other reference instead (an image-level simulation whose stars were then
-    all normalised by a -47 % .. +45 % ramp). The median start keeps the pattern on the true one."""
-    rng = np.random.default_rng(5)
-    R, K = 30, 31
+@pytest.mark.parametrize("seed", range(5))
+def test_common_pattern_is_not_captured_by_bright_varying_references(seed):
+    """Four bright references with events across the exposure (relative series such as 2 -> 0.6, errors 0.3 %,
+    10x smaller than the other 26 references') outweigh the others together: a weighted mean started from
+    them followed their light curves and clipped the other references instead (16 of 20 such draws off by
+    > 3 %; an image-level simulation whose stars were then all normalised by a -47 % .. +45 % ramp). The median
+    start keeps the pattern on the true one."""
+    rng = np.random.default_rng(seed)
+    R, K, n_var = 30, 31, 4
     pattern = 1 + 0.03 * np.sin(np.arange(K) / 4.0)
     err = np.full((R, K), 0.03)
-    err[0] = 0.003
+    err[:n_var] = 0.003
     rel = pattern[None, :] * (1 + rng.normal(0, 1, (R, K)) * err)
-    ramp = np.linspace(2.0, 0.6, K)
-    rel[0] = pattern * ramp / np.median(ramp) * (1 + rng.normal(0, 1, K) * err[0])
+    t = np.arange(K)
+    for j in range(n_var):  # tE = 30 s (55 samples), u0 = 0.1, peak anywhere near the exposure
+        a = models.point_source_magnification(np.hypot(0.1, (t - rng.uniform(-10, 40)) / 55.0))
+        rel[j] = pattern * a / np.median(a) * (1 + rng.normal(0, 1, K) * err[j])
     cp = common_pattern(rel, err, np.ones((R, K), bool))
     assert np.all(np.abs(cp["pattern"] - pattern) < 4 * cp["pattern_err"])
     assert np.all(np.abs(cp["pattern"] / pattern - 1) < 0.03)
-    assert (cp["weight"][0] > 0).sum() <= 3  # the varying reference is out (but where its ramp crosses 1)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,9 @@ instant). Two estimators of that pattern are provided:
 ``ensemble`` (default)
     Each reference star's series is divided by its own level (median over the
     full-illumination samples); the pattern is the iteratively clipped,
-    inverse-variance weighted mean of these relative series at each sample.
+    inverse-variance weighted mean of these relative series at each sample
+    (the clipping starts from their per-sample median, so that a few bright
+    varying references cannot capture it).
     References are bright, unsaturated, unflagged, isolated stars; the weights
     include each star's excess (intrinsic) variance, so variable or noisy
     references are down-weighted, and references whose scatter is far above
@@ -155,7 +157,7 @@ def _robust_std_rows(a, m):
     return _MAD * _nanmedian_rows(np.abs(a - med[:, None]), m)
 
 
-def common_pattern(rel, rel_err, use, *, clip_sigma=4.0, n_iter=4, max_noise_ratio=3.0):
+def common_pattern(rel, rel_err, use, *, clip_sigma=4.0, n_iter=4, max_noise_ratio=3.0, max_clipped_fraction=0.5):
     """Clipped, inverse-variance weighted mean of relative series, with leave-one-out.
 
     Parameters
@@ -173,6 +175,9 @@ def common_pattern(rel, rel_err, use, *, clip_sigma=4.0, n_iter=4, max_noise_rat
     max_noise_ratio : float
         References whose robust residual scatter exceeds this many times their
         noise are dropped (variables).
+    max_clipped_fraction : float
+        References with more than this fraction of their samples clipped are
+        dropped (variables whose light curve crosses the pattern).
 
     Returns
     -------
@@ -209,7 +214,11 @@ def common_pattern(rel, rel_err, use, *, clip_sigma=4.0, n_iter=4, max_noise_rat
         noise = np.sqrt(_nanmedian_rows(var, good))
         excess = np.nan_to_num(np.maximum(rs**2 - noise**2, 0.0))
         ratio = rs / np.where(noise > 0, noise, np.inf)
-        kept = use.any(axis=1) & ~(ratio > max_noise_ratio)
+        # a reference disagreeing with the ensemble in most of its samples varies: its few unclipped samples
+        # (where its light curve crosses the pattern) would show no excess scatter and keep their full weight
+        n_use = use.sum(axis=1)
+        frac_clipped = np.where(n_use > 0, clipped.sum(axis=1) / np.maximum(n_use, 1), 0.0)
+        kept = use.any(axis=1) & ~(ratio > max_noise_ratio) & ~(frac_clipped > max_clipped_fraction)
         if kept.sum() < 2:  # never drop below two references
             kept = use.any(axis=1)
     ok = use & kept[:, None] & ~clipped
