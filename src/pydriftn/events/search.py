@@ -26,9 +26,11 @@ Steps (all stars of a CCD-night at once, see :mod:`.series` and :mod:`.scan`):
    samples, brightens/dims in more than ``common_mode_fraction`` of the CCD's
    stars); a neighbour within ``neighbour_radius_arcsec`` varying in the
    same window with a larger excursion in absolute flux (the light came from
-   it, see ``_neighbour_flux_ratio``); a flash (from the classification stage) at the same place
+   it), or a brighter one blinded in the window by saturation or a satellite
+   (see ``_neighbour_flux_ratio``); a flash (from the classification stage) at the same place
    and time (or reported on the candidate's star) whose light curve is
-   consistent with that flash (see ``_flash_veto``); an excursion that recurs
+   consistent with that flash, unless a microlensing fit with a resolved core
+   explains it better (see ``_flash_veto``); an excursion that recurs
    at the same samples (the same detector pixels) in the star's other
    exposures of the night (see ``_repeats_each_exposure``); an excursion an
    instantaneous flash of the PSF's width explains as well as the event
@@ -435,10 +437,13 @@ def search(lc: pd.DataFrame, stars: pd.DataFrame | None = None, flashes: pd.Data
         the other stars of the CCD with data in the candidate's window show an
         excursion of the same sign with Delta-chi2 above ``common_mode_dchi2``.
     neighbour_radius_arcsec, neighbour_dchi2
-        Bright-neighbour veto: a star within this radius with an excursion of
-        the same sign above ``neighbour_dchi2`` in the same window, at least as
-        large in absolute flux as the candidate's (column
-        ``neighbour_flux_ratio``: the largest neighbour / candidate ratio).
+        Bright-neighbour veto: a star within this radius with an excursion
+        (either sign: a de-blending split moves light between the two) above
+        ``neighbour_dchi2`` in the same window, at least as large in absolute
+        flux as the candidate's (column ``neighbour_flux_ratio``: the largest
+        neighbour / candidate ratio), or a brighter one blinded there (its
+        samples in the window excluded as saturated or crossed by a satellite,
+        while it has data in most of the night: ratio inf).
     flash_radius_arcsec, flash_window_s
         Flash veto, matching: a flash within this radius of the star's
         position (or reported on the star: ``on_star_id``) whose instant lies
