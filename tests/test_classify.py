@@ -650,6 +650,40 @@ def test_streak_refine_chunk_and_segment_medians_equal_per_chunk():
         assert len(got) == nseg and all(np.array_equal(x, y, equal_nan=True) for x, y in zip(got, ref))
 
 
+def test_streak_coverage_counts_only_the_line_clear_of_trails():
+    """Bright trails that happen to line up (four along a line at 12 deg to the drift) leave residuals only on
+    themselves: their line is lit where it crosses them, and was masked as a satellite (the stars on it lost
+    the exposure). Counted on the stretches clear of the modelled trails, its coverage is 0; a real streak
+    along the same line, lit between the trails too, keeps coverage 1."""
+    from pydriftn.classify._streaks import _refine
+
+    rng = np.random.default_rng(3)
+    ny, nx, sigma, fwhm = 300, 400, 10.0, 3.7
+    a = math.radians(12.0)
+    Y, X = np.mgrid[0:ny, 0:nx]
+    x_c, y_c = 200.0, 150.0
+    across = -(X - x_c) * math.sin(a) + (Y - y_c) * math.cos(a)
+    model = np.zeros((ny, nx))
+    resid = rng.normal(0.0, sigma, (ny, nx))
+    g = 1.0 / (math.sqrt(2 * math.pi) * fwhm / 2.3548)
+    for s_ in (-150.0, -60.0, 30.0, 120.0):  # trails along x (the drift), centred on the line
+        xs, ys = x_c + s_ * math.cos(a), y_c + s_ * math.sin(a)
+        on = (np.abs(X - xs) <= 18) & (np.abs(Y - ys) <= 8)
+        prof = np.exp(-0.5 * ((Y - ys) / (fwhm / 2.3548)) ** 2) * g
+        model += np.where(on, 3e4 * prof, 0.0)
+        resid += np.where(on, 0.03 * 3e4 * prof, 0.0)  # a 3 % residual of each bright trail
+    theta = a + 0.5 * math.pi
+    rho = x_c * math.cos(theta) + y_c * math.sin(theta)
+    plain = _refine(resid, sigma, theta, rho, fwhm, nx, ny, band_px=12.0)
+    clear = _refine(resid, sigma, theta, rho, fwhm, nx, ny, band_px=12.0, trails=model)
+    assert plain is not None and plain.coverage >= 0.5  # what was masked
+    assert clear is None or clear.coverage < 0.3
+    streak = resid + 40.0 * np.exp(-0.5 * (across / (fwhm / 2.3548)) ** 2)  # 1.3 sigma/px along the line
+    st = _refine(streak, sigma, theta, rho, fwhm, nx, ny, band_px=12.0, trails=model)
+    assert st is not None and st.coverage > 0.9
+    assert abs(math.degrees(math.atan2(st.y1 - st.y0, st.x1 - st.x0)) % 180 - 12.0) < 0.5
+
+
 def test_bin_image_equals_block_sums():
     from pydriftn.classify._streaks import bin_image
 

@@ -183,8 +183,24 @@ def _segment_nanmedians(S, nseg):
     return out
 
 
-def _refine(img, sigma, theta, rho, fwhm, nx, ny, band_px, gain=None):
-    """Refine a coarse line at full resolution; return a Streak or None."""
+def _chunk_medians_where(v, chunks, use):
+    """Median of ``v`` over the positions ``use`` of each chunk (NaN where none)."""
+    return np.array([np.median(v[ch][use[ch]]) if use[ch].any() else np.nan for ch in chunks])
+
+
+def _refine(img, sigma, theta, rho, fwhm, nx, ny, band_px, gain=None, trails=None, trail_level=None):
+    """Refine a coarse line at full resolution; return a Streak or None.
+
+    ``trails`` (optional): the star-trail model image (ADU, same shape); where
+    it exceeds ``trail_level`` (default ``sigma``) the line's band crosses a
+    modelled trail, and its ``coverage`` (the fraction of 32 px chunks
+    between the first and last lit ones that are lit) counts only the chunks
+    mostly clear of trails: a satellite is lit between the trails too, while
+    a line through a few bright trails' residuals is lit only on them (on
+    the image-level simulations, lines through three or four bright trails
+    that happened to line up were masked as streaks, and the stars on them
+    lost the exposure).
+    """
     for it in range(2):
         nxv, nyv = math.cos(theta), math.sin(theta)  # normal
         vx, vy = -nyv, nxv  # along
@@ -274,6 +290,16 @@ def _refine(img, sigma, theta, rho, fwhm, nx, ny, band_px, gain=None):
     i0 = int(np.argmax(on))
     i1 = len(on) - 1 - int(np.argmax(on[::-1]))
     coverage = float(on[i0:i1 + 1].mean())
+    if trails is not None:
+        level = float(sigma if trail_level is None else trail_level)
+        T = _straighten(trails, xc0, yc0, vx, vy, a, c[inb])
+        with np.errstate(invalid="ignore"):
+            clear_pos = ~(np.nan_to_num(T, nan=0.0) > level).any(axis=1)
+        clear = np.array([clear_pos[ch].mean() >= 0.5 for ch in chunks])
+        span = clear[i0:i1 + 1]
+        if span.sum() >= 2:  # (else too little of the line is clear of trails to tell: the plain coverage)
+            lit_clear = _chunk_medians_where(along, chunks, clear_pos) / chunk_err > 3.0
+            coverage = float(lit_clear[i0:i1 + 1][span].mean())
     a0 = a[chunks[i0][0]]
     a1 = a[chunks[i1][-1]]
     snr = float(np.sum(chunk_val[i0:i1 + 1]) / math.sqrt(np.sum(chunk_err[i0:i1 + 1] ** 2)))
@@ -309,7 +335,8 @@ def rasterize_streak(st, shape, margin=None):
 
 
 def find_streaks(resid, sigma, *, fwhm_px, bin_px=16, on_sigma=1.5, detect_sigma=8.0, max_streaks=5,
-                 min_length_px=150.0, n_theta=360, ignore=None, background_binned2=None, binned2=None):
+                 min_length_px=150.0, n_theta=360, ignore=None, background_binned2=None, binned2=None,
+                 trails=None):
     """Find long straight streaks in a (trail-subtracted) residual image.
 
     Parameters
@@ -335,6 +362,10 @@ def find_streaks(resid, sigma, *, fwhm_px, bin_px=16, on_sigma=1.5, detect_sigma
         ``bin_image(resid, 2)`` if already computed (then, with ``ignore`` None
         and an even ``bin_px``, the Hough image is binned from it: the same
         block sums, in float32 rounding, without another pass over the image).
+    trails : ndarray, optional
+        The star-trail model subtracted from ``resid``: a candidate's coverage
+        counts only the stretches of the line clear of modelled trails (see
+        ``_refine``).
 
     Returns
     -------
@@ -381,7 +412,7 @@ def find_streaks(resid, sigma, *, fwhm_px, bin_px=16, on_sigma=1.5, detect_sigma
         theta = float(th[it])
         rho_b = float(ir - diag)
         rho = bin_px * rho_b + (bin_px - 1) / 2.0 * (math.cos(theta) + math.sin(theta))
-        st = _refine(resid, sigma, theta, rho, fwhm_px, nx, ny, band_px=1.5 * bin_px + 4)
+        st = _refine(resid, sigma, theta, rho, fwhm_px, nx, ny, band_px=1.5 * bin_px + 4, trails=trails)
         # remove the votes of this line (coarse band) in any case
         dist = np.abs(xx * math.cos(theta) + yy * math.sin(theta) - rho_b)
         kill = dist <= 2.0

@@ -583,7 +583,7 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
         mesh0, _ = residual_mesh(B0)
         streaks = find_streaks(resid, sigma, fwhm_px=fwhm_px, bin_px=streak_bin_px, background_binned2=mesh0,
                                binned2=B0, detect_sigma=streak_detect_sigma, max_streaks=max_streaks,
-                               min_length_px=max(4.0 * L, 100.0))
+                               min_length_px=max(4.0 * L, 100.0), trails=model)
         for st in streaks:
             streak_mask |= rasterize_streak(st, data.shape)
     dq_streaks = []
@@ -1007,7 +1007,8 @@ def classify_exposure_ccd(image, mask, trails, geometry, *, fwhm_px, gain, read_
                 # a straight streak too short for the Hough search (e.g. a CCD corner): fit it here
                 th_n = math.radians(ang) + 0.5 * math.pi
                 rho_n = fx_full * math.cos(th_n) + fy_full * math.sin(th_n)
-                st = _refine_streak(resid, sigma, th_n, rho_n, fwhm_px, nx, ny, band_px=max(3.0 * fwhm_px, 12.0))
+                st = _refine_streak(resid, sigma, th_n, rho_n, fwhm_px, nx, ny, band_px=max(3.0 * fwhm_px, 12.0),
+                                    trails=model)
                 if st is not None and math.hypot(st.x1 - st.x0, st.y1 - st.y0) >= 2.0 * L and st.coverage >= 0.6:
                     st.snr = max(st.snr, float(psf_snr[ci]))
                     streaks.append(st)
