@@ -195,11 +195,12 @@ def _refine(img, sigma, theta, rho, fwhm, nx, ny, band_px, gain=None, trails=Non
     it exceeds ``trail_level`` (default ``sigma``) the line's band crosses a
     modelled trail, and its ``coverage`` (the fraction of 32 px chunks
     between the first and last lit ones that are lit) counts only the chunks
-    mostly clear of trails: a satellite is lit between the trails too, while
-    a line through a few bright trails' residuals is lit only on them (on
-    the image-level simulations, lines through three or four bright trails
-    that happened to line up were masked as streaks, and the stars on them
-    lost the exposure).
+    at least half clear of trails, if there is one: a satellite is lit
+    between the trails too, while a line through a few bright trails'
+    residuals or halos is lit only on them (on the image-level simulations,
+    lines through three or four bright trails that happened to line up, or
+    through the halos of two saturated ones, were masked as streaks, and the
+    stars on them lost the exposure).
     """
     for it in range(2):
         nxv, nyv = math.cos(theta), math.sin(theta)  # normal
@@ -297,7 +298,7 @@ def _refine(img, sigma, theta, rho, fwhm, nx, ny, band_px, gain=None, trails=Non
             clear_pos = ~(np.nan_to_num(T, nan=0.0) > level).any(axis=1)
         clear = np.array([clear_pos[ch].mean() >= 0.5 for ch in chunks])
         span = clear[i0:i1 + 1]
-        if span.sum() >= 2:  # (else too little of the line is clear of trails to tell: the plain coverage)
+        if span.any():  # (else no stretch of the line is clear of trails: the plain coverage)
             lit_clear = _chunk_medians_where(along, chunks, clear_pos) / chunk_err > 3.0
             coverage = float(lit_clear[i0:i1 + 1][span].mean())
     a0 = a[chunks[i0][0]]
