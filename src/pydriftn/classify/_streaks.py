@@ -188,11 +188,11 @@ def _chunk_medians_where(v, chunks, use):
     return np.array([np.median(v[ch][use[ch]]) if use[ch].any() else np.nan for ch in chunks])
 
 
-def _refine(img, sigma, theta, rho, fwhm, nx, ny, band_px, gain=None, trails=None, trail_level=None):
+def _refine(img, sigma, theta, rho, fwhm, nx, ny, band_px, gain=None, trails=None):
     """Refine a coarse line at full resolution; return a Streak or None.
 
     ``trails`` (optional): the star-trail model image (ADU, same shape); where
-    it exceeds ``trail_level`` (default ``sigma``) the line's band crosses a
+    it exceeds the sky noise ``sigma`` the line's band crosses a
     modelled trail, and its ``coverage`` (the fraction of 32 px chunks
     between the first and last lit ones that are lit) counts only the chunks
     at least half clear of trails, if there is one: a satellite is lit
@@ -292,10 +292,9 @@ def _refine(img, sigma, theta, rho, fwhm, nx, ny, band_px, gain=None, trails=Non
     i1 = len(on) - 1 - int(np.argmax(on[::-1]))
     coverage = float(on[i0:i1 + 1].mean())
     if trails is not None:
-        level = float(sigma if trail_level is None else trail_level)
         T = _straighten(trails, xc0, yc0, vx, vy, a, c[inb])
         with np.errstate(invalid="ignore"):
-            clear_pos = ~(np.nan_to_num(T, nan=0.0) > level).any(axis=1)
+            clear_pos = ~(np.nan_to_num(T, nan=0.0) > sigma).any(axis=1)
         clear = np.array([clear_pos[ch].mean() >= 0.5 for ch in chunks])
         span = clear[i0:i1 + 1]
         if span.any():  # (else no stretch of the line is clear of trails: the plain coverage)

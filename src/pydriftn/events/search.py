@@ -53,6 +53,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.optimize import brentq
 
 from .fit import DEFAULT_PSF_FWHM_PX, SMEAR_SUPERSAMPLE, _moffat_alpha, fit_flare, fit_flash, fit_microlensing
 from .scan import (DEFAULT_WIDTHS, CombinedNull, NullDistribution, _prepared, gaussian_null_block, scan_block,
@@ -823,13 +824,12 @@ def _neighbour_flux_ratio(block, i, start, width, sign, ra, dec, mag, radius_arc
     if not near_all.any():
         return 0.0
     brighter = near_all & np.isfinite(mag) & (mag < mag[i]) if np.isfinite(mag[i]) else near_all
+    b = np.flatnonzero(brighter)  # (a few rows: the checks below are on them only)
     lo, hi = max(int(start) - 1, 0), min(int(start) + int(width) + 1, block.n_grid)
-    blind = brighter & block.present[:, lo:hi].any(axis=1) & ~block.valid[:, lo:hi].any(axis=1) \
-        & ((block.flags[:, lo:hi] & _BLINDING_FLAGS) != 0).any(axis=1)
-    if blind.any():
-        blind &= block.valid.sum(axis=1) >= 0.5 * block.present.sum(axis=1)
-        if blind.any():
-            return float("inf")
+    blind = block.present[b, lo:hi].any(axis=1) & ~block.valid[b, lo:hi].any(axis=1) \
+        & ((block.flags[b, lo:hi] & _BLINDING_FLAGS) != 0).any(axis=1)
+    if np.any(blind & (block.valid[b].sum(axis=1) >= 0.5 * block.present[b].sum(axis=1))):
+        return float("inf")
     near = near_all & significant
     if not near.any():
         return 0.0
@@ -1162,8 +1162,6 @@ def magnification_fwhm_s(row) -> float:
     k = int(np.flatnonzero(excess >= 0.5 * peak).max())
     if k + 1 >= t.size:
         return 2.0 * float(t[k])
-    from scipy.optimize import brentq
-
     def half(x):
         return float(microlensing_magnification_curve(x, 0.0, te, abs(u0), rho)) - 1.0 - 0.5 * peak
 
