@@ -684,6 +684,48 @@ def test_streak_coverage_counts_only_the_line_clear_of_trails():
     assert abs(math.degrees(math.atan2(st.y1 - st.y0, st.x1 - st.x0)) % 180 - 12.0) < 0.5
 
 
+def test_short_segment_needs_two_lit_chunks_clear_of_trails():
+    """A footprint through the under-modelled halo of a bright trail and an unmodelled trail beside it (a
+    trail at the CCD edge, a faint star not in the catalogue) was fitted as a short streak lit on its whole
+    length, and masked as a satellite (the false "segment" streaks of the image-level runs). Its line is lit,
+    clear of the trail model and along the line (not by a source crossing it at an angle), on at most one
+    32 px chunk; a real streak over the same trails is lit so on two or three."""
+    from pydriftn.classify._streaks import _refine
+    from pydriftn.classify.core import MIN_SEGMENT_CLEAR_CHUNKS
+
+    rng = np.random.default_rng(11)
+    ny, nx, sigma, fwhm = 90, 130, 10.0, 3.7  # a CCD corner
+    sig_px = fwhm / 2.3548
+    a = math.radians(25.0)
+    Y, X = np.mgrid[0:ny, 0:nx]
+    x_c, y_c = 50.0, 45.0
+    resid = rng.normal(0.0, sigma, (ny, nx))
+    model = np.zeros((ny, nx))
+    g = 1.0 / (math.sqrt(2 * math.pi) * sig_px)
+    # a bright trail centred on the line (3 % residual of a modelled trail) and, 50 px further along the
+    # line, an unmodelled faint trail (its light is all residual)
+    for s_, amp, modelled in ((0.0, 3e4, True), (50.0, 1.5e3, False)):
+        xs, ys = x_c + s_ * math.cos(a), y_c + s_ * math.sin(a)
+        on = (np.abs(X - xs) <= 18) & (np.abs(Y - ys) <= 8)
+        prof = np.where(on, amp * g * np.exp(-0.5 * ((Y - ys) / sig_px) ** 2), 0.0)
+        if modelled:
+            model += prof
+            resid += 0.03 * prof
+        else:
+            resid += prof
+    theta = a + 0.5 * math.pi
+    rho = x_c * math.cos(theta) + y_c * math.sin(theta)
+    false_line = _refine(resid, sigma, theta, rho, fwhm, nx, ny, band_px=12.0, trails=model)
+    assert false_line is None or false_line.clear_lit_chunks < MIN_SEGMENT_CLEAR_CHUNKS
+    # a real streak, 110 px long, over the same trails
+    along = (X - x_c) * math.cos(a) + (Y - y_c) * math.sin(a)
+    across = -(X - x_c) * math.sin(a) + (Y - y_c) * math.cos(a)
+    streak = resid + np.where(np.abs(along + 5.0) <= 60.0, 60.0 * np.exp(-0.5 * (across / sig_px) ** 2), 0.0)
+    st = _refine(streak, sigma, theta, rho, fwhm, nx, ny, band_px=12.0, trails=model)
+    assert st is not None and st.clear_lit_chunks >= MIN_SEGMENT_CLEAR_CHUNKS
+    assert math.hypot(st.x1 - st.x0, st.y1 - st.y0) >= 100.0  # (its span also takes in the unmodelled trail)
+
+
 def test_bin_image_equals_block_sums():
     from pydriftn.classify._streaks import bin_image
 

@@ -47,6 +47,8 @@ class Streak:
     snr: float
     mask_half_width_px: float
     coverage: float
+    #: lit 32 px chunks of the line at least half clear of modelled trails (-1: no trail model given)
+    clear_lit_chunks: int = -1
 
 
 def bin_image(a, b):
@@ -188,6 +190,21 @@ def _chunk_medians_where(v, chunks, use):
     return np.array([np.median(v[ch][use[ch]]) if use[ch].any() else np.nan for ch in chunks])
 
 
+def _along_the_line(S_chunk, chunk_value) -> bool:
+    """Is a lit chunk's light a line along the cut (a satellite) rather than a source crossing it?
+
+    ``S_chunk``: the chunk's straightened band (positions x cross offsets, 0.5 px steps). A streak along
+    the line has the same cross profile at every position, so the band sum of its median cross profile is
+    the chunk's median band sum; a trail crossing the band at an angle lies at a different cross offset
+    at each position, and its median profile holds half of that or less.
+    """
+    if S_chunk.shape[0] == 0 or not np.isfinite(chunk_value) or chunk_value <= 0:
+        return False
+    with np.errstate(all="ignore"):
+        prof = np.nan_to_num(_nanmedian0(S_chunk))
+    return bool(np.sum(prof) * 0.5 >= 0.5 * chunk_value)
+
+
 def _refine(img, sigma, theta, rho, fwhm, nx, ny, band_px, gain=None, trails=None):
     """Refine a coarse line at full resolution; return a Streak or None.
 
@@ -200,7 +217,9 @@ def _refine(img, sigma, theta, rho, fwhm, nx, ny, band_px, gain=None, trails=Non
     residuals or halos is lit only on them (on the image-level simulations,
     lines through three or four bright trails that happened to line up, or
     through the halos of two saturated ones, were masked as streaks, and the
-    stars on them lost the exposure).
+    stars on them lost the exposure). ``clear_lit_chunks`` counts the lit
+    chunks clear of trails whose light lies along the line (see
+    :func:`_along_the_line`; -1 without ``trails``).
     """
     for it in range(2):
         nxv, nyv = math.cos(theta), math.sin(theta)  # normal
@@ -291,15 +310,20 @@ def _refine(img, sigma, theta, rho, fwhm, nx, ny, band_px, gain=None, trails=Non
     i0 = int(np.argmax(on))
     i1 = len(on) - 1 - int(np.argmax(on[::-1]))
     coverage = float(on[i0:i1 + 1].mean())
+    clear_lit_chunks = -1
     if trails is not None:
+        clear_lit_chunks = 0
         T = _straighten(trails, xc0, yc0, vx, vy, a, c[inb])
         with np.errstate(invalid="ignore"):
             clear_pos = ~(np.nan_to_num(T, nan=0.0) > sigma).any(axis=1)
         clear = np.array([clear_pos[ch].mean() >= 0.5 for ch in chunks])
         span = clear[i0:i1 + 1]
         if span.any():  # (else no stretch of the line is clear of trails: the plain coverage)
-            lit_clear = _chunk_medians_where(along, chunks, clear_pos) / chunk_err > 3.0
+            val_clear = _chunk_medians_where(along, chunks, clear_pos)
+            lit_clear = val_clear / chunk_err > 3.0
             coverage = float(lit_clear[i0:i1 + 1][span].mean())
+            clear_lit_chunks = sum(_along_the_line(S[ch][clear_pos[ch]][:, inb], val_clear[k])
+                                   for k, ch in enumerate(chunks) if i0 <= k <= i1 and clear[k] and lit_clear[k])
     a0 = a[chunks[i0][0]]
     a1 = a[chunks[i1][-1]]
     snr = float(np.sum(chunk_val[i0:i1 + 1]) / math.sqrt(np.sum(chunk_err[i0:i1 + 1] ** 2)))
@@ -310,6 +334,7 @@ def _refine(img, sigma, theta, rho, fwhm, nx, ny, band_px, gain=None, trails=Non
         x0=float(xc0 + a0 * vx), y0=float(yc0 + a0 * vy), x1=float(xc0 + a1 * vx), y1=float(yc0 + a1 * vy),
         rho_px=float(rho), theta_deg=math.degrees(theta), width_px=2.3548 * width_sigma,
         surface_brightness_adu=sb, snr=snr, mask_half_width_px=float(hwm), coverage=coverage,
+        clear_lit_chunks=clear_lit_chunks,
     )
 
 
