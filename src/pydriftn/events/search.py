@@ -24,24 +24,24 @@ Steps (all stars of a CCD-night at once, see :mod:`.series` and :mod:`.scan`):
    unless the star's excursion stays above the threshold without every sample
    within 2 PSF FWHM of them (see ``_statistic_clear_of_artefacts``); common
    mode (the same grid window, i.e. the same exposure and samples,
-   brightens/dims in more than ``common_mode_fraction`` of the CCD's stars);
-   a neighbour within ``neighbour_radius_arcsec`` varying in the same window with a larger excursion in absolute flux (the light came from
-   it), or a brighter one blinded in the window by saturation or a satellite
-   (see ``_neighbour_flux_ratio``), or a much brighter catalogued star nearby
-   whose series is not measured (saturated, see ``_unmeasured_stars``); a
-   flash (from the classification stage) at the same place and time (or
-   reported on the candidate's star) whose light curve is consistent with
-   that flash, unless a microlensing fit with a resolved core
-   explains it better (see ``_flash_veto``); an excursion that recurs
-   at the same samples (the same detector pixels) in the star's other
-   exposures of the night (see ``_repeats_each_exposure``); an excursion an
-   instantaneous flash of the PSF's width explains as well as the event
-   models (``unresolved_in_time``, see ``_unresolved_in_time``); an
-   excursion that a level error of the star in the window's exposures,
-   within the block's measured level scatter, explains to within the
-   detection threshold (``exposure_level``, see ``_exposure_level``); an
-   excursion peaking on the last sample of a trail before it leaves the CCD
-   (``ccd_edge``, see ``_peak_at_ccd_edge``).
+   brightens/dims in more than ``common_mode_fraction`` of the CCD's stars); a
+   neighbour within ``neighbour_radius_arcsec`` varying in the same window with
+   a larger excursion in absolute flux (the light came from it), or a brighter
+   one blinded in the window by saturation or a satellite (see
+   ``_neighbour_flux_ratio``), or a much brighter catalogued star nearby whose
+   series is not measured (saturated, see ``_unmeasured_stars``); a flash (from
+   the classification stage) at the same place and time (or reported on the
+   candidate's star) whose light curve is consistent with that flash, unless a
+   microlensing fit with a resolved core explains it better (see
+   ``_flash_veto``); an excursion that recurs at the same samples (the same
+   detector pixels) in the star's other exposures of the night (see
+   ``_repeats_each_exposure``); an excursion an instantaneous flash of the
+   PSF's width explains as well as the event models (``unresolved_in_time``,
+   see ``_unresolved_in_time``); an excursion that a level error of the star in
+   the window's exposures, within the block's measured level scatter, explains
+   to within the detection threshold (``exposure_level``, see
+   ``_exposure_level``); an excursion peaking on the last sample of a trail
+   before it leaves the CCD (``ccd_edge``, see ``_peak_at_ccd_edge``).
 
 The result is a :class:`SearchResult` with the candidate table, the per
 star-night statistics, the null distributions and thresholds.
