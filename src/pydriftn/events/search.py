@@ -652,10 +652,11 @@ def _block_candidates(block, sc, scr_p, idx, fap, thr, star_tab, mcol, fl, *, fi
         if _repeats_each_exposure(block, i, j0, width, sg, float(sc.statistic[i]), window_cache, cm_dchi2):
             vet |= VETO_REPEATS
         if have_pos and np.isfinite(ra_all[i]):
-            ratio = _neighbour_flux_ratio(block, i, j0, width, sg, ra_all, dec_all, mag_all, nb_radius,
-                                          has & (d_all >= nb_dchi2))
             if _unmeasured_bright_neighbour(ra_all[i], dec_all[i], mag_all[i], sid, unmeasured):
-                ratio = float("inf")
+                ratio = float("inf")  # (its light cannot be cleared: no flux ratio to measure)
+            else:
+                ratio = _neighbour_flux_ratio(block, i, j0, width, sg, ra_all, dec_all, mag_all, nb_radius,
+                                              has & (d_all >= nb_dchi2))
             row["neighbour_flux_ratio"] = ratio
             if ratio >= 1.0:
                 vet |= VETO_NEIGHBOUR
@@ -819,11 +820,15 @@ def _unmeasured_stars(block, star_tab, mcol):
     where = pd.Index(block.star_id).get_indexer(ids)
     measured = np.zeros(len(ids), bool)
     k = where >= 0
-    if k.any():
-        n_present = block.present[where[k]].sum(axis=1)
-        measured[k] = (n_present > 0) & (block.valid[where[k]].sum(axis=1) >= 0.5 * n_present)
+    measured[k] = _measured_most_of_night(block, where[k])
     keep = np.isfinite(mag) & ~measured
     return (tab["ra"].to_numpy(float)[keep], tab["dec"].to_numpy(float)[keep], mag[keep], ids[keep])
+
+
+def _measured_most_of_night(block, rows):
+    """Have the block's stars ``rows`` valid samples in at least half of their samples (and some samples)?"""
+    n_present = block.present[rows].sum(axis=1)
+    return (n_present > 0) & (block.valid[rows].sum(axis=1) >= 0.5 * n_present)
 
 
 def _unmeasured_bright_neighbour(ra, dec, mag, star_id, unmeasured) -> bool:
@@ -878,7 +883,7 @@ def _neighbour_flux_ratio(block, i, start, width, sign, ra, dec, mag, radius_arc
     lo, hi = max(int(start) - 1, 0), min(int(start) + int(width) + 1, block.n_grid)
     blind = block.present[b, lo:hi].any(axis=1) & ~block.valid[b, lo:hi].any(axis=1) \
         & ((block.flags[b, lo:hi] & _BLINDING_FLAGS) != 0).any(axis=1)
-    if np.any(blind & (block.valid[b].sum(axis=1) >= 0.5 * block.present[b].sum(axis=1))):
+    if np.any(blind & _measured_most_of_night(block, b)):
         return float("inf")
     near = near_all & significant
     if not near.any():
